@@ -1,0 +1,193 @@
+"""The stage contract: manifest in, manifest out, partition by partition, atomic commit.
+
+A stage is an object with a ``name``, the ``kind`` of its main output table, and two methods:
+
+- ``partitions(config, inputs) -> list[Partition]``: the units of work (an input part file, a WARC
+  file, a shard), numbered from 0. Must be deterministic for a given config and inputs.
+- ``run_partition(config, partition, out) -> PartitionResult``: does one unit. It returns the rows
+  of its part file (the driver commits them) and may itself commit side files (shards) atomically
+  with ``manifests.storage``, reporting them in ``files``. Sample-level failures are rows with a
+  ``reason``; only configuration and storage errors raise.
+
+The driver (``wit.pipeline.executor``) commits a partition's part file, then its marker
+``_parts/part-NNNNN.json``. A partition is done iff its marker exists, so a killed job redoes at
+most the partitions that were in flight. When every marker exists, :func:`finalize` merges them
+into ``_run.json``, written last.
+
+``_parts/_stage.json`` pins the stage, resolved config and input digests of a folder: running a
+different config into a folder that holds part of another run is refused rather than mixed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field, is_dataclass
+from typing import Any, Protocol
+
+import pyarrow as pa
+
+from . import storage
+from .manifest import MARKERS, FileInfo, ManifestError, ManifestRef, digest_of, write_part
+from .runrecord import RunRecord, host_info, now, package_versions, read_run_record, write_run_record
+from .schemas import schema_for
+
+STAGE_PIN = "_stage.json"
+
+
+class StageError(RuntimeError):
+    """A stage cannot run as asked (bad config, conflicting output folder, missing input)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Partition:
+    index: int
+    source: str  # what it reads: an input part URL, a WARC file, a shard...
+    params: tuple = ()  # extra picklable, hashable detail a stage needs
+
+
+@dataclass(slots=True)
+class PartitionResult:
+    table: pa.Table | None = None  # rows of the main part file; None writes no part
+    counts: dict[str, int] = field(default_factory=dict)  # by reason, plus "kept"
+    files: list[FileInfo] = field(default_factory=list)  # side files the stage committed itself
+    extra: dict[str, Any] = field(default_factory=dict)  # per-partition facts merged into _run.json
+
+
+class Stage(Protocol):
+    name: str
+    kind: str  # manifest kind of the main table (schemas.SCHEMAS) or a custom kind
+
+    def partitions(self, config: Any, inputs: list[ManifestRef]) -> list[Partition]: ...
+
+    def run_partition(self, config: Any, partition: Partition, out: str) -> PartitionResult: ...
+
+
+def stage_schema(stage: Stage) -> pa.Schema:
+    schema = getattr(stage, "schema", None)
+    return schema if schema is not None else schema_for(stage.kind)
+
+
+def config_dict(config: Any) -> dict:
+    if config is None:
+        return {}
+    if is_dataclass(config):
+        return json.loads(json.dumps(asdict(config), default=str))
+    if isinstance(config, dict):
+        return json.loads(json.dumps(config, default=str))
+    raise StageError(f"config must be a dataclass or a dict, not {type(config).__name__}")
+
+
+def marker_name(index: int) -> str:
+    return f"{MARKERS}/part-{index:05d}.json"
+
+
+def pin(stage: Stage, config: Any, inputs: list[ManifestRef], out: str) -> dict:
+    """Record (or check) which stage, config and inputs this output folder belongs to."""
+    want = {"stage": stage.name, "config": config_dict(config), "inputs": [i.to_dict() for i in inputs]}
+    url = storage.join(out, MARKERS, STAGE_PIN)
+    if storage.exists(url):
+        have = json.loads(storage.read_text(url))
+        have_cmp = {k: have.get(k) for k in want}
+        if have_cmp != want:
+            diff = [k for k in want if have_cmp[k] != want[k]]
+            raise StageError(
+                f"{out} already holds part of a {have.get('stage')} run with a different "
+                f"{' and '.join(diff)}; write to a new folder or delete this one"
+            )
+        return have
+    want["started"] = now()
+    storage.write_text(url, json.dumps(want, indent=2) + "\n")
+    return want
+
+
+def committed(out: str) -> set[int]:
+    """Indices of the partitions whose marker exists."""
+    done = set()
+    for name in storage.listdir(storage.join(out, MARKERS)):
+        if name.startswith("part-") and name.endswith(".json"):
+            done.add(int(name[len("part-") : -len(".json")]))
+    return done
+
+
+def commit_partition(stage: Stage, partition: Partition, result: PartitionResult, out: str) -> dict:
+    """Commit the part file (if any), then the marker. Returns the marker's content."""
+    files = list(result.files)
+    rows = 0
+    if result.table is not None:
+        info = write_part(out, partition.index, result.table, stage_schema(stage))
+        files.append(info)
+        rows = info.rows or 0
+    marker = {
+        "index": partition.index,
+        "source": partition.source,
+        "rows": rows,
+        "counts": dict(result.counts),
+        "files": {f.name: f.to_dict() for f in files},
+        "extra": result.extra,
+        "ended": now(),
+    }
+    storage.write_text(storage.join(out, marker_name(partition.index)), json.dumps(marker, indent=1) + "\n")
+    return marker
+
+
+def finalize(stage: Stage, config: Any, inputs: list[ManifestRef], out: str, total: int) -> ManifestRef:
+    """Merge all partition markers into ``_run.json`` (written last) and return the output ref."""
+    markers = []
+    for i in range(total):
+        url = storage.join(out, marker_name(i))
+        if not storage.exists(url):
+            raise StageError(f"{out}: partition {i} is not committed; cannot finalize")
+        markers.append(json.loads(storage.read_text(url)))
+    pinned = json.loads(storage.read_text(storage.join(out, MARKERS, STAGE_PIN)))
+    files: dict[str, FileInfo] = {}
+    counts: Counter = Counter()
+    extra: dict[str, Any] = {}
+    rows = 0
+    for m in markers:
+        for name, f in m["files"].items():
+            files[name] = FileInfo(name=name, sha256=f["sha256"], bytes=f["bytes"], rows=f.get("rows"))
+        counts.update(m["counts"])
+        rows += m["rows"]
+        for k, v in m.get("extra", {}).items():
+            extra.setdefault(k, []).append(v)
+    digest = digest_of({n: f.sha256 for n, f in files.items()})
+    ref = ManifestRef(url=storage.normalize(out), kind=stage.kind, digest=digest)
+    record = RunRecord(
+        stage=stage.name,
+        config=config_dict(config),
+        inputs=list(inputs),
+        output=ref,
+        files=files,
+        rows=rows,
+        counts=dict(counts),
+        partitions=total,
+        started=pinned.get("started", ""),
+        ended=now(),
+        versions=package_versions(),
+        host=host_info(),
+        extra=extra,
+    )
+    write_run_record(out, record)
+    return ref
+
+
+def finished(stage: Stage, config: Any, inputs: list[ManifestRef], out: str) -> ManifestRef | None:
+    """The output ref if ``out`` already holds a finished run of this stage, config and inputs."""
+    try:
+        rec = read_run_record(out)
+    except ManifestError:
+        return None
+    if rec is None:
+        return None
+    same = (
+        rec.stage == stage.name
+        and rec.config == config_dict(config)
+        and [i.to_dict() for i in rec.inputs] == [i.to_dict() for i in inputs]
+    )
+    if not same:
+        raise StageError(
+            f"{out} already holds a finished {rec.stage} run with a different config or inputs; "
+            "write to a new folder or delete this one"
+        )
+    return rec.output

@@ -1,0 +1,277 @@
+"""All I/O of `wit` goes through here: paths are URLs, resolved by fsspec.
+
+A URL may be a local path, ``file://...``, ``s3://bucket/key`` or any fsspec protocol. S3 endpoint
+and credentials come from the standard AWS environment (``AWS_ENDPOINT_URL``,
+``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE``, ...), never from code.
+
+Writes are atomic: a local file is written under a temporary name in the same folder and renamed;
+an object store ``put`` only becomes visible once the upload completes. So a reader never sees a
+half-written part file or shard, whatever kills the writer.
+
+Every storage failure is raised as :class:`StorageError` with the URL in its message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import IO, BinaryIO
+
+import fsspec
+from fsspec.core import url_to_fs
+
+CHUNK = 1 << 20
+
+
+class StorageError(RuntimeError):
+    """A storage operation failed (missing file, permission, endpoint unreachable, ...)."""
+
+
+def _fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    try:
+        return url_to_fs(str(url))
+    except (ValueError, ImportError) as exc:
+        raise StorageError(f"cannot open storage for {url}: {exc}") from exc
+
+
+def protocol(url: str) -> str:
+    """The fsspec protocol of a URL: ``file`` for local paths."""
+    fs, _ = _fs(url)
+    proto = fs.protocol
+    return proto[0] if isinstance(proto, (tuple, list)) else proto
+
+
+def is_local(url: str) -> bool:
+    return protocol(url) in ("file", "local")
+
+
+def normalize(url: str) -> str:
+    """A canonical form: absolute local paths without ``file://``, remote URLs untouched."""
+    url = str(url)
+    if url.startswith("file://"):
+        url = url[len("file://") :]
+    if "://" not in url:
+        return os.path.abspath(url)
+    return url.rstrip("/")
+
+
+def join(url: str, *parts: str) -> str:
+    url = str(url)
+    if "://" in url:
+        return posixpath.join(url.rstrip("/"), *parts)
+    return os.path.join(url, *parts)
+
+
+def basename(url: str) -> str:
+    return posixpath.basename(str(url).rstrip("/"))
+
+
+class _errors:
+    """Turns the zoo of fsspec/botocore/OS errors into one StorageError naming the URL."""
+
+    def __init__(self, url: str):
+        self.url = url
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc is None or isinstance(exc, StorageError):
+            return False
+        if isinstance(exc, FileNotFoundError):
+            raise StorageError(f"not found: {self.url}") from exc
+        if isinstance(exc, PermissionError):
+            raise StorageError(f"permission denied: {self.url}") from exc
+        if isinstance(exc, (OSError, ValueError)):
+            raise StorageError(f"storage error on {self.url}: {exc}") from exc
+        # botocore raises its own hierarchy for endpoint and credential problems
+        if type(exc).__module__.startswith(("botocore", "aiobotocore", "aiohttp")):
+            raise StorageError(f"storage error on {self.url}: {exc}") from exc
+        return False
+
+
+def exists(url: str) -> bool:
+    fs, path = _fs(url)
+    with _errors(url):
+        fs.invalidate_cache(path)
+        return fs.exists(path)
+
+
+def isdir(url: str) -> bool:
+    fs, path = _fs(url)
+    with _errors(url):
+        fs.invalidate_cache(path)
+        return fs.isdir(path)
+
+
+def size(url: str) -> int:
+    fs, path = _fs(url)
+    with _errors(url):
+        return int(fs.size(path))
+
+
+def listdir(url: str, recursive: bool = False) -> list[str]:
+    """Names (relative to ``url``, ``/``-separated) of the files below a folder, sorted.
+
+    The listing cache is dropped first: other processes (workers, array jobs) write into the
+    same folders, and a stale listing would make a finished partition look missing.
+    """
+    fs, path = _fs(url)
+    with _errors(url):
+        fs.invalidate_cache(path)
+        if not fs.exists(path):
+            return []
+        if recursive:
+            found = fs.find(path)
+        else:
+            found = [e["name"] for e in fs.ls(path, detail=True) if e.get("type") != "directory"]
+    root = path.rstrip("/") + "/"
+    names = []
+    for full in found:
+        full = full if isinstance(full, str) else full["name"]
+        if full.startswith(root):
+            names.append(full[len(root) :])
+        elif full.lstrip("/").startswith(root.lstrip("/")):
+            names.append(full.lstrip("/")[len(root.lstrip("/")) :])
+    return sorted(n for n in names if n)
+
+
+def makedirs(url: str) -> None:
+    fs, path = _fs(url)
+    with _errors(url):
+        fs.makedirs(path, exist_ok=True)
+
+
+@contextmanager
+def open_url(url: str, mode: str = "rb") -> Iterator[IO]:
+    """Open a URL for reading; for writing, prefer :func:`atomic_writer`."""
+    fs, path = _fs(url)
+    # Only opening and closing are guarded: an error raised by the caller's own code in the
+    # block (a Parquet decoder's, say) is theirs, not a storage error.
+    with _errors(url):
+        fh = fs.open(path, mode)
+    try:
+        yield fh
+    finally:
+        with _errors(url):
+            fh.close()
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = _fs(url)
+    with _errors(url):
+        return fs.cat_file(path)
+
+
+def read_text(url: str) -> str:
+    return read_bytes(url).decode("utf-8")
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    """Write a whole file atomically."""
+    fs, path = _fs(url)
+    with _errors(url):
+        if is_local(url):
+            _local_atomic_write(path, data)
+        else:
+            fs.pipe_file(path, data)
+            fs.invalidate_cache(posixpath.dirname(path))
+
+
+def write_text(url: str, text: str) -> None:
+    write_bytes(url, text.encode("utf-8"))
+
+
+def _local_atomic_write(path: str, data: bytes) -> None:
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:12]}")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def put_file(local_path: str, url: str) -> None:
+    """Commit a finished local file to ``url`` atomically (rename locally, single put remotely)."""
+    fs, path = _fs(url)
+    with _errors(url):
+        if is_local(url):
+            folder = os.path.dirname(path) or "."
+            os.makedirs(folder, exist_ok=True)
+            tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:12]}")
+            try:
+                shutil.copyfile(local_path, tmp)
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        else:
+            fs.put_file(local_path, path)
+            fs.invalidate_cache(posixpath.dirname(path))
+
+
+@contextmanager
+def atomic_writer(url: str) -> Iterator[BinaryIO]:
+    """A binary file handle whose content appears at ``url`` only if the block ends without error.
+
+    It writes to a local temporary file first (next to the target when local, so the final
+    ``os.replace`` is a same-filesystem rename), then commits it.
+    """
+    local_target = is_local(url)
+    folder = None
+    if local_target:
+        _, path = _fs(url)
+        folder = os.path.dirname(path) or "."
+        with _errors(url):
+            os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".wit-", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            yield fh
+            fh.flush()
+            if local_target:
+                os.fsync(fh.fileno())
+        if local_target:
+            with _errors(url):
+                os.replace(tmp, path)
+        else:
+            put_file(tmp, url)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def remove(url: str, recursive: bool = False) -> None:
+    fs, path = _fs(url)
+    with _errors(url):
+        fs.rm(path, recursive=recursive)
+        fs.invalidate_cache(posixpath.dirname(path))
+
+
+def sha256_url(url: str) -> str:
+    """Streaming sha256 of a file at a URL."""
+    h = hashlib.sha256()
+    with open_url(url, "rb") as fh, _errors(url):
+        while chunk := fh.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def local_path(url: str) -> str | None:
+    """The filesystem path of a local URL, or None for remote ones."""
+    if not is_local(url):
+        return None
+    _, path = _fs(url)
+    return path

@@ -1,0 +1,311 @@
+"""The ``wit`` command line: parse options, build a frozen config, call one library function.
+
+Domain errors (a bad manifest, a storage failure, a stage that cannot run) become a one-line
+message and exit status 1; usage errors exit 2, as click does. No traceback reaches the user
+unless ``WIT_DEBUG=1`` is set.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+import click
+
+from wit.manifests import storage
+from wit.manifests.manifest import ManifestError
+from wit.manifests.stage import StageError
+from wit.manifests.storage import StorageError
+
+# Commands whose stage has not landed yet. They parse their options and exit 2 with a message;
+# tests/pipeline/test_cli.py checks this list, so it shrinks to nothing as the stages land.
+NOT_IMPLEMENTED: dict[str, str] = {
+    "extract": "issue #3 (Ingest I)",
+    "curate": "issue #3 (Ingest I)",
+    "download": "issue #4 (Ingest II)",
+    "filter": "issue #4 (Ingest II)",
+    "shard": "issue #4 (Ingest II)",
+    "train": "issue #5 (Train)",
+    "eval": "issue #6 (Evaluate)",
+    "run": "issue #7 (wit run / wit demo)",
+    "demo": "issue #7 (wit run / wit demo)",
+}
+
+DOMAIN_ERRORS = (ManifestError, StorageError, StageError, ValueError, FileNotFoundError)
+
+
+def domain_errors(fn):
+    """Turn library errors into a clear one-line message (exit 1) instead of a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except DOMAIN_ERRORS as exc:
+            if os.environ.get("WIT_DEBUG"):
+                raise
+            raise click.ClickException(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
+
+    return wrapper
+
+
+def not_implemented(name: str):
+    ctx = click.get_current_context()
+    click.echo(f"wit {name}: not implemented yet (tracked in {NOT_IMPLEMENTED[name]})", err=True)
+    ctx.exit(2)
+
+
+def output_option(fn):
+    return click.option("-o", "--out", "out", required=True, metavar="URL", help="Output folder (path or URL).")(fn)
+
+
+def executor_options(fn):
+    fn = click.option(
+        "--part",
+        metavar="i/N",
+        default=None,
+        help="Run only slice i of N (0 <= i < N), e.g. $SLURM_ARRAY_TASK_ID/$N in a job array.",
+    )(fn)
+    fn = click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Local processes.")(
+        fn
+    )
+    return fn
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="wit", prog_name="wit")
+def cli():
+    """wit: build WIT-style image-text datasets, train CLIP on them, benchmark zero-shot.
+
+    Stages are batch jobs linked by Parquet manifests; every URL may be a local path,
+    file://, s3:// or any fsspec protocol.
+
+    \b
+    Example:
+        wit demo -o demo-out
+        wit manifest lineage demo-out/train
+    """
+
+
+# ---------------------------------------------------------------- stages
+
+
+@cli.command()
+@click.argument("sources", nargs=-1, required=True, metavar="SOURCE...")
+@output_option
+@executor_options
+def extract(sources, out, workers, part):
+    """Extract (image URL, text) candidates from WARC, WAT or HTML files or folders.
+
+    \b
+    Example:
+        wit extract s3://crawl/segment/*.warc.gz -o s3://bucket/candidates --workers 8
+    """
+    not_implemented("extract")
+
+
+@cli.command()
+@click.argument("candidates", metavar="CANDIDATES")
+@output_option
+@click.option("--queries", type=str, metavar="FILE", help="Query list, one per line (default: the shipped list).")
+@click.option("--per-query-cap", type=click.IntRange(min=1), default=20000, show_default=True)
+@executor_options
+def curate(candidates, out, queries, per_query_cap, workers, part):
+    """Clean, filter and balance candidates to at most N pairs per query (WIT / MetaCLIP).
+
+    \b
+    Example:
+        wit curate out/candidates -o out/curated --queries queries.txt --per-query-cap 20000
+    """
+    not_implemented("curate")
+
+
+@cli.command()
+@click.argument("curated", metavar="CURATED")
+@output_option
+@executor_options
+def download(curated, out, workers, part):
+    """Download the kept pairs into WebDataset shards (img2dataset underneath) and a ledger.
+
+    \b
+    Example:
+        wit download out/curated -o s3://bucket/downloaded
+    """
+    not_implemented("download")
+
+
+@cli.command(name="filter")
+@click.argument("downloaded", metavar="DOWNLOADED")
+@output_option
+@executor_options
+def filter_(downloaded, out, workers, part):
+    """Image-level filters: size, decode, duplicates, eval decontamination, CLIP score.
+
+    \b
+    Example:
+        wit filter out/downloaded -o out/filtered
+    """
+    not_implemented("filter")
+
+
+@cli.command()
+@click.argument("filtered", metavar="FILTERED")
+@output_option
+@click.option("--samples-per-shard", type=click.IntRange(min=1), default=10000, show_default=True)
+@executor_options
+def shard(filtered, out, samples_per_shard, workers, part):
+    """Write the final dataset: shards/NNNNNN.tar, the samples manifest and a dataset card.
+
+    \b
+    Example:
+        wit shard out/filtered -o s3://bucket/dataset --samples-per-shard 10000
+    """
+    not_implemented("shard")
+
+
+@cli.command()
+@click.argument("dataset", metavar="DATASET")
+@output_option
+@click.option("--model", default="wit-tiny", show_default=True, metavar="NAME_OR_JSON")
+def train(dataset, out, model):
+    """Train a CLIP model on a dataset's shards (torchrun for several processes).
+
+    \b
+    Example:
+        torchrun --nproc_per_node 2 -m wit.pipeline.cli train out/dataset -o out/train --model wit-tiny
+    """
+    not_implemented("train")
+
+
+@cli.command(name="eval")
+@click.argument("checkpoint", metavar="CHECKPOINT")
+@output_option
+@click.option("--suite", default="default", show_default=True, metavar="NAME_OR_YAML")
+def eval_(checkpoint, out, suite):
+    """Zero-shot benchmark of a checkpoint on a task suite, with intervals and a report.
+
+    \b
+    Example:
+        wit eval out/train/checkpoints/latest.pt -o out/eval --suite default
+    """
+    not_implemented("eval")
+
+
+@cli.command()
+@click.argument("pipeline_yaml", metavar="PIPELINE.yaml")
+def run(pipeline_yaml):
+    """Run every stage of a pipeline file in order, skipping finished ones.
+
+    \b
+    Example:
+        wit run pipeline.yaml
+    """
+    not_implemented("run")
+
+
+@cli.command()
+@output_option
+def demo(out):
+    """The whole pipeline on a generated web served on 127.0.0.1.
+
+    \b
+    Example:
+        wit demo -o demo-out
+    """
+    not_implemented("demo")
+
+
+# ---------------------------------------------------------------- manifests
+
+
+@cli.group()
+def manifest():
+    """Inspect manifests: show, verify, lineage, diff.
+
+    \b
+    Example:
+        wit manifest verify s3://bucket/dataset
+    """
+
+
+@manifest.command()
+@click.argument("url", metavar="URL")
+@click.option("--head", type=click.IntRange(min=0), default=5, show_default=True, help="Rows to print.")
+@domain_errors
+def show(url, head):
+    """Print a manifest's kind, rows, reasons, schema and first rows.
+
+    \b
+    Example:
+        wit manifest show out/curated
+    """
+    from wit.manifests.describe import show as show_manifest
+
+    click.echo(show_manifest(url, head=head))
+
+
+@manifest.command()
+@click.argument("url", metavar="URL")
+@domain_errors
+def verify(url):
+    """Recompute every file's sha256 and the digest; report changed, missing or extra files.
+
+    Exits 1 when anything differs from the run record.
+
+    \b
+    Example:
+        wit manifest verify s3://bucket/dataset
+    """
+    from wit.manifests.verify import verify as verify_manifest
+
+    report = verify_manifest(url)
+    for problem in report.problems:
+        click.echo(str(problem))
+    if report.ok:
+        click.echo(f"ok: {report.checked} files match {storage.normalize(url)}")
+    else:
+        raise click.ClickException(f"{len(report.problems)} problem(s) in {report.url}")
+
+
+@manifest.command()
+@click.argument("url", metavar="URL")
+@click.option("--json", "as_json", is_flag=True, help="Print the lineage tree as JSON.")
+@domain_errors
+def lineage(url, as_json):
+    """Walk the _run.json chain from an output back to its sources.
+
+    \b
+    Example:
+        wit manifest lineage out/dataset
+    """
+    from wit.manifests.lineage import lineage as walk
+    from wit.manifests.lineage import render
+    from wit.manifests.runrecord import dump_json
+
+    node = walk(url)
+    click.echo(dump_json(node.to_dict()) if as_json else render(node))
+
+
+@manifest.command()
+@click.argument("url_a", metavar="URL_A")
+@click.argument("url_b", metavar="URL_B")
+@domain_errors
+def diff(url_a, url_b):
+    """Compare two runs: config, inputs, digest, counts by reason, schema, rows by uid.
+
+    \b
+    Example:
+        wit manifest diff out-v1/curated out-v2/curated
+    """
+    from wit.manifests.describe import diff as diff_manifests
+
+    click.echo(diff_manifests(url_a, url_b))
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli.main(args=argv, prog_name="wit")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,129 @@
+"""Executors: drive a stage's partitions, locally in a process pool or as one slice of a job array.
+
+The stage knows nothing of scheduling. This module asks it for its partitions, skips the ones
+already committed (a re-run after a kill redoes only what was in flight), keeps the slice
+``--part i/N`` (partition ``k`` belongs to slice ``k % N``: with a job array of N tasks, task ``i``
+runs ``--part i/N``), runs them ``workers`` at a time, and finalizes the run once every partition
+of the stage is committed, whichever slice finishes last.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import sys
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from typing import Any
+
+from tqdm import tqdm
+
+from wit.manifests import storage
+from wit.manifests.manifest import ManifestRef
+from wit.manifests.stage import Partition, Stage, StageError, commit_partition, committed, finalize, finished, pin
+
+
+@dataclass(frozen=True, slots=True)
+class PartSpec:
+    """Slice ``index`` of ``count``: the partitions whose number is ``index`` modulo ``count``."""
+
+    index: int = 0
+    count: int = 1
+
+    def __post_init__(self):
+        if self.count < 1 or not 0 <= self.index < self.count:
+            raise ValueError(f"--part {self.index}/{self.count}: need 0 <= i < N")
+
+    @classmethod
+    def parse(cls, text: str | None) -> PartSpec:
+        if not text:
+            return cls()
+        try:
+            i, n = text.split("/")
+            return cls(int(i), int(n))
+        except ValueError:
+            raise ValueError(f"--part takes i/N with 0 <= i < N (e.g. 0/4), got {text!r}") from None
+
+    def owns(self, partition: Partition) -> bool:
+        return partition.index % self.count == self.index
+
+
+@dataclass(frozen=True, slots=True)
+class StageOutcome:
+    ref: ManifestRef | None  # set once the whole stage is finished
+    total: int
+    ran: int
+    skipped: int
+    remaining: int  # partitions of other slices still to run
+
+    @property
+    def done(self) -> bool:
+        return self.ref is not None
+
+
+def _run_one(stage: Stage, config: Any, partition: Partition, out: str) -> dict:
+    # Runs in a worker process: do the work and commit it there, so only a small marker dict
+    # travels back and a crash of the parent cannot lose committed work.
+    result = stage.run_partition(config, partition, out)
+    return commit_partition(stage, partition, result, out)
+
+
+def run_stage(
+    stage: Stage,
+    config: Any,
+    inputs: list[ManifestRef],
+    out: str,
+    workers: int = 1,
+    part: PartSpec = PartSpec(),
+    progress: bool = True,
+) -> StageOutcome:
+    """Run (or resume) ``stage`` into ``out``; see the module docstring."""
+    if workers < 1:
+        raise ValueError("--workers must be at least 1")
+    out = storage.normalize(out)
+    ref = finished(stage, config, inputs, out)
+    partitions = stage.partitions(config, inputs)
+    if ref is not None:
+        return StageOutcome(ref=ref, total=len(partitions), ran=0, skipped=len(partitions), remaining=0)
+    if not partitions:
+        raise StageError(f"{stage.name}: no input to process")
+    if [p.index for p in partitions] != list(range(len(partitions))):
+        raise StageError(f"{stage.name}: partitions must be numbered 0..n-1")
+    storage.makedirs(out)
+    pin(stage, config, inputs, out)
+    done = committed(out)
+    todo = [p for p in partitions if part.owns(p) and p.index not in done]
+    skipped = sum(1 for p in partitions if part.owns(p) and p.index in done)
+    bar = tqdm(
+        total=len(todo), desc=stage.name, unit="part", disable=not progress or not todo, file=sys.stderr, leave=False
+    )
+    try:
+        if workers == 1 or len(todo) <= 1:
+            for p in todo:
+                _run_one(stage, config, p, out)
+                bar.update()
+        else:
+            _run_pool(stage, config, todo, out, workers, bar)
+    finally:
+        bar.close()
+    done = committed(out)
+    missing = [p.index for p in partitions if p.index not in done]
+    ref = finalize(stage, config, inputs, out, len(partitions)) if not missing else None
+    return StageOutcome(ref=ref, total=len(partitions), ran=len(todo), skipped=skipped, remaining=len(missing))
+
+
+def _run_pool(stage: Stage, config: Any, todo: list[Partition], out: str, workers: int, bar: tqdm) -> None:
+    # spawn, not fork: s3fs runs an event loop thread and torch keeps thread pools, neither of
+    # which survives fork reliably.
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx) as pool:
+        pending: set[Future] = {pool.submit(_run_one, stage, config, p, out) for p in todo}
+        try:
+            while pending:
+                finished_now, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in finished_now:
+                    fut.result()  # re-raises a stage error from the worker
+                    bar.update()
+        except BaseException:
+            for fut in pending:
+                fut.cancel()
+            raise

@@ -1,0 +1,103 @@
+"""Shared fixtures: a real moto S3 server process on 127.0.0.1, and the toy stages on sys.path."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).parent
+# The toy stages must be importable by name in spawned worker processes; spawn copies sys.path.
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    """A moto_server process, reached over HTTP exactly as a real S3 endpoint (as s3fs's tests do)."""
+    exe = shutil.which("moto_server", path=os.path.dirname(sys.executable)) or shutil.which("moto_server")
+    if exe is None:
+        pytest.fail("moto_server not found: install the test extra (pip install -e '.[test]')")
+    port = free_port()
+    proc = subprocess.Popen(
+        [exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        wait_for_port(port)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture
+def s3_env(moto_server, monkeypatch):
+    """The standard AWS variables pointing at the moto server; returns them for subprocesses."""
+    env = {
+        "AWS_ENDPOINT_URL": moto_server,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    import s3fs
+
+    # s3fs caches filesystem instances (and their listings) across tests; a fresh endpoint needs a fresh one
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield env
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture
+def s3_bucket(s3_env):
+    """A new empty bucket on the moto server, as an s3:// URL."""
+    import boto3
+
+    name = f"wit-test-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3", endpoint_url=s3_env["AWS_ENDPOINT_URL"]).create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+@pytest.fixture
+def run_wit():
+    """Run the installed `wit` console script in a subprocess; returns CompletedProcess."""
+
+    def run(*args: str, env: dict | None = None, check: bool = False, timeout: float = 120):
+        exe = shutil.which("wit", path=os.path.dirname(sys.executable)) or "wit"
+        full_env = {**os.environ, **(env or {})}
+        proc = subprocess.run(
+            [exe, *map(str, args)], capture_output=True, text=True, env=full_env, timeout=timeout
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"wit {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}")
+        return proc
+
+    return run
