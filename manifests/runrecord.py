@@ -52,6 +52,7 @@ class RunRecord:
     versions: dict[str, str] = field(default_factory=dict)
     host: dict[str, str] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
+    tallies: dict[str, dict[str, int]] = field(default_factory=dict)  # e.g. matches per query
 
     def to_dict(self) -> dict:
         return {
@@ -69,6 +70,7 @@ class RunRecord:
             "versions": self.versions,
             "host": self.host,
             "extra": self.extra,
+            "tallies": self.tallies,
         }
 
     @classmethod
@@ -91,6 +93,7 @@ class RunRecord:
                 versions=d.get("versions", {}),
                 host=d.get("host", {}),
                 extra=d.get("extra", {}),
+                tallies=d.get("tallies", {}),
             )
         except (KeyError, TypeError) as exc:
             raise ManifestError(f"malformed run record: missing or bad field {exc}") from exc

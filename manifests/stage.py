@@ -51,7 +51,8 @@ class PartitionResult:
     table: pa.Table | None = None  # rows of the main part file; None writes no part
     counts: dict[str, int] = field(default_factory=dict)  # by reason, plus "kept"
     files: list[FileInfo] = field(default_factory=list)  # side files the stage committed itself
-    extra: dict[str, Any] = field(default_factory=dict)  # per-partition facts merged into _run.json
+    extra: dict[str, Any] = field(default_factory=dict)  # per-partition facts, listed in _run.json
+    tallies: dict[str, dict[str, int]] = field(default_factory=dict)  # summed across partitions
 
 
 class Stage(Protocol):
@@ -125,6 +126,7 @@ def commit_partition(stage: Stage, partition: Partition, result: PartitionResult
         "counts": dict(result.counts),
         "files": {f.name: f.to_dict() for f in files},
         "extra": result.extra,
+        "tallies": result.tallies,
         "ended": now(),
     }
     storage.write_text(storage.join(out, marker_name(partition.index)), json.dumps(marker, indent=1) + "\n")
@@ -143,6 +145,7 @@ def finalize(stage: Stage, config: Any, inputs: list[ManifestRef], out: str, tot
     files: dict[str, FileInfo] = {}
     counts: Counter = Counter()
     extra: dict[str, Any] = {}
+    tallies: dict[str, Counter] = {}
     rows = 0
     for m in markers:
         for name, f in m["files"].items():
@@ -151,6 +154,8 @@ def finalize(stage: Stage, config: Any, inputs: list[ManifestRef], out: str, tot
         rows += m["rows"]
         for k, v in m.get("extra", {}).items():
             extra.setdefault(k, []).append(v)
+        for k, v in m.get("tallies", {}).items():
+            tallies.setdefault(k, Counter()).update(v)
     digest = digest_of({n: f.sha256 for n, f in files.items()})
     ref = ManifestRef(url=storage.normalize(out), kind=stage.kind, digest=digest)
     record = RunRecord(
@@ -167,6 +172,7 @@ def finalize(stage: Stage, config: Any, inputs: list[ManifestRef], out: str, tot
         versions=package_versions(),
         host=host_info(),
         extra=extra,
+        tallies={k: dict(sorted(v.items())) for k, v in sorted(tallies.items())},
     )
     write_run_record(out, record)
     return ref

@@ -15,6 +15,7 @@ import io
 import os
 import tarfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -93,7 +94,12 @@ class ToyTag:
         table = table.append_column("keep", pa.array([not h for h in has]))
         table = table.append_column("reason", pa.array([f"has_{config.letter}" if h else None for h in has]))
         dropped = sum(has)
-        return PartitionResult(table=table, counts={"kept": len(has) - dropped, f"has_{config.letter}": dropped})
+        first_words = Counter(t.split()[0] for t in table.column("text").to_pylist())
+        return PartitionResult(
+            table=table,
+            counts={"kept": len(has) - dropped, f"has_{config.letter}": dropped},
+            tallies={"first_word": dict(first_words)},
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -94,6 +94,9 @@ def test_input_digest_is_recorded_and_changed_input_is_refused(tmp_path):
     tag = run_stage(ToyTag(), TagConfig(), [src], str(tmp_path / "t"), progress=False)
     rec = read_run_record(str(tmp_path / "t"))
     assert rec.inputs == [src]
+    # per-partition tallies are summed into the run record
+    assert sum(rec.tallies["first_word"].values()) == rec.rows == 50
+    assert rec.tallies["first_word"]["red"] == 5
     assert rec.counts["has_x"] > 0 and rec.counts["kept"] + rec.counts["has_x"] == 50
     src2 = run_stage(ToySource(), SourceConfig(parts=3), [], str(tmp_path / "s2"), progress=False).ref
     with pytest.raises(StageError):
