@@ -8,7 +8,7 @@ import pyarrow.compute as pc
 
 from . import storage
 from .manifest import ManifestError, open_manifest
-from .runrecord import RunRecord, read_run_record
+from .runrecord import RunRecord, folder_of, read_run_record
 
 
 def reason_counts(url: str) -> Counter:
@@ -22,7 +22,7 @@ def reason_counts(url: str) -> Counter:
 
 
 def show(url: str, head: int = 5) -> str:
-    url = storage.normalize(url)
+    url = folder_of(url)
     rec = read_run_record(url)
     m = open_manifest(url)
     rows = m.num_rows
@@ -80,7 +80,7 @@ def _record(url: str) -> RunRecord:
 
 def diff(url_a: str, url_b: str) -> str:
     """What differs between two runs: stage, config keys, inputs, digest, counts, schema, rows by uid."""
-    a_url, b_url = storage.normalize(url_a), storage.normalize(url_b)
+    a_url, b_url = folder_of(url_a), folder_of(url_b)
     a, b = _record(a_url), _record(b_url)
     out = [f"A  {a_url}", f"B  {b_url}"]
     if a.stage != b.stage:

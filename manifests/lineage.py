@@ -12,14 +12,15 @@ from dataclasses import dataclass, field
 
 from . import storage
 from .manifest import ManifestError
-from .runrecord import RunRecord, read_run_record
+from .runrecord import RunRecord, folder_of, read_run_record
+from .storage import StorageError
 
 
 @dataclass(slots=True)
 class LineageNode:
     url: str
     record: RunRecord | None
-    status: str = "ok"  # ok | changed | missing | source
+    status: str = "ok"  # ok | changed | missing | source | unreadable | unreachable
     recorded_digest: str | None = None
     inputs: list[LineageNode] = field(default_factory=list)
 
@@ -44,33 +45,48 @@ class LineageNode:
 
 
 def lineage(url: str, max_depth: int = 64) -> LineageNode:
-    url = storage.normalize(url)
+    url = folder_of(url)
     rec = read_run_record(url)
     if rec is None:
         if storage.exists(url):
             raise ManifestError(f"{url}: no _run.json (not a finished wit output)")
         raise ManifestError(f"{url}: no such output")
-    return _node(url, rec, None, max_depth, set())
+    return _Walker(max_depth).node(url, rec, None, max_depth, ())
 
 
-def _node(url: str, rec: RunRecord | None, recorded: str | None, depth: int, seen: set[str]) -> LineageNode:
-    node = LineageNode(url=url, record=rec, recorded_digest=recorded)
-    if rec is None:
-        node.status = "source" if storage.exists(url) else "missing"
+class _Walker:
+    """Builds the tree; run records are read once per URL even where several outputs share an input."""
+
+    def __init__(self, max_depth: int):
+        self.max_depth = max_depth
+        self.records: dict[str, tuple[RunRecord | None, str]] = {}
+
+    def read(self, url: str) -> tuple[RunRecord | None, str]:
+        if url not in self.records:
+            try:
+                rec = read_run_record(url)
+                status = "ok" if rec is not None else ("source" if storage.exists(url) else "missing")
+            except ManifestError:
+                rec, status = None, "unreadable"
+            except StorageError:
+                rec, status = None, "unreachable"
+            self.records[url] = (rec, status)
+        return self.records[url]
+
+    def node(self, url: str, rec: RunRecord | None, recorded: str | None, depth: int, path: tuple) -> LineageNode:
+        node = LineageNode(url=url, record=rec, recorded_digest=recorded)
+        if rec is None:
+            node.status = self.read(url)[1]
+            return node
+        if recorded and rec.output.digest and recorded != rec.output.digest:
+            node.status = "changed"
+        if depth <= 0 or url in path:  # a cycle can only come from hand-edited records
+            return node
+        for ref in rec.inputs:
+            child_url = storage.normalize(ref.url)
+            child_rec, _ = self.read(child_url)
+            node.inputs.append(self.node(child_url, child_rec, ref.digest, depth - 1, path + (url,)))
         return node
-    if recorded and rec.output.digest and recorded != rec.output.digest:
-        node.status = "changed"
-    if depth <= 0 or url in seen:
-        return node
-    seen = seen | {url}
-    for ref in rec.inputs:
-        child_url = storage.normalize(ref.url)
-        try:
-            child_rec = read_run_record(child_url)
-        except ManifestError:
-            child_rec = None
-        node.inputs.append(_node(child_url, child_rec, ref.digest, depth - 1, seen))
-    return node
 
 
 def render(node: LineageNode) -> str:
@@ -79,7 +95,7 @@ def render(node: LineageNode) -> str:
 
     def describe(n: LineageNode) -> str:
         if n.record is None:
-            tag = "source" if n.status == "source" else "MISSING"
+            tag = "source" if n.status == "source" else n.status.upper()
             return f"{tag}  {n.url}"
         r = n.record
         digest = (r.output.digest or "")[:12]

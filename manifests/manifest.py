@@ -9,9 +9,9 @@ Layout of a manifest folder (any URL)::
       _parts/part-00000.json     per-partition commit markers (written by the stage driver)
       _run.json                  the run record, written last: a folder without it is unfinished
 
-The digest of a manifest is the sha256 of ``"<relpath> <sha256>\\n"`` over its Parquet part files
-in name order. Side tables are part files too, so a dataset digest covers its shard index, and the
-shard index holds every shard's sha256: one changed byte anywhere changes the digest.
+The digest of a manifest is the sha256 of its Parquet part files' sha256s in name order. Side
+tables are part files too, so a dataset digest covers its shard index, and the shard index holds
+every shard's sha256: one changed byte anywhere changes the digest.
 """
 
 from __future__ import annotations
@@ -77,11 +77,15 @@ def is_part(name: str, table: str | None = None) -> bool:
 
 
 def digest_of(files: dict[str, str]) -> str:
-    """Manifest digest from ``{relpath: sha256}`` of its part files (other files are ignored)."""
+    """Manifest digest from ``{relpath: sha256}``: the sha256 of the part files' sha256s in name order.
+
+    Only Parquet part files count (side tables included); other files are covered through the
+    tables that record their sha256 (a dataset's shard index).
+    """
     h = hashlib.sha256()
     for name in sorted(files):
         if PART_RE.match(name):
-            h.update(f"{name} {files[name]}\n".encode())
+            h.update(files[name].encode())
     return h.hexdigest()
 
 

@@ -75,6 +75,7 @@ class RunRecord:
 
     @classmethod
     def from_dict(cls, d: dict) -> RunRecord:
+        _check_types(d)
         try:
             return cls(
                 stage=d["stage"],
@@ -95,8 +96,26 @@ class RunRecord:
                 extra=d.get("extra", {}),
                 tallies=d.get("tallies", {}),
             )
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, AttributeError) as exc:
             raise ManifestError(f"malformed run record: missing or bad field {exc}") from exc
+
+
+def _check_types(d: dict) -> None:
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise ManifestError(f"malformed run record: {what}")
+
+    need(isinstance(d.get("stage"), str), "'stage' must be a string")
+    out = d.get("output")
+    need(isinstance(out, dict) and isinstance(out.get("url"), str), "'output.url' must be a string")
+    need(out.get("digest") is None or isinstance(out.get("digest"), str), "'output.digest' must be a string")
+    for key in ("config", "files", "counts", "extra", "tallies"):
+        need(isinstance(d.get(key, {}), dict), f"'{key}' must be an object")
+    need(isinstance(d.get("inputs", []), list), "'inputs' must be a list")
+    for i in d.get("inputs", []):
+        need(isinstance(i, dict) and isinstance(i.get("url"), str), "each input needs a 'url'")
+    for name, f in d.get("files", {}).items():
+        need(isinstance(f, dict) and isinstance(f.get("sha256"), str), f"file {name!r} needs a 'sha256'")
 
 
 def host_info() -> dict[str, str]:
@@ -122,14 +141,46 @@ def read_run_record(url: str) -> RunRecord | None:
     rec_url = run_record_url(url)
     if not storage.exists(rec_url):
         return None
-    try:
-        data = json.loads(storage.read_text(rec_url))
-    except json.JSONDecodeError as exc:
-        raise ManifestError(f"{rec_url}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+    data = read_json(rec_url)
     if not isinstance(data, dict) or "stage" not in data:
         raise ManifestError(f"{rec_url}: not a wit run record")
-    return RunRecord.from_dict(data)
+    try:
+        return RunRecord.from_dict(data)
+    except ManifestError as exc:
+        raise ManifestError(f"{rec_url}: {exc}") from exc
+
+
+def read_json(url: str):
+    """A JSON control file (run record, marker, pin); a broken one is a ManifestError naming it."""
+    try:
+        return json.loads(storage.read_bytes(url).decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"{url}: not UTF-8 text ({exc.reason})") from exc
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{url}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+
+
+def folder_of(url: str) -> str:
+    """Accept either an output folder or its ``_run.json``; return the folder."""
+    url = storage.normalize(url)
+    if storage.basename(url) == RUN_RECORD:
+        return url[: -len(RUN_RECORD)].rstrip("/")
+    return url
 
 
 def dump_json(obj) -> str:
     return json.dumps(obj, indent=2, sort_keys=True, default=str)
+
+
+def finished_ref(url: str, expect_kind: str | None = None) -> ManifestRef:
+    """The ref (URL, kind, digest) of a finished output, for use as a stage input.
+
+    Raises ManifestError when the folder has no run record (an unfinished or foreign folder) or
+    holds another kind than ``expect_kind``.
+    """
+    rec = read_run_record(url)
+    if rec is None:
+        raise ManifestError(f"{storage.normalize(url)}: no _run.json (not a finished wit output)")
+    if expect_kind and rec.output.kind != expect_kind:
+        raise ManifestError(f"{rec.output.url}: is a {rec.output.kind} manifest, expected {expect_kind}")
+    return rec.output

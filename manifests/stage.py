@@ -21,6 +21,7 @@ different config into a folder that holds part of another run is refused rather 
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import Any, Protocol
@@ -28,11 +29,21 @@ from typing import Any, Protocol
 import pyarrow as pa
 
 from . import storage
-from .manifest import MARKERS, FileInfo, ManifestError, ManifestRef, digest_of, write_part
-from .runrecord import RunRecord, host_info, now, package_versions, read_run_record, write_run_record
+from .manifest import MARKERS, PART_RE, FileInfo, ManifestError, ManifestRef, digest_of, write_part
+from .runrecord import (
+    RunRecord,
+    finished_ref,
+    host_info,
+    now,
+    package_versions,
+    read_json,
+    read_run_record,
+    write_run_record,
+)
 from .schemas import schema_for
 
 STAGE_PIN = "_stage.json"
+_MARKER_RE = re.compile(r"^part-(\d{5,})\.json$")
 
 
 class StageError(RuntimeError):
@@ -88,7 +99,7 @@ def pin(stage: Stage, config: Any, inputs: list[ManifestRef], out: str) -> dict:
     want = {"stage": stage.name, "config": config_dict(config), "inputs": [i.to_dict() for i in inputs]}
     url = storage.join(out, MARKERS, STAGE_PIN)
     if storage.exists(url):
-        have = json.loads(storage.read_text(url))
+        have = read_json(url)
         have_cmp = {k: have.get(k) for k in want}
         if have_cmp != want:
             diff = [k for k in want if have_cmp[k] != want[k]]
@@ -106,8 +117,9 @@ def committed(out: str) -> set[int]:
     """Indices of the partitions whose marker exists."""
     done = set()
     for name in storage.listdir(storage.join(out, MARKERS)):
-        if name.startswith("part-") and name.endswith(".json"):
-            done.add(int(name[len("part-") : -len(".json")]))
+        m = _MARKER_RE.match(name)
+        if m:
+            done.add(int(m.group(1)))
     return done
 
 
@@ -140,8 +152,10 @@ def finalize(stage: Stage, config: Any, inputs: list[ManifestRef], out: str, tot
         url = storage.join(out, marker_name(i))
         if not storage.exists(url):
             raise StageError(f"{out}: partition {i} is not committed; cannot finalize")
-        markers.append(json.loads(storage.read_text(url)))
-    pinned = json.loads(storage.read_text(storage.join(out, MARKERS, STAGE_PIN)))
+        marker = read_json(url)
+        _check_marker(out, marker)
+        markers.append(marker)
+    pinned = read_json(storage.join(out, MARKERS, STAGE_PIN))
     files: dict[str, FileInfo] = {}
     counts: Counter = Counter()
     extra: dict[str, Any] = {}
@@ -176,6 +190,51 @@ def finalize(stage: Stage, config: Any, inputs: list[ManifestRef], out: str, tot
     )
     write_run_record(out, record)
     return ref
+
+
+def _check_marker(out: str, marker: dict) -> None:
+    """The files a marker promises must be the files on storage before _run.json vouches for them.
+
+    Two overlapping attempts at one partition (an array task launched twice) can interleave so
+    that a marker describes the other attempt's file. Part files are re-hashed (they are small);
+    other files (shards) are checked by size, which is cheap on object stores.
+    """
+    for name, f in marker["files"].items():
+        url = storage.join(out, name)
+        if not storage.exists(url):
+            bad = "is missing"
+        elif PART_RE.match(name):
+            bad = "" if storage.sha256_url(url) == f["sha256"] else "has other bytes than its marker says"
+        else:
+            bad = "" if storage.size(url) == f["bytes"] else "has another size than its marker says"
+        if bad:
+            storage.remove(storage.join(out, marker_name(marker["index"])))
+            raise StageError(
+                f"{out}/{name} {bad} (two runs wrote partition {marker['index']} at once?); "
+                "its marker was removed: run the stage again to redo it"
+            )
+
+
+def resolve_inputs(inputs: list[ManifestRef]) -> list[ManifestRef]:
+    """Inputs as recorded in run records: normalized URL, and for manifests their kind and digest.
+
+    A manifest input must be finished (have ``_run.json``); a digest given by the caller must be
+    the digest it has now. Raw sources (``kind="source"``: WARC files, HTML) pass through.
+    """
+    resolved = []
+    for ref in inputs:
+        url = storage.normalize(ref.url)
+        if ref.kind == "source":
+            resolved.append(ManifestRef(url=url, kind="source", digest=ref.digest))
+            continue
+        have = finished_ref(url)
+        if ref.digest and ref.digest != have.digest:
+            raise StageError(f"{url} changed since it was referenced (digest {have.digest[:12]}, expected "
+                             f"{ref.digest[:12]})")
+        if ref.kind and ref.kind != have.kind:
+            raise StageError(f"{url} is a {have.kind} manifest, expected {ref.kind}")
+        resolved.append(ManifestRef(url=url, kind=have.kind, digest=have.digest))
+    return resolved
 
 
 def finished(stage: Stage, config: Any, inputs: list[ManifestRef], out: str) -> ManifestRef | None:

@@ -27,6 +27,9 @@ import fsspec
 from fsspec.core import url_to_fs
 
 CHUNK = 1 << 20
+# Every temporary file starts with this, so a leftover of a killed writer is recognisable:
+# verify ignores it and the stage driver sweeps it away before resuming.
+TMP_PREFIX = ".wit-tmp-"
 
 
 class StorageError(RuntimeError):
@@ -128,13 +131,14 @@ def listdir(url: str, recursive: bool = False) -> list[str]:
         if not fs.exists(path):
             return []
         if recursive:
-            found = fs.find(path)
+            entries = fs.find(path, detail=True).values()
         else:
-            found = [e["name"] for e in fs.ls(path, detail=True) if e.get("type") != "directory"]
+            entries = fs.ls(path, detail=True)
+        # Object stores may hold empty "folder/" marker objects (the S3 console makes them): not files
+        found = [e["name"] for e in entries if e.get("type") != "directory" and not e["name"].endswith("/")]
     root = path.rstrip("/") + "/"
     names = []
     for full in found:
-        full = full if isinstance(full, str) else full["name"]
         if full.startswith(root):
             names.append(full[len(root) :])
         elif full.lstrip("/").startswith(root.lstrip("/")):
@@ -191,7 +195,7 @@ def write_text(url: str, text: str) -> None:
 def _local_atomic_write(path: str, data: bytes) -> None:
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:12]}")
+    tmp = _tmp_name(folder, path)
     try:
         with open(tmp, "wb") as fh:
             fh.write(data)
@@ -203,6 +207,32 @@ def _local_atomic_write(path: str, data: bytes) -> None:
             os.unlink(tmp)
 
 
+def _tmp_name(folder: str, path: str) -> str:
+    return os.path.join(folder, f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}-{os.path.basename(path)}")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def is_temporary(name: str) -> bool:
+    return posixpath.basename(name).startswith(TMP_PREFIX)
+
+
+def sweep_temporaries(url: str) -> int:
+    """Delete leftovers of killed writers below a local folder; returns how many."""
+    if not is_local(url):
+        return 0  # object stores never show an unfinished put
+    removed = 0
+    for name in listdir(url, recursive=True):
+        if is_temporary(name):
+            remove(join(url, name))
+            removed += 1
+    return removed
+
+
 def put_file(local_path: str, url: str) -> None:
     """Commit a finished local file to ``url`` atomically (rename locally, single put remotely)."""
     fs, path = _fs(url)
@@ -210,7 +240,7 @@ def put_file(local_path: str, url: str) -> None:
         if is_local(url):
             folder = os.path.dirname(path) or "."
             os.makedirs(folder, exist_ok=True)
-            tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:12]}")
+            tmp = _tmp_name(folder, path)
             try:
                 shutil.copyfile(local_path, tmp)
                 os.replace(tmp, path)
@@ -230,24 +260,25 @@ def atomic_writer(url: str) -> Iterator[BinaryIO]:
     ``os.replace`` is a same-filesystem rename), then commits it.
     """
     local_target = is_local(url)
-    folder = None
-    if local_target:
-        _, path = _fs(url)
-        folder = os.path.dirname(path) or "."
-        with _errors(url):
+    _, path = _fs(url)
+    folder = (os.path.dirname(path) or ".") if local_target else None
+    with _errors(url):
+        if folder:
             os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".wit-", suffix=".tmp", dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=folder)
     try:
         with os.fdopen(fd, "wb") as fh:
             yield fh
-            fh.flush()
-            if local_target:
-                os.fsync(fh.fileno())
-        if local_target:
             with _errors(url):
+                fh.flush()
+                if local_target:
+                    os.fsync(fh.fileno())
+        with _errors(url):
+            if local_target:
+                os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; committed files are shared
                 os.replace(tmp, path)
-        else:
-            put_file(tmp, url)
+            else:
+                put_file(tmp, url)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

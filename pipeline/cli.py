@@ -32,7 +32,8 @@ NOT_IMPLEMENTED: dict[str, str] = {
     "demo": "issue #7 (wit run / wit demo)",
 }
 
-DOMAIN_ERRORS = (ManifestError, StorageError, StageError, ValueError, FileNotFoundError)
+# OSError covers what escapes from the local filesystem (permission, disk full) as a one-liner too
+DOMAIN_ERRORS = (ManifestError, StorageError, StageError, ValueError, OSError)
 
 
 def domain_errors(fn):

@@ -19,7 +19,17 @@ from tqdm import tqdm
 
 from wit.manifests import storage
 from wit.manifests.manifest import ManifestRef
-from wit.manifests.stage import Partition, Stage, StageError, commit_partition, committed, finalize, finished, pin
+from wit.manifests.stage import (
+    Partition,
+    Stage,
+    StageError,
+    commit_partition,
+    committed,
+    finalize,
+    finished,
+    pin,
+    resolve_inputs,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +90,7 @@ def run_stage(
     if workers < 1:
         raise ValueError("--workers must be at least 1")
     out = storage.normalize(out)
+    inputs = resolve_inputs(inputs)
     ref = finished(stage, config, inputs, out)
     partitions = stage.partitions(config, inputs)
     if ref is not None:
@@ -90,6 +101,7 @@ def run_stage(
         raise StageError(f"{stage.name}: partitions must be numbered 0..n-1")
     storage.makedirs(out)
     pin(stage, config, inputs, out)
+    storage.sweep_temporaries(out)  # leftovers of a killed writer; their partitions are redone
     done = committed(out)
     todo = [p for p in partitions if part.owns(p) and p.index not in done]
     skipped = sum(1 for p in partitions if part.owns(p) and p.index in done)

@@ -17,6 +17,7 @@ from toy_stages import SourceConfig, TagConfig, ToySource, ToyTag, run_chain
 from wit.manifests.manifest import read_table
 from wit.manifests.runrecord import read_run_record
 from wit.manifests.stage import StageError, committed
+from wit.manifests.verify import verify
 from wit.pipeline.executor import PartSpec, run_stage
 
 
@@ -128,8 +129,10 @@ def test_killed_job_rerun_matches_uninterrupted_run(tmp_path):
         proc.wait()
     assert not (out / "_run.json").exists()
     assert not list(out.glob("part-00002*")), "an in-flight partition must not leave a visible part"
+    assert verify(str(out)).problems[0].kind == "unfinished"
     resumed = run_stage(ToySource(), SourceConfig(parts=4), [], str(out), progress=False)
     assert resumed.ran == 2 and resumed.skipped == 2
     clean = run_stage(ToySource(), SourceConfig(parts=4), [], str(tmp_path / "clean"), progress=False)
     assert resumed.ref.digest == clean.ref.digest
     assert json.loads((out / "_run.json").read_text())["rows"] == 100
+    assert verify(str(out)).ok and not list(out.rglob(".wit-tmp-*"))

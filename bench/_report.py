@@ -1,0 +1,41 @@
+"""Write one benchmark's table into its own section of BENCHMARKS.md (other sections are kept)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
+HEADER = (
+    "# Benchmarks\n\n"
+    "Each section is written by the script named in it, which runs `wit` and the reference tool side by side\n"
+    "in one run on the same input. Re-run a script to refresh its section.\n"
+)
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def write_section(name: str, title: str, body: str, script: str) -> Path:
+    """Replace (or append) the section ``name`` of BENCHMARKS.md with ``body`` (Markdown)."""
+    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else HEADER
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    section = (
+        f"<!-- bench:{name} -->\n## {title}\n\n"
+        f"`{script}` · {stamp} · {machine()}\n\n{body.strip()}\n<!-- /bench:{name} -->\n"
+    )
+    pattern = re.compile(rf"<!-- bench:{re.escape(name)} -->.*?<!-- /bench:{re.escape(name)} -->\n", re.S)
+    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
+    BENCHMARKS.write_text(text)
+    return BENCHMARKS
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    """A Markdown table."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
