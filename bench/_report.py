@@ -11,8 +11,8 @@ from pathlib import Path
 BENCHMARKS = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
 HEADER = (
     "# Benchmarks\n\n"
-    "Each section is written by the script named in it, which runs `wit` and the reference tool side by side\n"
-    "in one run on the same input. Re-run a script to refresh its section.\n"
+    "Each section is written by the script named in it, which runs `wit` and the reference tool\n"
+    "side by side in one run on the same input. Re-run a script to refresh its section.\n"
 )
 
 
@@ -29,7 +29,9 @@ def write_section(name: str, title: str, body: str, script: str) -> Path:
         f"`{script}` · {stamp} · {machine()}\n\n{body.strip()}\n<!-- /bench:{name} -->\n"
     )
     pattern = re.compile(rf"<!-- bench:{re.escape(name)} -->.*?<!-- /bench:{re.escape(name)} -->\n", re.S)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
+    text = (
+        pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
+    )
     BENCHMARKS.write_text(text)
     return BENCHMARKS
 

@@ -6,7 +6,6 @@ from collections import Counter
 
 import pyarrow.compute as pc
 
-from . import storage
 from .manifest import ManifestError, open_manifest
 from .runrecord import RunRecord, folder_of, read_run_record
 

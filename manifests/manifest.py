@@ -96,7 +96,9 @@ def encode_table(table: pa.Table, schema: pa.Schema) -> bytes:
     return buf.getvalue()
 
 
-def write_part(out: str, index: int, table: pa.Table, schema: pa.Schema, table_name: str | None = None) -> FileInfo:
+def write_part(
+    out: str, index: int, table: pa.Table, schema: pa.Schema, table_name: str | None = None
+) -> FileInfo:
     """Conform ``table`` to ``schema`` and commit it atomically as part ``index`` of ``out``."""
     from .schemas import conform
 

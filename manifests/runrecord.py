@@ -20,7 +20,17 @@ from . import storage
 from .manifest import RUN_RECORD, FileInfo, ManifestError, ManifestRef
 
 FORMAT = 1
-_VERSIONED = ("wit", "pyarrow", "pandas", "fsspec", "s3fs", "torch", "open_clip_torch", "webdataset", "img2dataset")
+_VERSIONED = (
+    "wit",
+    "pyarrow",
+    "pandas",
+    "fsspec",
+    "s3fs",
+    "torch",
+    "open_clip_torch",
+    "webdataset",
+    "img2dataset",
+)
 
 
 def now() -> str:
@@ -123,11 +133,18 @@ def host_info() -> dict[str, str]:
         user = getpass.getuser()
     except (KeyError, OSError):
         user = ""
-    return {"hostname": socket.gethostname(), "user": user, "platform": sys.platform, "argv": " ".join(sys.argv)}
+    return {
+        "hostname": socket.gethostname(),
+        "user": user,
+        "platform": sys.platform,
+        "argv": " ".join(sys.argv),
+    }
 
 
 def write_run_record(out: str, record: RunRecord) -> None:
-    storage.write_text(storage.join(out, RUN_RECORD), json.dumps(record.to_dict(), indent=2, sort_keys=False) + "\n")
+    storage.write_text(
+        storage.join(out, RUN_RECORD), json.dumps(record.to_dict(), indent=2, sort_keys=False) + "\n"
+    )
 
 
 def run_record_url(url: str) -> str:

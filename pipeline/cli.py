@@ -58,7 +58,9 @@ def not_implemented(name: str):
 
 
 def output_option(fn):
-    return click.option("-o", "--out", "out", required=True, metavar="URL", help="Output folder (path or URL).")(fn)
+    return click.option(
+        "-o", "--out", "out", required=True, metavar="URL", help="Output folder (path or URL)."
+    )(fn)
 
 
 def executor_options(fn):
@@ -68,9 +70,9 @@ def executor_options(fn):
         default=None,
         help="Run only slice i of N (0 <= i < N), e.g. $SLURM_ARRAY_TASK_ID/$N in a job array.",
     )(fn)
-    fn = click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Local processes.")(
-        fn
-    )
+    fn = click.option(
+        "--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Local processes."
+    )(fn)
     return fn
 
 
@@ -109,7 +111,9 @@ def extract(sources, out, workers, part):
 @cli.command()
 @click.argument("candidates", metavar="CANDIDATES")
 @output_option
-@click.option("--queries", type=str, metavar="FILE", help="Query list, one per line (default: the shipped list).")
+@click.option(
+    "--queries", type=str, metavar="FILE", help="Query list, one per line (default: the shipped list)."
+)
 @click.option("--per-query-cap", type=click.IntRange(min=1), default=20000, show_default=True)
 @executor_options
 def curate(candidates, out, queries, per_query_cap, workers, part):

@@ -106,7 +106,12 @@ def run_stage(
     todo = [p for p in partitions if part.owns(p) and p.index not in done]
     skipped = sum(1 for p in partitions if part.owns(p) and p.index in done)
     bar = tqdm(
-        total=len(todo), desc=stage.name, unit="part", disable=not progress or not todo, file=sys.stderr, leave=False
+        total=len(todo),
+        desc=stage.name,
+        unit="part",
+        disable=not progress or not todo,
+        file=sys.stderr,
+        leave=False,
     )
     try:
         if workers == 1 or len(todo) <= 1:
@@ -120,7 +125,9 @@ def run_stage(
     done = committed(out)
     missing = [p.index for p in partitions if p.index not in done]
     ref = finalize(stage, config, inputs, out, len(partitions)) if not missing else None
-    return StageOutcome(ref=ref, total=len(partitions), ran=len(todo), skipped=skipped, remaining=len(missing))
+    return StageOutcome(
+        ref=ref, total=len(partitions), ran=len(todo), skipped=skipped, remaining=len(missing)
+    )
 
 
 def _run_pool(stage: Stage, config: Any, todo: list[Partition], out: str, workers: int, bar: tqdm) -> None:

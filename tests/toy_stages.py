@@ -140,8 +140,14 @@ class ToyPack:
         )
         samples = pa.Table.from_pylist(
             [
-                {"uid": r["uid"], "url": r["url"], "text": r["text"], "page_url": r["page_url"], "shard": shard,
-                 "key": r["uid"]}
+                {
+                    "uid": r["uid"],
+                    "url": r["url"],
+                    "text": r["text"],
+                    "page_url": r["page_url"],
+                    "shard": shard,
+                    "key": r["uid"],
+                }
                 for r in rows
             ],
             schema=pa.schema([(n, pa.string()) for n in ("uid", "url", "text", "page_url", "shard", "key")]),
@@ -158,9 +164,13 @@ def run_chain(root: str, workers: int = 1, source: SourceConfig = SourceConfig()
     from wit.pipeline.executor import run_stage
 
     refs = {}
-    refs["source"] = run_stage(ToySource(), source, [], storage.join(root, "source"), workers, progress=False).ref
-    refs["tag"] = run_stage(ToyTag(), TagConfig(), [refs["source"]], storage.join(root, "tag"), workers,
-                            progress=False).ref
-    refs["pack"] = run_stage(ToyPack(), PackConfig(), [refs["tag"]], storage.join(root, "pack"), workers,
-                             progress=False).ref
+    refs["source"] = run_stage(
+        ToySource(), source, [], storage.join(root, "source"), workers, progress=False
+    ).ref
+    refs["tag"] = run_stage(
+        ToyTag(), TagConfig(), [refs["source"]], storage.join(root, "tag"), workers, progress=False
+    ).ref
+    refs["pack"] = run_stage(
+        ToyPack(), PackConfig(), [refs["tag"]], storage.join(root, "pack"), workers, progress=False
+    ).ref
     return refs

@@ -7,7 +7,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from wit.manifests import schemas
-from wit.manifests.manifest import ManifestError, current_digest, digest_of, open_manifest, read_frame, write_part
+from wit.manifests.manifest import (
+    ManifestError,
+    current_digest,
+    digest_of,
+    open_manifest,
+    read_frame,
+    write_part,
+)
 
 
 def _curated(n: int, start: int = 0) -> pa.Table:
@@ -28,7 +35,13 @@ def _curated(n: int, start: int = 0) -> pa.Table:
 
 def test_every_design_kind_has_a_schema_with_the_core_columns():
     assert set(schemas.SCHEMAS) == {
-        "candidates", "curated", "downloaded", "filtered", "samples", "shards", "eval_results"
+        "candidates",
+        "curated",
+        "downloaded",
+        "filtered",
+        "samples",
+        "shards",
+        "eval_results",
     }
     for kind in ("candidates", "curated", "downloaded", "filtered", "samples"):
         names = schemas.schema_for(kind).names

@@ -7,7 +7,6 @@ import os
 import stat
 
 import pytest
-from toy_stages import SourceConfig, TagConfig, ToySource, ToyTag, run_chain
 
 from wit.manifests import storage
 from wit.manifests.manifest import ManifestError, ManifestRef
@@ -15,6 +14,8 @@ from wit.manifests.runrecord import read_run_record
 from wit.manifests.stage import StageError, committed, finalize
 from wit.manifests.verify import verify
 from wit.pipeline.executor import run_stage
+
+from toy_stages import SourceConfig, TagConfig, ToySource, ToyTag, run_chain
 
 
 def test_leftover_temporary_of_a_killed_writer_is_swept_and_never_extra(tmp_path, monkeypatch):
@@ -37,7 +38,9 @@ def test_marker_that_does_not_match_its_file_is_refused_and_redone(tmp_path):
     run_stage(ToySource(), cfg, [], str(out), progress=False)
     (out / "_run.json").unlink()
     # an overlapping attempt replaced the part after partition 0's marker was written
-    other = run_stage(ToySource(), SourceConfig(parts=2, rows_per_part=4), [], str(tmp_path / "x"), progress=False)
+    other = run_stage(
+        ToySource(), SourceConfig(parts=2, rows_per_part=4), [], str(tmp_path / "x"), progress=False
+    )
     (out / "part-00000.parquet").write_bytes((tmp_path / "x" / "part-00000.parquet").read_bytes())
     with pytest.raises(StageError, match="other bytes than its marker"):
         finalize(ToySource(), cfg, [], str(out), 2)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from toy_stages import run_chain
 
 from wit.manifests import storage
 from wit.manifests.lineage import lineage, render
 from wit.manifests.verify import verify
+
+from toy_stages import run_chain
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -6,12 +6,24 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from toy_stages import run_chain
 
 from wit.manifests import storage
 from wit.pipeline.cli import NOT_IMPLEMENTED, cli
 
-DESIGN_COMMANDS = {"extract", "curate", "download", "filter", "shard", "train", "eval", "manifest", "run", "demo"}
+from toy_stages import run_chain
+
+DESIGN_COMMANDS = {
+    "extract",
+    "curate",
+    "download",
+    "filter",
+    "shard",
+    "train",
+    "eval",
+    "manifest",
+    "run",
+    "demo",
+}
 
 
 def _walk(group, path=()):

@@ -12,13 +12,14 @@ import time
 from pathlib import Path
 
 import pytest
-from toy_stages import SourceConfig, TagConfig, ToySource, ToyTag, run_chain
 
 from wit.manifests.manifest import read_table
 from wit.manifests.runrecord import read_run_record
 from wit.manifests.stage import StageError, committed
 from wit.manifests.verify import verify
 from wit.pipeline.executor import PartSpec, run_stage
+
+from toy_stages import SourceConfig, TagConfig, ToySource, ToyTag, run_chain
 
 
 def test_run_writes_parts_markers_and_run_record_last(tmp_path):
