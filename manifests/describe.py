@@ -49,6 +49,9 @@ def show(url: str, head: int = 5) -> str:
         out.append("counts (run record)")
         for k, v in sorted(rec.counts.items()):
             out.append(f"  {k}: {v}")
+    if rec is not None:
+        for name, tally in rec.tallies.items():
+            out += _distribution(name, tally)
     out.append("schema")
     for f in m.schema:
         out.append(f"  {f.name}: {f.type}{'' if f.nullable else ' not null'}")
@@ -57,6 +60,18 @@ def show(url: str, head: int = 5) -> str:
         frame = m.dataset().head(head).to_pandas()
         out.append(frame.to_string(max_colwidth=40, index=False))
     return "\n".join(out)
+
+
+def _distribution(name: str, tally: dict[str, int], k: int = 10) -> list[str]:
+    """Head and tail of a tally (e.g. pairs per query), largest first."""
+    items = sorted(tally.items(), key=lambda kv: (-kv[1], kv[0]))
+    total = sum(tally.values())
+    lines = [f"{name}  ({len(items)} keys, {total} in all)"]
+    width = max((len(key) for key, _ in items[:k] + items[-k:]), default=0)
+    shown = items if len(items) <= 2 * k else items[:k] + [("…", None)] + items[-k:]
+    for key, n in shown:
+        lines.append("  …" if n is None else f"  {key:<{width}}  {n:>9}")
+    return lines
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

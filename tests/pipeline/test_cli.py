@@ -95,6 +95,8 @@ def test_manifest_commands_on_a_chain(tmp_path, run_wit):
     assert tree["inputs"][0]["inputs"][0]["stage"] == "toy-source"
     show = run_wit("manifest", "show", refs["tag"].url, check=True).stdout
     assert "kind      curated" in show and "has_x" in show and "uid: string" in show
+    # tallies print head and tail: 10 first words, largest first
+    assert "first_word  (10 keys, 100 in all)" in show
     ok = run_wit("manifest", "verify", refs["pack"].url)
     assert ok.returncode == 0 and ok.stdout.startswith("ok:")
     storage.remove(storage.join(refs["pack"].url, "part-00001.parquet"))
