@@ -1,1 +1,5 @@
-"""train"""
+"""Training: model configs (open_clip JSON, ``wit-tiny``), checkpoints, the data stream, the loop.
+
+- ``models``      resolve a model name or JSON config; ships and registers ``wit-tiny``
+- ``checkpoint``  save/load checkpoints on any URL (atomic; ``weights_only=True``); ``load_model``
+"""

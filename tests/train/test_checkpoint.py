@@ -1,0 +1,82 @@
+"""The checkpoint contract: atomic on any URL, weights_only, loadable by open_clip itself."""
+
+from __future__ import annotations
+
+import json
+
+import open_clip
+import pytest
+import torch
+
+from wit.train.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
+from wit.train.models import resolve_model
+
+
+def _payload(name: str = "wit-tiny") -> dict:
+    spec = resolve_model(name)
+    torch.manual_seed(0)
+    model = open_clip.create_model(spec.name)
+    return {
+        "state_dict": model.state_dict(),
+        "wit": {"format": 1, "model": spec.name, "model_config": spec.config, "step": 7},
+        "rng": torch.get_rng_state(),
+    }
+
+
+@pytest.fixture(params=["local", "s3"])
+def root(request, tmp_path):
+    return str(tmp_path) if request.param == "local" else request.getfixturevalue("s3_bucket")
+
+
+def test_round_trip_and_open_clip_loads_it(root, tmp_path):
+    payload = _payload()
+    url = f"{root}/ckpt/step-7.pt"
+    save_checkpoint(url, payload)
+    loaded = load_model(url)
+    assert loaded.name == "wit-tiny" and loaded.info["step"] == 7
+    for k, v in payload["state_dict"].items():
+        assert torch.equal(loaded.model.state_dict()[k], v), k
+    if root == str(tmp_path):
+        model, _, _ = open_clip.create_model_and_transforms("wit-tiny", pretrained=url)
+        assert torch.equal(model.state_dict()["logit_scale"], payload["state_dict"]["logit_scale"])
+
+
+def test_json_config_model(tmp_path):
+    cfg = dict(resolve_model("wit-tiny").config, embed_dim=64)
+    path = tmp_path / "my-clip.json"
+    path.write_text(json.dumps(cfg))
+    spec = resolve_model(str(path))
+    assert spec.name == "my-clip" and open_clip.create_model(spec.name).text_projection.shape[1] == 64
+
+
+def test_unknown_model_and_bad_json(tmp_path):
+    with pytest.raises(ValueError, match="unknown model"):
+        resolve_model("no-such-model")
+    (tmp_path / "bad.json").write_text('{"embed_dim": 3}')
+    with pytest.raises(ValueError, match="needs embed_dim, vision_cfg and text_cfg"):
+        resolve_model(str(tmp_path / "bad.json"))
+
+
+def test_truncated_and_foreign_checkpoints_are_clear_errors(tmp_path):
+    url = str(tmp_path / "c.pt")
+    save_checkpoint(url, _payload())
+    data = (tmp_path / "c.pt").read_bytes()
+    (tmp_path / "c.pt").write_bytes(data[: len(data) // 3])
+    with pytest.raises(CheckpointError, match="not a loadable checkpoint"):
+        load_checkpoint(url)
+    torch.save({"state_dict": _payload()["state_dict"]}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="--model NAME"):
+        load_model(str(tmp_path / "foreign.pt"))
+    assert load_model(str(tmp_path / "foreign.pt"), model="wit-tiny").name == "wit-tiny"
+    with pytest.raises(CheckpointError, match="does not fit|not"):
+        load_model(str(tmp_path / "foreign.pt"), model="RN50")
+
+
+def test_pickled_code_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"state_dict": {}, "x": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError):
+        load_checkpoint(str(tmp_path / "evil.pt"))
