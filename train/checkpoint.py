@@ -54,7 +54,8 @@ def load_checkpoint(url: str, map_location: str | torch.device = "cpu") -> dict[
         text = str(exc).strip()
         first = text.splitlines()[0] if text else type(exc).__name__
         if "Unsupported global" in text:  # weights_only refused a pickled object: say which
-            first = "it holds pickled code: " + text.split("Unsupported global:", 1)[1].split(" was ")[0].strip()
+            culprit = text.split("Unsupported global:", 1)[1].split(" was ")[0].strip()
+            first = f"it holds pickled code: {culprit}"
         raise CheckpointError(f"{url}: not a loadable checkpoint ({first})") from exc
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{url}: not a checkpoint (a {type(ckpt).__name__})")
@@ -96,7 +97,8 @@ def load_model(url: str, model: str | None = None, device: str | torch.device = 
     try:
         net.load_state_dict(state)
     except RuntimeError as exc:
-        raise CheckpointError(f"{url}: weights do not fit the {name} architecture ({str(exc).splitlines()[0]})") from exc
+        why = str(exc).splitlines()[0]
+        raise CheckpointError(f"{url}: weights do not fit the {name} architecture ({why})") from exc
     net.eval()
     digest = storage.sha256_url(url)
     return LoadedModel(net, preprocess, open_clip.get_tokenizer(name), name, digest, info)

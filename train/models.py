@@ -44,7 +44,7 @@ def resolve_model(name_or_json: str) -> ModelSpec:
     cfg = open_clip.get_model_config(name_or_json)
     if cfg is None:
         known = ", ".join(sorted(n for n in open_clip.list_models() if "tiny" in n or n.startswith("wit")))
-        raise ValueError(f"unknown model {name_or_json!r} (a JSON config path or an open_clip name, e.g. {known})")
+        raise ValueError(f"unknown model {name_or_json!r}: give a JSON config or an open_clip name ({known})")
     return ModelSpec(name=name_or_json, config=cfg)
 
 
