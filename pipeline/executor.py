@@ -146,3 +146,32 @@ def _run_pool(stage: Stage, config: Any, todo: list[Partition], out: str, worker
             for fut in pending:
                 fut.cancel()
             raise
+
+
+def run_phases(
+    phases: list[tuple[Stage, str]],
+    config: Any,
+    inputs: list[ManifestRef],
+    out: str,
+    workers: int = 1,
+    part: PartSpec = PartSpec(),
+    progress: bool = True,
+) -> StageOutcome:
+    """Run a stage made of phases in order, each reading the previous one's output.
+
+    ``phases`` pairs each stage with its subfolder of ``out`` (``""`` for the final output;
+    intermediates go to ``_name`` folders, which verify leaves to their own run records). Only the
+    first phase is sliced by ``part``: later phases need the whole of the phase before, so the
+    slice that completes it runs them in full (they are idempotent, so two slices finishing at
+    once only repeat identical work).
+    """
+    outcome = None
+    for k, (stage, sub) in enumerate(phases):
+        phase_out = storage.join(out, sub) if sub else out
+        slice_ = part if k == 0 else PartSpec()
+        outcome = run_stage(stage, config, inputs, phase_out, workers, slice_, progress)
+        if not outcome.done:
+            return outcome
+        inputs = [outcome.ref]
+    assert outcome is not None, "a stage needs at least one phase"
+    return outcome
