@@ -258,3 +258,15 @@ def finished(stage: Stage, config: Any, inputs: list[ManifestRef], out: str) -> 
             "write to a new folder or delete this one"
         )
     return rec.output
+
+
+def input_parts(inputs: list[ManifestRef], expect_kind: str) -> list[str]:
+    """The part file URLs of every input manifest, checking that each is of ``expect_kind``."""
+    from .manifest import open_manifest
+
+    urls: list[str] = []
+    for ref in inputs:
+        if ref.kind is not None and ref.kind != expect_kind:
+            raise StageError(f"{ref.url}: is a {ref.kind} manifest, expected {expect_kind}")
+        urls += open_manifest(ref.url, expect_kind=expect_kind).part_urls()
+    return urls

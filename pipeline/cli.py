@@ -7,73 +7,29 @@ unless ``WIT_DEBUG=1`` is set.
 
 from __future__ import annotations
 
-import functools
-import os
 import sys
 
 import click
 
 from wit.manifests import storage
-from wit.manifests.manifest import ManifestError
-from wit.manifests.stage import StageError
-from wit.manifests.storage import StorageError
+from wit.pipeline import ingest_commands
+from wit.pipeline.clikit import domain_errors, executor_options, output_option
 
 # Commands whose stage has not landed yet. They parse their options and exit 2 with a message;
 # tests/pipeline/test_cli.py checks this list, so it shrinks to nothing as the stages land.
 NOT_IMPLEMENTED: dict[str, str] = {
-    "extract": "issue #3 (Ingest I)",
-    "curate": "issue #3 (Ingest I)",
     "download": "issue #4 (Ingest II)",
-    "filter": "issue #4 (Ingest II)",
-    "shard": "issue #4 (Ingest II)",
     "train": "issue #5 (Train)",
     "eval": "issue #6 (Evaluate)",
     "run": "issue #7 (wit run / wit demo)",
     "demo": "issue #7 (wit run / wit demo)",
 }
 
-# OSError covers what escapes from the local filesystem (permission, disk full) as a one-liner too
-DOMAIN_ERRORS = (ManifestError, StorageError, StageError, ValueError, OSError)
-
-
-def domain_errors(fn):
-    """Turn library errors into a clear one-line message (exit 1) instead of a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except DOMAIN_ERRORS as exc:
-            if os.environ.get("WIT_DEBUG"):
-                raise
-            raise click.ClickException(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
-
-    return wrapper
-
 
 def not_implemented(name: str):
     ctx = click.get_current_context()
     click.echo(f"wit {name}: not implemented yet (tracked in {NOT_IMPLEMENTED[name]})", err=True)
     ctx.exit(2)
-
-
-def output_option(fn):
-    return click.option(
-        "-o", "--out", "out", required=True, metavar="URL", help="Output folder (path or URL)."
-    )(fn)
-
-
-def executor_options(fn):
-    fn = click.option(
-        "--part",
-        metavar="i/N",
-        default=None,
-        help="Run only slice i of N (0 <= i < N), e.g. $SLURM_ARRAY_TASK_ID/$N in a job array.",
-    )(fn)
-    fn = click.option(
-        "--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Local processes."
-    )(fn)
-    return fn
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -95,38 +51,6 @@ def cli():
 
 
 @cli.command()
-@click.argument("sources", nargs=-1, required=True, metavar="SOURCE...")
-@output_option
-@executor_options
-def extract(sources, out, workers, part):
-    """Extract (image URL, text) candidates from WARC, WAT or HTML files or folders.
-
-    \b
-    Example:
-        wit extract s3://crawl/segment/*.warc.gz -o s3://bucket/candidates --workers 8
-    """
-    not_implemented("extract")
-
-
-@cli.command()
-@click.argument("candidates", metavar="CANDIDATES")
-@output_option
-@click.option(
-    "--queries", type=str, metavar="FILE", help="Query list, one per line (default: the shipped list)."
-)
-@click.option("--per-query-cap", type=click.IntRange(min=1), default=20000, show_default=True)
-@executor_options
-def curate(candidates, out, queries, per_query_cap, workers, part):
-    """Clean, filter and balance candidates to at most N pairs per query (WIT / MetaCLIP).
-
-    \b
-    Example:
-        wit curate out/candidates -o out/curated --queries queries.txt --per-query-cap 20000
-    """
-    not_implemented("curate")
-
-
-@cli.command()
 @click.argument("curated", metavar="CURATED")
 @output_option
 @executor_options
@@ -138,35 +62,6 @@ def download(curated, out, workers, part):
         wit download out/curated -o s3://bucket/downloaded
     """
     not_implemented("download")
-
-
-@cli.command(name="filter")
-@click.argument("downloaded", metavar="DOWNLOADED")
-@output_option
-@executor_options
-def filter_(downloaded, out, workers, part):
-    """Image-level filters: size, decode, duplicates, eval decontamination, CLIP score.
-
-    \b
-    Example:
-        wit filter out/downloaded -o out/filtered
-    """
-    not_implemented("filter")
-
-
-@cli.command()
-@click.argument("filtered", metavar="FILTERED")
-@output_option
-@click.option("--samples-per-shard", type=click.IntRange(min=1), default=10000, show_default=True)
-@executor_options
-def shard(filtered, out, samples_per_shard, workers, part):
-    """Write the final dataset: shards/NNNNNN.tar, the samples manifest and a dataset card.
-
-    \b
-    Example:
-        wit shard out/filtered -o s3://bucket/dataset --samples-per-shard 10000
-    """
-    not_implemented("shard")
 
 
 @cli.command()
@@ -219,6 +114,10 @@ def demo(out):
         wit demo -o demo-out
     """
     not_implemented("demo")
+
+
+for _command in ingest_commands.COMMANDS:
+    cli.add_command(_command)
 
 
 # ---------------------------------------------------------------- manifests

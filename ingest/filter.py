@@ -1,0 +1,603 @@
+"""``wit filter``: image-level decisions on a download ledger, one FILTERED row per ledger row.
+
+Three stages run in order, each reading the previous one's finished output (``FILTER_PHASES``)::
+
+    downloaded ──SCAN──▶ OUT/_scan ──GROUP──▶ OUT/_group ──DECIDE──▶ OUT (filtered)
+    (ledger parts +      per row: sha256,    (one partition)        (per scan part)
+     webdataset shards)  decoded size,       eval overlap, exact    every ledger row with
+                         phash, or the       and near duplicates,   keep/reason/duplicate_of
+                         first reason        rebalancing over all   and the scores used
+                                             eligible rows
+
+SCAN (one partition per ledger part) reads each successful row's image from its tar shard and
+names the first problem, in this order: ``download_failed:<error>`` (the ledger's failed rows pass
+through, so every ledger row has a FILTERED row), ``missing_image`` (the ledger points at a
+member the shard lacks), ``too_small`` / ``bad_aspect`` on the *original* size (img2dataset
+upsamples an 8×8 image to its target size and calls it a success), then ``too_many_pixels`` (the
+header claims more than ``max_pixels``: refused before decoding) and ``undecodable``. Each image
+is decoded once (:mod:`.imaging`); a row with no reason gets its 64-bit perceptual hash.
+
+GROUP (one partition over all scan parts: duplicates cross partitions) drops, among the rows with
+no reason, in this order and with ``duplicate_of`` naming the kept row:
+
+- ``eval_overlap:<task>``: within ``eval_overlap_distance`` bits of an image of a reference set
+  (``reference_images``: CLIP_benchmark webdataset folders or image folders), counted per task
+  as the CLIP paper's section 5 does;
+- ``duplicate``: the same sha256 as a row with a smaller uid;
+- ``near_duplicate``: within ``near_duplicate_distance`` bits of a kept row with a smaller uid
+  (leader clustering in uid order, so the representative is the smallest uid of its group and
+  the choice depends on nothing but the rows);
+- ``over_cap`` (``--rebalance``): MetaCLIP's per-query cap re-applied to the rows still kept,
+  with curate's rule :func:`wit.ingest.curate.selection_draw`. With curate's own cap and seed
+  nothing can drop (link rot only lowers counts, so every draw that passed still passes); a
+  lower cap gives the subset curate would have kept with that cap.
+
+DECIDE (one partition per scan part) joins GROUP's decisions back and writes FILTERED rows.
+
+The curated manifest (queries, for ``--rebalance``) is ``config.curated`` when given, otherwise
+the nearest ``curated`` output up the run records' inputs (:func:`find_upstream`).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import posixpath
+import tarfile
+from collections import Counter, deque
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from wit.manifests import storage
+from wit.manifests.manifest import ManifestError, ManifestRef, open_manifest, read_part
+from wit.manifests.runrecord import read_run_record
+from wit.manifests.schemas import with_kind
+from wit.manifests.stage import Partition, PartitionResult, StageError, input_parts
+
+from .imaging import HashIndex, check_image, format_extension, hash_hex, hash_int
+
+KEPT = "kept"
+DOWNLOAD_FAILED = "download_failed"
+MISSING_IMAGE = "missing_image"
+TOO_SMALL = "too_small"
+BAD_ASPECT = "bad_aspect"
+DUPLICATE = "duplicate"
+NEAR_DUPLICATE = "near_duplicate"
+EVAL_OVERLAP = "eval_overlap"
+OVER_CAP = "over_cap"
+
+SCAN_KIND = "filter_scan"
+GROUP_KIND = "filter_group"
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
+
+SCAN_SCHEMA = with_kind(
+    pa.schema(
+        [
+            pa.field("uid", pa.string(), nullable=False),
+            pa.field("url", pa.string(), nullable=False),
+            pa.field("text", pa.string()),
+            pa.field("sha256", pa.string()),  # of the image bytes in the shard
+            pa.field("width", pa.int32()),  # as stored (decoded header)
+            pa.field("height", pa.int32()),
+            pa.field("shard", pa.string()),
+            pa.field("key", pa.string()),
+            pa.field("ext", pa.string()),  # the member's extension in the shard
+            pa.field("reason", pa.string()),  # null: eligible for GROUP
+            pa.field("detail", pa.string()),  # the decoder's message for undecodable images
+            pa.field("phash", pa.string()),  # 16 hex digits, imagehash's order; null unless eligible
+        ]
+    ),
+    SCAN_KIND,
+)
+GROUP_SCHEMA = with_kind(
+    pa.schema(
+        [
+            pa.field("uid", pa.string(), nullable=False),
+            pa.field("reason", pa.string(), nullable=False),
+            pa.field("duplicate_of", pa.string()),
+        ]
+    ),
+    GROUP_KIND,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class FilterConfig:
+    """What ``wit filter`` does. Sizes are pixels; distances are bits of the 64-bit phash."""
+
+    min_side: int = 32  # on the original size, before img2dataset resized it
+    max_aspect_ratio: float = 3.0  # long side / short side, on the original size
+    # Checked on the header before decoding: a 50 MP RGB image is 150 MB decoded; bigger photos
+    # exist (medium-format cameras) but a web image of that size is far likelier a bomb.
+    max_pixels: int = 50_000_000
+    near_duplicate_distance: int = 4  # 0: only identical hashes
+    # "task=URL" or URL (task = folder name, "wds_" stripped): CLIP_benchmark webdataset folders
+    # (``wds_<task>/test/*.tar``) or folders of image files
+    reference_images: tuple[str, ...] = ()
+    eval_overlap_distance: int = 4
+    rebalance: bool = False
+    per_query_cap: int | None = None  # None: the curated run's cap
+    seed: int | None = None  # None: the curated run's seed
+    curated: str | None = None  # None: found up the run records (find_upstream)
+    clip_checkpoint: str | None = None
+    min_clip_score: float | None = None
+    keep_top_fraction: float | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.min_side, int) or self.min_side < 1:
+            raise ValueError(f"--min-side must be a positive integer, got {self.min_side!r}")
+        if not self.max_aspect_ratio >= 1:
+            raise ValueError(f"--max-aspect-ratio must be at least 1, got {self.max_aspect_ratio!r}")
+        if not isinstance(self.max_pixels, int) or self.max_pixels < 1:
+            raise ValueError(f"--max-pixels must be a positive integer, got {self.max_pixels!r}")
+        for name in ("near_duplicate_distance", "eval_overlap_distance"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or not 0 <= value < 32:
+                raise ValueError(f"{name} must be an integer in [0, 32), got {value!r}")
+        if not isinstance(self.reference_images, tuple):
+            raise ValueError("reference_images must be a tuple of URLs")
+        self.reference_sets()  # validates the task names
+        if self.per_query_cap is not None and (
+            not isinstance(self.per_query_cap, int) or self.per_query_cap < 1
+        ):
+            raise ValueError(f"--per-query-cap must be a positive integer, got {self.per_query_cap!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
+            raise ValueError(f"--seed must be a non-negative integer, got {self.seed!r}")
+        if (self.per_query_cap is not None or self.seed is not None) and not self.rebalance:
+            raise ValueError("--per-query-cap and --seed only apply with --rebalance")
+        if self.min_clip_score is not None or self.keep_top_fraction is not None or self.clip_checkpoint:
+            # The CLIP-score filter needs train's checkpoint loader; until it lands, say so plainly.
+            raise ValueError(
+                "CLIP-score filtering (--clip-score) needs a checkpoint loader (issue #5), "
+                "which has not landed yet"
+            )
+
+    def reference_sets(self) -> list[tuple[str, str]]:
+        """``(task, URL)`` for each reference set, in the order given."""
+        sets = []
+        for entry in self.reference_images:
+            task, sep, url = entry.partition("=")
+            if not sep or "://" in task:
+                url, task = entry, _task_name(entry)
+            if not task or any(c in task for c in ":/ "):
+                raise ValueError(f"reference set {entry!r}: task name {task!r} must be a plain word")
+            sets.append((task, storage.normalize(url)))
+        return sets
+
+
+def _task_name(url: str) -> str:
+    parts = [p for p in storage.normalize(url).split("/") if p]
+    name = parts[-1] if parts else ""
+    if name in ("test", "train", "val", "validation") and len(parts) > 1:
+        name = parts[-2]  # wds_cifar10/test → cifar10
+    return name[4:] if name.startswith("wds_") else name
+
+
+def find_upstream(url: str, kind: str) -> ManifestRef | None:
+    """The nearest finished output of ``kind`` up the run records' inputs of ``url`` (breadth first).
+
+    Returns its ref as recorded by the run that read it (URL and digest at that time), or None.
+    """
+    queue = deque([storage.normalize(url)])
+    seen = set()
+    while queue:
+        here = queue.popleft()
+        if here in seen:
+            continue
+        seen.add(here)
+        try:
+            rec = read_run_record(here)
+        except ManifestError:
+            continue
+        if rec is None:
+            continue
+        for ref in rec.inputs:
+            if ref.kind == kind:
+                return ManifestRef(url=storage.normalize(ref.url), kind=ref.kind, digest=ref.digest)
+            queue.append(storage.normalize(ref.url))
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# SCAN: read each image once
+
+
+def read_members(shard_url: str, keys: set[str]) -> dict[str, tuple[str, bytes]]:
+    """``key → (extension, image bytes)`` for the wanted keys of one webdataset tar shard.
+
+    The shard is streamed once (``r|``), so a remote shard is read sequentially, never seeked.
+    """
+    found: dict[str, tuple[str, bytes]] = {}
+    with storage.open_url(shard_url, "rb") as fh:
+        try:
+            with tarfile.open(fileobj=fh, mode="r|*") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    name = posixpath.basename(member.name)
+                    key, dot, ext = name.partition(".")
+                    if not dot or key not in keys or ext.lower() not in IMAGE_EXTENSIONS or key in found:
+                        continue
+                    data = tar.extractfile(member).read()
+                    found[key] = (ext.lower(), data)
+        except tarfile.TarError as exc:
+            raise StageError(f"{shard_url}: not a readable tar shard ({exc})") from exc
+    return found
+
+
+def scan_table(
+    ledger: pa.Table, downloaded_url: str, config: FilterConfig
+) -> tuple[pa.Table, dict[str, int]]:
+    """The SCAN rows of one ledger part, and its counts by reason (``kept``: still eligible)."""
+    rows = ledger.to_pylist()
+    wanted: dict[str, set[str]] = {}
+    for r in rows:
+        if r["status"] == "success" and r["shard"] and r["key"]:
+            wanted.setdefault(r["shard"], set()).add(r["key"])
+    images: dict[tuple[str, str], tuple[str, bytes]] = {}
+    for shard in sorted(wanted):
+        for key, value in read_members(storage.join(downloaded_url, shard), wanted[shard]).items():
+            images[(shard, key)] = value
+    out = []
+    for r in rows:
+        row = {
+            "uid": r["uid"],
+            "url": r["url"],
+            "text": r["text"],
+            "sha256": r["sha256"],
+            "width": r["width"],
+            "height": r["height"],
+            "shard": r["shard"],
+            "key": r["key"],
+            "ext": None,
+            "reason": None,
+            "detail": None,
+            "phash": None,
+        }
+        out.append(row)
+        if r["status"] != "success":
+            row["reason"] = f"{DOWNLOAD_FAILED}:{r['error'] or 'unknown'}"
+            row["detail"] = r["error_message"]
+            continue
+        found = images.get((r["shard"], r["key"]))
+        if found is None:
+            row["reason"] = MISSING_IMAGE
+            continue
+        ext, data = found
+        row["ext"] = ext
+        row["sha256"] = hashlib.sha256(data).hexdigest()
+        ow, oh = r["original_width"], r["original_height"]
+        if ow and oh:
+            row["reason"] = size_problem(ow, oh, config)
+            if row["reason"]:
+                continue
+        check = check_image(data, config.max_pixels)
+        if check.reason:
+            row["reason"], row["detail"] = check.reason, check.detail
+            continue
+        row["width"], row["height"] = check.width, check.height
+        row["ext"] = format_extension(check.format) or ext
+        if not (ow and oh):  # no original size in the ledger: judge the stored one
+            row["reason"] = size_problem(check.width, check.height, config)
+            if row["reason"]:
+                continue
+        row["phash"] = hash_hex(check.phash)
+    counts = Counter(r["reason"] or KEPT for r in out)
+    return pa.Table.from_pylist(out, schema=SCAN_SCHEMA), dict(sorted(counts.items()))
+
+
+def size_problem(width: int, height: int, config: FilterConfig) -> str | None:
+    short, long = sorted((width, height))
+    if short < config.min_side:
+        return TOO_SMALL
+    if long / short > config.max_aspect_ratio:
+        return BAD_ASPECT
+    return None
+
+
+_LEDGER_COLUMNS = [
+    "uid", "url", "text", "status", "error", "error_message", "sha256", "width", "height",
+    "original_width", "original_height", "shard", "key",
+]  # fmt: skip
+
+
+class FilterScan:
+    """Phase 1 of filter: read, check and hash each image of one ledger part (module docstring)."""
+
+    name = "filter-scan"
+    kind = SCAN_KIND
+    schema = SCAN_SCHEMA
+
+    def partitions(self, config: FilterConfig, inputs: list[ManifestRef]) -> list[Partition]:
+        if len(inputs) != 1:
+            raise StageError("filter takes exactly one input: a downloaded ledger")
+        parts = input_parts(inputs, "downloaded")
+        return [Partition(index=i, source=u, params=(inputs[0].url,)) for i, u in enumerate(parts)]
+
+    def run_partition(self, config: FilterConfig, partition: Partition, out: str) -> PartitionResult:
+        (downloaded_url,) = partition.params
+        ledger = read_part(partition.source, columns=_LEDGER_COLUMNS)
+        table, counts = scan_table(ledger, downloaded_url, config)
+        return PartitionResult(table=table, counts=counts)
+
+
+# ---------------------------------------------------------------------------------------------
+# GROUP: decisions that need every row
+
+
+def reference_hashes(url: str, max_pixels: int) -> list[int]:
+    """The phash of every image in a reference set: webdataset tars if it holds any, else image files."""
+    names = storage.listdir(url, recursive=True)
+    if not names:
+        raise StageError(f"{url}: reference set is empty or missing")
+    tars = [n for n in names if n.endswith(".tar")]
+    blobs: list[bytes] = []
+    if tars:
+        for name in tars:
+            with (
+                storage.open_url(storage.join(url, name), "rb") as fh,
+                tarfile.open(fileobj=fh, mode="r|*") as tar,
+            ):
+                for member in tar:
+                    ext = member.name.rsplit(".", 1)[-1].lower()
+                    if member.isfile() and ext in IMAGE_EXTENSIONS:
+                        blobs.append(tar.extractfile(member).read())
+    else:
+        blobs = [
+            storage.read_bytes(storage.join(url, n))
+            for n in names
+            if n.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
+        ]
+    hashes = []
+    for data in blobs:
+        check = check_image(data, max_pixels)
+        if check.reason is None:
+            hashes.append(check.phash)
+    return hashes
+
+
+@dataclass(slots=True)
+class Decision:
+    reason: str
+    duplicate_of: str | None = None
+
+
+def group_decisions(
+    rows: pa.Table,
+    references: list[tuple[str, list[int]]],
+    config: FilterConfig,
+    queries: dict[str, list[str]] | None = None,
+    cap: int | None = None,
+    seed: int = 0,
+) -> dict[str, Decision]:
+    """GROUP's decisions for the eligible rows of ``rows`` (uid, sha256, phash; reason null).
+
+    ``references``: ``(task, hashes)`` per reference set. ``queries`` (uid → queries) and ``cap``
+    turn on rebalancing. Rows are visited in uid order, so every choice is the smallest uid's.
+    """
+    eligible = rows.filter(pc.is_null(rows.column("reason"))).sort_by("uid")
+    uids = eligible.column("uid").to_pylist()
+    shas = eligible.column("sha256").to_pylist()
+    hashes = [hash_int(h) for h in eligible.column("phash").to_pylist()]
+    decisions: dict[str, Decision] = {}
+
+    ref_index = HashIndex(config.eval_overlap_distance)
+    for task, codes in sorted(references):
+        for code in codes:
+            ref_index.add(code, task)
+    rest = []
+    for i, uid in enumerate(uids):
+        near = ref_index.near(hashes[i]) if references else []
+        if near:
+            task = min(ref_index.items[p] for p in near)
+            decisions[uid] = Decision(f"{EVAL_OVERLAP}:{task}")
+        else:
+            rest.append(i)
+
+    # Exact duplicates first (cheap, and exact): the smallest uid of each sha256 represents it.
+    by_sha: dict[str, int] = {}
+    reps = []
+    for i in rest:
+        first = by_sha.setdefault(shas[i], i)
+        if first == i:
+            reps.append(i)
+        else:
+            decisions[uids[i]] = Decision(DUPLICATE, uids[first])
+    # Near duplicates: leader clustering in uid order; a row joins the smallest-uid leader near it.
+    leaders = HashIndex(config.near_duplicate_distance)
+    leader_of: dict[int, int] = {}
+    for i in reps:
+        near = leaders.near(hashes[i])
+        if near:
+            leader = leaders.items[near[0]]  # insertion order is uid order
+            leader_of[i] = leader
+            decisions[uids[i]] = Decision(NEAR_DUPLICATE, uids[leader])
+        else:
+            leaders.add(hashes[i], i)
+    # An exact duplicate of a near duplicate points at the row that is kept.
+    for i in rest:
+        rep = by_sha[shas[i]]
+        if rep != i and rep in leader_of:
+            decisions[uids[i]].duplicate_of = uids[leader_of[rep]]
+
+    if queries is not None and cap is not None:
+        from .curate import selection_draw
+
+        kept = [uids[i] for i in leaders.items]
+        counts = Counter(q for u in kept for q in (queries.get(u) or ()))
+        for u in kept:
+            qs = queries.get(u) or ()
+            if qs and not any(counts[q] <= cap or selection_draw(seed, u, q) < cap / counts[q] for q in qs):
+                decisions[u] = Decision(OVER_CAP)
+    return decisions
+
+
+def _scan_columns(url: str) -> pa.Table:
+    return open_manifest(url, expect_kind=SCAN_KIND).table(["uid", "sha256", "phash", "reason"])
+
+
+class FilterGroup:
+    """Phase 2 of filter: one partition over every scan part (module docstring)."""
+
+    name = "filter-group"
+    kind = GROUP_KIND
+    schema = GROUP_SCHEMA
+
+    def partitions(self, config: FilterConfig, inputs: list[ManifestRef]) -> list[Partition]:
+        if len(inputs) != 1:
+            raise StageError("filter's group phase takes exactly one input: the scan phase's output")
+        input_parts(inputs, SCAN_KIND)
+        curated = None
+        if config.rebalance:
+            ref = (
+                ManifestRef(url=storage.normalize(config.curated), kind="curated")
+                if config.curated
+                else find_upstream(inputs[0].url, "curated")
+            )
+            if ref is None:
+                raise StageError(
+                    f"--rebalance needs the curated manifest: none found up the lineage of {inputs[0].url}; "
+                    "name it with --curated"
+                )
+            curated = ref.url
+        return [Partition(index=0, source=inputs[0].url, params=(curated,))]
+
+    def run_partition(self, config: FilterConfig, partition: Partition, out: str) -> PartitionResult:
+        (curated,) = partition.params
+        rows = _scan_columns(partition.source)
+        references = [
+            (task, reference_hashes(url, config.max_pixels)) for task, url in config.reference_sets()
+        ]
+        queries, cap, seed, extra = None, None, 0, {}
+        if curated:
+            queries, cap, seed = _rebalance_inputs(curated, config)
+            extra = {"curated": curated, "per_query_cap": cap, "seed": seed}
+        decisions = group_decisions(rows, references, config, queries, cap, seed)
+        ordered = sorted(decisions.items())
+        table = pa.table(
+            {
+                "uid": [u for u, _ in ordered],
+                "reason": [d.reason for _, d in ordered],
+                "duplicate_of": [d.duplicate_of for _, d in ordered],
+            }
+        )
+        counts = Counter(d.reason for d in decisions.values())
+        eligible = rows.column("reason").null_count
+        counts[KEPT] = eligible - len(decisions)
+        overlap = {task: counts.get(f"{EVAL_OVERLAP}:{task}", 0) for task, _ in references}
+        extra["reference_images"] = {task: len(codes) for task, codes in references}
+        return PartitionResult(
+            table=table, counts=dict(sorted(counts.items())), extra=extra, tallies={EVAL_OVERLAP: overlap}
+        )
+
+
+def _rebalance_inputs(curated: str, config: FilterConfig) -> tuple[dict[str, list[str]], int, int]:
+    rec = read_run_record(curated)
+    cur_config = rec.config if rec is not None else {}
+    cap = config.per_query_cap if config.per_query_cap is not None else cur_config.get("per_query_cap")
+    seed = config.seed if config.seed is not None else cur_config.get("seed", 0)
+    if cap is None:
+        raise StageError(f"{curated}: its run record names no per_query_cap; give --per-query-cap")
+    table = open_manifest(curated, expect_kind="curated").table(["uid", "queries", "keep"])
+    table = table.filter(table.column("keep"))
+    return (
+        dict(zip(table.column("uid").to_pylist(), table.column("queries").to_pylist(), strict=True)),
+        int(cap),
+        int(seed),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# DECIDE: write the FILTERED rows
+
+
+@functools.lru_cache(maxsize=4)
+def _decisions(group_url: str, digest: str | None) -> dict[str, tuple[str, str | None]]:
+    # Once per worker process: every DECIDE partition joins against the same decisions.
+    t = open_manifest(group_url, expect_kind=GROUP_KIND).table()
+    return {
+        u: (r, d)
+        for u, r, d in zip(
+            t.column("uid").to_pylist(),
+            t.column("reason").to_pylist(),
+            t.column("duplicate_of").to_pylist(),
+            strict=True,
+        )
+    }
+
+
+def decide_table(scan: pa.Table, decisions: dict[str, tuple[str, str | None]]) -> tuple[pa.Table, Counter]:
+    reasons = scan.column("reason").to_pylist()
+    dup_of: list[str | None] = [None] * len(reasons)
+    for i, uid in enumerate(scan.column("uid").to_pylist()):
+        if reasons[i] is None and uid in decisions:
+            reasons[i], dup_of[i] = decisions[uid]
+    keep = [r is None for r in reasons]
+    table = pa.table(
+        {
+            "uid": scan.column("uid"),
+            "url": scan.column("url"),
+            "text": scan.column("text"),
+            "sha256": scan.column("sha256"),
+            "width": scan.column("width"),
+            "height": scan.column("height"),
+            "shard": scan.column("shard"),
+            "key": scan.column("key"),
+            "keep": pa.array(keep, pa.bool_()),
+            "reason": pa.array(reasons, pa.string()),
+            "phash": scan.column("phash"),
+            "duplicate_of": pa.array(dup_of, pa.string()),
+        }
+    )
+    return table, Counter(r or KEPT for r in reasons)
+
+
+class FilterDecide:
+    """Phase 3 of filter: every ledger row with its keep/reason (module docstring)."""
+
+    name = "filter"
+    kind = "filtered"
+
+    def partitions(self, config: FilterConfig, inputs: list[ManifestRef]) -> list[Partition]:
+        if len(inputs) != 1 or (inputs[0].kind not in (None, GROUP_KIND)):
+            raise StageError("filter's decide phase takes exactly one input: the group phase's output")
+        group = inputs[0]
+        record = read_run_record(group.url)
+        if record is None or len(record.inputs) != 1:
+            raise StageError(f"{group.url}: not a finished group phase of filter (no _run.json)")
+        # The scan parts are found through GROUP's run record, so lineage stays one chain.
+        parts = input_parts(record.inputs, SCAN_KIND)
+        return [Partition(index=i, source=u, params=(group.url, group.digest)) for i, u in enumerate(parts)]
+
+    def run_partition(self, config: FilterConfig, partition: Partition, out: str) -> PartitionResult:
+        group_url, digest = partition.params
+        table, counts = decide_table(read_part(partition.source), _decisions(group_url, digest))
+        overlap = Counter()
+        for reason, n in counts.items():
+            if reason.startswith(EVAL_OVERLAP + ":"):
+                overlap[reason.split(":", 1)[1]] += n
+        return PartitionResult(
+            table=table,
+            counts=dict(sorted(counts.items())),
+            tallies={EVAL_OVERLAP: dict(overlap)} if overlap else {},
+        )
+
+
+SCAN = FilterScan()
+GROUP = FilterGroup()
+DECIDE = FilterDecide()
+# (stage, subfolder of OUT): run in order, each with the previous phase's finished ref as input.
+FILTER_PHASES: list[tuple[Any, str]] = [(SCAN, "_scan"), (GROUP, "_group"), (DECIDE, "")]
+
+
+def filter_summary(counts: dict[str, int]) -> str:
+    """Counts by reason, largest first, as ``wit filter`` prints them."""
+    total = sum(counts.values())
+    width = max((len(f"{v:,}") for v in counts.values()), default=1)
+    lines = [f"{total:,} ledger rows, {counts.get(KEPT, 0):,} kept"]
+    lines += [f"  {v:>{width},}  {k}" for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+    return "\n".join(lines)

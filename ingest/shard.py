@@ -1,0 +1,486 @@
+"""``wit shard``: the kept rows of a filtered manifest into new webdataset shards, plus the dataset manifest.
+
+Two stages run in order (``SHARD_PHASES``)::
+
+    filtered ──PLAN──▶ OUT/_plan ──WRITE──▶ OUT (dataset)
+    (+ downloaded      one partition:       one partition per output shard:
+     shards, curated   order, shard of      shards/NNNNNN.tar, SAMPLES rows,
+     queries)          each sample, where   shard_index/ row; partition 0 also
+                       its image bytes are  shards/sizes.json and CARD.md
+
+PLAN reads the kept FILTERED rows, joins curate's ``page_url`` and ``queries`` (the curated
+manifest is ``config.curated`` or found up the run records), and sorts them by a seeded hash of
+the uid, so each shard mixes queries and hosts and the order depends on nothing but seed and
+rows. Chunks of ``samples_per_shard`` (the last may be short) become the output shards: the
+number of shards depends on the global count of kept rows, which is why this is a phase of its
+own. It also indexes the downloaded shards' tar headers, so WRITE reads each image with one
+ranged read instead of streaming whole source shards. Each output shard's rows go to a side
+table ``plan/part-NNNNN.parquet``.
+
+WRITE builds shard ``k`` from plan part ``k``: per sample ``{uid}.{ext}`` (the image bytes as
+downloaded; their sha256 is checked against FILTERED's), ``{uid}.txt`` and ``{uid}.json``, in plan
+order with members sorted, mtime 0 and uid/gid 0, so the same input and seed give the same bytes.
+The shard is written to a temporary file and committed by rename or a single put. The dataset
+manifest is the SAMPLES main table (uid → shard, key, sha256, ...) plus the SHARDS side table
+``shard_index/`` that ``wit manifest verify`` checks every shard against. Partition 0 also commits
+``shards/sizes.json`` (open_clip_train's ``get_dataset_size`` reads it next to the shards) and the
+dataset card (:mod:`.card`); both follow from the plan alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tarfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from wit.manifests import storage
+from wit.manifests.manifest import FileInfo, ManifestRef, open_manifest, read_part, write_part
+from wit.manifests.runrecord import read_run_record
+from wit.manifests.schemas import SHARDS, with_kind
+from wit.manifests.stage import Partition, PartitionResult, StageError
+
+from .filter import IMAGE_EXTENSIONS, find_upstream
+
+PLAN_KIND = "shard_plan"
+PLAN_TABLE = "plan"
+SHARD_INDEX = "shard_index"
+SIZES = "shards/sizes.json"
+# Planted delay for the kill test, outside the config so a re-run has the very same config:
+# every partition but the first sleeps this many seconds before it starts.
+DELAY_ENV = "WIT_SHARD_TEST_DELAY"
+
+PLAN_SCHEMA = with_kind(
+    pa.schema(
+        [
+            pa.field("shard", pa.string(), nullable=False),  # the output shard
+            pa.field("samples", pa.int64(), nullable=False),
+            pa.field("plan", pa.string(), nullable=False),  # its rows: plan/part-NNNNN.parquet
+        ]
+    ),
+    PLAN_KIND,
+)
+PLAN_ROWS_SCHEMA = with_kind(
+    pa.schema(
+        [
+            pa.field("uid", pa.string(), nullable=False),
+            pa.field("url", pa.string(), nullable=False),
+            pa.field("text", pa.string()),
+            pa.field("page_url", pa.string()),
+            pa.field("queries", pa.list_(pa.string())),
+            pa.field("sha256", pa.string(), nullable=False),
+            pa.field("width", pa.int32()),
+            pa.field("height", pa.int32()),
+            pa.field("phash", pa.string()),
+            pa.field("clip_score", pa.float32()),
+            pa.field("ext", pa.string(), nullable=False),
+            pa.field("source", pa.string(), nullable=False),  # downloaded shard, relative
+            pa.field("offset", pa.int64(), nullable=False),  # of the image bytes in it
+            pa.field("size", pa.int64(), nullable=False),
+        ]
+    ),
+    "shard_plan_rows",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ShardConfig:
+    """What ``wit shard`` does."""
+
+    samples_per_shard: int = 10000
+    seed: int = 0
+    curated: str | None = None  # None: found up the run records of the filtered manifest
+    card: bool = True  # write CARD.md and its plots
+    grid_samples: int = 16  # images in the card's sample grid
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.samples_per_shard, int) or self.samples_per_shard < 1:
+            raise ValueError(
+                f"--samples-per-shard must be a positive integer, got {self.samples_per_shard!r}"
+            )
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"--seed must be a non-negative integer, got {self.seed!r}")
+        if not isinstance(self.grid_samples, int) or not 0 <= self.grid_samples <= 100:
+            raise ValueError(f"grid_samples must be in [0, 100], got {self.grid_samples!r}")
+
+
+def shard_name(index: int) -> str:
+    return f"shards/{index:06d}.tar"
+
+
+def order_key(seed: int, uid: str) -> bytes:
+    """The sort key of a sample: a seeded hash, so shards mix queries and hosts reproducibly."""
+    return hashlib.blake2b(f"{seed}\x1f{uid}".encode(), digest_size=8).digest()
+
+
+# ---------------------------------------------------------------------------------------------
+# PLAN
+
+
+def index_tar(url: str, keys: set[str]) -> dict[str, tuple[str, int, int]]:
+    """``key → (extension, data offset, size)`` of the image members of one tar shard.
+
+    Only headers are read, seeking past each member's data. Plain ustar/gnu members are parsed
+    here (tarfile's parser costs ~80 µs a member); an archive with extended headers (pax, GNU long
+    names) is handed to tarfile, which knows them all.
+    """
+    found: dict[str, tuple[str, int, int]] = {}
+    with storage.open_url(url, "rb") as fh:
+        offset = 0
+        while True:
+            fh.seek(offset)
+            header = fh.read(BLOCK)
+            if len(header) < BLOCK or header == bytes(BLOCK):
+                return found
+            kind = header[156:157]
+            size_field = header[124:136]
+            if kind not in (b"0", b"\0", b"5") or size_field[:1] in (b"\x80", b"\xff"):
+                break  # extended headers or base-256 sizes: let tarfile do it
+            try:
+                size = int(size_field.rstrip(b"\0 ") or b"0", 8)
+            except ValueError as exc:
+                raise StageError(f"{url}: not a readable tar shard (bad header at byte {offset})") from exc
+            name = header[:100].rstrip(b"\0").decode("utf-8", "replace")
+            prefix = (
+                header[345:500].rstrip(b"\0").decode("utf-8", "replace")
+                if header[257:262] == b"ustar"
+                else ""
+            )
+            name = f"{prefix}/{name}" if prefix else name
+            _note(found, keys, name, kind != b"5", offset + BLOCK, size)
+            offset += BLOCK + size + (-size % BLOCK)
+    return _index_with_tarfile(url, keys)
+
+
+def _note(found: dict, keys: set[str], name: str, is_file: bool, offset: int, size: int) -> None:
+    key, dot, ext = name.rsplit("/", 1)[-1].partition(".")
+    if is_file and dot and key in keys and ext.lower() in IMAGE_EXTENSIONS:
+        found.setdefault(key, (ext.lower(), offset, size))
+
+
+def _index_with_tarfile(url: str, keys: set[str]) -> dict[str, tuple[str, int, int]]:
+    found: dict[str, tuple[str, int, int]] = {}
+    with storage.open_url(url, "rb") as fh:
+        try:
+            with tarfile.open(fileobj=fh, mode="r:") as tar:
+                for member in tar:
+                    _note(found, keys, member.name, member.isfile(), member.offset_data, member.size)
+        except tarfile.TarError as exc:
+            raise StageError(f"{url}: not a readable tar shard ({exc})") from exc
+    return found
+
+
+def plan_rows(filtered: pa.Table, curated: pa.Table | None, seed: int) -> pa.Table:
+    """Kept FILTERED rows joined with curate's page_url and queries, in the seeded shard order."""
+    rows = filtered.filter(filtered.column("keep"))
+    if curated is not None:
+        # Acero's join cannot carry list columns: look each uid up in the curated uids instead.
+        at = pc.index_in(rows.column("uid"), value_set=curated.column("uid"))
+        rows = rows.append_column("page_url", curated.column("page_url").take(at))
+        rows = rows.append_column("queries", curated.column("queries").take(at))
+    else:
+        rows = rows.append_column("page_url", pa.nulls(rows.num_rows, pa.string()))
+        rows = rows.append_column("queries", pa.nulls(rows.num_rows, pa.list_(pa.string())))
+    keys = [order_key(seed, u) for u in rows.column("uid").to_pylist()]
+    rows = rows.append_column("_order", pa.array(keys, pa.binary()))
+    return rows.sort_by([("_order", "ascending"), ("uid", "ascending")]).drop_columns(["_order"])
+
+
+class ShardPlan:
+    """Phase 1 of shard: order the kept rows and cut them into shards (module docstring)."""
+
+    name = "shard-plan"
+    kind = PLAN_KIND
+    schema = PLAN_SCHEMA
+
+    def partitions(self, config: ShardConfig, inputs: list[ManifestRef]) -> list[Partition]:
+        if len(inputs) != 1 or inputs[0].kind not in (None, "filtered"):
+            raise StageError("shard takes exactly one input: a filtered manifest")
+        url = inputs[0].url
+        downloaded = find_upstream(url, "downloaded")
+        if downloaded is None:
+            raise StageError(f"{url}: no downloaded manifest up its lineage; the shards' images live there")
+        curated = storage.normalize(config.curated) if config.curated else None
+        if curated is None:
+            found = find_upstream(url, "curated")
+            curated = found.url if found else None
+        return [Partition(index=0, source=url, params=(downloaded.url, curated))]
+
+    def run_partition(self, config: ShardConfig, partition: Partition, out: str) -> PartitionResult:
+        downloaded, curated_url = partition.params
+        filtered = open_manifest(partition.source, expect_kind="filtered").table(
+            ["uid", "url", "text", "sha256", "width", "height", "shard", "key", "keep", "phash", "clip_score"]
+        )
+        curated = None
+        if curated_url:
+            curated = open_manifest(curated_url, expect_kind="curated").table(
+                ["uid", "page_url", "queries", "keep"]
+            )
+            curated = curated.filter(curated.column("keep"))
+        rows = plan_rows(filtered, curated, config.seed)
+        if rows.num_rows == 0:
+            raise StageError(f"{partition.source}: no kept samples to shard")
+        # Where each image's bytes are in the downloaded shards.
+        sources = rows.column("shard").to_pylist()
+        src_keys = rows.column("key").to_pylist()
+        wanted: dict[str, set[str]] = {}
+        for s, k in zip(sources, src_keys, strict=True):
+            wanted.setdefault(s, set()).add(k)
+        located: dict[tuple[str, str], tuple[str, int, int]] = {}
+        for s in sorted(wanted):
+            for k, where in index_tar(storage.join(downloaded, s), wanted[s]).items():
+                located[(s, k)] = where
+        missing = [(s, k) for s, k in zip(sources, src_keys, strict=True) if (s, k) not in located]
+        if missing:
+            raise StageError(
+                f"{downloaded}/{missing[0][0]}: has no image for key {missing[0][1]} (changed since filter?)"
+            )
+        where = [located[(s, k)] for s, k in zip(sources, src_keys, strict=True)]
+        table = pa.table(
+            {
+                **{
+                    n: rows.column(n)
+                    for n in (
+                        "uid",
+                        "url",
+                        "text",
+                        "page_url",
+                        "queries",
+                        "sha256",
+                        "width",
+                        "height",
+                        "phash",
+                        "clip_score",
+                    )
+                },
+                "ext": [w[0] for w in where],
+                "source": sources,
+                "offset": pa.array([w[1] for w in where], pa.int64()),
+                "size": pa.array([w[2] for w in where], pa.int64()),
+            }
+        )
+        n = config.samples_per_shard
+        files, index_rows = [], []
+        for k, start in enumerate(range(0, table.num_rows, n)):
+            chunk = table.slice(start, n)
+            info = write_part(out, k, chunk, PLAN_ROWS_SCHEMA, table_name=PLAN_TABLE)
+            files.append(info)
+            index_rows.append({"shard": shard_name(k), "samples": chunk.num_rows, "plan": info.name})
+        queries = Counter(q for qs in table.column("queries").to_pylist() for q in (qs or ()))
+        return PartitionResult(
+            table=pa.Table.from_pylist(index_rows, schema=PLAN_SCHEMA),
+            counts={"kept": table.num_rows},
+            files=files,
+            extra={
+                "downloaded": downloaded,
+                "curated": curated_url,
+                "samples": table.num_rows,
+                "shards": len(index_rows),
+            },
+            tallies={"queries": dict(queries)},
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# WRITE
+
+
+class _HashingWriter:
+    """A write-only file that hashes and counts what passes through it."""
+
+    def __init__(self, fh):
+        self.fh, self.sha, self.bytes = fh, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        self.bytes += len(data)
+        return self.fh.write(data)
+
+    def tell(self) -> int:
+        return self.bytes
+
+
+BLOCK = 512
+RECORD = 20 * BLOCK  # tar pads the archive to whole records, as tarfile does
+WRITE_BATCH = 8 << 20
+
+
+def ustar_header(name: str, size: int) -> bytes:
+    """A POSIX ustar header for a regular file, with everything that could vary fixed.
+
+    mtime 0, mode 0444, uid/gid 0 and empty owner names: identical input gives identical bytes.
+    Built by hand because tarfile spends ~60 µs per member building one, which for 30 kB web
+    images is most of the resharding time; the tests read the shards back with tarfile.
+    """
+    raw = name.encode("utf-8")
+    if len(raw) > 100:
+        raise StageError(f"member name {name!r} is longer than a ustar header holds")
+    header = bytearray(BLOCK)
+    header[0 : len(raw)] = raw
+    header[100:108] = b"0000444\0"
+    header[108:116] = b"0000000\0"
+    header[116:124] = b"0000000\0"
+    header[124:136] = b"%011o\0" % size
+    header[136:148] = b"00000000000\0"
+    header[148:156] = b" " * 8  # the checksum counts its own field as spaces
+    header[156:157] = b"0"
+    header[257:265] = b"ustar\x0000"
+    header[148:156] = b"%06o\0 " % sum(header)
+    return bytes(header)
+
+
+def _padding(size: int) -> bytes:
+    return bytes(-size % BLOCK)
+
+
+def sample_json(row: dict) -> bytes:
+    meta = {
+        "uid": row["uid"],
+        "url": row["url"],
+        "page_url": row["page_url"],
+        "queries": row["queries"] or [],
+        "sha256": row["sha256"],
+        "width": row["width"],
+        "height": row["height"],
+        "scores": {"phash": row["phash"], "clip_score": row["clip_score"]},
+    }
+    return json.dumps(meta, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def read_images(downloaded: str, rows: list[dict]) -> list[bytes]:
+    """The image bytes of ``rows``, one open handle per source shard, read in offset order."""
+    images: list[bytes | None] = [None] * len(rows)
+    by_source: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_source.setdefault(r["source"], []).append(i)
+    for source, idx in sorted(by_source.items()):
+        url = storage.join(downloaded, source)
+        with storage.open_url(url, "rb") as fh:
+            for i in sorted(idx, key=lambda j: rows[j]["offset"]):
+                fh.seek(rows[i]["offset"])
+                data = fh.read(rows[i]["size"])
+                if hashlib.sha256(data).hexdigest() != rows[i]["sha256"]:
+                    raise StageError(
+                        f"{url}: the image of {rows[i]['uid']} is not the one filter saw (sha256 differs)"
+                    )
+                images[i] = data
+    return images  # type: ignore[return-value]
+
+
+def write_shard(url: str, rows: list[dict], images: list[bytes]) -> FileInfo:
+    """Write one webdataset shard atomically; returns its sha256, size and sample count."""
+    with storage.atomic_writer(url) as fh:
+        hw = _HashingWriter(fh)
+        batch: list[bytes] = []
+        pending = 0
+        for row, image in zip(rows, images, strict=True):
+            members = {row["ext"]: image, "json": sample_json(row), "txt": (row["text"] or "").encode()}
+            for ext in sorted(members):  # webdataset groups a sample's members by their key prefix
+                data = members[ext]
+                batch += (ustar_header(f"{row['uid']}.{ext}", len(data)), data, _padding(len(data)))
+                pending += len(data)
+            if pending >= WRITE_BATCH:  # a few large writes instead of three small ones per member
+                hw.write(b"".join(batch))
+                batch, pending = [], 0
+        hw.write(b"".join(batch))
+        end = 2 * BLOCK  # two zero blocks end the archive; then pad to a whole record
+        hw.write(bytes(end + (-(hw.bytes + end) % RECORD)))
+    return FileInfo(name="", sha256=hw.sha.hexdigest(), bytes=hw.bytes, rows=len(rows))
+
+
+class ShardWrite:
+    """Phase 2 of shard: one output shard per partition (module docstring)."""
+
+    name = "shard"
+    kind = "samples"
+
+    def partitions(self, config: ShardConfig, inputs: list[ManifestRef]) -> list[Partition]:
+        if len(inputs) != 1 or inputs[0].kind not in (None, PLAN_KIND):
+            raise StageError("shard's write phase takes exactly one input: the plan phase's output")
+        plan_url = inputs[0].url
+        record = read_run_record(plan_url)
+        if record is None:
+            raise StageError(f"{plan_url}: not a finished plan phase of shard (no _run.json)")
+        downloaded = record.extra["downloaded"][0]
+        plan = open_manifest(plan_url, expect_kind=PLAN_KIND).table()
+        names = plan.column("plan").to_pylist()
+        return [
+            Partition(index=k, source=storage.join(plan_url, name), params=(downloaded, plan_url))
+            for k, name in enumerate(names)
+        ]
+
+    def run_partition(self, config: ShardConfig, partition: Partition, out: str) -> PartitionResult:
+        delay = os.environ.get(DELAY_ENV)
+        if delay and partition.index > 0:
+            time.sleep(float(delay))
+        downloaded, plan_url = partition.params
+        rows = read_part(partition.source).to_pylist()
+        images = read_images(downloaded, rows)
+        name = shard_name(partition.index)
+        info = write_shard(storage.join(out, name), rows, images)
+        shard_file = FileInfo(name=name, sha256=info.sha256, bytes=info.bytes, rows=len(rows))
+        index = write_part(
+            out,
+            partition.index,
+            pa.table(
+                {"shard": [name], "samples": [len(rows)], "bytes": [info.bytes], "sha256": [info.sha256]}
+            ),
+            SHARDS,
+            table_name=SHARD_INDEX,
+        )
+        files = [shard_file, index]
+        if partition.index == 0:
+            files += dataset_files(config, plan_url, out, rows, images)
+        samples = pa.table(
+            {
+                **{n: [r[n] for r in rows] for n in ("uid", "url", "text", "page_url", "queries", "sha256")},
+                "width": pa.array([r["width"] for r in rows], pa.int32()),
+                "height": pa.array([r["height"] for r in rows], pa.int32()),
+                "shard": [name] * len(rows),
+                "key": [r["uid"] for r in rows],
+            }
+        )
+        return PartitionResult(
+            table=samples,
+            counts={"kept": len(rows)},
+            files=files,
+            extra={"shard": {"name": name, "samples": len(rows), "bytes": info.bytes}},
+        )
+
+
+def dataset_files(
+    config: ShardConfig, plan_url: str, out: str, rows: list[dict], images: list[bytes]
+) -> list[FileInfo]:
+    """``shards/sizes.json`` and the card: everything they say follows from the plan."""
+    plan = open_manifest(plan_url, expect_kind=PLAN_KIND).table()
+    sizes = {
+        storage.basename(s): n
+        for s, n in zip(plan.column("shard").to_pylist(), plan.column("samples").to_pylist(), strict=True)
+    }
+    files = [_commit(out, SIZES, (json.dumps(sizes, indent=1, sort_keys=True) + "\n").encode())]
+    if config.card:
+        from .card import render_card
+
+        for name, data in render_card(
+            plan_url, rows[: config.grid_samples], images[: config.grid_samples]
+        ).items():
+            files.append(_commit(out, name, data))
+    return files
+
+
+def _commit(out: str, name: str, data: bytes) -> FileInfo:
+    storage.write_bytes(storage.join(out, name), data)
+    return FileInfo(name=name, sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+
+
+PLAN = ShardPlan()
+WRITE = ShardWrite()
+# (stage, subfolder of OUT): run in order, each with the previous phase's finished ref as input.
+SHARD_PHASES: list[tuple[Any, str]] = [(PLAN, "_plan"), (WRITE, "")]

@@ -1,0 +1,191 @@
+"""shard: kept samples into deterministic webdataset shards, the dataset manifest, card, kills, S3.
+
+Input: the ``_downloaded.py`` fixture run through ``wit filter``'s phases once per module.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from wit.ingest.filter import FILTER_PHASES, FilterConfig
+from wit.ingest.shard import DELAY_ENV, SHARD_PHASES, ShardConfig
+from wit.manifests import storage
+from wit.manifests.manifest import open_manifest, read_table
+from wit.manifests.stage import committed
+from wit.manifests.verify import verify
+from wit.pipeline.executor import PartSpec, run_stage
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _downloaded import make_downloaded, run_phases  # noqa: E402
+
+CONFIG = ShardConfig(samples_per_shard=5, seed=3)
+
+
+@pytest.fixture(scope="module")
+def filtered(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shard-in")
+    d = make_downloaded(root)
+    cfg = FilterConfig(reference_images=(f"shape={d.references}",))
+    return d, run_phases(FILTER_PHASES, cfg, d.downloaded, str(root / "filtered"))
+
+
+@pytest.fixture(scope="module")
+def dataset(filtered, tmp_path_factory):
+    out = tmp_path_factory.mktemp("shard-out") / "dataset"
+    return run_phases(SHARD_PHASES, CONFIG, filtered[1], str(out)), out
+
+
+def test_shards_hold_exactly_the_kept_samples(filtered, dataset):
+    d, _ = filtered
+    ref, out = dataset
+    kept = {u for u, reason in d.expected.items() if reason is None}
+    shards = sorted(str(p) for p in (out / "shards").glob("*.tar"))
+    assert [Path(s).name for s in shards] == [f"{i:06d}.tar" for i in range(5)]  # 24 kept, 5 per shard
+    seen, per_shard = [], {}
+    for sample in wds.WebDataset(shards, shardshuffle=False):
+        seen.append(sample["__key__"])
+        per_shard[Path(sample["__url__"]).name] = per_shard.get(Path(sample["__url__"]).name, 0) + 1
+        meta = json.loads(sample["json"])
+        assert meta["uid"] == sample["__key__"]
+        image = sample.get("jpg") or sample.get("png")
+        assert image is not None and Image.open(io.BytesIO(image)).size == (meta["width"], meta["height"])
+        assert meta["queries"] and meta["page_url"].startswith("http://127.0.0.1")
+        assert set(meta["scores"]) == {"phash", "clip_score"}
+        assert sample["txt"].decode()
+    assert sorted(seen) == sorted(kept) and len(seen) == len(set(seen))  # no planted defect, no repeats
+    sizes = json.loads((out / "shards" / "sizes.json").read_text())
+    assert (
+        sizes
+        == per_shard
+        == {"000000.tar": 5, "000001.tar": 5, "000002.tar": 5, "000003.tar": 5, "000004.tar": 4}
+    )
+    samples = read_table(str(out), expect_kind="samples").to_pylist()
+    assert [s["uid"] for s in samples] == seen  # the manifest lists the samples in shard order
+    assert all(s["key"] == s["uid"] and s["shard"].startswith("shards/") for s in samples)
+    index = open_manifest(str(out), table="shard_index", expect_kind="shards").table().to_pylist()
+    assert [r["samples"] for r in index] == [5, 5, 5, 5, 4]
+    assert all(r["bytes"] == (out / r["shard"]).stat().st_size for r in index)
+    assert verify(str(out)).ok
+
+
+def test_shuffled_order_mixes_queries(dataset):
+    _, out = dataset
+    samples = read_table(str(out)).to_pylist()
+    by_uid = sorted(s["uid"] for s in samples)
+    assert [s["uid"] for s in samples] != by_uid
+
+
+def test_same_input_and_seed_give_identical_bytes_with_workers_and_slices(filtered, dataset, tmp_path):
+    ref, out = dataset
+    two = run_phases(SHARD_PHASES, CONFIG, filtered[1], str(tmp_path / "w2"), workers=2)
+    assert two.digest == ref.digest
+    for p in sorted((out / "shards").iterdir()):
+        assert (tmp_path / "w2" / "shards" / p.name).read_bytes() == p.read_bytes()
+    sliced = tmp_path / "sliced"
+    plan = run_phases(SHARD_PHASES[:1], CONFIG, filtered[1], str(sliced))
+    for i in range(3):
+        outcome = run_stage(
+            SHARD_PHASES[1][0], CONFIG, [plan], str(sliced), part=PartSpec(i, 3), progress=False
+        )
+    assert outcome.ref.digest == ref.digest
+    other = run_phases(
+        SHARD_PHASES, ShardConfig(samples_per_shard=5, seed=4), filtered[1], str(tmp_path / "s4")
+    )
+    assert other.digest != ref.digest  # another seed, another order
+
+
+def test_rerun_rewrites_nothing(filtered, dataset):
+    ref, out = dataset
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    again = run_phases(SHARD_PHASES, CONFIG, filtered[1], str(out))
+    assert again == ref
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_verify_detects_a_flipped_shard_byte(filtered, tmp_path):
+    out = tmp_path / "ds"
+    run_phases(SHARD_PHASES, CONFIG, filtered[1], str(out))
+    shard = out / "shards" / "000002.tar"
+    data = bytearray(shard.read_bytes())
+    data[700] ^= 0x01
+    shard.write_bytes(bytes(data))
+    kinds = {(p.kind, p.name) for p in verify(str(out)).problems}
+    assert ("changed", "shards/000002.tar") in kinds and ("shard_index", "shards/000002.tar") in kinds
+
+
+def test_card_has_counts_and_plots(dataset):
+    _, out = dataset
+    card = (out / "CARD.md").read_text()
+    for needle in (
+        "| filter | filtered |",
+        "too_many_pixels 1",
+        "eval_overlap:shape 1",
+        "| download |",
+        "card/queries.png",
+        "card/samples.png",
+        "Licence and opt-out",
+        "24 image–text pairs",
+    ):
+        assert needle in card
+    for name in ("card/queries.png", "card/samples.png"):
+        with Image.open(out / name) as img:
+            assert img.format == "PNG" and img.width > 300
+
+
+def test_killed_shard_run_resumes_to_the_same_digest(filtered, dataset, tmp_path):
+    ref, _ = dataset
+    out = tmp_path / "killed"
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from _downloaded import run_phases
+        from wit.ingest.shard import SHARD_PHASES, ShardConfig
+        from wit.manifests.manifest import ManifestRef
+        run_phases(SHARD_PHASES, ShardConfig(samples_per_shard=5, seed=3),
+                   ManifestRef(**{filtered[1].to_dict()!r}), {str(out)!r})
+        """
+    )
+    env = {**os.environ, DELAY_ENV: "30"}
+    proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not committed(str(out)):
+            time.sleep(0.05)
+        assert committed(str(out)) == {0}
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (out / "_run.json").exists() and verify(str(out)).problems[0].kind == "unfinished"
+    resumed = run_phases(SHARD_PHASES, CONFIG, filtered[1], str(out))
+    assert resumed.digest == ref.digest
+    assert verify(str(out)).ok and not list(out.rglob(f"{storage.TMP_PREFIX}*"))
+
+
+@pytest.mark.s3
+def test_output_on_s3_gives_the_same_digest(filtered, dataset, s3_bucket):
+    ref, _ = dataset
+    url = f"{s3_bucket}/dataset"
+    remote = run_phases(SHARD_PHASES, CONFIG, filtered[1], url)
+    assert remote.digest == ref.digest
+    assert verify(url).ok
+    sizes = json.loads(storage.read_text(f"{url}/shards/sizes.json"))
+    assert sum(sizes.values()) == 24
+
+
+@pytest.mark.parametrize("kw", [{"samples_per_shard": 0}, {"seed": -1}, {"grid_samples": 1000}])
+def test_bad_config_is_a_clear_error(kw):
+    with pytest.raises(ValueError):
+        ShardConfig(**kw)
