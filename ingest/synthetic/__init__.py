@@ -28,7 +28,7 @@ Mess kinds (`truth.mess`, one per row; `truth.relative` marks relative srcs inde
 clean; broken_link (404); server_error (500); rate_limited (429 with Retry-After for the first
 `rate_limited_failures` requests, then the image); redirect (302 to /img/full/...); slow (served after
 `slow_delay_s` x the server's `delay_scale`); noai (`X-Robots-Tag: noai, noimageai`); duplicate (same
-bytes as `duplicate_of`); near_duplicate (`duplicate_of` resized, shifted, re-encoded or brightened;
+bytes as `duplicate_of`); near_duplicate (`duplicate_of` resized, border-cropped, re-encoded or brightened;
 `detail` says which); mismatched_caption (alt describes another concept); non_english (alt in
 de/fr/es, `lang`); tiny (8x8); huge (a 20000x20000 grey PNG, a decompression bomb of ~400 kB built
 without holding the pixels); corrupt (truncated or garbage bytes behind .jpg/.png and an image

@@ -6,11 +6,11 @@ import base64
 import hashlib
 import html
 import io
-import uuid
 import json
 import random
 import shutil
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -194,21 +194,37 @@ def _size(rng: random.Random) -> tuple[int, int]:
     return (side, other) if rng.random() < 0.5 else (other, side)
 
 
+# A near duplicate is what perceptual hashing is meant to catch: the reference implementation
+# (imagehash.phash) puts it within this many bits of its original. Translations are not planted:
+# phash moves by 7-18 bits for a 2-6% shift, further than distinct synthetic images lie apart.
+NEAR_DUPLICATE_BITS = 4
+
+
 def _near_duplicate(orig: _Original, rng: random.Random) -> tuple[Image.Image, str]:
-    img = orig.image
-    how = rng.choice(("resize", "shift", "reencode", "brightness"))
+    import imagehash
+
+    base = imagehash.phash(orig.image)
+    for _ in range(4):
+        how = rng.choice(("resize", "crop", "reencode", "brightness"))
+        img = _variant(orig.image, how, rng)
+        if imagehash.phash(img) - base <= NEAR_DUPLICATE_BITS:
+            return img, how
+    return orig.image, "reencode"  # the caller re-encodes it as JPEG: always within the bound
+
+
+def _variant(img: Image.Image, how: str, rng: random.Random) -> Image.Image:
     if how == "resize":
         f = rng.uniform(0.7, 0.92)
-        img = img.resize((max(8, int(img.width * f)), max(8, int(img.height * f))), Image.Resampling.BILINEAR)
-    elif how == "shift":
-        dx, dy = (max(1, int(s * rng.uniform(0.02, 0.06))) * rng.choice((-1, 1)) for s in img.size)
-        # Fill the uncovered strip with the corner colour, as a re-cropped photo of the same scene would.
-        canvas = Image.new("RGB", img.size, img.getpixel((0, 0)))
-        canvas.paste(img, (dx, dy))
-        img = canvas
-    elif how == "brightness":
-        img = ImageEnhance.Brightness(img).enhance(rng.choice((0.88, 0.92, 1.08, 1.12)))
-    return img, how
+        return img.resize(
+            (max(8, int(img.width * f)), max(8, int(img.height * f))), Image.Resampling.BILINEAR
+        )
+    if how == "crop":
+        # a re-cropped copy: 1-2% off each border, scaled back to the original size
+        k = max(1, int(min(img.size) * rng.uniform(0.01, 0.02)))
+        return img.crop((k, k, img.width - k, img.height - k)).resize(img.size, Image.Resampling.BILINEAR)
+    if how == "brightness":
+        return ImageEnhance.Brightness(img).enhance(rng.choice((0.88, 0.92, 1.08, 1.12)))
+    return img
 
 
 def _page_text(rng: random.Random, concept_hint: Concept | None) -> str:
@@ -525,7 +541,7 @@ def generate_web(
     page_paths = [f"/{rng.choice(SECTIONS)}/p{i:05d}.html" for i in range(pages)]
 
     img_id = 0
-    for page_id, (page_path, count) in enumerate(zip(page_paths, per_page)):
+    for page_id, (page_path, count) in enumerate(zip(page_paths, per_page, strict=True)):
         section = page_path.split("/")[1]
         base_href = None
         if rng.random() < mess.base_href_rate:
@@ -636,7 +652,11 @@ def write_warc(
             writer = WARCWriter(fh, gzip=True)
             info = writer.create_warcinfo_record(
                 path.name,
-                {"software": "wit.ingest.synthetic", "format": "WARC File Format 1.0", "isPartOf": "wit-synthetic-web"},
+                {
+                    "software": "wit.ingest.synthetic",
+                    "format": "WARC File Format 1.0",
+                    "isPartOf": "wit-synthetic-web",
+                },
             )
             # Fixed ids and dates, so one seed gives byte-identical WARC files (and record offsets)
             info.rec_headers.replace_header("WARC-Record-ID", _record_id(base_url, path.name, "warcinfo"))

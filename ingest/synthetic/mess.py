@@ -17,7 +17,7 @@ MESS_KINDS: tuple[str, ...] = (
     "slow",  # the image after a delay
     "noai",  # X-Robots-Tag: noai
     "duplicate",  # same bytes as an earlier image, another URL
-    "near_duplicate",  # an earlier image resized / shifted / re-encoded
+    "near_duplicate",  # an earlier image resized / cropped / re-encoded, within 4 bits of phash
     "mismatched_caption",  # alt text describes another concept
     "non_english",  # alt text in German, French or Spanish
     "tiny",  # 8x8 pixels

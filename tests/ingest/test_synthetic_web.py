@@ -219,6 +219,18 @@ def test_near_duplicate_differs_in_bytes_not_in_content(web: Web):
         )
 
 
+def test_every_near_duplicate_is_within_reach_of_the_reference_phash(web: Web):
+    import imagehash
+
+    from wit.ingest.synthetic.generate import NEAR_DUPLICATE_BITS
+
+    rows = web.of("near_duplicate")
+    assert rows
+    for row in rows:
+        a, b = served(web, row).body, served(web, original(web, row)).body
+        assert imagehash.phash(decode(a)) - imagehash.phash(decode(b)) <= NEAR_DUPLICATE_BITS, row["detail"]
+
+
 def test_mismatched_caption_describes_another_concept(web: Web):
     for row in web.of("mismatched_caption")[:10]:
         assert row_img(web, row).attributes.get("alt") == row["alt"]
@@ -329,7 +341,7 @@ def test_every_truth_row_is_an_img_in_its_page(web: Web):
         tree = LexborHTMLParser((site / page_path.lstrip("/")).read_text("utf-8"))
         imgs = tree.css("img")
         assert [n.attributes.get("src") for n in imgs] == [r["img_src"] for r in rows], page_path
-        for node, r in zip(imgs, rows):
+        for node, r in zip(imgs, rows, strict=True):
             assert (node.attributes.get("alt") or "") == (r["alt"] or "")
             if r["figcaption"]:
                 assert node.parent.tag == "figure"
