@@ -57,6 +57,7 @@ from wit.manifests.runrecord import read_run_record
 from wit.manifests.schemas import with_kind
 from wit.manifests.stage import Partition, PartitionResult, StageError, input_parts
 
+from .download import shard_url as locate_shard
 from .imaging import HashIndex, check_image, format_extension, hash_hex, hash_int
 
 KEPT = "kept"
@@ -240,7 +241,7 @@ def scan_table(
             wanted.setdefault(r["shard"], set()).add(r["key"])
     images: dict[tuple[str, str], tuple[str, bytes]] = {}
     for shard in sorted(wanted):
-        for key, value in read_members(storage.join(downloaded_url, shard), wanted[shard]).items():
+        for key, value in read_members(locate_shard(downloaded_url, shard), wanted[shard]).items():
             images[(shard, key)] = value
     out = []
     for r in rows:

@@ -13,12 +13,11 @@ import click
 
 from wit.manifests import storage
 from wit.pipeline import ingest_commands
-from wit.pipeline.clikit import domain_errors, executor_options, output_option
+from wit.pipeline.clikit import domain_errors, output_option
 
 # Commands whose stage has not landed yet. They parse their options and exit 2 with a message;
 # tests/pipeline/test_cli.py checks this list, so it shrinks to nothing as the stages land.
 NOT_IMPLEMENTED: dict[str, str] = {
-    "download": "issue #4 (Ingest II)",
     "train": "issue #5 (Train)",
     "eval": "issue #6 (Evaluate)",
     "run": "issue #7 (wit run / wit demo)",
@@ -48,20 +47,6 @@ def cli():
 
 
 # ---------------------------------------------------------------- stages
-
-
-@cli.command()
-@click.argument("curated", metavar="CURATED")
-@output_option
-@executor_options
-def download(curated, out, workers, part):
-    """Download the kept pairs into WebDataset shards (img2dataset underneath) and a ledger.
-
-    \b
-    Example:
-        wit download out/curated -o s3://bucket/downloaded
-    """
-    not_implemented("download")
 
 
 @cli.command()

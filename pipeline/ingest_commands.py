@@ -97,6 +97,89 @@ def curate(candidates, out, queries, per_query_cap, seed, langs, min_chars, max_
     finish("curate", run_phases(CURATE_PHASES, config, inputs, out, workers, part))
 
 
+@click.command()
+@click.argument("curated", metavar="CURATED")
+@output_option
+@click.option("--image-size", type=click.IntRange(min=8), default=256, show_default=True)
+@click.option(
+    "--resize-mode",
+    type=click.Choice(["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"]),
+    default="border",
+    show_default=True,
+)
+@click.option("--encode-format", type=click.Choice(["jpg", "png", "webp"]), default="jpg", show_default=True)
+@click.option("--encode-quality", type=click.IntRange(1, 100), default=95, show_default=True)
+@click.option("--samples-per-shard", type=click.IntRange(min=1), default=10000, show_default=True)
+@click.option(
+    "--threads", type=click.IntRange(min=1), default=64, show_default=True, help="Fetch threads per worker."
+)
+@click.option(
+    "--timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True, help="Seconds per image."
+)
+@click.option("--retries", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option(
+    "--distributor",
+    type=click.Choice(["wit", "multiprocessing", "pyspark", "ray"]),
+    default="wit",
+    show_default=True,
+    help="wit: partitions run by --workers/--part; others: passed to img2dataset.",
+)
+@click.option(
+    "--processes",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="img2dataset processes per partition (with --distributor multiprocessing|pyspark|ray).",
+)
+@click.option("--user-agent", default=None, help="The User-Agent sent; add a contact for crawls at scale.")
+@click.option(
+    "--allow-private-hosts", is_flag=True, help="Fetch from 127.0.0.1 and private hosts (tests, demo)."
+)
+@click.option(
+    "--retry-failed",
+    is_flag=True,
+    help="CURATED is a finished download: re-fetch its transient failures into OUT (a new folder).",
+)
+@executor_options
+@domain_errors
+def download(curated, out, image_size, resize_mode, encode_format, encode_quality, samples_per_shard, threads,
+             timeout, retries, distributor, processes, user_agent, allow_private_hosts, retry_failed, workers,
+             part):  # fmt: skip
+    """Download the kept pairs into WebDataset shards (img2dataset underneath) and a ledger.
+
+    Every kept pair gets a ledger row: status, error class (http_404, timeout, robots_noai,
+    decode, too_large, private_host, ...), http status, sha256, sizes, shard and key (= uid).
+    X-Robots-Tag noai/noimageai opt-outs are honoured; hosts are interleaved across shards.
+
+    \b
+    Example:
+        wit download out/curated -o s3://bucket/downloaded --workers 4 --threads 64
+        wit download s3://bucket/downloaded -o s3://bucket/downloaded-retry --retry-failed
+    """
+    from wit.ingest.download import DEFAULT_USER_AGENT, DOWNLOAD, RETRY, DownloadConfig
+
+    config = DownloadConfig(
+        image_size=image_size,
+        resize_mode=resize_mode,
+        encode_format=encode_format,
+        encode_quality=encode_quality,
+        samples_per_shard=samples_per_shard,
+        threads=threads,
+        timeout=timeout,
+        retries=retries,
+        distributor=distributor,
+        processes=processes,
+        user_agent=user_agent or DEFAULT_USER_AGENT,
+        allow_private_hosts=allow_private_hosts,
+    )
+    if retry_failed:
+        inputs = [finished_ref(curated, expect_kind="downloaded")]
+        finish("download --retry-failed", run_stage(RETRY, config, inputs, out, workers, part))
+    else:
+        inputs = [finished_ref(curated, expect_kind="curated")]
+        finish("download", run_stage(DOWNLOAD, config, inputs, out, workers, part))
+
+
 @click.command(name="filter")
 @click.argument("downloaded", metavar="DOWNLOADED")
 @output_option
@@ -187,4 +270,4 @@ def shard(filtered, out, samples_per_shard, seed, curated, no_card, workers, par
     finish("shard", run_phases(SHARD_PHASES, config, inputs, out, workers, part))
 
 
-COMMANDS = [extract, curate, filter_, shard]
+COMMANDS = [extract, curate, download, filter_, shard]

@@ -136,6 +136,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 class _Server(http.server.ThreadingHTTPServer):
+    # socketserver's default listen backlog is 5: a downloader with 64 threads would see dropped
+    # connections that look like timeouts.
+    request_queue_size = 256
     daemon_threads = True
     allow_reuse_address = True
 
