@@ -29,9 +29,7 @@ def write_section(name: str, title: str, body: str, script: str) -> Path:
         f"`{script}` · {stamp} · {machine()}\n\n{body.strip()}\n<!-- /bench:{name} -->\n"
     )
     pattern = re.compile(rf"<!-- bench:{re.escape(name)} -->.*?<!-- /bench:{re.escape(name)} -->\n", re.S)
-    text = (
-        pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
-    )
+    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
     BENCHMARKS.write_text(text)
     return BENCHMARKS
 

@@ -81,9 +81,7 @@ _CODAS = ["", "", "n", "r", "s", "t", "l", "m", "nd", "ng", "rk", "st", "x"]
 
 
 def pseudo_word(rng: random.Random) -> str:
-    return "".join(
-        rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(rng.randint(1, 3))
-    )
+    return "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(rng.randint(1, 3)))
 
 
 def make_queries(n: int, seed: int = 0) -> list[str]:
@@ -92,9 +90,7 @@ def make_queries(n: int, seed: int = 0) -> list[str]:
     queries = dict.fromkeys(default_query_lines())
     words = [pseudo_word(rng) for _ in range(n // 2)]
     while len(queries) < n:
-        queries[rng.choice(words) if rng.random() < 0.6 else f"{rng.choice(words)} {rng.choice(words)}"] = (
-            None
-        )
+        queries[rng.choice(words) if rng.random() < 0.6 else f"{rng.choice(words)} {rng.choice(words)}"] = None
     return list(queries)[:n]
 
 
@@ -251,9 +247,7 @@ def main() -> None:
     )
     print(body)
     if not args.no_write:
-        path = write_section(
-            "curate", "curate: query matching (500k queries, one core)", body, "bench/bench_curate.py"
-        )
+        path = write_section("curate", "curate: query matching (500k queries, one core)", body, "bench/bench_curate.py")
         print(f"wrote {path}", file=sys.stderr)
 
 

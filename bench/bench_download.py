@@ -136,13 +136,9 @@ def main() -> None:
         truth = web.truth().to_pylist()
         with SyntheticWebServer(web.root, delay_scale=0.0) as srv:
             rows = url_rows(srv, truth, args.images)
-            curated = run_stage(
-                CuratedRows(), RowsConfig(tuple(rows)), [], str(root / "curated"), progress=False
-            ).ref
+            curated = run_stage(CuratedRows(), RowsConfig(tuple(rows)), [], str(root / "curated"), progress=False).ref
             url_list = str(root / "urls.parquet")
-            pq.write_table(
-                pa.table({k: [r[i] for r in rows] for i, k in enumerate(("uid", "url", "text"))}), url_list
-            )
+            pq.write_table(pa.table({k: [r[i] for r in rows] for i, k in enumerate(("uid", "url", "text"))}), url_list)
             results: dict[str, list[tuple[float, int]]] = {"wit download": [], "img2dataset": []}
             for k in range(args.rounds):
                 results["img2dataset"].append(run_img2dataset(url_list, str(root / f"i2d-{k}"), args))
@@ -173,16 +169,12 @@ def main() -> None:
         "partition per shard, img2dataset's shard downloader in the executor's workers; img2dataset: "
         f"`img2dataset.download(processes_count={args.processes}, distributor='multiprocessing')`. "
         "Both times include starting their processes.\n\n"
-        + table(
-            ["tool", "images ok", "wall s (each round)", "images/s (median)", "images/s (best)"], body_rows
-        )
+        + table(["tool", "images ok", "wall s (each round)", "images/s (median)", "images/s (best)"], body_rows)
         + f"\n\nwit / img2dataset throughput (best rounds): **{ratio:.2f}** (target: at least 0.90)."
     )
     print(body)
     if not args.no_write:
-        path = write_section(
-            "download", "Download: wit download vs img2dataset", body, "bench/bench_download.py"
-        )
+        path = write_section("download", "Download: wit download vs img2dataset", body, "bench/bench_download.py")
         print(f"wrote {path}", file=sys.stderr)
 
 

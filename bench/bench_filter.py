@@ -60,9 +60,7 @@ def main() -> None:
                      f"{N / (time.perf_counter() - start):,.0f}"])  # fmt: skip
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    body = f"{N:,} JPEG images, 256×256, one process (images/s/core).\n\n" + table(
-        ["", "images/s/core"], rows
-    )
+    body = f"{N:,} JPEG images, 256×256, one process (images/s/core).\n\n" + table(["", "images/s/core"], rows)
     print(body)
     write_section("filter", "Perceptual-hash filter: images/s/core", body, "bench/bench_filter.py")
 

@@ -47,7 +47,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 
 DIGITS: tuple[str, ...] = tuple(str(d) for d in range(10))
 DIGIT_WORDS: dict[str, str] = dict(
-    zip(DIGITS, ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"))
+    zip(DIGITS, ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"), strict=True)
 )
 
 # Backgrounds are neutral or pale; a background is only used under an object colour that is at
@@ -319,36 +319,66 @@ _EN_ENDINGS: tuple[str, ...] = ("", "", "", ".", "!", " :)", " #art", " ...")
 
 # Gender of each noun and the forms of each colour word, enough to write agreeing noun phrases.
 _DE_SHAPES: dict[str, tuple[str, str]] = {
-    "circle": ("Kreis", "m"), "square": ("Quadrat", "n"), "triangle": ("Dreieck", "n"),
+    "circle": ("Kreis", "m"),
+    "square": ("Quadrat", "n"),
+    "triangle": ("Dreieck", "n"),
     "star": ("Stern", "m"),
-    "hexagon": ("Sechseck", "n"), "diamond": ("Raute", "f"), "cross": ("Kreuz", "n"), "heart": ("Herz", "n"),
+    "hexagon": ("Sechseck", "n"),
+    "diamond": ("Raute", "f"),
+    "cross": ("Kreuz", "n"),
+    "heart": ("Herz", "n"),
 }
 _DE_COLOURS: dict[str, tuple[str, str, bool]] = {  # stem, noun, declines
-    "red": ("rot", "Rot", True), "orange": ("orangefarben", "Orange", True), "yellow": ("gelb", "Gelb", True),
-    "green": ("grün", "Grün", True), "blue": ("blau", "Blau", True), "purple": ("lila", "Lila", False),
-    "pink": ("rosa", "Rosa", False), "black": ("schwarz", "Schwarz", True),
+    "red": ("rot", "Rot", True),
+    "orange": ("orangefarben", "Orange", True),
+    "yellow": ("gelb", "Gelb", True),
+    "green": ("grün", "Grün", True),
+    "blue": ("blau", "Blau", True),
+    "purple": ("lila", "Lila", False),
+    "pink": ("rosa", "Rosa", False),
+    "black": ("schwarz", "Schwarz", True),
 }
 _DE_DIGITS = ("null", "eins", "zwei", "drei", "vier", "fünf", "sechs", "sieben", "acht", "neun")
 _FR_SHAPES: dict[str, tuple[str, str]] = {
-    "circle": ("cercle", "m"), "square": ("carré", "m"), "triangle": ("triangle", "m"),
-    "star": ("étoile", "f"), "hexagon": ("hexagone", "m"), "diamond": ("losange", "m"),
-    "cross": ("croix", "f"), "heart": ("cœur", "m"),
+    "circle": ("cercle", "m"),
+    "square": ("carré", "m"),
+    "triangle": ("triangle", "m"),
+    "star": ("étoile", "f"),
+    "hexagon": ("hexagone", "m"),
+    "diamond": ("losange", "m"),
+    "cross": ("croix", "f"),
+    "heart": ("cœur", "m"),
 }
 _FR_COLOURS: dict[str, tuple[str, str]] = {
-    "red": ("rouge", "rouge"), "orange": ("orange", "orange"), "yellow": ("jaune", "jaune"),
-    "green": ("vert", "verte"), "blue": ("bleu", "bleue"), "purple": ("violet", "violette"),
-    "pink": ("rose", "rose"), "black": ("noir", "noire"),
+    "red": ("rouge", "rouge"),
+    "orange": ("orange", "orange"),
+    "yellow": ("jaune", "jaune"),
+    "green": ("vert", "verte"),
+    "blue": ("bleu", "bleue"),
+    "purple": ("violet", "violette"),
+    "pink": ("rose", "rose"),
+    "black": ("noir", "noire"),
 }
 _FR_DIGITS = ("zéro", "un", "deux", "trois", "quatre", "cinq", "six", "sept", "huit", "neuf")
 _ES_SHAPES: dict[str, tuple[str, str]] = {
-    "circle": ("círculo", "m"), "square": ("cuadrado", "m"), "triangle": ("triángulo", "m"),
-    "star": ("estrella", "f"), "hexagon": ("hexágono", "m"), "diamond": ("rombo", "m"),
-    "cross": ("cruz", "f"), "heart": ("corazón", "m"),
+    "circle": ("círculo", "m"),
+    "square": ("cuadrado", "m"),
+    "triangle": ("triángulo", "m"),
+    "star": ("estrella", "f"),
+    "hexagon": ("hexágono", "m"),
+    "diamond": ("rombo", "m"),
+    "cross": ("cruz", "f"),
+    "heart": ("corazón", "m"),
 }
 _ES_COLOURS: dict[str, tuple[str, str]] = {
-    "red": ("rojo", "roja"), "orange": ("naranja", "naranja"), "yellow": ("amarillo", "amarilla"),
-    "green": ("verde", "verde"), "blue": ("azul", "azul"), "purple": ("morado", "morada"),
-    "pink": ("rosa", "rosa"), "black": ("negro", "negra"),
+    "red": ("rojo", "roja"),
+    "orange": ("naranja", "naranja"),
+    "yellow": ("amarillo", "amarilla"),
+    "green": ("verde", "verde"),
+    "blue": ("azul", "azul"),
+    "purple": ("morado", "morada"),
+    "pink": ("rosa", "rosa"),
+    "black": ("negro", "negra"),
 }
 _ES_DIGITS = ("cero", "uno", "dos", "tres", "cuatro", "cinco", "seis", "siete", "ocho", "nueve")
 
@@ -366,9 +396,7 @@ def class_words(concept: Concept, lang: Lang = "en") -> list[tuple[str, ...]]:
         thing: tuple[str, ...] = (d, words[lang])
     else:
         shape = concept.shape or ""
-        names = {
-            "en": shape, "de": _DE_SHAPES[shape][0], "fr": _FR_SHAPES[shape][0], "es": _ES_SHAPES[shape][0]
-        }
+        names = {"en": shape, "de": _DE_SHAPES[shape][0], "fr": _FR_SHAPES[shape][0], "es": _ES_SHAPES[shape][0]}
         thing = (names[lang].lower(),)
     colours = {
         "en": concept.colour,
@@ -390,14 +418,26 @@ def _caption_en(concept: Concept, rng: random.Random) -> str:
     if concept.kind == "shape":
         s = concept.shape or ""
         text = rng.choice(_EN_SHAPE_TEMPLATES).format(
-            a=_article(first), A=_article(first).capitalize(), adj=adj, c=c, C=c.capitalize(), s=s,
-            S=s.capitalize(), n=rng.randint(1000, 9999),
+            a=_article(first),
+            A=_article(first).capitalize(),
+            adj=adj,
+            c=c,
+            C=c.capitalize(),
+            s=s,
+            S=s.capitalize(),
+            n=rng.randint(1000, 9999),
         )
     else:
         d = concept.digit or ""
         w = DIGIT_WORDS[d]
         text = rng.choice(_EN_DIGIT_TEMPLATES).format(
-            a=_article(c), adj=adj, c=c, C=c.capitalize(), d=d, w=w, W=w.capitalize(),
+            a=_article(c),
+            adj=adj,
+            c=c,
+            C=c.capitalize(),
+            d=d,
+            w=w,
+            W=w.capitalize(),
             n=rng.randint(1000, 9999),
         )
     style = rng.random()
@@ -424,50 +464,64 @@ def _caption_de(concept: Concept, rng: random.Random) -> str:
     adj = stem + {"m": "er", "n": "es", "f": "e"}[gender] if declines else stem
     art = "eine" if gender == "f" else "ein"
     mine = "meine" if gender == "f" else "mein"
-    return rng.choice((
-        f"{art} {adj} {word}",
-        f"{art.capitalize()} {adj} {word} auf hellem Hintergrund",
-        f"{word} in {noun}",
-        f"{mine} {adj} {word} :)",
-        f"{adj.capitalize()} {word} - Clipart",
-    ))
+    return rng.choice(
+        (
+            f"{art} {adj} {word}",
+            f"{art.capitalize()} {adj} {word} auf hellem Hintergrund",
+            f"{word} in {noun}",
+            f"{mine} {adj} {word} :)",
+            f"{adj.capitalize()} {word} - Clipart",
+        )
+    )
 
 
 def _caption_fr(concept: Concept, rng: random.Random) -> str:
     masc, fem = _FR_COLOURS[concept.colour]
     if concept.kind == "digit":
         d = concept.digit or ""
-        return rng.choice((
-            f"le chiffre {d} en {masc}",
-            f"le nombre {_FR_DIGITS[int(d)]} ({d}) en {masc}",
-            f"Chiffre {d} {masc} - clipart",
-        ))
+        return rng.choice(
+            (
+                f"le chiffre {d} en {masc}",
+                f"le nombre {_FR_DIGITS[int(d)]} ({d}) en {masc}",
+                f"Chiffre {d} {masc} - clipart",
+            )
+        )
     word, gender = _FR_SHAPES[concept.shape or ""]
     adj = fem if gender == "f" else masc
     art = "une" if gender == "f" else "un"
     mine = "Ma petite" if gender == "f" else "Mon petit"
-    return rng.choice((
-        f"{art} {word} {adj}", f"{mine} {word} {adj} :)", f"{word.capitalize()} {adj} - clipart",
-        f"dessin d'{art} {word} {adj}",
-    ))
+    return rng.choice(
+        (
+            f"{art} {word} {adj}",
+            f"{mine} {word} {adj} :)",
+            f"{word.capitalize()} {adj} - clipart",
+            f"dessin d'{art} {word} {adj}",
+        )
+    )
 
 
 def _caption_es(concept: Concept, rng: random.Random) -> str:
     masc, fem = _ES_COLOURS[concept.colour]
     if concept.kind == "digit":
         d = concept.digit or ""
-        return rng.choice((
-            f"el número {d} en {masc}",
-            f"número {_ES_DIGITS[int(d)]} ({d}) de color {masc}",
-            f"Dígito {d} {masc}",
-        ))
+        return rng.choice(
+            (
+                f"el número {d} en {masc}",
+                f"número {_ES_DIGITS[int(d)]} ({d}) de color {masc}",
+                f"Dígito {d} {masc}",
+            )
+        )
     word, gender = _ES_SHAPES[concept.shape or ""]
     adj = fem if gender == "f" else masc
     art = "una" if gender == "f" else "un"
-    return rng.choice((
-        f"{art} {word} {adj}", f"mi {word} {adj} :)", f"{word.capitalize()} {adj} - imagen prediseñada",
-        f"dibujo de {art} {word} {adj}",
-    ))
+    return rng.choice(
+        (
+            f"{art} {word} {adj}",
+            f"mi {word} {adj} :)",
+            f"{word.capitalize()} {adj} - imagen prediseñada",
+            f"dibujo de {art} {word} {adj}",
+        )
+    )
 
 
 def caption(concept: Concept, rng: random.Random, lang: Lang = "en") -> str:

@@ -85,9 +85,7 @@ MATCH_SCHEMA = with_kind(
     MATCH_KIND,
 )
 COUNT_SCHEMA = with_kind(
-    pa.schema(
-        [pa.field("query", pa.string(), nullable=False), pa.field("count", pa.int64(), nullable=False)]
-    ),
+    pa.schema([pa.field("query", pa.string(), nullable=False), pa.field("count", pa.int64(), nullable=False)]),
     COUNT_KIND,
 )
 DUPLICATES_SCHEMA = with_kind(
@@ -123,9 +121,7 @@ class CurateConfig:
 
     def __post_init__(self) -> None:
         if not _SHA256_RE.match(self.queries_sha256 or ""):
-            raise ValueError(
-                "queries_sha256 must be the query list's sha256: build the config with CurateConfig.build"
-            )
+            raise ValueError("queries_sha256 must be the query list's sha256: build the config with CurateConfig.build")
         if (self.blocklist is None) != (self.blocklist_sha256 is None) or (
             self.blocklist_sha256 is not None and not _SHA256_RE.match(self.blocklist_sha256)
         ):
@@ -200,9 +196,7 @@ def host_problems(urls: pa.Array | pa.ChunkedArray, allow_private: bool) -> pa.A
     # URLs; netloc ends where urlsplit ends it, at the first "/", "?" or "#".
     prefix = pc.struct_field(pc.extract_regex(urls, r"^(?P<p>[^:/?#]*://[^/?#]*)"), [0])
     encoded = pc.dictionary_encode(prefix)
-    verdicts = pa.array(
-        [host_problem(p + "/", allow_private) for p in encoded.dictionary.to_pylist()], pa.string()
-    )
+    verdicts = pa.array([host_problem(p + "/", allow_private) for p in encoded.dictionary.to_pylist()], pa.string())
     reasons = verdicts.take(encoded.indices)
     missing = np.flatnonzero(pc.is_null(prefix).to_numpy(zero_copy_only=False))
     if missing.size:
@@ -331,9 +325,7 @@ def count_queries(parts: list[tuple[int, pa.Table]]) -> tuple[pa.Table, pa.Table
     loser = np.zeros(len(hashes), dtype=bool)
     loser[1:] = hashes[1:] == hashes[:-1]
     duplicates = (
-        ordered.filter(pa.array(loser))
-        .select(["part", "row"])
-        .sort_by([("part", "ascending"), ("row", "ascending")])
+        ordered.filter(pa.array(loser)).select(["part", "row"]).sort_by([("part", "ascending"), ("row", "ascending")])
     )
     winners = ordered.filter(pa.array(~loser))
     flat = pc.list_flatten(winners.column("queries"))
@@ -360,9 +352,7 @@ class CurateCount:
 
     def run_partition(self, config: CurateConfig, partition: Partition, out: str) -> PartitionResult:
         urls = open_manifest(partition.source, expect_kind=MATCH_KIND).part_urls()
-        parts = [
-            (_part_number(u), read_part(u, columns=["uid", "reason", "queries", "url_hash"])) for u in urls
-        ]
+        parts = [(_part_number(u), read_part(u, columns=["uid", "reason", "queries", "url_hash"])) for u in urls]
         counts, duplicates = count_queries(parts)
         dup_file = write_part(out, 0, duplicates, DUPLICATES_SCHEMA, table_name=DUPLICATES_TABLE)
         eligible = sum(t.column("reason").null_count for _, t in parts)
@@ -418,9 +408,7 @@ def balance_table(
             continue
         # MetaCLIP's rule. A query at or under the cap keeps every row, so no draw is needed;
         # an empty list is an unmatched row that keep_unmatched let through.
-        if not qs or any(
-            counts.get(q, 0) <= cap or selection_draw(seed, uids[i], q) < cap / counts[q] for q in qs
-        ):
+        if not qs or any(counts.get(q, 0) <= cap or selection_draw(seed, uids[i], q) < cap / counts[q] for q in qs):
             keep[i] = True
         else:
             reasons[i] = OVER_CAP
@@ -474,10 +462,7 @@ class CurateBalance:
             raise StageError(f"{count_ref.url}: not a finished count phase of curate (no _run.json)")
         # The MATCH parts are found through COUNT's run record, so lineage stays one chain.
         parts = input_parts(record.inputs, MATCH_KIND)
-        return [
-            Partition(index=i, source=u, params=(count_ref.url, count_ref.digest))
-            for i, u in enumerate(parts)
-        ]
+        return [Partition(index=i, source=u, params=(count_ref.url, count_ref.digest)) for i, u in enumerate(parts)]
 
     def run_partition(self, config: CurateConfig, partition: Partition, out: str) -> PartitionResult:
         count_url, digest = partition.params

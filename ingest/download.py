@@ -132,9 +132,7 @@ class DownloadConfig:
 
         need(self.image_size >= 1, "image_size must be at least 1")
         need(self.resize_mode in RESIZE_MODES, f"resize_mode must be one of {', '.join(RESIZE_MODES)}")
-        need(
-            self.encode_format in ENCODE_FORMATS, f"encode_format must be one of {', '.join(ENCODE_FORMATS)}"
-        )
+        need(self.encode_format in ENCODE_FORMATS, f"encode_format must be one of {', '.join(ENCODE_FORMATS)}")
         if self.encode_format == "png":
             need(0 <= self.encode_quality <= 9, "encode_quality is the PNG compression level, 0 to 9")
         else:
@@ -622,9 +620,7 @@ def _sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
-def _ledger_from_shard(
-    folder: str, local_id: int, shard: str, pairs: list[Pair]
-) -> tuple[list[LedgerRow], dict]:
+def _ledger_from_shard(folder: str, local_id: int, shard: str, pairs: list[Pair]) -> tuple[list[LedgerRow], dict]:
     """Ledger rows for the pairs img2dataset fetched into one shard, from its .parquet and _stats.json."""
     base = os.path.join(folder, f"{local_id:06d}")
     if not os.path.exists(base + ".parquet") or not os.path.exists(base + "_stats.json"):
@@ -718,9 +714,7 @@ def download_pairs(
                     tar = os.path.join(folder, f"{local_id:06d}.tar")
                     if config.distributor != "wit":
                         tar = _rekey_tar(tar, shard_rows)
-                    info = FileInfo(
-                        name=shard, sha256=_sha256_file(tar), bytes=os.path.getsize(tar), rows=successes
-                    )
+                    info = FileInfo(name=shard, sha256=_sha256_file(tar), bytes=os.path.getsize(tar), rows=successes)
                     storage.put_file(tar, storage.join(out, shard))
                     files.append(info)
                     extra["shards"].append(shard)
@@ -777,11 +771,7 @@ class DownloadRetryStage:
             raise StageError("--retry-failed takes exactly one downloaded manifest")
         manifest = open_manifest(inputs[0].url, expect_kind="downloaded")
         table = manifest.table(["uid", "url", "text", "status", "error"])
-        retry = [
-            Pair(r["uid"], r["url"], r["text"])
-            for r in table.to_pylist()
-            if _is_retried(r, config.retry_classes)
-        ]
+        retry = [Pair(r["uid"], r["url"], r["text"]) for r in table.to_pylist() if _is_retried(r, config.retry_classes)]
         fetch = _fetch_partitions(retry, config, "retry")
         carry = [
             Partition(index=len(fetch) + k, source=url, params=("carry", manifest.url))
@@ -795,9 +785,7 @@ class DownloadRetryStage:
             first = partition.index * config.shards_per_partition
             return download_pairs(config, _from_params(params), first, out, partition.index)
         old = params
-        rows = [
-            r for r in read_part(partition.source).to_pylist() if not _is_retried(r, config.retry_classes)
-        ]
+        rows = [r for r in read_part(partition.source).to_pylist() if not _is_retried(r, config.retry_classes)]
         for r in rows:
             if r["shard"] is not None:
                 r["shard"] = shard_url(old, r["shard"])

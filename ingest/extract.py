@@ -263,9 +263,7 @@ class ExtractStage:
     def partitions(self, config: ExtractConfig, inputs: list[ManifestRef]) -> list[Partition]:
         wrong = [ref.url for ref in inputs if ref.kind != SOURCE_KIND]
         if wrong:
-            raise StageError(
-                f"extract reads source files (see source_refs), not manifests: {', '.join(wrong)}"
-            )
+            raise StageError(f"extract reads source files (see source_refs), not manifests: {', '.join(wrong)}")
         return [Partition(index=i, source=ref.url) for i, ref in enumerate(inputs)]
 
     def run_partition(self, config: ExtractConfig, partition: Partition, out: str) -> PartitionResult:

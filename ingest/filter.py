@@ -142,9 +142,7 @@ class FilterConfig:
         if not isinstance(self.reference_images, tuple):
             raise ValueError("reference_images must be a tuple of URLs")
         self.reference_sets()  # validates the task names
-        if self.per_query_cap is not None and (
-            not isinstance(self.per_query_cap, int) or self.per_query_cap < 1
-        ):
+        if self.per_query_cap is not None and (not isinstance(self.per_query_cap, int) or self.per_query_cap < 1):
             raise ValueError(f"--per-query-cap must be a positive integer, got {self.per_query_cap!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
             raise ValueError(f"--seed must be a non-negative integer, got {self.seed!r}")
@@ -153,8 +151,7 @@ class FilterConfig:
         if self.min_clip_score is not None or self.keep_top_fraction is not None or self.clip_checkpoint:
             # The CLIP-score filter needs train's checkpoint loader; until it lands, say so plainly.
             raise ValueError(
-                "CLIP-score filtering (--clip-score) needs a checkpoint loader (issue #5), "
-                "which has not landed yet"
+                "CLIP-score filtering (--clip-score) needs a checkpoint loader (issue #5), which has not landed yet"
             )
 
     def reference_sets(self) -> list[tuple[str, str]]:
@@ -230,9 +227,7 @@ def read_members(shard_url: str, keys: set[str]) -> dict[str, tuple[str, bytes]]
     return found
 
 
-def scan_table(
-    ledger: pa.Table, downloaded_url: str, config: FilterConfig
-) -> tuple[pa.Table, dict[str, int]]:
+def scan_table(ledger: pa.Table, downloaded_url: str, config: FilterConfig) -> tuple[pa.Table, dict[str, int]]:
     """The SCAN rows of one ledger part, and its counts by reason (``kept``: still eligible)."""
     rows = ledger.to_pylist()
     wanted: dict[str, set[str]] = {}
@@ -349,9 +344,7 @@ def reference_hashes(url: str, max_pixels: int) -> list[int]:
                         blobs.append(tar.extractfile(member).read())
     else:
         blobs = [
-            storage.read_bytes(storage.join(url, n))
-            for n in names
-            if n.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
+            storage.read_bytes(storage.join(url, n)) for n in names if n.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
         ]
     hashes = []
     for data in blobs:
@@ -470,9 +463,7 @@ class FilterGroup:
     def run_partition(self, config: FilterConfig, partition: Partition, out: str) -> PartitionResult:
         (curated,) = partition.params
         rows = _scan_columns(partition.source)
-        references = [
-            (task, reference_hashes(url, config.max_pixels)) for task, url in config.reference_sets()
-        ]
+        references = [(task, reference_hashes(url, config.max_pixels)) for task, url in config.reference_sets()]
         queries, cap, seed, extra = None, None, 0, {}
         if curated:
             queries, cap, seed = _rebalance_inputs(curated, config)

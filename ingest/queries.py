@@ -51,9 +51,7 @@ def read_queries(url: str) -> tuple[list[str], str]:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ValueError(
-            f"{url}: a query list must be UTF-8 text ({exc.reason} at byte {exc.start})"
-        ) from None
+        raise ValueError(f"{url}: a query list must be UTF-8 text ({exc.reason} at byte {exc.start})") from None
     return parse_queries(text), hashlib.sha256(data).hexdigest()
 
 

@@ -102,9 +102,7 @@ class ShardConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.samples_per_shard, int) or self.samples_per_shard < 1:
-            raise ValueError(
-                f"--samples-per-shard must be a positive integer, got {self.samples_per_shard!r}"
-            )
+            raise ValueError(f"--samples-per-shard must be a positive integer, got {self.samples_per_shard!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"--seed must be a non-negative integer, got {self.seed!r}")
         if not isinstance(self.grid_samples, int) or not 0 <= self.grid_samples <= 100:
@@ -148,11 +146,7 @@ def index_tar(url: str, keys: set[str]) -> dict[str, tuple[str, int, int]]:
             except ValueError as exc:
                 raise StageError(f"{url}: not a readable tar shard (bad header at byte {offset})") from exc
             name = header[:100].rstrip(b"\0").decode("utf-8", "replace")
-            prefix = (
-                header[345:500].rstrip(b"\0").decode("utf-8", "replace")
-                if header[257:262] == b"ustar"
-                else ""
-            )
+            prefix = header[345:500].rstrip(b"\0").decode("utf-8", "replace") if header[257:262] == b"ustar" else ""
             name = f"{prefix}/{name}" if prefix else name
             _note(found, keys, name, kind != b"5", offset + BLOCK, size)
             offset += BLOCK + size + (-size % BLOCK)
@@ -220,9 +214,7 @@ class ShardPlan:
         )
         curated = None
         if curated_url:
-            curated = open_manifest(curated_url, expect_kind="curated").table(
-                ["uid", "page_url", "queries", "keep"]
-            )
+            curated = open_manifest(curated_url, expect_kind="curated").table(["uid", "page_url", "queries", "keep"])
             curated = curated.filter(curated.column("keep"))
         rows = plan_rows(filtered, curated, config.seed)
         if rows.num_rows == 0:
@@ -367,9 +359,7 @@ def read_images(downloaded: str, rows: list[dict]) -> list[bytes]:
                 fh.seek(rows[i]["offset"])
                 data = fh.read(rows[i]["size"])
                 if hashlib.sha256(data).hexdigest() != rows[i]["sha256"]:
-                    raise StageError(
-                        f"{url}: the image of {rows[i]['uid']} is not the one filter saw (sha256 differs)"
-                    )
+                    raise StageError(f"{url}: the image of {rows[i]['uid']} is not the one filter saw (sha256 differs)")
                 images[i] = data
     return images  # type: ignore[return-value]
 
@@ -429,9 +419,7 @@ class ShardWrite:
         index = write_part(
             out,
             partition.index,
-            pa.table(
-                {"shard": [name], "samples": [len(rows)], "bytes": [info.bytes], "sha256": [info.sha256]}
-            ),
+            pa.table({"shard": [name], "samples": [len(rows)], "bytes": [info.bytes], "sha256": [info.sha256]}),
             SHARDS,
             table_name=SHARD_INDEX,
         )
@@ -468,9 +456,7 @@ def dataset_files(
     if config.card:
         from .card import render_card
 
-        for name, data in render_card(
-            plan_url, rows[: config.grid_samples], images[: config.grid_samples]
-        ).items():
+        for name, data in render_card(plan_url, rows[: config.grid_samples], images[: config.grid_samples]).items():
             files.append(_commit(out, name, data))
     return files
 

@@ -261,9 +261,7 @@ def _read_body(record, tap: SourceTap, limit: int) -> bytes | None:
     return body
 
 
-def _warc_response(
-    record, records: ArchiveIterator, tap: SourceTap, limit: int, counts: Counter
-) -> RawPage | None:
+def _warc_response(record, records: ArchiveIterator, tap: SourceTap, limit: int, counts: Counter) -> RawPage | None:
     http = _http_headers(record)
     if http is None:
         counts[BAD_HTTP_HEADER] += 1
@@ -331,9 +329,7 @@ def read_warc(tap: SourceTap, url: str, limit: int, counts: Counter) -> Iterator
                 yield page
 
 
-def _wat_page(
-    record, records: ArchiveIterator, tap: SourceTap, limit: int, counts: Counter
-) -> RawPage | None:
+def _wat_page(record, records: ArchiveIterator, tap: SourceTap, limit: int, counts: Counter) -> RawPage | None:
     body = _read_body(record, tap, limit)
     if body is None:
         return None

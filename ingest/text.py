@@ -97,9 +97,7 @@ class TextRules:
         if self.min_chars < 0 or self.min_words < 0:
             raise ValueError("min_chars and min_words must not be negative")
         if self.max_chars < max(self.min_chars, 1):
-            raise ValueError(
-                f"max_chars ({self.max_chars}) must be at least min_chars ({self.min_chars}) and 1"
-            )
+            raise ValueError(f"max_chars ({self.max_chars}) must be at least min_chars ({self.min_chars}) and 1")
         if any(lang != normalize_lang(lang) for lang in self.langs):
             raise ValueError(f"langs must be lower-case ISO 639-1 codes like 'en', got {self.langs}")
 

@@ -73,9 +73,7 @@ class _Walker:
             self.records[url] = (rec, status)
         return self.records[url]
 
-    def node(
-        self, url: str, rec: RunRecord | None, recorded: str | None, depth: int, path: tuple
-    ) -> LineageNode:
+    def node(self, url: str, rec: RunRecord | None, recorded: str | None, depth: int, path: tuple) -> LineageNode:
         node = LineageNode(url=url, record=rec, recorded_digest=recorded)
         if rec is None:
             node.status = self.read(url)[1]

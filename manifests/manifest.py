@@ -96,9 +96,7 @@ def encode_table(table: pa.Table, schema: pa.Schema) -> bytes:
     return buf.getvalue()
 
 
-def write_part(
-    out: str, index: int, table: pa.Table, schema: pa.Schema, table_name: str | None = None
-) -> FileInfo:
+def write_part(out: str, index: int, table: pa.Table, schema: pa.Schema, table_name: str | None = None) -> FileInfo:
     """Conform ``table`` to ``schema`` and commit it atomically as part ``index`` of ``out``."""
     from .schemas import conform
 
@@ -219,8 +217,7 @@ def open_manifest(url: str, table: str | None = None, expect_kind: str | None = 
         s = read_part_schema(storage.join(url, p))
         if not same_columns(s, schema) or kind_of(s) != kind:
             raise ManifestError(
-                f"{url}/{p}: schema does not match the {kind or 'first part'}'s "
-                f"(got columns {', '.join(s.names)})"
+                f"{url}/{p}: schema does not match the {kind or 'first part'}'s (got columns {', '.join(s.names)})"
             )
     return Manifest(url=url, kind=kind, schema=schema, parts=parts, table_name=table)
 

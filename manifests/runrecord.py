@@ -142,9 +142,7 @@ def host_info() -> dict[str, str]:
 
 
 def write_run_record(out: str, record: RunRecord) -> None:
-    storage.write_text(
-        storage.join(out, RUN_RECORD), json.dumps(record.to_dict(), indent=2, sort_keys=False) + "\n"
-    )
+    storage.write_text(storage.join(out, RUN_RECORD), json.dumps(record.to_dict(), indent=2, sort_keys=False) + "\n")
 
 
 def run_record_url(url: str) -> str:

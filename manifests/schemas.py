@@ -148,8 +148,7 @@ EVAL_RESULTS = _schema(
 )
 
 SCHEMAS: dict[str, pa.Schema] = {
-    s.metadata[KIND_KEY].decode(): s
-    for s in (CANDIDATES, CURATED, DOWNLOADED, FILTERED, SAMPLES, SHARDS, EVAL_RESULTS)
+    s.metadata[KIND_KEY].decode(): s for s in (CANDIDATES, CURATED, DOWNLOADED, FILTERED, SAMPLES, SHARDS, EVAL_RESULTS)
 }
 
 

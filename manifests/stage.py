@@ -230,8 +230,7 @@ def resolve_inputs(inputs: list[ManifestRef]) -> list[ManifestRef]:
         have = finished_ref(url)
         if ref.digest and ref.digest != have.digest:
             raise StageError(
-                f"{url} changed since it was referenced (digest {have.digest[:12]}, expected "
-                f"{ref.digest[:12]})"
+                f"{url} changed since it was referenced (digest {have.digest[:12]}, expected {ref.digest[:12]})"
             )
         if ref.kind and ref.kind != have.kind:
             raise StageError(f"{url} is a {have.kind} manifest, expected {ref.kind}")

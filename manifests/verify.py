@@ -60,9 +60,7 @@ def verify(url: str) -> VerifyReport:
     for name, info in sorted(rec.files.items()):
         report.checked += 1
         if _unsafe(name):
-            report.problems.append(
-                Problem("unsafe", name, "a run record may only name files inside its folder")
-            )
+            report.problems.append(Problem("unsafe", name, "a run record may only name files inside its folder"))
             continue
         if name not in present:
             report.problems.append(Problem("missing", name))
@@ -70,18 +68,14 @@ def verify(url: str) -> VerifyReport:
         sha = storage.sha256_url(storage.join(url, name))
         actual[name] = sha
         if sha != info.sha256:
-            report.problems.append(
-                Problem("changed", name, f"sha256 {sha[:12]}… expected {info.sha256[:12]}…")
-            )
+            report.problems.append(Problem("changed", name, f"sha256 {sha[:12]}… expected {info.sha256[:12]}…"))
     for name in sorted(present - set(rec.files)):
         if not _ignored(name):
             report.problems.append(Problem("extra", name, "not written by this run"))
     # The files were checked one by one above; this catches a run record edited by hand.
     recorded_digest = digest_of({n: f.sha256 for n, f in rec.files.items()})
     if recorded_digest != rec.output.digest:
-        report.problems.append(
-            Problem("digest", RUN_RECORD, "the run record's digest does not match its files")
-        )
+        report.problems.append(Problem("digest", RUN_RECORD, "the run record's digest does not match its files"))
     _check_shard_index(url, rec.files, actual, report)
     return report
 

@@ -12,14 +12,12 @@ import sys
 import click
 
 from wit.manifests import storage
-from wit.pipeline import ingest_commands
+from wit.pipeline import ingest_commands, model_commands
 from wit.pipeline.clikit import domain_errors, output_option
 
 # Commands whose stage has not landed yet. They parse their options and exit 2 with a message;
 # tests/pipeline/test_cli.py checks this list, so it shrinks to nothing as the stages land.
 NOT_IMPLEMENTED: dict[str, str] = {
-    "train": "issue #5 (Train)",
-    "eval": "issue #6 (Evaluate)",
     "run": "issue #7 (wit run / wit demo)",
     "demo": "issue #7 (wit run / wit demo)",
 }
@@ -50,34 +48,6 @@ def cli():
 
 
 @cli.command()
-@click.argument("dataset", metavar="DATASET")
-@output_option
-@click.option("--model", default="wit-tiny", show_default=True, metavar="NAME_OR_JSON")
-def train(dataset, out, model):
-    """Train a CLIP model on a dataset's shards (torchrun for several processes).
-
-    \b
-    Example:
-        torchrun --nproc_per_node 2 -m wit.pipeline.cli train out/dataset -o out/train --model wit-tiny
-    """
-    not_implemented("train")
-
-
-@cli.command(name="eval")
-@click.argument("checkpoint", metavar="CHECKPOINT")
-@output_option
-@click.option("--suite", default="default", show_default=True, metavar="NAME_OR_YAML")
-def eval_(checkpoint, out, suite):
-    """Zero-shot benchmark of a checkpoint on a task suite, with intervals and a report.
-
-    \b
-    Example:
-        wit eval out/train/checkpoints/latest.pt -o out/eval --suite default
-    """
-    not_implemented("eval")
-
-
-@cli.command()
 @click.argument("pipeline_yaml", metavar="PIPELINE.yaml")
 def run(pipeline_yaml):
     """Run every stage of a pipeline file in order, skipping finished ones.
@@ -101,7 +71,7 @@ def demo(out):
     not_implemented("demo")
 
 
-for _command in ingest_commands.COMMANDS:
+for _command in ingest_commands.COMMANDS + model_commands.COMMANDS:
     cli.add_command(_command)
 
 

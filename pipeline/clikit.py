@@ -36,9 +36,7 @@ def domain_errors(fn):
 
 
 def output_option(fn):
-    return click.option(
-        "-o", "--out", "out", required=True, metavar="URL", help="Output folder (path or URL)."
-    )(fn)
+    return click.option("-o", "--out", "out", required=True, metavar="URL", help="Output folder (path or URL).")(fn)
 
 
 def executor_options(fn):
@@ -49,9 +47,9 @@ def executor_options(fn):
         callback=_parse_part,
         help="Run only slice i of N (0 <= i < N), e.g. $SLURM_ARRAY_TASK_ID/$N in a job array.",
     )(fn)
-    fn = click.option(
-        "--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Local processes."
-    )(fn)
+    fn = click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Local processes.")(
+        fn
+    )
     return fn
 
 

@@ -125,9 +125,7 @@ def run_stage(
     done = committed(out)
     missing = [p.index for p in partitions if p.index not in done]
     ref = finalize(stage, config, inputs, out, len(partitions)) if not missing else None
-    return StageOutcome(
-        ref=ref, total=len(partitions), ran=len(todo), skipped=skipped, remaining=len(missing)
-    )
+    return StageOutcome(ref=ref, total=len(partitions), ran=len(todo), skipped=skipped, remaining=len(missing))
 
 
 def _run_pool(stage: Stage, config: Any, todo: list[Partition], out: str, workers: int, bar: tqdm) -> None:

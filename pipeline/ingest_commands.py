@@ -55,16 +55,12 @@ def extract(sources, out, max_page_bytes, no_lang, languages, workers, part):
 @click.option("--queries", metavar="URL", help="Query list, one per line (default: the list wit ships).")
 @click.option("--per-query-cap", type=click.IntRange(min=1), default=20000, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the balancing draw.")
-@click.option(
-    "--lang", "langs", default="en", show_default=True, help="Allowed languages, comma-separated; '' = any."
-)
+@click.option("--lang", "langs", default="en", show_default=True, help="Allowed languages, comma-separated; '' = any.")
 @click.option("--min-chars", type=click.IntRange(min=0), default=5, show_default=True)
 @click.option("--max-chars", type=click.IntRange(min=1), default=1000, show_default=True)
 @click.option("--min-words", type=click.IntRange(min=0), default=2, show_default=True)
 @click.option("--blocklist", metavar="URL", help="Words or phrases that drop a text, one per line.")
-@click.option(
-    "--allow-private-hosts", is_flag=True, help="Keep 127.0.0.1 and other private hosts (tests, demo)."
-)
+@click.option("--allow-private-hosts", is_flag=True, help="Keep 127.0.0.1 and other private hosts (tests, demo).")
 @click.option("--keep-unmatched", is_flag=True, help="Keep texts that match no query.")
 @executor_options
 @domain_errors
@@ -110,12 +106,8 @@ def curate(candidates, out, queries, per_query_cap, seed, langs, min_chars, max_
 @click.option("--encode-format", type=click.Choice(["jpg", "png", "webp"]), default="jpg", show_default=True)
 @click.option("--encode-quality", type=click.IntRange(1, 100), default=95, show_default=True)
 @click.option("--samples-per-shard", type=click.IntRange(min=1), default=10000, show_default=True)
-@click.option(
-    "--threads", type=click.IntRange(min=1), default=64, show_default=True, help="Fetch threads per worker."
-)
-@click.option(
-    "--timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True, help="Seconds per image."
-)
+@click.option("--threads", type=click.IntRange(min=1), default=64, show_default=True, help="Fetch threads per worker.")
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True, help="Seconds per image.")
 @click.option("--retries", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option(
     "--distributor",
@@ -132,9 +124,7 @@ def curate(candidates, out, queries, per_query_cap, seed, langs, min_chars, max_
     help="img2dataset processes per partition (with --distributor multiprocessing|pyspark|ray).",
 )
 @click.option("--user-agent", default=None, help="The User-Agent sent; add a contact for crawls at scale.")
-@click.option(
-    "--allow-private-hosts", is_flag=True, help="Fetch from 127.0.0.1 and private hosts (tests, demo)."
-)
+@click.option("--allow-private-hosts", is_flag=True, help="Fetch from 127.0.0.1 and private hosts (tests, demo).")
 @click.option(
     "--retry-failed",
     is_flag=True,
@@ -213,9 +203,7 @@ def download(curated, out, image_size, resize_mode, encode_format, encode_qualit
 )
 @click.option("--rebalance", is_flag=True, help="Re-apply the per-query cap after download (MetaCLIP).")
 @click.option("--per-query-cap", type=click.IntRange(min=1), default=None, help="With --rebalance.")
-@click.option(
-    "--curated", metavar="URL", help="The curated manifest (default: found through the run records)."
-)
+@click.option("--curated", metavar="URL", help="The curated manifest (default: found through the run records).")
 @executor_options
 @domain_errors
 def filter_(downloaded, out, min_side, max_aspect_ratio, max_pixels, near_duplicate_distance,
@@ -250,9 +238,7 @@ def filter_(downloaded, out, min_side, max_aspect_ratio, max_pixels, near_duplic
 @output_option
 @click.option("--samples-per-shard", type=click.IntRange(min=1), default=10000, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the shuffled sample order.")
-@click.option(
-    "--curated", metavar="URL", help="The curated manifest (default: found through the run records)."
-)
+@click.option("--curated", metavar="URL", help="The curated manifest (default: found through the run records).")
 @click.option("--no-card", is_flag=True, help="Skip CARD.md and its plots.")
 @executor_options
 @domain_errors

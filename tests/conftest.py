@@ -93,9 +93,7 @@ def run_wit():
     def run(*args: str, env: dict | None = None, check: bool = False, timeout: float = 120):
         exe = shutil.which("wit", path=os.path.dirname(sys.executable)) or "wit"
         full_env = {**os.environ, **(env or {})}
-        proc = subprocess.run(
-            [exe, *map(str, args)], capture_output=True, text=True, env=full_env, timeout=timeout
-        )
+        proc = subprocess.run([exe, *map(str, args)], capture_output=True, text=True, env=full_env, timeout=timeout)
         if check and proc.returncode != 0:
             raise AssertionError(f"wit {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}")
         return proc

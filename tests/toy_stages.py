@@ -164,9 +164,7 @@ def run_chain(root: str, workers: int = 1, source: SourceConfig = SourceConfig()
     from wit.pipeline.executor import run_stage
 
     refs = {}
-    refs["source"] = run_stage(
-        ToySource(), source, [], storage.join(root, "source"), workers, progress=False
-    ).ref
+    refs["source"] = run_stage(ToySource(), source, [], storage.join(root, "source"), workers, progress=False).ref
     refs["tag"] = run_stage(
         ToyTag(), TagConfig(), [refs["source"]], storage.join(root, "tag"), workers, progress=False
     ).ref

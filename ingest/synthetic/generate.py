@@ -215,9 +215,7 @@ def _near_duplicate(orig: _Original, rng: random.Random) -> tuple[Image.Image, s
 def _variant(img: Image.Image, how: str, rng: random.Random) -> Image.Image:
     if how == "resize":
         f = rng.uniform(0.7, 0.92)
-        return img.resize(
-            (max(8, int(img.width * f)), max(8, int(img.height * f))), Image.Resampling.BILINEAR
-        )
+        return img.resize((max(8, int(img.width * f)), max(8, int(img.height * f))), Image.Resampling.BILINEAR)
     if how == "crop":
         # a re-cropped copy: 1-2% off each border, scaled back to the original size
         k = max(1, int(min(img.size) * rng.uniform(0.01, 0.02)))
@@ -443,9 +441,7 @@ class _WebWriter:
         elif kind == "noai":
             self.routes[path] = Route(headers={"X-Robots-Tag": "noai, noimageai"})
         elif kind == "rate_limited" and mess.rate_limited_failures:
-            self.routes[path] = Route(
-                status=429, fail_first=mess.rate_limited_failures, retry_after=mess.retry_after_s
-            )
+            self.routes[path] = Route(status=429, fail_first=mess.rate_limited_failures, retry_after=mess.retry_after_s)
             return 429, None
         return 200, None
 

@@ -122,9 +122,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             data = srv.substitute(data.decode("utf-8")).encode("utf-8")
         self._send(200, data, ctype, send_body, dict(route.headers) if route is not None else None)
 
-    def _send(
-        self, status: int, body: bytes, ctype: str, send_body: bool, extra: dict[str, str] | None = None
-    ) -> None:
+    def _send(self, status: int, body: bytes, ctype: str, send_body: bool, extra: dict[str, str] | None = None) -> None:
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
@@ -142,9 +140,7 @@ class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(
-        self, addr: tuple[str, int], site: Path, routes: dict[str, Route], delay_scale: float
-    ) -> None:
+    def __init__(self, addr: tuple[str, int], site: Path, routes: dict[str, Route], delay_scale: float) -> None:
         super().__init__(addr, _Handler)
         self.site = site.resolve()
         self.routes = routes
@@ -185,9 +181,7 @@ class SyntheticWebServer:
     `start()` and `stop()`.
     """
 
-    def __init__(
-        self, web_dir: str | Path, host: str = "127.0.0.1", port: int = 0, delay_scale: float = 1.0
-    ) -> None:
+    def __init__(self, web_dir: str | Path, host: str = "127.0.0.1", port: int = 0, delay_scale: float = 1.0) -> None:
         if not ipaddress.ip_address(host).is_loopback:
             raise ValueError(f"the synthetic web binds only a loopback address, not {host!r}")
         if delay_scale < 0:

@@ -56,9 +56,7 @@ def make_candidates(root: Path, rows: list[dict], parts: int = 1) -> ManifestRef
         info = write_part(str(root), i, pa.Table.from_pylist(full[i * step : (i + 1) * step]), CANDIDATES)
         files[info.name] = info
     # A stage input must be finished: a run record as extract would write it.
-    ref = ManifestRef(
-        url=str(root), kind="candidates", digest=digest_of({n: f.sha256 for n, f in files.items()})
-    )
+    ref = ManifestRef(url=str(root), kind="candidates", digest=digest_of({n: f.sha256 for n, f in files.items()}))
     write_run_record(
         str(root),
         RunRecord(
@@ -255,9 +253,7 @@ def test_default_query_list_is_shipped_and_covers_the_synthetic_captions():
         concept = world.sample_concept(rng)
         found = m.match(world.caption(concept, rng))
         assert concept.colour in found
-        names = (
-            {concept.shape} if concept.kind == "shape" else {concept.digit, world.DIGIT_WORDS[concept.digit]}
-        )
+        names = {concept.shape} if concept.kind == "shape" else {concept.digit, world.DIGIT_WORDS[concept.digit]}
         assert any(names & set(q.split()) for q in found), found
 
 
@@ -295,9 +291,7 @@ def web(tmp_path_factory):
 
 def test_synthetic_web_mess_ends_with_the_right_reason(web, tmp_path):
     truth = web.truth().to_pylist()
-    rows = [
-        {"url": t["img_url"], "text": t["alt"], "page_url": t["page_url"], "lang": t["lang"]} for t in truth
-    ]
+    rows = [{"url": t["img_url"], "text": t["alt"], "page_url": t["page_url"], "lang": t["lang"]} for t in truth]
     # The same image placed on other pages: once with another alt text, once with the same one.
     clean = [t for t in truth if t["mess"] == "clean"]
     dup_urls = {clean[0]["img_url"], clean[1]["img_url"]}
@@ -346,9 +340,7 @@ def test_synthetic_web_mess_ends_with_the_right_reason(web, tmp_path):
         winner = min(same, key=lambda r: r["uid"])
         assert [r["reason"] for r in same if r is not winner] == ["duplicate_url"] and winner["keep"]
     record = read_run_record(str(tmp_path / "out"))
-    assert record.counts["duplicate_url"] == 2 and record.counts["lang_not_allowed"] == len(
-        by_mess["non_english"]
-    )
+    assert record.counts["duplicate_url"] == 2 and record.counts["lang_not_allowed"] == len(by_mess["non_english"])
 
     # Without --allow-private-hosts the whole 127.0.0.1 web is refused.
     strict = CurateConfig.build(per_query_cap=10**6)
@@ -390,9 +382,7 @@ def test_constructed_cases_end_with_the_right_reason(tmp_path):
     assert [r["keep"] for r in got] == [want is None for _, _, want in cases]
     assert got[0]["queries"] == ["red", "red star", "star"]
 
-    loose = CurateConfig.build(
-        blocklist=block, per_query_cap=100, allow_private_hosts=True, keep_unmatched=True
-    )
+    loose = CurateConfig.build(blocklist=block, per_query_cap=100, allow_private_hosts=True, keep_unmatched=True)
     run_curate(loose, cands, tmp_path / "loose")
     reasons = {r["url"]: r["reason"] for r in curated_rows(tmp_path / "loose").values()}
     assert reasons["http://127.0.0.1:8000/14.jpg"] is None
@@ -407,13 +397,8 @@ def test_constructed_cases_end_with_the_right_reason(tmp_path):
 
 
 def balancing_rows(n_rare: int, n_common: int) -> list[dict]:
-    rows = [
-        {"url": f"https://img.example.com/r{i}.jpg", "text": f"a rare bird number {i}"} for i in range(n_rare)
-    ]
-    rows += [
-        {"url": f"https://img.example.com/c{i}.jpg", "text": f"a common bird number {i}"}
-        for i in range(n_common)
-    ]
+    rows = [{"url": f"https://img.example.com/r{i}.jpg", "text": f"a rare bird number {i}"} for i in range(n_rare)]
+    rows += [{"url": f"https://img.example.com/c{i}.jpg", "text": f"a common bird number {i}"} for i in range(n_common)]
     return rows
 
 
@@ -441,9 +426,7 @@ def test_balancing_caps_common_queries_and_keeps_rare_ones(tmp_path):
     assert count_rows == [{"query": "common", "count": n_common}, {"query": "rare", "count": n_rare}]
     summary = curate_summary(record)
     assert (
-        "before balancing" in summary
-        and f"{n_common:,}  common" in summary
-        and f"{kept_common:,}  common" in summary
+        "before balancing" in summary and f"{n_common:,}  common" in summary and f"{kept_common:,}  common" in summary
     )
 
     # The same seed gives the same bytes; another seed another selection of about the same size.

@@ -105,9 +105,7 @@ def uid_of(url: str, text: str) -> str:
 @pytest.fixture(scope="module")
 def web(tmp_path_factory):
     # rate_limited images 429 once, then serve: a first pass sees http_429, a retry succeeds
-    return generate_web(
-        tmp_path_factory.mktemp("web"), pages=45, seed=5, mess=MessConfig(rate_limited_failures=1)
-    )
+    return generate_web(tmp_path_factory.mktemp("web"), pages=45, seed=5, mess=MessConfig(rate_limited_failures=1))
 
 
 @pytest.fixture(scope="module")
@@ -293,9 +291,7 @@ def test_killed_download_resumes_to_the_same_ledger(web, truth, tmp_path):
 
     with SyntheticWebServer(web.root, port=port, delay_scale=DELAY_SCALE) as srv:
         ref, by_uid = curated(srv, rows, tmp_path / "curated", kinds=kinds, extra=extra)
-        want = run_stage(
-            DOWNLOAD, config(samples_per_shard=spp), [ref], str(tmp_path / "whole"), progress=False
-        )
+        want = run_stage(DOWNLOAD, config(samples_per_shard=spp), [ref], str(tmp_path / "whole"), progress=False)
     assert want.total == 5
 
     scratch = tmp_path / "scratch"
@@ -324,10 +320,7 @@ def test_killed_download_resumes_to_the_same_ledger(web, truth, tmp_path):
     # (wandb, which img2dataset imports, leaves its own temporary folders behind a SIGKILL)
     assert not leftovers(out) and not list(scratch.glob("wit-download-*"))
     assert verify(str(out)).ok
-    assert (
-        shard_samples(str(out), ledger(str(out))).keys()
-        == shard_samples(want.ref.url, ledger(want.ref.url)).keys()
-    )
+    assert shard_samples(str(out), ledger(str(out))).keys() == shard_samples(want.ref.url, ledger(want.ref.url)).keys()
 
 
 # -- retry-failed ----------------------------------------------------------------------------------
@@ -338,12 +331,8 @@ def test_retry_failed_refetches_transient_failures_only(web, truth, tmp_path):
     with SyntheticWebServer(web.root, delay_scale=DELAY_SCALE) as srv:
         ref, by_uid = curated(srv, truth, tmp_path / "curated", kinds=kinds, dropped=0)
         first = run_stage(DOWNLOAD, config(samples_per_shard=20), [ref], str(tmp_path / "dl"), progress=False)
-        before = {
-            p: (p.stat().st_mtime_ns, p.read_bytes()) for p in (tmp_path / "dl").rglob("*") if p.is_file()
-        }
-        second = run_stage(
-            RETRY, config(samples_per_shard=20), [first.ref], str(tmp_path / "dl2"), progress=False
-        )
+        before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in (tmp_path / "dl").rglob("*") if p.is_file()}
+        second = run_stage(RETRY, config(samples_per_shard=20), [first.ref], str(tmp_path / "dl2"), progress=False)
     after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in (tmp_path / "dl").rglob("*") if p.is_file()}
     assert before == after  # the first run's folder is not touched
 
@@ -502,9 +491,7 @@ def test_requests_carry_our_user_agent_and_urllib_is_restored(tmp_path):
         cfg = config(user_agent="wit-test/1 (+https://example.org/bot)")
         with _guarded_urllib(cfg):
             # img2dataset sends a browser string; ours replaces it
-            urllib.request.urlopen(
-                urllib.request.Request(url, headers={"User-Agent": "Mozilla/5.0"}), timeout=5
-            )
+            urllib.request.urlopen(urllib.request.Request(url, headers={"User-Agent": "Mozilla/5.0"}), timeout=5)
         assert urllib.request._opener is before
     finally:
         server.shutdown()

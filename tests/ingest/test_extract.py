@@ -49,9 +49,7 @@ def warc_run(web, tmp_path_factory):
 
 def extract(sources, out, config: ExtractConfig = ExtractConfig(), **kw):
     """Run the stage; returns (outcome, table, run record)."""
-    outcome = run_stage(
-        EXTRACT, config, source_refs([str(s) for s in sources]), str(out), progress=False, **kw
-    )
+    outcome = run_stage(EXTRACT, config, source_refs([str(s) for s in sources]), str(out), progress=False, **kw)
     assert outcome.done
     return outcome, read_table(str(out), expect_kind="candidates"), read_run_record(str(out))
 
@@ -171,9 +169,7 @@ def test_wat_gives_the_same_pairs_as_the_warc(web, warc_run, tmp_path):
     assert pairs(table) == pairs(warc_table)
     assert record.counts["pages"] == web.pages and record.counts["data_uri"] == warc_record.counts["data_uri"]
     # WAT keeps no declared sizes: the tracking pixels (alt="") fall to empty_alt instead
-    assert (
-        record.counts["empty_alt"] == warc_record.counts["empty_alt"] + warc_record.counts["tracking_pixel"]
-    )
+    assert record.counts["empty_alt"] == warc_record.counts["empty_alt"] + warc_record.counts["tracking_pixel"]
     assert table.column("caption").null_count == table.num_rows
 
 
@@ -182,13 +178,9 @@ def test_workers_and_slices_give_the_same_digest(web, warc_run, tmp_path):
     two, _, _ = extract(web.warc_paths, tmp_path / "w2", workers=2)
     assert two.ref.digest == one
     refs = source_refs([str(p) for p in web.warc_paths])
-    first = run_stage(
-        EXTRACT, ExtractConfig(), refs, str(tmp_path / "parts"), part=PartSpec(0, 2), progress=False
-    )
+    first = run_stage(EXTRACT, ExtractConfig(), refs, str(tmp_path / "parts"), part=PartSpec(0, 2), progress=False)
     assert not first.done and first.ran == 2
-    second = run_stage(
-        EXTRACT, ExtractConfig(), refs, str(tmp_path / "parts"), part=PartSpec(1, 2), progress=False
-    )
+    second = run_stage(EXTRACT, ExtractConfig(), refs, str(tmp_path / "parts"), part=PartSpec(1, 2), progress=False)
     assert second.done and second.ref.digest == one
 
 
@@ -202,9 +194,7 @@ def test_s3_sources_and_output(web, warc_run, s3_bucket):
     assert table.drop_columns(["source"]).equals(local.drop_columns(["source"]))
     assert set(table.column("source").to_pylist()) == {f"{s3_bucket}/crawl/{p.name}" for p in web.warc_paths}
     assert record.counts == warc_run[2].counts
-    assert [s["sha256"] for s in record.extra["sources"]] == [
-        s["sha256"] for s in warc_run[2].extra["sources"]
-    ]
+    assert [s["sha256"] for s in record.extra["sources"]] == [s["sha256"] for s in warc_run[2].extra["sources"]]
     assert storage.exists(f"{s3_bucket}/cand/_run.json") and outcome.ref.url == f"{s3_bucket}/cand"
 
 
@@ -452,9 +442,7 @@ def test_image_skip_reasons(tmp_path):
         "empty_alt": 2,
     }
     (row,) = result.table.to_pylist()
-    assert (
-        row["url"] == "https://site.example/ok.jpg" and row["page_url"] == "https://site.example/dir/p.html"
-    )
+    assert row["url"] == "https://site.example/ok.jpg" and row["page_url"] == "https://site.example/dir/p.html"
     assert row["width_attr"] is None
 
 

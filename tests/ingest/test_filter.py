@@ -77,9 +77,7 @@ def test_every_planted_defect_ends_with_its_reason(downloaded, filtered):
 
 def test_workers_and_part_slices_give_the_same_digest(downloaded, filtered, tmp_path):
     ref, _ = filtered
-    two = run_phases(
-        FILTER_PHASES, _config(downloaded), downloaded.downloaded, str(tmp_path / "w2"), workers=2
-    )
+    two = run_phases(FILTER_PHASES, _config(downloaded), downloaded.downloaded, str(tmp_path / "w2"), workers=2)
     assert two.digest == ref.digest
     out = tmp_path / "sliced"
     # a job array of two tasks: each phase finishes when its last slice does
@@ -164,9 +162,7 @@ def test_undecodable_images_are_rows_not_exceptions():
 def test_rebalance_reapplies_the_per_query_cap(downloaded, filtered, tmp_path):
     ref, out = filtered
     # curate's own cap: link rot only lowers counts, so nothing more drops
-    same = run_phases(
-        FILTER_PHASES, _config(downloaded, rebalance=True), downloaded.downloaded, str(tmp_path / "a")
-    )
+    same = run_phases(FILTER_PHASES, _config(downloaded, rebalance=True), downloaded.downloaded, str(tmp_path / "a"))
     assert same.digest == ref.digest
     low = run_phases(
         FILTER_PHASES,

@@ -66,11 +66,7 @@ def test_shards_hold_exactly_the_kept_samples(filtered, dataset):
         assert sample["txt"].decode()
     assert sorted(seen) == sorted(kept) and len(seen) == len(set(seen))  # no planted defect, no repeats
     sizes = json.loads((out / "shards" / "sizes.json").read_text())
-    assert (
-        sizes
-        == per_shard
-        == {"000000.tar": 5, "000001.tar": 5, "000002.tar": 5, "000003.tar": 5, "000004.tar": 4}
-    )
+    assert sizes == per_shard == {"000000.tar": 5, "000001.tar": 5, "000002.tar": 5, "000003.tar": 5, "000004.tar": 4}
     samples = read_table(str(out), expect_kind="samples").to_pylist()
     assert [s["uid"] for s in samples] == seen  # the manifest lists the samples in shard order
     assert all(s["key"] == s["uid"] and s["shard"].startswith("shards/") for s in samples)
@@ -96,13 +92,9 @@ def test_same_input_and_seed_give_identical_bytes_with_workers_and_slices(filter
     sliced = tmp_path / "sliced"
     plan = run_phases(SHARD_PHASES[:1], CONFIG, filtered[1], str(sliced))
     for i in range(3):
-        outcome = run_stage(
-            SHARD_PHASES[1][0], CONFIG, [plan], str(sliced), part=PartSpec(i, 3), progress=False
-        )
+        outcome = run_stage(SHARD_PHASES[1][0], CONFIG, [plan], str(sliced), part=PartSpec(i, 3), progress=False)
     assert outcome.ref.digest == ref.digest
-    other = run_phases(
-        SHARD_PHASES, ShardConfig(samples_per_shard=5, seed=4), filtered[1], str(tmp_path / "s4")
-    )
+    other = run_phases(SHARD_PHASES, ShardConfig(samples_per_shard=5, seed=4), filtered[1], str(tmp_path / "s4"))
     assert other.digest != ref.digest  # another seed, another order
 
 

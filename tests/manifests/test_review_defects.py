@@ -38,9 +38,7 @@ def test_marker_that_does_not_match_its_file_is_refused_and_redone(tmp_path):
     run_stage(ToySource(), cfg, [], str(out), progress=False)
     (out / "_run.json").unlink()
     # an overlapping attempt replaced the part after partition 0's marker was written
-    other = run_stage(
-        ToySource(), SourceConfig(parts=2, rows_per_part=4), [], str(tmp_path / "x"), progress=False
-    )
+    other = run_stage(ToySource(), SourceConfig(parts=2, rows_per_part=4), [], str(tmp_path / "x"), progress=False)
     (out / "part-00000.parquet").write_bytes((tmp_path / "x" / "part-00000.parquet").read_bytes())
     with pytest.raises(StageError, match="other bytes than its marker"):
         finalize(ToySource(), cfg, [], str(out), 2)

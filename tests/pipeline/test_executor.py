@@ -148,12 +148,8 @@ def test_phases_run_in_order_and_slices_complete_them(tmp_path):
     phases = [(ToyTag(), "_tag"), (ToyPack(), "")]
     whole = run_phases(phases, TagConfig(), [src], str(tmp_path / "whole"), progress=False)
     assert whole.done and read_run_record(str(tmp_path / "whole")).inputs[0].url.endswith("whole/_tag")
-    first = run_phases(
-        phases, TagConfig(), [src], str(tmp_path / "sliced"), part=PartSpec(0, 2), progress=False
-    )
+    first = run_phases(phases, TagConfig(), [src], str(tmp_path / "sliced"), part=PartSpec(0, 2), progress=False)
     assert not first.done and not (tmp_path / "sliced" / "_run.json").exists()
-    second = run_phases(
-        phases, TagConfig(), [src], str(tmp_path / "sliced"), part=PartSpec(1, 2), progress=False
-    )
+    second = run_phases(phases, TagConfig(), [src], str(tmp_path / "sliced"), part=PartSpec(1, 2), progress=False)
     assert second.done and second.ref.digest == whole.ref.digest
     assert verify(str(tmp_path / "sliced")).ok

@@ -25,9 +25,7 @@ def test_extract_then_curate_with_the_cli(web, tmp_path, run_wit):
     candidates = read_table(str(cands))
     # every image with usable alt text and an http(s) src is a candidate, relative ones included
     wanted = truth.filter(
-        pc.invert(
-            pc.is_in(truth["mess"], pc.cast(["data_uri", "tracking_pixel", "empty_alt"], truth["mess"].type))
-        )
+        pc.invert(pc.is_in(truth["mess"], pc.cast(["data_uri", "tracking_pixel", "empty_alt"], truth["mess"].type)))
     )
     found = set(zip(candidates["page_url"].to_pylist(), candidates["url"].to_pylist(), strict=True))
     missing = [
@@ -59,17 +57,14 @@ def test_private_hosts_are_dropped_by_default(web, tmp_path, run_wit):
     run_wit("curate", cands, "-o", tmp_path / "cur", "--lang", "", check=True)
     rec = read_run_record(str(tmp_path / "cur"))
     assert (
-        rec.counts.get("private_host", 0)
-        == rec.rows - rec.counts.get("bad_url", 0) - rec.counts.get("empty_text", 0)
+        rec.counts.get("private_host", 0) == rec.rows - rec.counts.get("bad_url", 0) - rec.counts.get("empty_text", 0)
         or rec.counts.get("kept", 0) == 0
     )
 
 
 def test_stage_errors_are_one_line(tmp_path, run_wit):
     proc = run_wit("curate", tmp_path / "nothing", "-o", tmp_path / "o")
-    assert (
-        proc.returncode == 1 and proc.stderr.strip().startswith("Error:") and "Traceback" not in proc.stderr
-    )
+    assert proc.returncode == 1 and proc.stderr.strip().startswith("Error:") and "Traceback" not in proc.stderr
     proc = run_wit("extract", tmp_path / "nothing-here", "-o", tmp_path / "o")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     proc = run_wit("extract", "x.warc", "-o", tmp_path / "o", "--part", "3/2")

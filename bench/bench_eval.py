@@ -1,0 +1,194 @@
+"""`wit eval` against `clip_benchmark eval` on the same checkpoint and the same exported wds data.
+
+Both tools evaluate zero-shot classification on built-in datasets exported in CLIP_benchmark's
+WebDataset layout (``wit.evaluate.export``). CLIP_benchmark runs from its own virtualenv
+(``/tmp/cbvenv``: ``python3 -m venv /tmp/cbvenv && /tmp/cbvenv/bin/pip install torch==2.14.1
+torchvision==0.29.1 clip_benchmark``) and loads the very same weights through open_clip's
+``local-dir:`` schema (an ``open_clip_config.json`` beside the weights). It runs with its defaults
+(batch 64, 4 loader workers) except ``--no_amp``: on CPU its autocast is bfloat16, and the point
+is to compare the same fp32 computation.
+
+Images per second are end to end for each command (process start, model load, text classifier,
+decode, encode, metrics; wit also computes its bootstrap intervals and writes its report), with
+wit's feature cache off so it encodes every image. Usage::
+
+    .venv/bin/python bench/bench_eval.py [--checkpoint CKPT.pt] [--cb-python /tmp/cbvenv/bin/python]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _report import table, write_section  # noqa: E402
+
+DATASETS = ("synthetic-colour", "synthetic-shape", "digits")
+
+WIT_SCRIPT = """
+import sys, json
+from wit.evaluate import evaluate, EvalConfig
+res = evaluate(sys.argv[1], sys.argv[2], sys.argv[3], EvalConfig(cache=None))
+print(json.dumps({"rows": res.rows, "encoded": res.images_encoded}))
+"""
+
+
+def make_checkpoint(folder: Path) -> tuple[Path, Path]:
+    """A seeded random-init wit-tiny as a wit checkpoint and as an open_clip local-dir model."""
+    import open_clip
+
+    from wit.train.checkpoint import save_checkpoint
+    from wit.train.models import resolve_model
+
+    spec = resolve_model("wit-tiny")
+    torch.manual_seed(0)
+    model = open_clip.create_model(spec.name)
+    ckpt = folder / "wit-tiny.pt"
+    save_checkpoint(
+        str(ckpt),
+        {
+            "state_dict": model.state_dict(),
+            "wit": {"format": 1, "model": spec.name, "model_config": spec.config, "step": 0},
+        },
+    )
+    return ckpt, local_dir(ckpt, folder / "local-dir")
+
+
+def local_dir(ckpt: Path, out: Path) -> Path:
+    from wit.train.checkpoint import load_checkpoint
+
+    data = load_checkpoint(str(ckpt))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "open_clip_config.json").write_text(json.dumps({"model_cfg": data["wit"]["model_config"]}))
+    torch.save(data["state_dict"], out / "open_clip_pytorch_model.bin")
+    return out
+
+
+def run_timed(cmd: list[str], cwd: Path | None = None) -> tuple[float, str]:
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
+    took = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd[:3])}... failed:\n{proc.stderr[-3000:]}")
+    return took, proc.stdout
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", help="a wit checkpoint (default: a seeded random-init wit-tiny)")
+    ap.add_argument("--cb-python", default="/tmp/cbvenv/bin/python")
+    ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
+    args = ap.parse_args()
+
+    from wit.evaluate import export
+    from wit.evaluate.datasets import open_dataset
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench-eval-"))
+    if args.checkpoint:
+        ckpt = Path(args.checkpoint)
+        ldir = local_dir(ckpt, work / "local-dir")
+    else:
+        ckpt, ldir = make_checkpoint(work)
+    rows, totals = [], {"wit": 0.0, "cb": 0.0, "n": 0}
+    for name in DATASETS:
+        data = work / "wds" / name
+        export(name, str(data), samples_per_shard=100, splits=("test",))  # >= 4 shards: one per loader worker
+        n = sum(1 for _ in open_dataset(str(data)).split("test").samples())
+        suite = work / f"{name}.yaml"
+        suite.write_text(f"tasks: [{{name: {name}, kind: zeroshot_classification, dataset: {data}, format: wds}}]\n")
+        wit_s, out = run_timed([sys.executable, "-c", WIT_SCRIPT, str(ckpt), str(work / "wit-out" / name), str(suite)])
+        wit = {r["metric"]: r for r in json.loads(out.strip().splitlines()[-1])["rows"]}
+        cb_json = work / "cb-out" / f"{name}.json"
+        cb_json.parent.mkdir(parents=True, exist_ok=True)
+        cb_s, _ = run_timed(
+            [
+                args.cb_python,
+                "-m",
+                "clip_benchmark.cli",
+                "eval",
+                "--model_type",
+                "open_clip",
+                "--model",
+                f"local-dir:{ldir}",
+                "--pretrained",
+                "none",
+                "--dataset",
+                f"wds/{name}",
+                "--dataset_root",
+                str(data),
+                "--task",
+                "zeroshot_classification",
+                "--no_amp",
+                "--output",
+                str(cb_json),
+            ],
+            cwd=work,
+        )
+        cb = json.loads(cb_json.read_text())["metrics"]
+        diff = 100 * (wit["acc1"]["value"] - cb["acc1"])
+        rows.append(
+            [
+                name,
+                n,
+                f"{100 * wit['acc1']['value']:.2f} [{100 * wit['acc1']['ci_low']:.1f}, "
+                f"{100 * wit['acc1']['ci_high']:.1f}]",
+                f"{100 * cb['acc1']:.2f}",
+                f"{diff:+.2f}",
+                f"{n / wit_s:.1f}",
+                f"{n / cb_s:.1f}",
+                f"{cb_s / wit_s:.2f}x",
+            ]
+        )
+        totals["wit"] += wit_s
+        totals["cb"] += cb_s
+        totals["n"] += n
+        print(rows[-1], flush=True)
+    rows.append(
+        [
+            "**all**",
+            totals["n"],
+            "",
+            "",
+            "",
+            f"{totals['n'] / totals['wit']:.1f}",
+            f"{totals['n'] / totals['cb']:.1f}",
+            f"{totals['cb'] / totals['wit']:.2f}x",
+        ]
+    )
+    what = "given" if args.checkpoint else "seeded random-init wit-tiny"
+    body = (
+        f"Zero-shot classification of one checkpoint ({what}) "
+        "on built-in datasets exported with `wit.evaluate.export` in CLIP_benchmark's wds layout; "
+        "`clip_benchmark eval --model_type open_clip --model local-dir:... --no_amp` (PyPI clip_benchmark, "
+        "its default batch 64 and 4 workers) against `wit.evaluate.evaluate` (feature cache off, "
+        "1000 bootstrap resamples, report written). Images/s are end to end per command, "
+        "process start included. "
+        f"CPU, torch {torch.__version__}, {torch.get_num_threads()} threads.\n\n"
+        + table(
+            [
+                "dataset",
+                "images",
+                "wit top-1 [95% CI]",
+                "clip_benchmark top-1",
+                "Δ points",
+                "wit img/s",
+                "clip_benchmark img/s",
+                "speed-up",
+            ],
+            rows,
+        )
+    )
+    print(write_section("eval", "Evaluation: wit eval vs clip_benchmark", body, "bench/bench_eval.py"))
+
+
+if __name__ == "__main__":
+    main()

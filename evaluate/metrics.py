@@ -1,0 +1,200 @@
+"""Metrics on embeddings and predictions, each with a seeded bootstrap 95% interval.
+
+Everything here works on NumPy arrays and knows nothing of models or files, so it is tested on
+constructed embeddings with known answers (tests/evaluate/test_metrics.py).
+
+The interval is the percentile bootstrap over the evaluation units (images for classification and
+image→text retrieval, captions for text→image retrieval): resample the units with replacement,
+recompute the statistic, take the 2.5% and 97.5% quantiles. Models are held fixed, so the interval
+says how much the score would move on another draw of the same test distribution.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+DEFAULT_RESAMPLES = 1000
+# Resample in blocks so that memory stays at block * n indices, whatever the test set size.
+_BLOCK_ELEMENTS = 4_000_000
+
+
+@dataclass(slots=True)
+class Score:
+    """One metric value with its interval and the number of units it was computed on."""
+
+    metric: str
+    value: float
+    ci_low: float | None
+    ci_high: float | None
+    n: int
+
+
+def normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Rows scaled to unit L2 norm (a zero row stays zero rather than becoming NaN)."""
+    norm = np.linalg.norm(x, axis=axis, keepdims=True)
+    return x / np.maximum(norm, 1e-12)
+
+
+def ensemble_classifier(text_features: np.ndarray) -> np.ndarray:
+    """Class embeddings by prompt ensembling (CLIP §3.1.4).
+
+    ``text_features`` is ``(classes, templates, dim)``: each template's embedding is normalised,
+    they are averaged per class, and the mean is renormalised. Returns ``(classes, dim)``.
+    """
+    if text_features.ndim != 3:
+        raise ValueError(f"text features must be (classes, templates, dim), got shape {text_features.shape}")
+    return normalize(normalize(text_features).mean(axis=1))
+
+
+def bootstrap_interval(
+    n: int,
+    statistic: Callable[[np.ndarray], np.ndarray],
+    resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float | None, float | None]:
+    """Percentile interval of ``statistic`` over bootstrap resamples of ``n`` units.
+
+    ``statistic`` takes an index matrix ``(b, n)`` (each row one resample) and returns ``(b,)``.
+    Returns ``(None, None)`` when there is nothing to resample.
+    """
+    if n <= 0 or resamples <= 0:
+        return None, None
+    rng = np.random.default_rng(seed)
+    block = max(1, min(resamples, _BLOCK_ELEMENTS // n))
+    values = []
+    done = 0
+    while done < resamples:
+        b = min(block, resamples - done)
+        values.append(np.asarray(statistic(rng.integers(0, n, size=(b, n))), dtype=np.float64))
+        done += b
+    stats = np.concatenate(values)
+    stats = stats[~np.isnan(stats)]
+    if stats.size == 0:
+        return None, None
+    tail = (1.0 - level) / 2 * 100
+    lo, hi = np.percentile(stats, [tail, 100 - tail])
+    return float(lo), float(hi)
+
+
+def mean_score(name: str, hits: np.ndarray, resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> Score:
+    """The mean of per-unit values (accuracy from hits, recall@k from per-query hits)."""
+    hits = np.asarray(hits, dtype=np.float64)
+    if hits.size == 0:
+        return Score(name, float("nan"), None, None, 0)
+    lo, hi = bootstrap_interval(hits.size, lambda idx: hits[idx].mean(axis=1), resamples, seed)
+    return Score(name, float(hits.mean()), lo, hi, int(hits.size))
+
+
+def per_class_recall(hits: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Recall of each class (NaN for a class with no test sample)."""
+    hits = np.asarray(hits, dtype=np.float64)
+    total = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    right = np.bincount(labels, weights=hits, minlength=num_classes)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, right / np.maximum(total, 1), np.nan)
+
+
+def mean_per_class_recall_score(
+    name: str,
+    hits: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+) -> Score:
+    """The mean over classes of per-class recall (balanced accuracy), classes without samples left out."""
+    hits = np.asarray(hits, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    if hits.size == 0:
+        return Score(name, float("nan"), None, None, 0)
+    value = float(np.nanmean(per_class_recall(hits, labels, num_classes)))
+    present = np.unique(labels)
+
+    def stat(idx: np.ndarray) -> np.ndarray:
+        lab, hit = labels[idx], hits[idx]
+        recalls = []
+        for c in present:
+            mask = lab == c
+            count = mask.sum(axis=1)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                recalls.append(np.where(count > 0, (hit * mask).sum(axis=1) / np.maximum(count, 1), np.nan))
+        return np.nanmean(np.stack(recalls, axis=1), axis=1)
+
+    lo, hi = bootstrap_interval(hits.size, stat, resamples, seed)
+    return Score(name, value, lo, hi, int(hits.size))
+
+
+def topk_hits(scores: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """Whether each row's label is among its ``k`` highest scores (ties broken by index order)."""
+    k = min(k, scores.shape[1])
+    top = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < scores.shape[1] else np.arange(scores.shape[1])[None]
+    return (top == np.asarray(labels)[:, None]).any(axis=1)
+
+
+def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
+    """Counts with rows = true class, columns = predicted class."""
+    m = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(m, (np.asarray(labels, dtype=np.int64), np.asarray(preds, dtype=np.int64)), 1)
+    return m
+
+
+def classification_scores(
+    scores: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    prefix: str = "",
+    resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+) -> list[Score]:
+    """top-1, top-5 (only with more than 5 classes, where it says something) and mean per-class recall."""
+    labels = np.asarray(labels, dtype=np.int64)
+    top1 = scores.argmax(axis=1) == labels
+    out = [mean_score(f"{prefix}acc1", top1, resamples, seed)]
+    if num_classes > 5:
+        out.append(mean_score(f"{prefix}acc5", topk_hits(scores, labels, 5), resamples, seed))
+    out.append(
+        mean_per_class_recall_score(f"{prefix}mean_per_class_recall", top1, labels, num_classes, resamples, seed)
+    )
+    return out
+
+
+def retrieval_hits(similarity: np.ndarray, owner: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-query hits at ``k`` for both directions of image–text retrieval.
+
+    ``similarity`` is ``(images, texts)``; ``owner[j]`` is the image that text ``j`` describes.
+    Image→text: an image is a hit when any of its texts is among its ``k`` most similar texts.
+    Text→image: a text is a hit when its image is among its ``k`` most similar images.
+    """
+    owner = np.asarray(owner, dtype=np.int64)
+    n_img, n_txt = similarity.shape
+    kt = min(k, n_txt)
+    top_txt = (
+        np.argpartition(-similarity, kt - 1, axis=1)[:, :kt] if kt < n_txt else np.tile(np.arange(n_txt), (n_img, 1))
+    )
+    i2t = (owner[top_txt] == np.arange(n_img)[:, None]).any(axis=1)
+    ki = min(k, n_img)
+    sim_t = similarity.T
+    top_img = np.argpartition(-sim_t, ki - 1, axis=1)[:, :ki] if ki < n_img else np.tile(np.arange(n_img), (n_txt, 1))
+    t2i = (top_img == owner[:, None]).any(axis=1)
+    return i2t, t2i
+
+
+def retrieval_scores(
+    similarity: np.ndarray,
+    owner: np.ndarray,
+    ks: tuple[int, ...] = (1, 5, 10),
+    resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+) -> list[Score]:
+    """Recall@k in CLIP_benchmark's names: ``image_retrieval_recall@k`` is text→image (a text
+    query retrieves images), ``text_retrieval_recall@k`` is image→text."""
+    out = []
+    for k in ks:
+        i2t, t2i = retrieval_hits(similarity, owner, k)
+        out.append(mean_score(f"image_retrieval_recall@{k}", t2i, resamples, seed))
+        out.append(mean_score(f"text_retrieval_recall@{k}", i2t, resamples, seed))
+    return out

@@ -1,0 +1,443 @@
+"""``evaluate()``: a suite of tasks on one checkpoint, as a stage with one partition per task.
+
+Flow: load the checkpoint once → open every task's dataset and take the digests of the splits it
+needs (bad input fails here, before any encoding) → build the text classifiers of all zero-shot
+tasks in one batched pass → run the partitions in order: one per task (image features from the
+cache or encoded now; metrics with intervals; a part file of ``EVAL_RESULTS`` rows and a
+``tasks/NAME.json`` detail file), then a last ``report`` partition that writes ``results.json``,
+``report.md``, ``report.html`` and ``report/*.png`` from the detail files → ``_run.json`` last.
+
+The partitions are committed through ``wit.manifests.stage`` (markers, pin, finalize), so a run
+that is killed resumes at the first uncommitted task, and a finished folder is returned as is.
+The report partition must run after the task partitions: the driver here runs them in order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from wit.manifests import storage
+from wit.manifests.manifest import FileInfo, ManifestError, ManifestRef, read_table
+from wit.manifests.runrecord import read_run_record
+from wit.manifests.schemas import EVAL_RESULTS
+from wit.manifests.stage import (
+    Partition,
+    PartitionResult,
+    StageError,
+    commit_partition,
+    committed,
+    finalize,
+    finished,
+    pin,
+    resolve_inputs,
+)
+from wit.train.checkpoint import load_model
+
+from . import metrics as M
+from .datasets import DEFAULT_TEMPLATES, Dataset, open_dataset
+from .errors import EvalError
+from .features import Encoder, FeatureCache, ImageFeatures, split_features
+from .probe import DEFAULT_CS, fewshot, linear_probe
+from .report import build_blocks, render_html, render_markdown, results_json
+from .tasks import Suite, TaskSpec, load_suite
+
+
+def default_cache() -> str:
+    """``$WIT_CACHE/eval-features``, or ``~/.cache/wit/eval-features``."""
+    root = os.environ.get("WIT_CACHE") or str(Path.home() / ".cache" / "wit")
+    return storage.join(root, "eval-features")
+
+
+@dataclass(frozen=True, slots=True)
+class EvalConfig:
+    """How to evaluate (not what: that is the suite). Validated once, here."""
+
+    model: str | None = None  # architecture of a foreign (open_clip) checkpoint; wit checkpoints name their own
+    device: str = "auto"  # auto: cuda when there is one
+    batch_size: int = 256
+    threads: int = 0  # image decode threads; 0: min(8, cores)
+    cache: str | None = field(default_factory=default_cache)  # None or "": no feature cache
+    resamples: int = M.DEFAULT_RESAMPLES
+    seed: int = 0
+    probe_cs: tuple[float, ...] = DEFAULT_CS
+    fewshot_c: float = 10.0
+    progress: bool = False  # a line per task on stderr
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise EvalError("batch_size must be at least 1")
+        if self.threads < 0:
+            raise EvalError("threads must be 0 (automatic) or more")
+        if self.resamples < 0:
+            raise EvalError("resamples must be 0 (no intervals) or more")
+        if not self.probe_cs or any(c <= 0 for c in self.probe_cs):
+            raise EvalError("probe_cs must be positive")
+        if self.fewshot_c <= 0:
+            raise EvalError("fewshot_c must be positive")
+        if self.device != "auto" and not self.device.startswith(("cpu", "cuda", "mps")):
+            raise EvalError(f"unknown device {self.device!r}; expected auto, cpu, cuda[:N] or mps")
+
+    def resolved_device(self) -> str:
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+
+@dataclass(slots=True)
+class EvalResult:
+    ref: ManifestRef  # the results manifest (kind eval_results)
+    out: str
+    rows: list[dict]
+    results_json: str
+    report_md: str
+    report_html: str
+    images_encoded: int = 0  # images run through the model in this call (0 when all came from the cache)
+    images_cached: int = 0
+    reused: bool = False  # the output folder already held this finished run
+
+
+def _sha_text(*parts: str) -> str:
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+class Session:
+    """What the partitions of one evaluate() call share: the model, the opened datasets, the cache."""
+
+    def __init__(self, checkpoint: str, suite: Suite, config: EvalConfig):
+        self.config = config
+        self.suite = suite
+        self.checkpoint = storage.normalize(checkpoint)
+        self.device = config.resolved_device()
+        self.loaded = load_model(self.checkpoint, model=config.model, device=self.device)
+        self.encoder = Encoder(
+            self.loaded.model,
+            self.loaded.preprocess,
+            self.loaded.tokenizer,
+            self.device,
+            config.batch_size,
+            config.threads,
+        )
+        self.cache = FeatureCache(config.cache or None)
+        self.datasets: dict[tuple[str, str | None], Dataset] = {}
+        self.splits: dict[tuple[str, str], object] = {}
+        self.text: dict[str, np.ndarray] = {}  # task -> (classes, templates, dim)
+        self.images_cached = 0
+
+    # -- data ---------------------------------------------------------------------------------
+    def dataset(self, task: TaskSpec) -> Dataset:
+        key = (task.dataset, task.format)
+        if key not in self.datasets:
+            self.datasets[key] = open_dataset(task.dataset, task.format)
+        return self.datasets[key]
+
+    def split(self, task: TaskSpec, name: str):
+        key = (task.dataset, name)
+        if key not in self.splits:
+            self.splits[key] = self.dataset(task).split(name)
+        return self.splits[key]
+
+    def needed_splits(self, task: TaskSpec) -> list[str]:
+        return [task.train_split, task.split] if task.kind in ("linear_probe", "fewshot") else [task.split]
+
+    def classnames(self, task: TaskSpec) -> list[str]:
+        ds = self.dataset(task)
+        names = list(task.classnames) if task.classnames else ds.classnames
+        if not names:
+            where = f"{ds.source}/classnames.txt" if ds.format in ("wds", "folder") else ds.source
+            raise EvalError(f"task {task.name}: no class names ({where} is missing; give classnames: in the suite)")
+        return names
+
+    def templates(self, task: TaskSpec) -> list[str]:
+        return list(task.templates or self.dataset(task).templates or DEFAULT_TEMPLATES)
+
+    def features(self, task: TaskSpec, split: str) -> ImageFeatures:
+        s = self.split(task, split)
+        feats = split_features(self.encoder, self.cache, self.loaded.digest, self.loaded.name, s)
+        if feats.cached:
+            self.images_cached += len(feats.keys)
+        if len(feats.keys) == 0:
+            skipped = ", ".join(f"{v} {k}" for k, v in feats.skipped.items()) or "no samples"
+            raise EvalError(
+                f"task {task.name}: split {split!r} of {self.dataset(task).source} has no usable image ({skipped})"
+            )
+        return feats
+
+    # -- text ---------------------------------------------------------------------------------
+    def build_text_classifiers(self, tasks: list[TaskSpec]) -> None:
+        """Prompt embeddings of every zero-shot task, in one batched pass over all their texts."""
+        todo = [t for t in tasks if t.kind == "zeroshot_classification" and t.name not in self.text]
+        texts, shapes = [], []
+        for t in todo:
+            names, temps = self.classnames(t), self.templates(t)
+            texts.extend(tmpl.replace("{c}", c) for c in names for tmpl in temps)
+            shapes.append((t.name, len(names), len(temps)))
+        if not texts:
+            return
+        emb = self.encoder.encode_texts(texts)
+        at = 0
+        for name, c, k in shapes:
+            self.text[name] = emb[at : at + c * k].reshape(c, k, -1)
+            at += c * k
+
+
+class EvalStage:
+    """The stage contract for one suite: partitions are the tasks, then the report."""
+
+    name = "eval"
+    kind = "eval_results"
+
+    def __init__(self, session: Session):
+        self.session = session
+
+    def partitions(self, config, inputs) -> list[Partition]:
+        tasks = self.session.suite.tasks
+        parts = [Partition(i, t.name) for i, t in enumerate(tasks)]
+        return parts + [Partition(len(tasks), "report")]
+
+    def run_partition(self, config, partition: Partition, out: str) -> PartitionResult:
+        tasks = self.session.suite.tasks
+        if partition.index == len(tasks):
+            return self._report(config, out)
+        return self._task(config, tasks[partition.index], out)
+
+    # -----------------------------------------------------------------------------------------
+    def _task(self, config: dict, task: TaskSpec, out: str) -> PartitionResult:
+        s = self.session
+        cfg = s.config
+        start = time.perf_counter()
+        detail: dict = {"task": task.name, "kind": task.kind, "dataset": task.dataset, "chance": None}
+        test = s.features(task, task.split)
+        skipped = dict(test.skipped)
+        templates_digest = None
+        scores: list[M.Score] = []
+        if task.kind == "zeroshot_retrieval":
+            texts = [c for caps in test.captions for c in caps]
+            if not texts:
+                raise EvalError(f"task {task.name}: {task.dataset} has no captions (a retrieval dataset needs txt)")
+            owner = np.repeat(np.arange(len(test.captions)), [len(c) for c in test.captions])
+            txt = s.encoder.encode_texts(texts)
+            scores = M.retrieval_scores(test.features @ txt.T, owner, (1, 5, 10), cfg.resamples, cfg.seed)
+            detail.update(captions=len(texts))
+        else:
+            names = self._names(task)
+            valid = (test.labels >= 0) & (test.labels < len(names))
+            if (~valid).any():
+                skipped["no_label"] = skipped.get("no_label", 0) + int((~valid).sum())
+            x, y = test.features[valid], test.labels[valid]
+            if len(y) == 0:
+                raise EvalError(f"task {task.name}: no test image has a class label")
+            detail.update(classnames=names, chance=1.0 / len(names))
+            if task.kind == "zeroshot_classification":
+                if task.name not in s.text:
+                    s.build_text_classifiers([task])
+                text = s.text[task.name]
+                templates = s.templates(task)
+                templates_digest = _sha_text(*templates, "\n", *names)
+                logits = x @ M.ensemble_classifier(text).T
+                single = x @ M.normalize(text[:, 0, :]).T
+                scores = M.classification_scores(logits, y, len(names), "", cfg.resamples, cfg.seed)
+                scores.append(M.mean_score("acc1_single_template", single.argmax(1) == y, cfg.resamples, cfg.seed))
+                detail.update(
+                    templates=len(templates),
+                    confusion=M.confusion_matrix(y, logits.argmax(1), len(names)).tolist(),
+                )
+            else:
+                train = s.features(task, task.train_split)
+                tv = (train.labels >= 0) & (train.labels < len(names))
+                tx, ty = train.features[tv], train.labels[tv]
+                detail["train_digest"] = s.split(task, task.train_split).digest
+                if task.kind == "linear_probe":
+                    probe = linear_probe(tx, ty, x, len(names), cfg.probe_cs, seed=cfg.seed)
+                    scores = M.classification_scores(probe.scores, y, len(names), "lp_", cfg.resamples, cfg.seed)
+                    detail.update(
+                        best_c=probe.best_c,
+                        validation={str(k): v for k, v in probe.validation.items()},
+                        confusion=M.confusion_matrix(y, probe.scores.argmax(1), len(names)).tolist(),
+                    )
+                else:
+                    curve = {}
+                    for k in task.fewshot_ks:
+                        fs = fewshot(tx, ty, x, len(names), k, cfg.fewshot_c, cfg.seed)
+                        if fs is None:
+                            continue  # some class has fewer than k training examples
+                        top1 = fs.argmax(1) == y
+                        a = M.mean_score(f"fewshot_k{k}_acc1", top1, cfg.resamples, cfg.seed)
+                        r = M.mean_per_class_recall_score(
+                            f"fewshot_k{k}_mean_per_class_recall",
+                            top1,
+                            y,
+                            len(names),
+                            cfg.resamples,
+                            cfg.seed,
+                        )
+                        scores += [a, r]
+                        curve[str(k)] = {"value": a.value, "ci_low": a.ci_low, "ci_high": a.ci_high}
+                    if not curve:
+                        raise EvalError(f"task {task.name}: no class has {min(task.fewshot_ks)} training examples")
+                    detail["fewshot"] = curve
+        scores = [sc for sc in scores if task.wants(sc.metric)]
+        dataset_digest = s.split(task, task.split).digest
+        rows = [
+            {
+                "task": task.name,
+                "kind": task.kind,
+                "metric": sc.metric,
+                "value": sc.value,
+                "ci_low": sc.ci_low,
+                "ci_high": sc.ci_high,
+                "n": sc.n,
+                "checkpoint_digest": s.loaded.digest,
+                "dataset_digest": dataset_digest,
+                "templates_digest": templates_digest,
+            }
+            for sc in scores
+        ]
+        n = int(rows[0]["n"]) if rows else len(test.keys)
+        detail.update(
+            metrics=[{k: r[k] for k in ("metric", "value", "ci_low", "ci_high", "n")} for r in rows],
+            n=len(test.keys),
+            skipped=skipped,
+            dataset_digest=dataset_digest,
+            cached=test.cached,
+            encode_seconds=round(test.seconds, 3),
+            seconds=round(time.perf_counter() - start, 3),
+        )
+        if s.config.progress:
+            head = ", ".join(f"{r['metric']}={100 * r['value']:.1f}" for r in rows[:3])
+            print(f"eval: {task.name}: {head} (n={n}{', cached' if test.cached else ''})", file=sys.stderr)
+        info = _commit_text(out, f"tasks/{task.name}.json", json.dumps(detail, indent=1) + "\n")
+        counts = {"kept": len(test.keys), **skipped}
+        return PartitionResult(table=pa.Table.from_pylist(rows, schema=EVAL_RESULTS), counts=counts, files=[info])
+
+    def _names(self, task: TaskSpec) -> list[str]:
+        try:
+            return self.session.classnames(task)
+        except EvalError:
+            if task.kind == "zeroshot_classification":
+                raise
+            # A probe needs labels, not names: number the classes it finds.
+            labels = self.session.features(task, task.split).labels
+            return [f"class {i}" for i in range(int(labels.max()) + 1)]
+
+    def _report(self, config: dict, out: str) -> PartitionResult:
+        tasks = []
+        for t in self.session.suite.tasks:
+            url = storage.join(out, f"tasks/{t.name}.json")
+            if not storage.exists(url):
+                raise StageError(f"{out}: task {t.name} is not committed; the report runs after every task")
+            tasks.append(json.loads(storage.read_text(url)))
+        run = {
+            "model": self.session.loaded.name,
+            "checkpoint": self.session.checkpoint,
+            "checkpoint_digest": self.session.loaded.digest,
+            "suite": self.session.suite.name,
+            "resamples": self.session.config.resamples,
+            "seed": self.session.config.seed,
+        }
+        blocks = build_blocks(run, tasks)
+        files = [
+            _commit_text(out, "results.json", results_json(run, tasks)),
+            _commit_text(out, "report.md", render_markdown(blocks)),
+            _commit_text(out, "report.html", render_html(blocks, f"wit eval: {run['model']}")),
+        ]
+        files += [_commit_bytes(out, f"report/{b.name}", b.png) for b in blocks if b.type == "figure"]
+        return PartitionResult(table=None, files=files)
+
+
+def _commit_bytes(out: str, name: str, data: bytes) -> FileInfo:
+    storage.write_bytes(storage.join(out, name), data)
+    return FileInfo(name=name, sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+
+
+def _commit_text(out: str, name: str, text: str) -> FileInfo:
+    return _commit_bytes(out, name, text.encode("utf-8"))
+
+
+def checkpoint_inputs(checkpoint: str, digest: str) -> list[ManifestRef]:
+    """The lineage input of a checkpoint: the finished train output that holds it, if any
+    (so lineage reads checkpoint → dataset → pages), else the checkpoint file as a source."""
+    url = storage.normalize(checkpoint)
+    folder = url
+    for _ in range(3):
+        if "/" not in folder.rstrip("/"):
+            break
+        folder = folder.rstrip("/").rsplit("/", 1)[0]
+        try:
+            rec = read_run_record(folder)
+        except (ManifestError, storage.StorageError):
+            rec = None
+        if rec is not None and rec.stage == "train":
+            return [rec.output]
+    return [ManifestRef(url=url, kind="source", digest=digest)]
+
+
+def evaluate(checkpoint: str, out: str, suite: str | Suite = "default", config: EvalConfig | None = None) -> EvalResult:
+    """Evaluate ``checkpoint`` on ``suite`` (a name, a YAML URL or a Suite) into the folder ``out``."""
+    config = config or EvalConfig()
+    suite = load_suite(suite) if isinstance(suite, str) else suite
+    out = storage.normalize(out)
+    session = Session(checkpoint, suite, config)
+    # Open every split first: a missing class-names file or an empty split fails before any work.
+    digests: dict[str, dict[str, str]] = {}
+    sources: dict[str, str] = {}  # normalised URL -> the task's dataset string
+    for t in suite.tasks:
+        if t.kind == "zeroshot_classification":
+            session.classnames(t)
+        for sp in session.needed_splits(t):
+            digests.setdefault(t.dataset, {})[sp] = session.split(t, sp).digest
+        if session.dataset(t).format != "builtin":
+            sources[storage.normalize(t.dataset)] = t.dataset
+    inputs = checkpoint_inputs(session.checkpoint, session.loaded.digest)
+    for url, key in sources.items():
+        d = _sha_text(*(f"{k}:{v}" for k, v in sorted(digests[key].items())))
+        inputs.append(ManifestRef(url=url, kind="source", digest=d))
+    stage_config = {
+        "checkpoint": session.checkpoint,
+        "checkpoint_digest": session.loaded.digest,
+        "model": session.loaded.name,
+        "suite": suite.to_dict(),
+        "dataset_digests": digests,
+        "resamples": config.resamples,
+        "seed": config.seed,
+        "probe_cs": list(config.probe_cs),
+        "fewshot_c": config.fewshot_c,
+    }
+    stage = EvalStage(session)
+    inputs = resolve_inputs(inputs)
+    ref = finished(stage, stage_config, inputs, out)
+    if ref is None:
+        storage.makedirs(out)
+        pin(stage, stage_config, inputs, out)
+        storage.sweep_temporaries(out)
+        done = committed(out)
+        partitions = stage.partitions(stage_config, inputs)
+        session.build_text_classifiers([suite.tasks[p.index] for p in partitions[:-1] if p.index not in done])
+        for p in partitions:
+            if p.index not in done:
+                commit_partition(stage, p, stage.run_partition(stage_config, p, out), out)
+        ref = finalize(stage, stage_config, inputs, out, len(partitions))
+        reused = False
+    else:
+        reused = True
+    rows = read_table(out, expect_kind="eval_results").to_pylist()
+    return EvalResult(
+        ref=ref,
+        out=out,
+        rows=rows,
+        results_json=storage.join(out, "results.json"),
+        report_md=storage.join(out, "report.md"),
+        report_html=storage.join(out, "report.html"),
+        images_encoded=session.encoder.images_encoded,
+        images_cached=session.images_cached,
+        reused=reused,
+    )

@@ -1,0 +1,244 @@
+"""Tasks and suites: what to evaluate, on which data, with which prompts and metrics.
+
+A suite is a YAML file (or a built-in name)::
+
+    name: my-suite
+    tasks:
+      - digits                               # a built-in task, by name
+      - name: cifar10
+        kind: zeroshot_classification        # or zeroshot_retrieval, linear_probe, fewshot
+        dataset: s3://bench/wds_cifar10      # CLIP_benchmark wds folder, image folder, .csv/.parquet
+        format: wds                          # optional: builtin | wds | folder | table (inferred)
+        split: test
+        classnames: classnames.txt           # optional: a list, or a file (relative to the YAML)
+        templates: ["a photo of a {c}."]     # optional: a list, or a file
+        metrics: [acc1, mean_per_class_recall]   # optional: default is every metric of the kind
+
+Built-in tasks need no download: ``digits`` (scikit-learn's handwritten digits) and the held-out
+synthetic tasks; each is also a suite of one task under its own name, and ``default`` holds all.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+
+import yaml
+
+from wit.manifests import storage
+
+from .errors import EvalError
+
+KINDS = ("zeroshot_classification", "zeroshot_retrieval", "linear_probe", "fewshot")
+FORMATS = ("builtin", "wds", "folder", "table")
+FEWSHOT_KS = (1, 2, 4, 8, 16)
+RECALL_KS = (1, 5, 10)
+
+# Metric names follow CLIP_benchmark's, so the JSON reads like its output.
+_KIND_METRICS: dict[str, tuple[str, ...]] = {
+    "zeroshot_classification": ("acc1", "acc5", "mean_per_class_recall", "acc1_single_template"),
+    "zeroshot_retrieval": tuple(f"{d}_retrieval_recall@{k}" for k in RECALL_KS for d in ("image", "text")),
+    "linear_probe": ("lp_acc1", "lp_acc5", "lp_mean_per_class_recall"),
+    "fewshot": (),  # fewshot_k{k}_acc1, fewshot_k{k}_mean_per_class_recall
+}
+_FEWSHOT_METRIC = re.compile(r"^fewshot_k(\d+)_(acc1|mean_per_class_recall)$")
+
+# The CLIP paper's ImageNet-style prompt set is far too long for a 3-layer text tower that saw
+# only alt text; these mirror the phrasings of the synthetic web's captions.
+SHAPE_TEMPLATES = (
+    "a {c}.",
+    "a {c} shape.",
+    "{c} icon",
+    "a drawing of a {c}.",
+    "{c} clipart",
+    "a picture of a {c}.",
+)
+COLOUR_TEMPLATES = (
+    "something {c}.",
+    "a {c} shape.",
+    "a {c} object.",
+    "{c}",
+    "drawn in {c}.",
+    "a {c} picture.",
+)
+DIGIT_TEMPLATES = (
+    "the number {c}.",
+    "the digit {c}.",
+    "number {c}",
+    'a photo of the number: "{c}".',
+    "hand-drawn number {c}",
+    "{c}",
+)
+RETRIEVAL_TEMPLATES: tuple[str, ...] = ()
+
+
+def metric_known(kind: str, metric: str) -> bool:
+    if kind == "fewshot":
+        return bool(_FEWSHOT_METRIC.match(metric))
+    return metric in _KIND_METRICS[kind]
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSpec:
+    """One evaluation: a kind of measurement on one dataset split."""
+
+    name: str
+    kind: str
+    dataset: str  # a URL, or a built-in dataset name
+    format: str | None = None  # inferred from the dataset when None
+    split: str = "test"
+    train_split: str = "train"  # linear probe and few-shot fit on it (a validation part is held out)
+    classnames: tuple[str, ...] | None = None  # overrides the dataset's
+    templates: tuple[str, ...] | None = None  # overrides the dataset's
+    metrics: tuple[str, ...] = ()  # empty: every metric of the kind
+    fewshot_ks: tuple[int, ...] = FEWSHOT_KS
+
+    def __post_init__(self) -> None:
+        if not self.name or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", self.name):
+            raise EvalError(f"task name {self.name!r}: use letters, digits, '-', '_' and '.'")
+        if self.kind not in KINDS:
+            raise EvalError(f"task {self.name}: unknown kind {self.kind!r}; expected one of {', '.join(KINDS)}")
+        if self.format is not None and self.format not in FORMATS:
+            raise EvalError(f"task {self.name}: unknown format {self.format!r}; expected one of {', '.join(FORMATS)}")
+        bad = [m for m in self.metrics if not metric_known(self.kind, m)]
+        if bad:
+            raise EvalError(f"task {self.name}: {', '.join(bad)} is not a {self.kind} metric")
+        if not self.fewshot_ks or any(k < 1 for k in self.fewshot_ks):
+            raise EvalError(f"task {self.name}: few-shot k must be positive integers")
+        if self.templates is not None:
+            if not self.templates:
+                raise EvalError(f"task {self.name}: templates is empty")
+            for t in self.templates:
+                if "{c}" not in t:
+                    raise EvalError(f"task {self.name}: template {t!r} has no {{c}} placeholder")
+
+    def wants(self, metric: str) -> bool:
+        return not self.metrics or metric in self.metrics
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Suite:
+    name: str
+    tasks: tuple[TaskSpec, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise EvalError(f"suite {self.name}: has no tasks")
+        names = [t.name for t in self.tasks]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise EvalError(f"suite {self.name}: task names must be unique ({', '.join(dup)})")
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "tasks": [t.to_dict() for t in self.tasks]}
+
+
+def _builtin_tasks() -> dict[str, TaskSpec]:
+    zs = "zeroshot_classification"
+    tasks = [
+        TaskSpec("digits", zs, "digits", "builtin"),
+        TaskSpec("synthetic-shape", zs, "synthetic-shape", "builtin"),
+        TaskSpec("synthetic-colour", zs, "synthetic-colour", "builtin"),
+        TaskSpec("synthetic-digit", zs, "synthetic-digit", "builtin"),
+        TaskSpec("synthetic-retrieval", "zeroshot_retrieval", "synthetic-retrieval", "builtin"),
+        TaskSpec("digits-linear-probe", "linear_probe", "digits", "builtin"),
+        TaskSpec("digits-fewshot", "fewshot", "digits", "builtin"),
+        TaskSpec("synthetic-shape-linear-probe", "linear_probe", "synthetic-shape", "builtin"),
+        TaskSpec("synthetic-shape-fewshot", "fewshot", "synthetic-shape", "builtin"),
+    ]
+    return {t.name: t for t in tasks}
+
+
+BUILTIN_TASKS: dict[str, TaskSpec] = _builtin_tasks()
+
+
+def builtin_suites() -> dict[str, Suite]:
+    suites = {"default": Suite("default", tuple(BUILTIN_TASKS.values()))}
+    suites.update({name: Suite(name, (task,)) for name, task in BUILTIN_TASKS.items()})
+    return suites
+
+
+def _strings(value, what: str, base: str | None, task: str) -> tuple[str, ...] | None:
+    """A list given inline, or the lines of a file (a URL, or a path relative to the suite file)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        url = value if ("://" in value or value.startswith("/") or base is None) else storage.join(base, value)
+        if not storage.exists(url):
+            raise EvalError(f"task {task}: {what} file {url} not found")
+        lines = [line.strip() for line in storage.read_text(url).splitlines()]
+        return tuple(line for line in lines if line)
+    if isinstance(value, list) and all(isinstance(v, (str, int)) for v in value):
+        return tuple(str(v) for v in value)
+    raise EvalError(f"task {task}: {what} must be a list of strings or a file name")
+
+
+def _task_from(entry, base: str | None, where: str) -> TaskSpec:
+    if isinstance(entry, str):
+        if entry not in BUILTIN_TASKS:
+            raise EvalError(f"{where}: no built-in task {entry!r} (built-ins: {', '.join(BUILTIN_TASKS)})")
+        return BUILTIN_TASKS[entry]
+    if not isinstance(entry, dict):
+        raise EvalError(f"{where}: a task is a built-in name or a mapping, not {type(entry).__name__}")
+    known = set(TaskSpec.__dataclass_fields__)
+    extra = sorted(set(entry) - known)
+    if extra:
+        raise EvalError(f"{where}: unknown task field(s) {', '.join(extra)}")
+    for need in ("name", "kind", "dataset"):
+        if need not in entry:
+            raise EvalError(f"{where}: a task needs '{need}'")
+    name = str(entry["name"])
+    dataset = str(entry["dataset"])
+    # A relative dataset path is relative to the suite file, like the class-name files.
+    if base and "://" not in dataset and not dataset.startswith("/") and (entry.get("format") != "builtin"):
+        from .datasets import BUILTIN_DATASETS
+
+        if dataset not in BUILTIN_DATASETS:
+            dataset = storage.join(base, dataset)
+    ks = entry.get("fewshot_ks", FEWSHOT_KS)
+    return TaskSpec(
+        name=name,
+        kind=str(entry["kind"]),
+        dataset=dataset,
+        format=entry.get("format"),
+        split=str(entry.get("split", "test")),
+        train_split=str(entry.get("train_split", "train")),
+        classnames=_strings(entry.get("classnames"), "classnames", base, name),
+        templates=_strings(entry.get("templates"), "templates", base, name),
+        metrics=tuple(str(m) for m in entry.get("metrics", ()) or ()),
+        fewshot_ks=tuple(int(k) for k in ks),
+    )
+
+
+def parse_suite(text: str, name: str = "suite", base: str | None = None) -> Suite:
+    """A suite from YAML text; relative file names resolve against ``base`` (the suite's folder)."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise EvalError(f"{name}: not valid YAML ({first})") from exc
+    if isinstance(data, list):
+        data = {"tasks": data}
+    if not isinstance(data, dict) or not isinstance(data.get("tasks"), list):
+        raise EvalError(f"{name}: a suite is a mapping with a 'tasks' list")
+    suite_name = str(data.get("name", name))
+    tasks = tuple(_task_from(t, base, f"{name} task {i}") for i, t in enumerate(data["tasks"]))
+    return Suite(suite_name, tasks)
+
+
+def load_suite(name_or_url: str) -> Suite:
+    """A built-in suite by name (``default``, or any built-in task's name), or a suite YAML file."""
+    suites = builtin_suites()
+    if name_or_url in suites:
+        return suites[name_or_url]
+    if not name_or_url.endswith((".yaml", ".yml")):
+        raise EvalError(f"unknown suite {name_or_url!r}: give a .yaml file or one of {', '.join(suites)}")
+    if not storage.exists(name_or_url):
+        raise EvalError(f"suite file {name_or_url} not found")
+    url = storage.normalize(name_or_url)
+    base = url.rsplit("/", 1)[0] if "/" in url else None
+    stem = storage.basename(url).rsplit(".", 1)[0]
+    return parse_suite(storage.read_text(url), name=stem, base=base)

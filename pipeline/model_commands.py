@@ -1,0 +1,172 @@
+"""`wit train` and `wit eval`: options → frozen config → one library call."""
+
+from __future__ import annotations
+
+import click
+
+from wit.pipeline.clikit import domain_errors, output_option
+
+
+@click.command()
+@click.argument("dataset", metavar="DATASET")
+@output_option
+@click.option("--config", "config_url", metavar="YAML", help="Options as a YAML file (the flags below win).")
+@click.option("--model", default=None, metavar="NAME_OR_JSON", help="open_clip name or JSON config [wit-tiny].")
+@click.option("--batch-size", type=click.IntRange(min=2), default=None, help="Per device [32].")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Optimiser steps (or --epochs).")
+@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=None)
+@click.option("--lr", type=float, default=None, help="Peak learning rate [5e-4].")
+@click.option("--warmup", type=click.IntRange(min=0), default=None, help="Warm-up steps [0].")
+@click.option("--weight-decay", type=float, default=None, help="Not on gains, biases, embeddings [0.2].")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "amp"]), default=None, help="[fp32]")
+@click.option("--loss", type=click.Choice(["clip", "siglip"]), default=None, help="[clip]")
+@click.option("--grad-accum", type=click.IntRange(min=1), default=None, help="Micro-batches per step [1].")
+@click.option("--workers", type=click.IntRange(min=0), default=None, help="Data loader workers per rank [2].")
+@click.option("--save-every", type=click.IntRange(min=1), default=None, help="Steps between checkpoints.")
+@click.option("--keep", type=click.IntRange(min=1), default=None, help="Checkpoints kept [3].")
+@click.option("--resume", default=None, metavar="auto|URL", help="Continue from the newest or a given checkpoint.")
+@click.option("--seed", type=int, default=None, help="[0]")
+@click.option("--device", default=None, help="auto, cpu or cuda [auto].")
+@click.option("--grad-checkpointing", is_flag=True, default=None)
+@click.option("--compile", "compile_", is_flag=True, default=None, help="torch.compile the model.")
+@domain_errors
+def train(dataset, out, config_url, model, batch_size, steps, epochs, lr, warmup, weight_decay, precision, loss,
+          grad_accum, workers, save_every, keep, resume, seed, device, grad_checkpointing, compile_):  # fmt: skip
+    """Train a CLIP model on a dataset's shards; torchrun for several processes or machines.
+
+    DATASET is a `wit shard` folder, a brace pattern or a list of tar URLs (A::B mixes datasets).
+    Checkpoints go to OUT/checkpoints (open_clip loads them with pretrained=); metrics to
+    OUT/metrics.parquet; OUT/_run.json links the model to its dataset's lineage.
+
+    \b
+    Example:
+        wit train out/dataset -o out/train --model wit-tiny --batch-size 64 --steps 300
+        torchrun --nproc_per_node 8 -m wit.pipeline.cli train s3://bucket/dataset \\
+            -o s3://bucket/runs/b32 --model ViT-B-32 --batch-size 256 --precision bf16 --resume auto
+    """
+    from wit.train.config import TrainConfig
+    from wit.train.loop import train as run_training
+
+    options = dict(model=model, batch_size=batch_size, steps=steps, epochs=epochs, lr=lr, warmup=warmup,
+                   weight_decay=weight_decay, precision=precision, loss=loss, grad_accum=grad_accum,
+                   workers=workers, save_every=save_every, keep=keep, resume=resume, seed=seed, device=device,
+                   grad_checkpointing=grad_checkpointing, compile=compile_)  # fmt: skip
+    config = TrainConfig.from_yaml(config_url, **options) if config_url else TrainConfig.from_dict({}, **options)
+    result = run_training(config, dataset, out)
+    if result is not None and getattr(result, "checkpoint", None):
+        click.echo(f"train: {result.step} steps, final loss {result.loss:.4f} → {result.checkpoint}")
+
+
+class _DefaultToRun(click.Group):
+    """A group whose default subcommand is ``run``: ``wit eval CKPT -o OUT`` = ``wit eval run CKPT -o OUT``."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("-h", "--help"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(name="eval", cls=_DefaultToRun)
+def eval_():
+    """Zero-shot benchmark of a checkpoint on a task suite, with intervals and a report.
+
+    `wit eval CHECKPOINT -o OUT` runs a suite (the `run` subcommand is implied);
+    `wit eval export NAME -o URL` writes a built-in dataset in CLIP_benchmark's layout.
+
+    \b
+    Example:
+        wit eval out/train/checkpoints/final.pt -o out/eval --suite default
+        wit eval export digits -o out/wds_digits
+    """
+
+
+@eval_.command(name="run")
+@click.argument("checkpoint", metavar="CHECKPOINT")
+@output_option
+@click.option(
+    "--suite",
+    default="default",
+    show_default=True,
+    metavar="NAME_OR_YAML",
+    help="A built-in suite (default, digits, synthetic-colour, ...) or a suite YAML URL.",
+)
+@click.option(
+    "--model",
+    default=None,
+    metavar="NAME",
+    help="Architecture of a foreign open_clip checkpoint (wit checkpoints name their own).",
+)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--cache", default=None, metavar="URL", help="Image-feature cache (default: ~/.cache/wit).")
+@click.option("--no-cache", is_flag=True, help="Encode every image again.")
+@click.option(
+    "--resamples",
+    type=click.IntRange(min=10),
+    default=1000,
+    show_default=True,
+    help="Bootstrap resamples for the 95% intervals.",
+)
+@domain_errors
+def eval_run(checkpoint, out, suite, model, device, batch_size, cache, no_cache, resamples):  # fmt: skip
+    """Evaluate CHECKPOINT (a wit checkpoint, or an open_clip file with --model) on a suite.
+
+    Writes a results manifest (one row per task and metric, with its 95% interval and n),
+    results.json in CLIP_benchmark's shape, report.md and a self-contained report.html.
+
+    \b
+    Example:
+        wit eval out/train/checkpoints/final.pt -o out/eval --suite default
+        wit eval ViT-B-32.pt --model ViT-B-32 -o out/eval-b32 --suite digits --device cuda
+    """
+    from wit.evaluate.run import EvalConfig, default_cache, evaluate
+
+    config = EvalConfig(
+        model=model,
+        device=device,
+        batch_size=batch_size,
+        cache=None if no_cache else (cache or default_cache()),
+        resamples=resamples,
+        progress=True,
+    )
+    result = evaluate(checkpoint, out, suite, config)
+    _print_results(result)
+
+
+HEADLINE = ("acc1", "text_retrieval_recall@1", "image_retrieval_recall@1", "fewshot_k16_acc1")
+
+
+def _print_results(result) -> None:
+    """One line per task and headline metric (every metric is in the results manifest)."""
+    rows = [r for r in result.rows if r["metric"] in HEADLINE] or result.rows
+    width = max(len(r["task"]) for r in rows)
+    click.echo(f"{'task':<{width}}  {'metric':<26} {'value':>7}  95% interval        n")
+    for r in rows:
+        lo, hi = r.get("ci_low"), r.get("ci_high")
+        ci = f"[{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else ""
+        click.echo(f"{r['task']:<{width}}  {r['metric']:<26} {r['value']:>7.3f}  {ci:<18} {r.get('n') or ''}")
+    click.echo(f"report: {result.report_html}")
+
+
+@eval_.command(name="export")
+@click.argument("name", metavar="NAME")
+@output_option
+@click.option("--samples-per-shard", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("--split", "splits", multiple=True, default=("test", "train"), show_default=True)
+@domain_errors
+def eval_export(name, out, samples_per_shard, splits):
+    """Write a built-in dataset (digits, synthetic-shape, ...) in CLIP_benchmark's wds layout.
+
+    \b
+    Example:
+        wit eval export digits -o out/wds_digits
+        clip_benchmark eval --dataset wds/digits --dataset_root out/wds_digits ...
+    """
+    from wit.evaluate.datasets import export
+
+    written = export(name, out, samples_per_shard=samples_per_shard, splits=tuple(splits))
+    for split, n in written.items():
+        click.echo(f"{split}: {n} samples → {out}/{split}")
+
+
+COMMANDS = [train, eval_]

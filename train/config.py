@@ -1,0 +1,139 @@
+"""The training config: one frozen dataclass, validated once, saved into every checkpoint.
+
+The CLI builds it from options (`wit train --batch-size 32 ...`) or from a YAML file with the same
+keys (`TrainConfig.from_yaml(url, **overrides)`; dashes and underscores are the same).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from wit.manifests import storage
+
+PRECISIONS = ("fp32", "bf16", "amp")
+LOSSES = ("clip", "siglip")
+
+
+@dataclass(frozen=True, slots=True)
+class TrainConfig:
+    model: str = "wit-tiny"  # an open_clip model name or the URL of a JSON config
+    batch_size: int = 32  # per device and per micro-batch; contrastive batch = this x grad_accum x world
+    steps: int | None = None  # optimiser steps; or
+    epochs: float | None = None  # passes over the dataset (needs known shard sizes); default 1 epoch
+    lr: float = 5e-4
+    warmup: int = 0  # linear warm-up steps, then cosine decay to 0
+    weight_decay: float = 0.2  # not on gains, biases, embeddings, logit_scale
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    grad_clip: float | None = 1.0  # max global grad norm; None = no clipping
+    precision: str = "fp32"  # fp32 | bf16 (autocast) | amp (fp16 autocast + GradScaler on CUDA)
+    loss: str = "clip"  # clip | siglip
+    grad_accum: int = 1  # micro-batches per step, contrastive batch kept whole (feature cache)
+    grad_checkpointing: bool = False
+    compile: bool = False
+    workers: int = 2  # DataLoader workers per rank
+    shuffle: bool = True  # shuffle shards per epoch and samples through a seeded buffer
+    shuffle_buffer: int = 1000
+    augment: bool = True  # open_clip's train transform (RandomResizedCrop); False: eval transform
+    resampled: bool = False  # draw shards with replacement (implied by weighted mixing)
+    weights: tuple[float, ...] | None = None  # per source of an "A::B" dataset
+    save_every: int | None = None  # steps between checkpoints (one is always written at the end)
+    keep: int = 3  # checkpoints kept
+    resume: str | None = None  # "auto" | a checkpoint URL | None
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int | None = None  # steps between eval_callback calls
+    device: str = "auto"  # auto | cpu | cuda
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form, kept in the checkpoint
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ValueError(msg)
+
+        need(isinstance(self.model, str) and bool(self.model), "model must be a model name or a JSON URL")
+        need(_int(self.batch_size) and self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        need(
+            self.steps is None or (_int(self.steps) and self.steps >= 1),
+            f"steps must be >= 1, got {self.steps}",
+        )
+        need(self.epochs is None or self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
+        need(self.steps is None or self.epochs is None, "give steps or epochs, not both")
+        need(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        need(_int(self.warmup) and self.warmup >= 0, f"warmup must be a step count >= 0, got {self.warmup}")
+        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        need(
+            self.grad_clip is None or self.grad_clip > 0,
+            f"grad_clip must be > 0 or None, got {self.grad_clip}",
+        )
+        need(
+            self.precision in PRECISIONS,
+            f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}",
+        )
+        need(self.loss in LOSSES, f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        need(_int(self.grad_accum) and self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
+        need(_int(self.workers) and self.workers >= 0, f"workers must be >= 0, got {self.workers}")
+        need(_int(self.shuffle_buffer) and self.shuffle_buffer >= 0, "shuffle_buffer must be >= 0")
+        need(
+            self.save_every is None or (_int(self.save_every) and self.save_every >= 1),
+            "save_every must be >= 1",
+        )
+        need(_int(self.keep) and self.keep >= 1, f"keep must be >= 1, got {self.keep}")
+        need(_int(self.seed), f"seed must be an integer, got {self.seed!r}")
+        need(_int(self.log_every) and self.log_every >= 1, "log_every must be >= 1")
+        need(
+            self.eval_every is None or (_int(self.eval_every) and self.eval_every >= 1),
+            "eval_every must be >= 1",
+        )
+        need(
+            self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+            f"device must be auto, cpu or cuda, got {self.device!r}",
+        )
+        if self.weights is not None:
+            object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))  # lists from YAML
+            need(all(w > 0 for w in self.weights), "weights must all be > 0")
+
+    # -- (de)serialisation ------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if d["weights"] is not None:
+            d["weights"] = list(d["weights"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], **overrides: Any) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        merged = {k.replace("-", "_"): v for k, v in d.items()}
+        merged.update({k.replace("-", "_"): v for k, v in overrides.items() if v is not None})
+        unknown = sorted(set(merged) - known)
+        if unknown:
+            raise ValueError(f"unknown training option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        if "steps" in overrides and overrides["steps"] is not None:
+            merged.pop("epochs", None)  # a command-line --steps wins over the file's epochs
+        elif "epochs" in overrides and overrides["epochs"] is not None:
+            merged.pop("steps", None)
+        return cls(**merged)
+
+    @classmethod
+    def from_yaml(cls, url: str, **overrides: Any) -> TrainConfig:
+        """Keys of the YAML file as in this class (``batch-size`` or ``batch_size``); ``overrides``
+        that are not None win (the CLI passes its options here)."""
+        try:
+            data = yaml.safe_load(storage.read_text(url)) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{url}: not valid YAML ({exc})") from exc
+        if not isinstance(data, dict):
+            raise ValueError(f"{url}: a training config is a mapping of option: value")
+        if isinstance(data.get("train"), dict):  # a pipeline file's train: section
+            data = data["train"]
+        return cls.from_dict(data, **overrides)
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)

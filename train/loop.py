@@ -1,0 +1,590 @@
+"""The training loop: ``train(config, dataset_url, out_url) -> TrainResult``. Read it top to bottom.
+
+    OUT/checkpoints/step-00000100.pt   every save_every steps and at the end, the last `keep` kept
+    OUT/checkpoint_index/part-00000.parquet   name, step, sha256 of each kept checkpoint (the digest)
+    OUT/metrics.parquet                step, loss, lr, logit_scale, samples/s, data wait, MFU
+    OUT/skipped.parquet                uid, shard, reason of every sample the stream skipped
+    OUT/_run.json                      written last: inputs (the dataset), files, counts, shards/epoch
+
+The model and loss come from open_clip, the stream from ``data.py``; this file only wires them:
+resume, the step (with the feature-cache gradient accumulation), logging, checkpoints, the record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import open_clip
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from wit.manifests import storage
+from wit.manifests.manifest import FileInfo, ManifestError, ManifestRef, digest_of, write_part
+from wit.manifests.runrecord import (
+    RunRecord,
+    finished_ref,
+    host_info,
+    now,
+    package_versions,
+    write_run_record,
+)
+from wit.manifests.schemas import with_kind
+
+from . import distributed, optim
+from . import loss as losses
+from . import metrics as mx
+from .checkpoint import FORMAT, CheckpointError, load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .data import BatchStream, Decoder, StreamState, make_loader, plan_stream
+from .models import ModelSpec, register, resolve_model
+
+CHECKPOINTS = "checkpoints"
+# Settings that fix the order of samples: a run resumes exactly only when they are unchanged.
+STREAM_KEYS = (
+    "batch_size",
+    "seed",
+    "workers",
+    "shuffle",
+    "shuffle_buffer",
+    "resampled",
+    "weights",
+    "grad_accum",
+    "augment",
+)
+CHECKPOINT_INDEX = with_kind(
+    pa.schema([("name", pa.string()), ("step", pa.int64()), ("sha256", pa.string()), ("bytes", pa.int64())]),
+    "checkpoints",
+)
+
+# eval_callback(model, step) -> {metric: value}: called on rank 0 with the bare model in eval mode
+EvalCallback = Callable[[torch.nn.Module, int], "dict[str, float] | None"]
+
+
+@dataclass(slots=True)
+class TrainResult:
+    out: str
+    checkpoint: str  # URL of the final checkpoint
+    step: int
+    loss: float | None  # mean over ranks at the last step
+    samples_seen: int  # all ranks
+    skipped: int  # corrupt samples and unreadable tar tails
+    resumed_from: str | None
+    elapsed_s: float
+    evals: list[dict] = field(default_factory=list)
+
+
+def train(
+    config: TrainConfig, dataset_url: str, out_url: str, eval_callback: EvalCallback | None = None
+) -> TrainResult:
+    """Train on ``dataset_url`` (a dataset folder, brace pattern, ``A::B``, or a list of shard URLs)
+    into ``out_url``. Run it under ``torchrun`` for DDP; every rank calls it the same way."""
+    env = distributed.init(config.device)
+    try:
+        return _train(config, dataset_url, storage.normalize(out_url), eval_callback, env)
+    finally:
+        distributed.shutdown(env)
+
+
+def _train(cfg: TrainConfig, dataset_url, out: str, eval_callback, env: distributed.DistEnv) -> TrainResult:
+    started, t_start = now(), time.perf_counter()
+
+    _cpu_threads(env, cfg.workers)
+    # ---- model: the same seed on every rank gives the same initial weights (DDP checks them) ----
+    spec = _model_spec(cfg)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    model = open_clip.create_model(spec.name, device=env.device, output_dict=True)
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    pp = model.visual.preprocess_cfg
+    transform = open_clip.image_transform(
+        pp["size"],
+        is_train=cfg.augment,
+        mean=pp["mean"],
+        std=pp["std"],
+        resize_mode=pp.get("resize_mode"),
+        interpolation=pp.get("interpolation"),
+        fill_color=pp.get("fill_color", 0),
+    )
+    tokenizer = open_clip.get_tokenizer(spec.name)
+
+    # ---- data: resolve shards and check every worker can fill a batch, before any worker starts ----
+    info = plan_stream(
+        dataset_url,
+        seed=cfg.seed,
+        rank=env.rank,
+        world_size=env.world_size,
+        workers=cfg.workers,
+        batch_size=cfg.batch_size,
+        shuffle=cfg.shuffle,
+        buffer=cfg.shuffle_buffer,
+        resampled=cfg.resampled,
+        weights=cfg.weights,
+    )
+    total_steps = _total_steps(cfg, info.steps_per_epoch)
+
+    optimizer = optim.make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
+    # fp16 needs loss scaling (its range is small); bf16 has fp32's range and does not
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "amp" and env.device.type == "cuda")
+
+    # ---- resume: weights, optimiser, scaler, RNG and this rank's stream position ----
+    step, state, tallies = 0, StreamState.start(info.plan.workers), _Tallies()
+    resumed_from, ckpt = _find_resume(cfg.resume, out)
+    log = mx.MetricsLog(out, tensorboard=env.is_main)
+    if ckpt is not None:
+        _check_resumable(ckpt, cfg, env, info.digest, resumed_from)
+        model.load_state_dict(ckpt["state_dict"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        step = int(ckpt["wit"]["step"])
+        mine = ckpt["ranks"][env.rank]
+        state = StreamState.from_dict(mine["stream"])
+        tallies = _Tallies.from_dict(mine["tallies"])
+        _set_rng(mine["rng"])
+        if env.is_main:
+            log = mx.MetricsLog.resume(out, step)
+            mx.log(f"resumed from {resumed_from} at step {step}")
+        del ckpt
+
+    # ---- wrap: DDP averages gradients across ranks during backward; compile last ----
+    raw = model
+    if env.distributed:
+        model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    if cfg.compile:
+        model = torch.compile(model)
+    loss_fn = losses.make_loss(cfg.loss, env.rank, env.world_size)
+    autocast = _autocast(cfg.precision, env.device)
+
+    stream = BatchStream(info.plan, Decoder(transform, pp["size"][0], cfg.seed), tokenizer, cfg.batch_size, state)
+    loader = make_loader(stream, cfg.workers, pin_memory=env.device.type == "cuda")
+    batches = iter(loader)
+    per_step = cfg.batch_size * cfg.grad_accum * env.world_size  # samples per optimiser step, all ranks
+    flops = mx.flops_per_sample(raw, spec.config)
+    peak = mx.peak_flops(env.device, cfg.precision)
+    timer = mx.Timer()
+    last_loss: float | None = None
+    evals: list[dict] = []
+    ckpt_url = ""
+    model.train()
+    if env.is_main:
+        mx.log(
+            f"training {spec.name} on {info.samples or '?'} samples/epoch, {total_steps} steps of "
+            f"{per_step} samples, {env.world_size} rank(s) x {cfg.workers} worker(s), {cfg.precision}"
+        )
+
+    while step < total_steps:
+        # -- data. Waiting here means the workers cannot keep up: that time is the data-wait share.
+        t0 = time.perf_counter()
+        micro = [next(batches) for _ in range(cfg.grad_accum)]
+        timer.waited(time.perf_counter() - t0)
+        for b in micro:
+            state.advance(b)  # the position after this batch: what a checkpoint saves
+            tallies.add(b)
+        images = [b["images"].to(env.device, non_blocking=True) for b in micro]
+        texts = [b["texts"].to(env.device, non_blocking=True) for b in micro]
+
+        # -- one optimiser step on the whole contrastive batch
+        optim.set_lr(optimizer, optim.lr_at(step, cfg.lr, cfg.warmup, total_steps))
+        loss = _step(model, raw, loss_fn, optimizer, scaler, images, texts, cfg, autocast, env)
+        step += 1
+        timer.samples += per_step
+
+        # -- log. .item() waits for the device to finish: only on logging steps, never every step.
+        if step % cfg.log_every == 0 or step == total_steps:
+            last_loss = float(distributed.mean(env, loss).item())
+            span, wait, samples = timer.lap()
+            rate = samples / span if span > 0 else 0.0
+            m = mx.StepMetrics(
+                step=step,
+                epoch=state.epoch,
+                loss=last_loss,
+                lr=optimizer.param_groups[0]["lr"],
+                logit_scale=float(raw.logit_scale.exp().item()),
+                samples_per_s=rate,
+                samples_per_s_per_device=rate / env.world_size,
+                data_wait_frac=wait / span if span > 0 else 0.0,
+                mfu=(rate / env.world_size * flops / peak) if peak else None,
+                samples_seen=step * per_step,
+                elapsed_s=time.perf_counter() - t_start,
+            )
+            if env.is_main:
+                log.add(m)
+                mx.log(m.line())
+
+        # -- checkpoint (every rank takes part: positions and RNG states are gathered to rank 0)
+        if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+            if env.is_main:
+                log.write()  # first: a resume keeps the rows up to its checkpoint's step, never fewer
+            ckpt_url = _save(
+                out, step, raw, optimizer, scaler, cfg, spec, info.digest, state, tallies, env, dataset_url
+            )
+
+        # -- optional zero-shot evaluation, handed in by the caller (train/ never imports evaluate/)
+        if eval_callback and cfg.eval_every and step % cfg.eval_every == 0:
+            if env.is_main:
+                raw.eval()
+                with torch.no_grad(), autocast():
+                    result = eval_callback(raw, step) or {}
+                raw.train()
+                evals.append({"step": step, **result})
+                mx.log(f"eval at step {step}: {result}")
+            distributed.barrier(env)  # the other ranks wait rather than run ahead into a timeout
+
+    # ---- the end: final checkpoint, metrics, skipped samples, and the run record last ----
+    del batches  # stops the workers
+    final = _checkpoint_url(out, step)
+    if env.is_main:
+        log.write()
+    if ckpt_url != final and not (resumed_from == final):
+        ckpt_url = _save(out, step, raw, optimizer, scaler, cfg, spec, info.digest, state, tallies, env, dataset_url)
+    all_tallies = distributed.gather_objects(env, tallies.to_dict())
+    if env.is_main:
+        log.close()
+        merged = _Tallies.merge(all_tallies)
+        _write_record(
+            out,
+            cfg,
+            spec,
+            dataset_url,
+            info,
+            merged,
+            step,
+            per_step,
+            last_loss,
+            evals,
+            resumed_from,
+            started,
+            env,
+        )
+    distributed.barrier(env)
+    skipped = len(_Tallies.merge(all_tallies).skipped)
+    return TrainResult(
+        out=out,
+        checkpoint=final,
+        step=step,
+        loss=last_loss,
+        samples_seen=step * per_step,
+        skipped=skipped,
+        resumed_from=resumed_from,
+        elapsed_s=time.perf_counter() - t_start,
+        evals=evals,
+    )
+
+
+# -------------------------------------------------------------------------------------------------
+# the step
+
+
+def _step(model, raw, loss_fn, optimizer, scaler, images, texts, cfg: TrainConfig, autocast, env) -> torch.Tensor:
+    optimizer.zero_grad(set_to_none=True)
+    if len(images) == 1:
+        with autocast():
+            loss = losses.contrastive_loss(loss_fn, model(images[0], texts[0]))
+        scaler.scale(loss).backward()
+    else:
+        # Gradient accumulation that keeps the contrastive batch whole (open_clip's feature cache):
+        # 1) features of every micro-batch without grad; 2) recompute each micro-batch with grad and
+        # score it against the cached features of all the others. Each backward gives that
+        # micro-batch's share of the full-batch loss's gradient; their sum is the full gradient.
+        with torch.no_grad(), autocast():
+            cache = [model(i, t) for i, t in zip(images, texts, strict=False)]
+        for j, (i, t) in enumerate(zip(images, texts, strict=False)):
+            last = j == len(images) - 1
+            # DDP: all-reduce the gradients once, after the last micro-batch
+            sync = contextlib.nullcontext() if last or not env.distributed else model.no_sync()
+            with sync:
+                with autocast():
+                    out = model(i, t)
+                    feats = {
+                        k: torch.cat([out[k] if n == j else c[k] for n, c in enumerate(cache)])
+                        for k in ("image_features", "text_features")
+                    }
+                    loss = losses.contrastive_loss(
+                        loss_fn,
+                        {**feats, "logit_scale": out["logit_scale"], "logit_bias": out.get("logit_bias")},
+                    )
+                scaler.scale(loss).backward()
+    if cfg.grad_clip is not None:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    # The temperature is learnable; unbounded, it grows until the softmax saturates (CLIP paper: clip at 100)
+    losses.clamp_logit_scale(raw)
+    return loss.detach()
+
+
+def _cpu_threads(env, workers: int) -> None:
+    """On CPU, give each rank its share of the cores minus one for its data workers. More threads
+    than cores make OpenMP's spinning threads fight each other (10x slower steps on a busy machine)."""
+    if env.device.type != "cpu" or "OMP_NUM_THREADS" in os.environ:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_rank = max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))))
+    torch.set_num_threads(max(1, per_rank - (1 if workers else 0)))
+
+
+def _autocast(precision: str, device: torch.device):
+    if precision == "fp32":
+        return contextlib.nullcontext
+    # amp on CPU has no GradScaler and no fast fp16: it runs as bf16 autocast
+    dtype = torch.float16 if precision == "amp" and device.type == "cuda" else torch.bfloat16
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _model_spec(cfg: TrainConfig) -> ModelSpec:
+    spec = resolve_model(cfg.model)
+    if cfg.loss == "siglip" and "init_logit_bias" not in spec.config:
+        # SigLIP learns a logit bias; the config that creates it goes into the checkpoint under its own name
+        config = {
+            **spec.config,
+            "init_logit_bias": losses.SIGLIP_INIT_LOGIT_BIAS,
+            "init_logit_scale": losses.SIGLIP_INIT_LOGIT_SCALE,
+        }
+        spec = ModelSpec(
+            name=f"{spec.name}-sigmoid", config=config
+        )  # not "-siglip": open_clip would fetch the SigLIP tokenizer
+        register(spec.name, config)
+    return spec
+
+
+def _total_steps(cfg: TrainConfig, steps_per_epoch: int | None) -> int:
+    if cfg.steps is not None:
+        return cfg.steps
+    if steps_per_epoch is None:
+        raise ValueError("the shard sizes are unknown (no shard index or sizes.json): give steps, not epochs")
+    return max(1, math.floor((cfg.epochs or 1.0) * steps_per_epoch / cfg.grad_accum))
+
+
+# -------------------------------------------------------------------------------------------------
+# what each rank tracks beyond the stream position: skipped samples and shards read per epoch
+
+
+@dataclass(slots=True)
+class _Tallies:
+    skipped: list[list[str]] = field(default_factory=list)  # [uid, shard, reason]
+    shards: dict[str, list[str]] = field(default_factory=dict)  # epoch -> shards opened
+
+    def add(self, batch: dict) -> None:
+        self.skipped.extend([str(x) for x in s] for s in batch["skipped"])
+        opened = self.shards.setdefault(str(batch["epoch"]), [])
+        opened.extend(u for u in batch["opened"] if u not in opened)
+
+    def to_dict(self) -> dict:
+        return {
+            "skipped": [list(s) for s in self.skipped],
+            "shards": {k: list(v) for k, v in self.shards.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> _Tallies:
+        return cls(skipped=[list(s) for s in d["skipped"]], shards={k: list(v) for k, v in d["shards"].items()})
+
+    @classmethod
+    def merge(cls, parts: list[dict]) -> _Tallies:
+        out = cls()
+        seen = set()
+        for p in parts:
+            for s in p["skipped"]:
+                if tuple(s) not in seen:  # an unreadable tar tail is found again after a resume
+                    seen.add(tuple(s))
+                    out.skipped.append(list(s))
+            for epoch, urls in p["shards"].items():
+                have = out.shards.setdefault(epoch, [])
+                have.extend(u for u in urls if u not in have)
+        return out
+
+
+# -------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def _checkpoint_url(out: str, step: int) -> str:
+    return storage.join(out, CHECKPOINTS, f"step-{step:08d}.pt")
+
+
+def _rng_state(device: torch.device) -> dict:
+    version, internal, gauss = random.getstate()
+    state = {"torch": torch.get_rng_state(), "python": [version, list(internal), gauss]}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _save(out, step, raw, optimizer, scaler, cfg, spec, digest, state, tallies, env, dataset_url) -> str:
+    """Gather every rank's position, RNG and tallies; rank 0 writes atomically and prunes old ones."""
+    ranks = distributed.gather_objects(
+        env, {"stream": state.to_dict(), "rng": _rng_state(env.device), "tallies": tallies.to_dict()}
+    )
+    url = _checkpoint_url(out, step)
+    if env.is_main:
+        payload = {
+            "state_dict": raw.state_dict(),
+            "wit": {
+                "format": FORMAT,
+                "model": spec.name,
+                "model_config": spec.config,
+                "step": step,
+                "config": cfg.to_dict(),
+                "dataset": _dataset_str(dataset_url),
+                "dataset_digest": digest,
+                "world_size": env.world_size,
+                "samples_seen": step * cfg.batch_size * cfg.grad_accum * env.world_size,
+            },
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "ranks": ranks,  # per rank: stream position, RNG states, skipped samples, shards read
+        }
+        save_checkpoint(url, payload)
+        _prune(out, cfg.keep)
+    distributed.barrier(env)  # nobody runs ahead (or resumes) before the file is committed
+    return url
+
+
+def _list_checkpoints(out: str) -> list[str]:
+    folder = storage.join(out, CHECKPOINTS)
+    names = [n for n in storage.listdir(folder) if n.startswith("step-") and n.endswith(".pt")]
+    return [storage.join(folder, n) for n in sorted(names)]
+
+
+def _prune(out: str, keep: int) -> None:
+    for url in _list_checkpoints(out)[:-keep]:
+        storage.remove(url)
+
+
+def _find_resume(resume: str | None, out: str) -> tuple[str | None, dict | None]:
+    """``auto``: the newest checkpoint in OUT/checkpoints that loads (a newer unreadable one is passed
+    over with a message); a URL: that checkpoint; None: a fresh start."""
+    if resume is None:
+        return None, None
+    if resume != "auto":
+        return resume, load_checkpoint(resume)
+    for url in reversed(_list_checkpoints(out)):
+        try:
+            return url, load_checkpoint(url)
+        except CheckpointError as exc:
+            mx.log(f"skipping unreadable checkpoint: {exc}")
+    return None, None
+
+
+def _check_resumable(ckpt: dict, cfg: TrainConfig, env, digest: str | None, url: str) -> None:
+    wit = ckpt.get("wit") or {}
+    if "ranks" not in ckpt or "optimizer" not in ckpt:
+        raise CheckpointError(f"{url}: holds weights only, no training state to resume from")
+    if wit.get("world_size") != env.world_size:
+        raise ValueError(
+            f"{url} was written by {wit.get('world_size')} rank(s); resume with the same "
+            f"number (now {env.world_size}) to continue the same sample order"
+        )
+    was = wit.get("config", {})
+    now_ = cfg.to_dict()
+    changed = [k for k in STREAM_KEYS if was.get(k) != now_.get(k)]
+    if changed:
+        detail = ", ".join(f"{k} {was.get(k)!r} -> {now_.get(k)!r}" for k in changed)
+        raise ValueError(f"cannot resume {url} exactly: {detail}")
+    if wit.get("dataset_digest") != digest:
+        raise ValueError(f"{url} was trained on dataset {wit.get('dataset_digest')}, this one is {digest}")
+
+
+def _dataset_str(dataset_url) -> str:
+    return dataset_url if isinstance(dataset_url, str) else ",".join(map(str, dataset_url))
+
+
+# -------------------------------------------------------------------------------------------------
+# the run record
+
+
+def _write_record(
+    out,
+    cfg,
+    spec,
+    dataset_url,
+    info,
+    tallies: _Tallies,
+    step,
+    per_step,
+    last_loss,
+    evals,
+    resumed_from,
+    started,
+    env,
+) -> None:
+    if tallies.skipped:
+        table = pa.table({k: [s[i] for s in tallies.skipped] for i, k in enumerate(("uid", "shard", "reason"))})
+        buf = pa.BufferOutputStream()
+        pq.write_table(table, buf)
+        storage.write_bytes(storage.join(out, "skipped.parquet"), buf.getvalue().to_pybytes())
+    files: dict[str, FileInfo] = {}
+    index_rows = []
+    for url in _list_checkpoints(out):
+        name = f"{CHECKPOINTS}/{storage.basename(url)}"
+        fi = FileInfo(name=name, sha256=storage.sha256_url(url), bytes=storage.size(url))
+        files[name] = fi
+        index_rows.append({"name": name, "step": int(name[-11:-3]), "sha256": fi.sha256, "bytes": fi.bytes})
+    # the digest covers this index, and the index every kept checkpoint's sha256 (as a dataset's shard index)
+    part = write_part(
+        out,
+        0,
+        pa.Table.from_pylist(index_rows, schema=CHECKPOINT_INDEX),
+        CHECKPOINT_INDEX,
+        "checkpoint_index",
+    )
+    files[part.name] = part
+    for name in ("metrics.parquet", "skipped.parquet"):
+        url = storage.join(out, name)
+        if storage.exists(url):
+            files[name] = FileInfo(name=name, sha256=storage.sha256_url(url), bytes=storage.size(url))
+    inputs = []
+    for src in info.sources:
+        if src.is_wit_dataset:
+            try:
+                inputs.append(finished_ref(src.url))
+            except ManifestError:
+                inputs.append(ManifestRef(url=src.url, digest=src.digest))
+        else:
+            inputs.append(ManifestRef(url=src.url, kind="shards"))
+    reasons = Counter("unreadable_tar" if not s[0] else "corrupt_sample" for s in tallies.skipped)
+    record = RunRecord(
+        stage="train",
+        config={**cfg.to_dict(), "model_resolved": spec.name, "world_size": env.world_size},
+        inputs=inputs,
+        output=ManifestRef(url=out, kind="checkpoint", digest=digest_of({n: f.sha256 for n, f in files.items()})),
+        files=files,
+        rows=step * per_step,
+        counts=dict(reasons),
+        partitions=len(index_rows),
+        started=started,
+        ended=now(),
+        versions=package_versions(),
+        host=host_info(),
+        extra={
+            "checkpoint": f"{CHECKPOINTS}/step-{step:08d}.pt",
+            "steps": step,
+            "final_loss": last_loss,
+            "dataset": _dataset_str(dataset_url),
+            "dataset_digest": info.digest,
+            "shards_per_epoch": {e: len(u) for e, u in sorted(tallies.shards.items(), key=lambda kv: int(kv[0]))},
+            "skipped": tallies.skipped[:1000],
+            "resumed_from": resumed_from,
+            "evals": evals,
+        },
+    )
+    write_run_record(out, record)

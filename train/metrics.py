@@ -1,0 +1,168 @@
+"""What the user sees while training: log lines, the metrics Parquet file, TensorBoard if installed,
+and an MFU estimate on GPUs.
+
+FLOPs per sample (documented estimate, the usual ``6 * params * tokens`` rule for a forward and
+backward pass): ``6 * (P_vision * T_vision + P_text * T_text)``, where ``T_vision`` is the number of
+patches plus the class token, ``T_text`` the context length, and the token embedding table is not
+counted (it is a lookup). Attention's quadratic term is ignored, as in the rule.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from wit.manifests import storage
+
+# dense peak FLOP/s per device by name fragment: (bf16/fp16 tensor core, fp32)
+PEAK_FLOPS = {
+    "H200": (989e12, 67e12),
+    "H100": (989e12, 67e12),
+    "A100": (312e12, 19.5e12),
+    "L40S": (362e12, 91.6e12),
+    "A10G": (125e12, 31.2e12),
+    "L4": (121e12, 30.3e12),
+    "V100": (125e12, 15.7e12),
+    "T4": (65e12, 8.1e12),
+}
+
+
+@dataclass(slots=True)
+class StepMetrics:
+    step: int
+    epoch: int
+    loss: float
+    lr: float
+    logit_scale: float  # exp(logit_scale): the inverse temperature
+    samples_per_s: float  # all ranks
+    samples_per_s_per_device: float
+    data_wait_frac: float  # share of wall time spent waiting for the next batch
+    mfu: float | None
+    samples_seen: int
+    elapsed_s: float
+
+    def line(self) -> str:
+        mfu = f"  mfu {self.mfu:.1%}" if self.mfu is not None else ""
+        return (
+            f"step {self.step}  loss {self.loss:.4f}  lr {self.lr:.2e}  temp {1 / self.logit_scale:.4f} "
+            f"(scale {self.logit_scale:.1f})  {self.samples_per_s:.1f} samples/s "
+            f"({self.samples_per_s_per_device:.1f}/device)  data wait {self.data_wait_frac:.0%}{mfu}"
+        )
+
+
+def flops_per_sample(model: torch.nn.Module, model_config: dict) -> float:
+    vision = getattr(model, "visual", None)
+    p_vis = sum(p.numel() for p in vision.parameters()) if vision is not None else 0
+    p_all = sum(p.numel() for n, p in model.named_parameters())
+    emb = sum(p.numel() for n, p in model.named_parameters() if "token_embedding" in n)
+    p_txt = p_all - p_vis - emb
+    vcfg, tcfg = model_config.get("vision_cfg", {}), model_config.get("text_cfg", {})
+    image, patch = vcfg.get("image_size", 224), vcfg.get("patch_size", 16)
+    image = image[0] if isinstance(image, (list, tuple)) else image
+    t_vis = (image // patch) ** 2 + 1 if patch else 1
+    t_txt = tcfg.get("context_length", 77)
+    return 6.0 * (p_vis * t_vis + p_txt * t_txt)
+
+
+def peak_flops(device: torch.device, precision: str) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, (half, full) in PEAK_FLOPS.items():
+        if key in name:
+            return full if precision == "fp32" else half
+    return None
+
+
+class MetricsLog:
+    """Rows of :class:`StepMetrics`; written to ``OUT/metrics.parquet`` (rank 0) at each checkpoint."""
+
+    def __init__(self, out: str, rows: list[dict] | None = None, tensorboard: bool = True):
+        self.url = storage.join(out, "metrics.parquet")
+        self.rows: list[dict] = list(rows or [])
+        self.writer = _tensorboard(out) if tensorboard else None
+
+    @classmethod
+    def resume(cls, out: str, upto_step: int) -> MetricsLog:
+        """The rows of an earlier run up to the checkpoint's step (later rows are re-done)."""
+        log = cls(out)
+        if storage.exists(log.url):
+            rows = pq.read_table(io.BytesIO(storage.read_bytes(log.url))).to_pylist()
+            log.rows = [r for r in rows if r["step"] <= upto_step]
+        return log
+
+    def add(self, m: StepMetrics) -> None:
+        self.rows.append(asdict(m))
+        if self.writer is not None:
+            for key in ("loss", "lr", "logit_scale", "samples_per_s", "data_wait_frac"):
+                self.writer.add_scalar(f"train/{key}", getattr(m, key), m.step)
+            if m.mfu is not None:
+                self.writer.add_scalar("train/mfu", m.mfu, m.step)
+
+    def write(self) -> None:
+        buf = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(self.rows, schema=METRICS_SCHEMA), buf)
+        storage.write_bytes(self.url, buf.getvalue())
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+METRICS_SCHEMA = pa.schema(
+    [
+        ("step", pa.int64()),
+        ("epoch", pa.int64()),
+        ("loss", pa.float64()),
+        ("lr", pa.float64()),
+        ("logit_scale", pa.float64()),
+        ("samples_per_s", pa.float64()),
+        ("samples_per_s_per_device", pa.float64()),
+        ("data_wait_frac", pa.float64()),
+        ("mfu", pa.float64()),
+        ("samples_seen", pa.int64()),
+        ("elapsed_s", pa.float64()),
+    ]
+)
+
+
+def _tensorboard(out: str):
+    """TensorBoard scalars next to the run when tensorboard is installed (local outputs only)."""
+    path = storage.local_path(out)
+    if path is None:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(log_dir=storage.join(path, "_tensorboard"))  # "_": not an output verify checks
+
+
+class Timer:
+    """Wall time and the part of it spent waiting for data, between two log lines."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+        self.wait = 0.0
+        self.samples = 0
+
+    def waited(self, seconds: float) -> None:
+        self.wait += seconds
+
+    def lap(self) -> tuple[float, float, int]:
+        now = time.perf_counter()
+        span, wait, samples = now - self.last, self.wait, self.samples
+        self.last, self.wait, self.samples = now, 0.0, 0
+        return span, wait, samples
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
