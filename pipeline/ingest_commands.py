@@ -201,24 +201,37 @@ def download(curated, out, image_size, resize_mode, encode_format, encode_qualit
     metavar="[TASK=]URL",
     help="Evaluation images to decontaminate against (CLIP_benchmark wds folder or image folder).",
 )
+@click.option(
+    "--decontaminate",
+    "suite",
+    metavar="SUITE",
+    help="Drop near duplicates of a `wit eval` suite's test images (reason eval_overlap:<task>).",
+)
 @click.option("--rebalance", is_flag=True, help="Re-apply the per-query cap after download (MetaCLIP).")
 @click.option("--per-query-cap", type=click.IntRange(min=1), default=None, help="With --rebalance.")
 @click.option("--curated", metavar="URL", help="The curated manifest (default: found through the run records).")
 @executor_options
 @domain_errors
 def filter_(downloaded, out, min_side, max_aspect_ratio, max_pixels, near_duplicate_distance,
-            reference_images, rebalance, per_query_cap, curated, workers, part):  # fmt: skip
+            reference_images, suite, rebalance, per_query_cap, curated, workers, part):  # fmt: skip
     """Image-level filters: size, decode, exact and near duplicates, eval decontamination.
 
     Every ledger row gets a filtered row with keep, reason and the scores used; the representative
-    of each duplicate group is its smallest uid.
+    of each duplicate group is its smallest uid. --decontaminate exports the suite's built-in test
+    sets into OUT/_reference and counts the overlap per task, as the CLIP paper's section 5 did.
 
     \b
     Example:
-        wit filter out/downloaded -o out/filtered --reference-images digits=out/export/wds_digits
+        wit filter out/downloaded -o out/filtered --decontaminate default
+        wit filter out/downloaded -o out/filtered --reference-images cifar10=s3://evals/wds_cifar10/test
     """
     from wit.ingest.filter import FILTER_PHASES, FilterConfig
+    from wit.manifests import storage
 
+    if suite:
+        from wit.evaluate.datasets import reference_sets
+
+        reference_images = tuple(reference_images) + reference_sets(suite, storage.join(out, "_reference"))
     config = FilterConfig(
         min_side=min_side,
         max_aspect_ratio=max_aspect_ratio,

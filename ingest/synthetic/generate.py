@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import html
 import io
@@ -200,6 +201,19 @@ def _size(rng: random.Random) -> tuple[int, int]:
 NEAR_DUPLICATE_BITS = 4
 
 
+@functools.cache
+def _eval_digits() -> list[tuple[Image.Image, int]]:
+    # Imported here: generating a web needs the evaluation package only for this kind
+    from wit.evaluate.datasets import open_builtin
+
+    return [(s.image, s.label) for s in open_builtin("digits").split("test").samples()]
+
+
+def _eval_digit(rng: random.Random) -> tuple[Image.Image, int]:
+    """A test image of the built-in `digits` task: the web leaks an evaluation image."""
+    return rng.choice(_eval_digits())
+
+
 def _near_duplicate(orig: _Original, rng: random.Random) -> tuple[Image.Image, str]:
     import imagehash
 
@@ -285,8 +299,11 @@ class _WebWriter:
             kind = "clean"  # nothing to copy yet this early in the web
         orig = rng.choice(self.originals) if kind in ("duplicate", "near_duplicate") else None
         concept: Concept | None
+        eval_sample = _eval_digit(rng) if kind == "eval_image" else None
         if orig is not None:
             concept = orig.concept
+        elif eval_sample is not None:
+            concept = Concept(kind="digit", colour="black", digit=str(eval_sample[1]))
         else:
             concept = None if kind in ("tracking_pixel", "huge") else world.sample_concept(rng)
         fmt = {"huge": "png", "tracking_pixel": "gif", "data_uri": "png", "near_duplicate": "jpeg"}.get(kind)
@@ -295,7 +312,7 @@ class _WebWriter:
         name = f"i{img_id:06d}.{_EXTENSIONS[fmt]}"
         relative = kind not in ("data_uri", "tracking_pixel") and rng.random() < self.mess.relative_rate
         src = self._src(kind, name, section, page_id, img_id, relative, base_href)
-        content = self._content(kind, concept, orig, fmt)
+        content = self._content(kind, concept, orig, fmt, eval_sample[0] if eval_sample else None)
 
         status: int | None = None
         redirect_to: str | None = None
@@ -384,7 +401,9 @@ class _WebWriter:
             src = f"/img/{section}/{name}"
         return BASE_PLACEHOLDER + src if rng.random() < 0.4 else src
 
-    def _content(self, kind: str, concept: Concept | None, orig: _Original | None, fmt: str) -> _Content:
+    def _content(
+        self, kind: str, concept: Concept | None, orig: _Original | None, fmt: str, eval_image: Image.Image | None
+    ) -> _Content:
         rng, mess = self.rng, self.mess
         out = _Content()
         if kind in ("broken_link", "server_error"):
@@ -401,6 +420,9 @@ class _WebWriter:
             out.data, out.size = bomb_png(mess.huge_side), (mess.huge_side, mess.huge_side)
         elif kind == "tracking_pixel":
             out.data, out.size = self._pixel, (1, 1)
+        elif eval_image is not None:
+            out.image = eval_image.convert("RGB")
+            out.data = _encode(out.image, fmt, rng)
         elif concept is not None:
             size = {"tiny": 8, "data_uri": rng.choice((12, 16, 24))}.get(kind) or _size(rng)
             out.image = world.render(concept, rng, size)

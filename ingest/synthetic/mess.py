@@ -26,6 +26,7 @@ MESS_KINDS: tuple[str, ...] = (
     "empty_alt",  # alt="" or no alt attribute
     "data_uri",  # src="data:image/png;base64,..."
     "tracking_pixel",  # width=1 height=1, a 1x1 GIF
+    "eval_image",  # a test image of the built-in `digits` evaluation set (decontamination must catch it)
 )
 
 
@@ -53,6 +54,7 @@ class MessConfig:
     empty_alt: float = 0.03
     data_uri: float = 0.01
     tracking_pixel: float = 0.012
+    eval_image: float = 0.004
     huge_count: int = 2
     # Independent of the mess kind: how often a src is written relative to its page or <base href>.
     relative_rate: float = 0.2

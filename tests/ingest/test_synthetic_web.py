@@ -439,3 +439,17 @@ def test_same_seed_gives_byte_identical_warc_and_truth(tmp_path):
     generate_web(tmp_path / "c", pages=20, seed=12)
     assert digests(tmp_path / "a") == digests(tmp_path / "b")
     assert digests(tmp_path / "a") != digests(tmp_path / "c")
+
+
+def test_eval_image_is_a_digits_test_image(web: Web):
+    import imagehash
+
+    from wit.evaluate.datasets import open_builtin
+
+    rows = web.of("eval_image")
+    assert rows
+    test_hashes = [imagehash.phash(s.image) for s in open_builtin("digits").split("test").samples()]
+    for row in rows:
+        served_hash = imagehash.phash(decode(served(web, row).body))
+        assert min(served_hash - h for h in test_hashes) <= 2, row["img_url"]
+        assert row["kind"] == "digit" and row["digit"] is not None
