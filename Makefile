@@ -17,9 +17,9 @@ endif
 
 STAMP := $(VENV)/.wit-installed
 # pip lists every local index folder it skips; that noise hides the real messages
-QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
+QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: install test demo lint clean
+.PHONY: install test demo lint clean browser
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,8 +31,19 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-test: $(STAMP)
+# The report's browser test renders it in Debian's chromium; install it when it is missing and
+# we can (root with apt), else that one test says why it is skipped.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } ; } || \
+		echo "chromium not installed: the report's browser test will be skipped"
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/pip install -q ruff 2>&1 | $(QUIET_PIP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 demo: $(STAMP)
 	$(BIN)/wit demo -o $(DEMO_OUT)
