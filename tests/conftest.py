@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import socket
@@ -17,6 +18,13 @@ TESTS = Path(__file__).parent
 # The toy stages must be importable by name in spawned worker processes; spawn copies sys.path.
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
+
+# The tiny WebDataset builder of the trainer's tests, importable by this name from any test
+# ("train._data" would clash with the `train` source folder, whichever comes first on sys.path).
+_spec = importlib.util.spec_from_file_location("wit_train_testdata", TESTS / "train" / "_data.py")
+wit_train_testdata = importlib.util.module_from_spec(_spec)
+sys.modules["wit_train_testdata"] = wit_train_testdata
+_spec.loader.exec_module(wit_train_testdata)
 
 
 def free_port() -> int:

@@ -10,7 +10,7 @@ from wit.evaluate import EvalConfig, evaluate
 
 @pytest.mark.slow
 def test_briefly_trained_model_beats_chance_on_held_out_colours(tmp_path):
-    from train._data import build_dataset  # tests/ is on sys.path (tests/conftest.py)
+    from wit_train_testdata import build_dataset  # tests/train/_data.py, registered by tests/conftest.py
 
     from wit.train.config import TrainConfig
     from wit.train.loop import train

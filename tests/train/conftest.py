@@ -2,16 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-_spec = importlib.util.spec_from_file_location("wit_train_testdata", Path(__file__).with_name("_data.py"))
-testdata = importlib.util.module_from_spec(_spec)
-sys.modules["wit_train_testdata"] = testdata  # importable by that name from any test
-_spec.loader.exec_module(testdata)
+import wit_train_testdata as testdata  # registered by tests/conftest.py
 
 
 @pytest.fixture(scope="session")
