@@ -15,7 +15,9 @@ through, so every ledger row has a FILTERED row), ``missing_image`` (the ledger 
 member the shard lacks), ``too_small`` / ``bad_aspect`` on the *original* size (img2dataset
 upsamples an 8×8 image to its target size and calls it a success), then ``too_many_pixels`` (the
 header claims more than ``max_pixels``: refused before decoding) and ``undecodable``. Each image
-is decoded once (:mod:`.imaging`); a row with no reason gets its 64-bit perceptual hash.
+is decoded once (:mod:`.imaging`); a row with no reason gets its 64-bit perceptual hash and, with
+``--clip-score``, its CLIP score (:mod:`.clipscore`: the cosine similarity of the image and caption
+embeddings, in [-1, 1]) from the same decoded pixels, batched, on the GPU when there is one.
 
 GROUP (one partition over all scan parts: duplicates cross partitions) drops, among the rows with
 no reason, in this order and with ``duplicate_of`` naming the kept row:
@@ -31,8 +33,14 @@ no reason, in this order and with ``duplicate_of`` naming the kept row:
   with curate's rule :func:`wit.ingest.curate.selection_draw`. With curate's own cap and seed
   nothing can drop (link rot only lowers counts, so every draw that passed still passes); a
   lower cap gives the subset curate would have kept with that cap.
+- ``low_clip_score``: among the rows still kept, a CLIP score below ``min_clip_score``, or below
+  the ``1 - keep_top_fraction`` quantile of their scores (:func:`.clipscore.score_threshold`:
+  global, and a function of the scores only, so any partitioning gives the same rows). The
+  threshold used is in the group phase's run record (``extra.clip_threshold``).
 
-DECIDE (one partition per scan part) joins GROUP's decisions back and writes FILTERED rows.
+DECIDE (one partition per scan part) joins GROUP's decisions back and writes FILTERED rows, with
+``clip_score`` for every scored row; its run record tallies the scores of all scored rows
+(``clip_score``) and of the kept ones (``clip_score_kept``) in buckets of 0.05 keyed by lower edge.
 
 The curated manifest (queries, for ``--rebalance``) is ``config.curated`` when given, otherwise
 the nearest ``curated`` output up the run records' inputs (:func:`find_upstream`).
@@ -42,11 +50,13 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import posixpath
+import re
 import tarfile
 from collections import Counter, deque
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -60,6 +70,9 @@ from wit.manifests.stage import Partition, PartitionResult, StageError, input_pa
 from .download import shard_url as locate_shard
 from .imaging import HashIndex, check_image, format_extension, hash_hex, hash_int
 
+if TYPE_CHECKING:  # torch is imported only when a CLIP model is asked for
+    from .clipscore import ClipScorer
+
 KEPT = "kept"
 DOWNLOAD_FAILED = "download_failed"
 MISSING_IMAGE = "missing_image"
@@ -69,6 +82,7 @@ DUPLICATE = "duplicate"
 NEAR_DUPLICATE = "near_duplicate"
 EVAL_OVERLAP = "eval_overlap"
 OVER_CAP = "over_cap"
+LOW_CLIP_SCORE = "low_clip_score"
 
 SCAN_KIND = "filter_scan"
 GROUP_KIND = "filter_group"
@@ -90,6 +104,7 @@ SCAN_SCHEMA = with_kind(
             pa.field("reason", pa.string()),  # null: eligible for GROUP
             pa.field("detail", pa.string()),  # the decoder's message for undecodable images
             pa.field("phash", pa.string()),  # 16 hex digits, imagehash's order; null unless eligible
+            pa.field("clip_score", pa.float32()),  # cosine in [-1, 1]; null unless eligible and scored
         ]
     ),
     SCAN_KIND,
@@ -124,9 +139,15 @@ class FilterConfig:
     per_query_cap: int | None = None  # None: the curated run's cap
     seed: int | None = None  # None: the curated run's seed
     curated: str | None = None  # None: found up the run records (find_upstream)
-    clip_checkpoint: str | None = None
-    min_clip_score: float | None = None
-    keep_top_fraction: float | None = None
+    # CLIP-score filter: build the config with FilterConfig.build, which loads the checkpoint once
+    # (so a missing file or a wrong architecture fails here, not mid-stage) and pins its sha256.
+    clip_checkpoint: str | None = None  # URL of a wit checkpoint or an open_clip weights file
+    clip_model: str | None = None  # open_clip architecture; needed for open_clip files only
+    clip_checkpoint_sha256: str | None = None
+    min_clip_score: float | None = None  # raw cosine in [-1, 1]
+    keep_top_fraction: float | None = None  # in (0, 1]: keep this share of the rows still kept
+    clip_batch_size: int = 64
+    clip_device: str = "auto"  # auto: cuda when torch sees a GPU
 
     def __post_init__(self) -> None:
         if not isinstance(self.min_side, int) or self.min_side < 1:
@@ -148,11 +169,51 @@ class FilterConfig:
             raise ValueError(f"--seed must be a non-negative integer, got {self.seed!r}")
         if (self.per_query_cap is not None or self.seed is not None) and not self.rebalance:
             raise ValueError("--per-query-cap and --seed only apply with --rebalance")
-        if self.min_clip_score is not None or self.keep_top_fraction is not None or self.clip_checkpoint:
-            # The CLIP-score filter needs train's checkpoint loader; until it lands, say so plainly.
-            raise ValueError(
-                "CLIP-score filtering (--clip-score) needs a checkpoint loader (issue #5), which has not landed yet"
+        _check_clip_options(
+            self.clip_checkpoint, self.min_clip_score, self.keep_top_fraction, self.clip_batch_size, self.clip_device
+        )
+        if self.clip_model is not None and not self.clip_checkpoint:
+            raise ValueError("--clip-model names the architecture of a --clip-score checkpoint; give one")
+        if self.clip_checkpoint and not _SHA256_RE.match(self.clip_checkpoint_sha256 or ""):
+            raise ValueError("clip_checkpoint needs its sha256: build the config with FilterConfig.build")
+        if not self.clip_checkpoint and self.clip_checkpoint_sha256 is not None:
+            raise ValueError("clip_checkpoint_sha256 without a clip_checkpoint")
+
+    @classmethod
+    def build(cls, clip_checkpoint: str | None = None, clip_model: str | None = None, **options: Any) -> FilterConfig:
+        """A config whose CLIP-score checkpoint (if any) is loaded and pinned by its sha256.
+
+        Loading here makes a missing or unreadable file, or weights of another architecture than
+        ``clip_model``, a :class:`wit.train.checkpoint.CheckpointError` (a ValueError) before any
+        partition runs; the loaded model stays cached for this process's partitions.
+        """
+        digest = None
+        if clip_checkpoint:
+            from .clipscore import load_scorer
+
+            _check_clip_options(
+                clip_checkpoint,
+                options.get("min_clip_score"),
+                options.get("keep_top_fraction"),
+                options.get("clip_batch_size", 64),
+                options.get("clip_device", "auto"),
             )
+            clip_checkpoint = storage.normalize(clip_checkpoint)
+            scorer = load_scorer(
+                clip_checkpoint, clip_model, options.get("clip_device", "auto"), options.get("clip_batch_size", 64)
+            )
+            digest = scorer.digest
+        return cls(
+            clip_checkpoint=clip_checkpoint or None, clip_model=clip_model, clip_checkpoint_sha256=digest, **options
+        )
+
+    @property
+    def scores_clip(self) -> bool:
+        return bool(self.clip_checkpoint)
+
+    @property
+    def filters_clip(self) -> bool:
+        return self.min_clip_score is not None or self.keep_top_fraction is not None
 
     def reference_sets(self) -> list[tuple[str, str]]:
         """``(task, URL)`` for each reference set, in the order given."""
@@ -165,6 +226,26 @@ class FilterConfig:
                 raise ValueError(f"reference set {entry!r}: task name {task!r} must be a plain word")
             sets.append((task, storage.normalize(url)))
         return sets
+
+
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _check_clip_options(
+    checkpoint: str | None, min_score: float | None, keep_top: float | None, batch_size: int, device: str
+) -> None:
+    if (min_score is not None or keep_top is not None) and not checkpoint:
+        raise ValueError("--min-score and --keep-top need a CLIP model: give --clip-score CKPT")
+    if min_score is not None and not (isinstance(min_score, int | float) and -1.0 <= min_score <= 1.0):
+        raise ValueError(f"--min-score is a cosine similarity in [-1, 1], got {min_score!r}")
+    if keep_top is not None and not (
+        isinstance(keep_top, int | float) and not math.isnan(keep_top) and 0.0 < keep_top <= 1.0
+    ):
+        raise ValueError(f"--keep-top is a fraction in (0, 1], got {keep_top!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"clip_batch_size must be a positive integer, got {batch_size!r}")
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"clip_device must be auto, cpu or cuda, got {device!r}")
 
 
 def _task_name(url: str) -> str:
@@ -227,8 +308,15 @@ def read_members(shard_url: str, keys: set[str]) -> dict[str, tuple[str, bytes]]
     return found
 
 
-def scan_table(ledger: pa.Table, downloaded_url: str, config: FilterConfig) -> tuple[pa.Table, dict[str, int]]:
-    """The SCAN rows of one ledger part, and its counts by reason (``kept``: still eligible)."""
+def scan_table(
+    ledger: pa.Table, downloaded_url: str, config: FilterConfig, scorer: ClipScorer | None = None
+) -> tuple[pa.Table, dict[str, int]]:
+    """The SCAN rows of one ledger part, and its counts by reason (``kept``: still eligible).
+
+    With a ``scorer``, every eligible row also gets its CLIP score, from the pixels decoded for
+    the checks (scored ``scorer.batch_size`` rows at a time as the scan goes).
+    """
+    batch = scorer.batches() if scorer is not None else None
     rows = ledger.to_pylist()
     wanted: dict[str, set[str]] = {}
     for r in rows:
@@ -253,6 +341,7 @@ def scan_table(ledger: pa.Table, downloaded_url: str, config: FilterConfig) -> t
             "reason": None,
             "detail": None,
             "phash": None,
+            "clip_score": None,
         }
         out.append(row)
         if r["status"] != "success":
@@ -271,7 +360,7 @@ def scan_table(ledger: pa.Table, downloaded_url: str, config: FilterConfig) -> t
             row["reason"] = size_problem(ow, oh, config)
             if row["reason"]:
                 continue
-        check = check_image(data, config.max_pixels)
+        check = check_image(data, config.max_pixels, keep_image=batch is not None)
         if check.reason:
             row["reason"], row["detail"] = check.reason, check.detail
             continue
@@ -282,6 +371,12 @@ def scan_table(ledger: pa.Table, downloaded_url: str, config: FilterConfig) -> t
             if row["reason"]:
                 continue
         row["phash"] = hash_hex(check.phash)
+        if batch is not None:
+            batch.add(len(out) - 1, check.image, r["text"])
+    if batch is not None:
+        batch.flush()
+        for i, score in batch.scores.items():
+            out[i]["clip_score"] = score
     counts = Counter(r["reason"] or KEPT for r in out)
     return pa.Table.from_pylist(out, schema=SCAN_SCHEMA), dict(sorted(counts.items()))
 
@@ -317,8 +412,28 @@ class FilterScan:
     def run_partition(self, config: FilterConfig, partition: Partition, out: str) -> PartitionResult:
         (downloaded_url,) = partition.params
         ledger = read_part(partition.source, columns=_LEDGER_COLUMNS)
-        table, counts = scan_table(ledger, downloaded_url, config)
-        return PartitionResult(table=table, counts=counts)
+        if not config.scores_clip:
+            table, counts = scan_table(ledger, downloaded_url, config)
+            return PartitionResult(table=table, counts=counts)
+        from .clipscore import cpu_threads
+
+        scorer = clip_scorer(config)
+        with cpu_threads(scorer.device):
+            table, counts = scan_table(ledger, downloaded_url, config, scorer)
+        return PartitionResult(table=table, counts=counts, extra={"clip_device": scorer.device})
+
+
+def clip_scorer(config: FilterConfig) -> ClipScorer:
+    """The config's CLIP model, loaded once per process; refuses a checkpoint changed since the build."""
+    from .clipscore import load_scorer
+
+    scorer = load_scorer(config.clip_checkpoint, config.clip_model, config.clip_device, config.clip_batch_size)
+    if scorer.digest != config.clip_checkpoint_sha256:
+        raise StageError(
+            f"{config.clip_checkpoint}: the checkpoint changed since the filter's config was built "
+            f"(sha256 {scorer.digest[:12]}…, expected {config.clip_checkpoint_sha256[:12]}…)"
+        )
+    return scorer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,8 +545,35 @@ def group_decisions(
     return decisions
 
 
-def _scan_columns(url: str) -> pa.Table:
-    return open_manifest(url, expect_kind=SCAN_KIND).table(["uid", "sha256", "phash", "reason"])
+def clip_score_decisions(
+    rows: pa.Table, decisions: dict[str, Decision], config: FilterConfig
+) -> tuple[dict[str, Decision], float | None]:
+    """``low_clip_score`` drops among the eligible rows that ``decisions`` keeps, and the threshold.
+
+    ``rows``: uid, reason and clip_score (SCAN's float32 scores, compared as stored).
+    """
+    if not config.filters_clip:
+        return {}, None
+    eligible = rows.filter(pc.is_null(rows.column("reason")))
+    kept = [
+        (u, s)
+        for u, s in zip(eligible.column("uid").to_pylist(), eligible.column("clip_score").to_pylist(), strict=True)
+        if u not in decisions
+    ]
+    unscored = [u for u, s in kept if s is None]
+    if unscored:
+        raise StageError(f"{len(unscored)} eligible rows have no CLIP score (e.g. {unscored[0]}): rerun the scan")
+    from .clipscore import score_threshold
+
+    threshold = score_threshold((s for _, s in kept), config.min_clip_score, config.keep_top_fraction)
+    if threshold is None:
+        return {}, None
+    return {u: Decision(LOW_CLIP_SCORE) for u, s in kept if s < threshold}, threshold
+
+
+def _scan_columns(url: str, clip: bool) -> pa.Table:
+    columns = ["uid", "sha256", "phash", "reason"] + (["clip_score"] if clip else [])
+    return open_manifest(url, expect_kind=SCAN_KIND).table(columns)
 
 
 class FilterGroup:
@@ -462,13 +604,17 @@ class FilterGroup:
 
     def run_partition(self, config: FilterConfig, partition: Partition, out: str) -> PartitionResult:
         (curated,) = partition.params
-        rows = _scan_columns(partition.source)
+        rows = _scan_columns(partition.source, config.filters_clip)
         references = [(task, reference_hashes(url, config.max_pixels)) for task, url in config.reference_sets()]
         queries, cap, seed, extra = None, None, 0, {}
         if curated:
             queries, cap, seed = _rebalance_inputs(curated, config)
             extra = {"curated": curated, "per_query_cap": cap, "seed": seed}
         decisions = group_decisions(rows, references, config, queries, cap, seed)
+        low_score, threshold = clip_score_decisions(rows, decisions, config)
+        decisions.update(low_score)
+        if config.filters_clip:
+            extra["clip_threshold"] = threshold
         ordered = sorted(decisions.items())
         table = pa.table(
             {
@@ -543,9 +689,21 @@ def decide_table(scan: pa.Table, decisions: dict[str, tuple[str, str | None]]) -
             "reason": pa.array(reasons, pa.string()),
             "phash": scan.column("phash"),
             "duplicate_of": pa.array(dup_of, pa.string()),
+            "clip_score": scan.column("clip_score"),
         }
     )
     return table, Counter(r or KEPT for r in reasons)
+
+
+def score_tallies(table: pa.Table) -> dict[str, dict[str, int]]:
+    """Histograms of the CLIP scores of one FILTERED part: all scored rows, and the kept ones."""
+    scores = table.column("clip_score")
+    if scores.null_count == len(scores):
+        return {}
+    from .clipscore import histogram
+
+    kept = table.filter(table.column("keep")).column("clip_score")
+    return {"clip_score": histogram(scores.to_pylist()), "clip_score_kept": histogram(kept.to_pylist())}
 
 
 class FilterDecide:
@@ -572,11 +730,9 @@ class FilterDecide:
         for reason, n in counts.items():
             if reason.startswith(EVAL_OVERLAP + ":"):
                 overlap[reason.split(":", 1)[1]] += n
-        return PartitionResult(
-            table=table,
-            counts=dict(sorted(counts.items())),
-            tallies={EVAL_OVERLAP: dict(overlap)} if overlap else {},
-        )
+        tallies = {EVAL_OVERLAP: dict(overlap)} if overlap else {}
+        tallies.update(score_tallies(table))
+        return PartitionResult(table=table, counts=dict(sorted(counts.items())), tallies=tallies)
 
 
 SCAN = FilterScan()

@@ -7,7 +7,8 @@ image cannot be used) and a 64-bit perceptual hash. Two rules make this safe on 
   (a few hundred kB on disk, 400 MB once decoded) is refused without allocating it; PIL's own
   ``MAX_IMAGE_PIXELS`` check is a second line behind ours;
 - each image is decoded once, fully (``load``), so a truncated or corrupt file is caught here
-  rather than in a training worker, and the same decoded pixels feed the hash.
+  rather than in a training worker, and the same decoded pixels feed the hash (and, when asked
+  with ``keep_image``, the CLIP-score model: :mod:`.clipscore`).
 
 :func:`phash` computes the same bits as ``imagehash.phash`` (greyscale, 32×32 Lanczos, 2-D DCT-II,
 top-left 8×8 against its median) with a precomputed DCT matrix instead of two scipy calls, which
@@ -54,6 +55,7 @@ class ImageCheck:
     reason: str | None  # None: decoded fine
     detail: str | None = None  # the decoder's message, for the curious
     phash: int | None = None  # set only when decoded and asked for
+    image: Image.Image | None = None  # the decoded pixels as RGB, only with keep_image
 
 
 def format_extension(fmt: str | None) -> str | None:
@@ -61,8 +63,12 @@ def format_extension(fmt: str | None) -> str | None:
     return _FORMAT_EXT.get(fmt or "")
 
 
-def check_image(data: bytes, max_pixels: int, want_hash: bool = True) -> ImageCheck:
-    """Open ``data``, refuse it when the header claims more than ``max_pixels``, else decode it fully."""
+def check_image(data: bytes, max_pixels: int, want_hash: bool = True, keep_image: bool = False) -> ImageCheck:
+    """Open ``data``, refuse it when the header claims more than ``max_pixels``, else decode it fully.
+
+    ``keep_image`` returns the decoded pixels (converted to RGB) in ``image``, so a later consumer
+    does not decode the bytes a second time.
+    """
     with warnings.catch_warnings():
         # PIL warns past MAX_IMAGE_PIXELS and raises past twice that; our own limit decides first.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -81,9 +87,15 @@ def check_image(data: bytes, max_pixels: int, want_hash: bool = True) -> ImageCh
             try:
                 img.load()
                 code = phash(img) if want_hash else None
+                rgb = _rgb(img) if keep_image else None
             except DECODE_ERRORS as exc:
                 return ImageCheck(w, h, fmt, UNDECODABLE, _first_line(exc))
-    return ImageCheck(w, h, fmt, None, None, code)
+    return ImageCheck(w, h, fmt, None, None, code, rgb)
+
+
+def _rgb(img: Image.Image) -> Image.Image:
+    # convert() copies, so the pixels outlive the closed file; animated images keep their first frame
+    return img.convert("RGB") if img.mode != "RGB" else img.copy()
 
 
 def _first_line(exc: BaseException) -> str:

@@ -207,14 +207,25 @@ def download(curated, out, image_size, resize_mode, encode_format, encode_qualit
     metavar="SUITE",
     help="Drop near duplicates of a `wit eval` suite's test images (reason eval_overlap:<task>).",
 )
+@click.option("--clip-score", metavar="CKPT", help="Score image-text pairs with this checkpoint (wit or open_clip).")
+@click.option("--clip-model", metavar="NAME", help="Architecture of an open_clip --clip-score file.")
+@click.option("--min-score", type=click.FloatRange(-1, 1), default=None, help="Drop pairs below this cosine.")
+@click.option(
+    "--keep-top",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=None,
+    metavar="FRACTION",
+    help="Keep this fraction of the best-scoring pairs (DataComp's CLIP-score filter).",
+)
 @click.option("--rebalance", is_flag=True, help="Re-apply the per-query cap after download (MetaCLIP).")
 @click.option("--per-query-cap", type=click.IntRange(min=1), default=None, help="With --rebalance.")
 @click.option("--curated", metavar="URL", help="The curated manifest (default: found through the run records).")
 @executor_options
 @domain_errors
 def filter_(downloaded, out, min_side, max_aspect_ratio, max_pixels, near_duplicate_distance,
-            reference_images, suite, rebalance, per_query_cap, curated, workers, part):  # fmt: skip
-    """Image-level filters: size, decode, exact and near duplicates, eval decontamination.
+            reference_images, suite, clip_score, clip_model, min_score, keep_top, rebalance, per_query_cap,
+            curated, workers, part):  # fmt: skip
+    """Image-level filters: size, decode, duplicates, eval decontamination, CLIP score.
 
     Every ledger row gets a filtered row with keep, reason and the scores used; the representative
     of each duplicate group is its smallest uid. --decontaminate exports the suite's built-in test
@@ -223,6 +234,7 @@ def filter_(downloaded, out, min_side, max_aspect_ratio, max_pixels, near_duplic
     \b
     Example:
         wit filter out/downloaded -o out/filtered --decontaminate default
+        wit filter out/downloaded -o out/filtered --clip-score out/train/checkpoints/step-00000500.pt --keep-top 0.3
         wit filter out/downloaded -o out/filtered --reference-images cifar10=s3://evals/wds_cifar10/test
     """
     from wit.ingest.filter import FILTER_PHASES, FilterConfig
@@ -232,7 +244,11 @@ def filter_(downloaded, out, min_side, max_aspect_ratio, max_pixels, near_duplic
         from wit.evaluate.datasets import reference_sets
 
         reference_images = tuple(reference_images) + reference_sets(suite, storage.join(out, "_reference"))
-    config = FilterConfig(
+    config = FilterConfig.build(
+        clip_checkpoint=clip_score,
+        clip_model=clip_model,
+        min_clip_score=min_score,
+        keep_top_fraction=keep_top,
         min_side=min_side,
         max_aspect_ratio=max_aspect_ratio,
         max_pixels=max_pixels,

@@ -220,7 +220,7 @@ def test_reference_sets_in_clip_benchmark_layout(downloaded, tmp_path):
 @pytest.mark.parametrize(
     "kw, match",
     [
-        ({"clip_checkpoint": "ckpt.pt"}, "checkpoint loader \\(issue #5\\)"),
+        ({"clip_checkpoint": "ckpt.pt"}, "FilterConfig.build"),
         ({"min_side": 0}, "min-side"),
         ({"max_aspect_ratio": 0.5}, "aspect"),
         ({"near_duplicate_distance": 40}, "near_duplicate_distance"),

@@ -67,5 +67,7 @@ def test_stage_errors_are_one_line(tmp_path, run_wit):
     assert proc.returncode == 1 and proc.stderr.strip().startswith("Error:") and "Traceback" not in proc.stderr
     proc = run_wit("extract", tmp_path / "nothing-here", "-o", tmp_path / "o")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    proc = run_wit("filter", tmp_path / "d", "-o", tmp_path / "o", "--clip-score", tmp_path / "missing.pt")
+    assert proc.returncode == 1 and "missing.pt" in proc.stderr and "Traceback" not in proc.stderr
     proc = run_wit("extract", "x.warc", "-o", tmp_path / "o", "--part", "3/2")
     assert proc.returncode == 2 and "--part" in proc.stderr  # a usage error, caught before any work
