@@ -5,6 +5,7 @@ from __future__ import annotations
 import pyarrow.compute as pc
 import pytest
 
+from wit.evaluate import world
 from wit.ingest.synthetic import generate_web
 from wit.manifests.manifest import read_table
 from wit.manifests.runrecord import read_run_record
@@ -36,7 +37,10 @@ def test_extract_then_curate_with_the_cli(web, tmp_path, run_wit):
     assert not missing, missing[:3]
     assert pc.sum(truth["relative"]).as_py() > 0
 
-    proc = run_wit("curate", cands, "-o", cur, "--allow-private-hosts", "--per-query-cap", "5")
+    # coarse queries (one word each), so that every query is matched by more pairs than the cap
+    queries = tmp_path / "queries.txt"
+    queries.write_text("\n".join(list(world.COLOURS) + list(world.SHAPES)) + "\n")
+    proc = run_wit("curate", cands, "-o", cur, "--allow-private-hosts", "--queries", queries, "--per-query-cap", "3")
     assert proc.returncode == 0, proc.stderr
     rec = read_run_record(str(cur))
     assert rec.counts.get("lang_not_allowed", 0) > 0 and rec.counts.get("over_cap", 0) > 0
