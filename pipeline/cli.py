@@ -12,15 +12,12 @@ import sys
 import click
 
 from wit.manifests import storage
-from wit.pipeline import ingest_commands, model_commands
-from wit.pipeline.clikit import domain_errors, output_option
+from wit.pipeline import ingest_commands, model_commands, run_commands
+from wit.pipeline.clikit import domain_errors
 
 # Commands whose stage has not landed yet. They parse their options and exit 2 with a message;
 # tests/pipeline/test_cli.py checks this list, so it shrinks to nothing as the stages land.
-NOT_IMPLEMENTED: dict[str, str] = {
-    "run": "issue #7 (wit run / wit demo)",
-    "demo": "issue #7 (wit run / wit demo)",
-}
+NOT_IMPLEMENTED: dict[str, str] = {}
 
 
 def not_implemented(name: str):
@@ -47,31 +44,7 @@ def cli():
 # ---------------------------------------------------------------- stages
 
 
-@cli.command()
-@click.argument("pipeline_yaml", metavar="PIPELINE.yaml")
-def run(pipeline_yaml):
-    """Run every stage of a pipeline file in order, skipping finished ones.
-
-    \b
-    Example:
-        wit run pipeline.yaml
-    """
-    not_implemented("run")
-
-
-@cli.command()
-@output_option
-def demo(out):
-    """The whole pipeline on a generated web served on 127.0.0.1.
-
-    \b
-    Example:
-        wit demo -o demo-out
-    """
-    not_implemented("demo")
-
-
-for _command in ingest_commands.COMMANDS + model_commands.COMMANDS:
+for _command in ingest_commands.COMMANDS + model_commands.COMMANDS + run_commands.COMMANDS:
     cli.add_command(_command)
 
 
