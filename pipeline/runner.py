@@ -123,6 +123,11 @@ OPTIONS: dict[str, dict[str, Option]] = {
         max_pixels=Option(_I, 50_000_000),
         near_duplicate_distance=Option(_I, 4),
         reference_images=Option("refs", ()),
+        decontaminate=Option(_S, None, optional=True),
+        clip_score=Option(_P, None, optional=True),
+        clip_model=Option(_S, None, optional=True),
+        min_score=Option(_F, None, optional=True),
+        keep_top=Option(_F, None, optional=True),
         rebalance=Option(_B, False),
         per_query_cap=Option(_I, None, optional=True),
         curated=Option(_P, None, optional=True),
@@ -336,6 +341,9 @@ class PipelineConfig:
         from wit.ingest.extract import expand_sources
 
         opts = {s: dict(o) for s, o in options}
+        # evaluation images to decontaminate against: exported once under the root (not inside the
+        # filter folder, which a rerun clears)
+        opts["filter"]["_reference_root"] = storage.join(root, "_reference")
         configs = tuple(_BUILDERS[s](opts[s]) for s in STAGES)
         sources = tuple(expand_sources(list(opts["extract"]["sources"])))
         workers = tuple(int(opts[s].get("workers", 1)) if s not in ("train", "eval") else 1 for s in STAGES)
@@ -408,9 +416,21 @@ def _download_config(o: dict):
 def _filter_config(o: dict):
     from wit.ingest.filter import FilterConfig
 
-    keys = ("min_side", "max_aspect_ratio", "max_pixels", "near_duplicate_distance", "reference_images",
-            "rebalance", "per_query_cap", "curated")  # fmt: skip
-    return FilterConfig(**{k: o[k] for k in keys})
+    keys = ("min_side", "max_aspect_ratio", "max_pixels", "near_duplicate_distance", "rebalance", "per_query_cap",
+            "curated")  # fmt: skip
+    references = tuple(o["reference_images"])
+    if o.get("decontaminate"):
+        from wit.evaluate.datasets import reference_sets
+
+        references += reference_sets(o["decontaminate"], o["_reference_root"])
+    return FilterConfig.build(
+        reference_images=references,
+        clip_checkpoint=o.get("clip_score"),
+        clip_model=o.get("clip_model"),
+        min_clip_score=o.get("min_score"),
+        keep_top_fraction=o.get("keep_top"),
+        **{k: o[k] for k in keys},
+    )
 
 
 def _shard_config(o: dict):

@@ -165,7 +165,8 @@ def _train(cfg: TrainConfig, dataset_url, out: str, eval_callback, env: distribu
     loss_fn = losses.make_loss(cfg.loss, env.rank, env.world_size)
     autocast = _autocast(cfg.precision, env.device)
 
-    stream = BatchStream(info.plan, Decoder(transform, pp["size"][0], cfg.seed), tokenizer, cfg.batch_size, state)
+    size = pp["size"][0] if isinstance(pp["size"], (tuple, list)) else pp["size"]  # an int for ResNets
+    stream = BatchStream(info.plan, Decoder(transform, size, cfg.seed), tokenizer, cfg.batch_size, state)
     loader = make_loader(stream, cfg.workers, pin_memory=env.device.type == "cuda")
     batches = iter(loader)
     per_step = cfg.batch_size * cfg.grad_accum * env.world_size  # samples per optimiser step, all ranks
