@@ -15,16 +15,6 @@ from wit.manifests import storage
 from wit.pipeline import ingest_commands, model_commands, run_commands
 from wit.pipeline.clikit import domain_errors
 
-# Commands whose stage has not landed yet. They parse their options and exit 2 with a message;
-# tests/pipeline/test_cli.py checks this list, so it shrinks to nothing as the stages land.
-NOT_IMPLEMENTED: dict[str, str] = {}
-
-
-def not_implemented(name: str):
-    ctx = click.get_current_context()
-    click.echo(f"wit {name}: not implemented yet (tracked in {NOT_IMPLEMENTED[name]})", err=True)
-    ctx.exit(2)
-
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="wit", prog_name="wit")

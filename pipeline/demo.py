@@ -32,6 +32,7 @@ from wit.manifests import storage
 from wit.manifests.manifest import read_table
 from wit.pipeline.runner import PipelineConfig, StepOutcome, run_pipeline
 
+SLOW_DELAY_SCALE = 3.0
 DEMO_PAGES = 800  # → ~2,000 images, ~1,500 samples after curate, download and filter
 DEMO_SEED = 0
 DEMO_PORT = 18642  # fixed, so the dataset digest is the same wherever the demo runs (see above)
@@ -102,7 +103,9 @@ def run_demo(
     config = PipelineConfig.from_dict(data, base=str(out), overrides=more, source="demo.yaml")
 
     echo(f"demo: web of {pages} pages on http://127.0.0.1:{port}, stages under {root}")
-    with SyntheticWebServer(web, port=port):
+    # planted slow images answer after 6 s, past the 3 s download timeout of demo.yaml; ordinary
+    # images get 3 s, ample even on a loaded machine (a timeout there would change the dataset)
+    with SyntheticWebServer(web, port=port, delay_scale=SLOW_DELAY_SCALE):
         outcomes = run_pipeline(config, echo=echo, progress=progress)
     for o in outcomes:
         timings[o.stage] = o.seconds

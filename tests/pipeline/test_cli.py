@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from wit.manifests import storage
-from wit.pipeline.cli import NOT_IMPLEMENTED, cli
+from wit.pipeline.cli import cli
 
 from toy_stages import run_chain
 
@@ -51,23 +51,6 @@ def test_every_command_has_help_with_an_example(path):
 
 def test_manifest_subcommands():
     assert set(cli.commands["manifest"].commands) == {"show", "verify", "lineage", "diff"}
-
-
-# The stages still to land. When a stage lands, remove it here and from NOT_IMPLEMENTED.
-STILL_TO_LAND: set[str] = set()
-
-MINIMAL_ARGS = {}
-
-
-def test_not_implemented_list_is_what_we_expect():
-    assert set(NOT_IMPLEMENTED) == STILL_TO_LAND
-
-
-@pytest.mark.parametrize("name", sorted(STILL_TO_LAND))
-def test_not_implemented_commands_exit_2_with_a_clear_message(name):
-    result = CliRunner().invoke(cli, [name, *MINIMAL_ARGS[name]])
-    assert result.exit_code == 2
-    assert f"wit {name}: not implemented yet" in result.output
 
 
 def test_console_script_help(run_wit):

@@ -45,14 +45,14 @@ def build(run_wit, web_info, port, root: str, env: dict | None = None) -> dict[s
     """The whole dataset pipeline under ``root``; a fresh server, so its 429 counters start at zero."""
     names = ("candidates", "curated", "downloaded", "filtered", "dataset")
     out = {name: storage.join(root, name) for name in names}
-    with SyntheticWebServer(web_info.root, port=port):
+    # slow images answer after 6 s, past the 3 s timeout; ordinary ones have 3 s even under load
+    with SyntheticWebServer(web_info.root, port=port, delay_scale=3.0):
         steps = [
             ("extract", web_info.root / "warc", "--languages", "en,de,fr,es"),
             # any language: language identification on short alt texts is curate's own tests' subject,
             # and a misread caption would keep a planted defect from reaching the stage under test
             ("curate", out["candidates"], "--allow-private-hosts", "--per-query-cap", "1000", "--lang", ""),
-            # slow images answer after 2 s: past the 1 s timeout
-            ("download", out["curated"], "--allow-private-hosts", "--image-size", "64", "--timeout", "1",
+            ("download", out["curated"], "--allow-private-hosts", "--image-size", "64", "--timeout", "3",
              "--threads", "8", "--samples-per-shard", "40", "--workers", "2"),
             ("filter", out["downloaded"], "--decontaminate", "digits"),
             ("shard", out["filtered"], "--samples-per-shard", "16"),
