@@ -35,10 +35,9 @@ from wit.manifests.stage import (
     PartitionResult,
     StageError,
     commit_partition,
-    committed,
     finalize,
     finished,
-    pin,
+    open_run,
     resolve_inputs,
 )
 from wit.train.checkpoint import load_model
@@ -416,10 +415,7 @@ def evaluate(checkpoint: str, out: str, suite: str | Suite = "default", config: 
     inputs = resolve_inputs(inputs)
     ref = finished(stage, stage_config, inputs, out)
     if ref is None:
-        storage.makedirs(out)
-        pin(stage, stage_config, inputs, out)
-        storage.sweep_temporaries(out)
-        done = committed(out)
+        done = open_run(stage, stage_config, inputs, out)
         partitions = stage.partitions(stage_config, inputs)
         session.build_text_classifiers([suite.tasks[p.index] for p in partitions[:-1] if p.index not in done])
         for p in partitions:

@@ -6,13 +6,12 @@ from collections import Counter
 
 import pyarrow.compute as pc
 
-from .manifest import ManifestError, open_manifest
+from .manifest import Manifest, ManifestError, open_manifest
 from .runrecord import RunRecord, folder_of, read_run_record
 
 
-def reason_counts(url: str) -> Counter:
+def reason_counts(m: Manifest) -> Counter:
     """Rows by reason, read from the manifest itself (``kept`` for rows with a null reason)."""
-    m = open_manifest(url)
     if "reason" not in m.schema.names:
         return Counter()
     col = m.table(["reason"]).column("reason")
@@ -39,7 +38,7 @@ def show(url: str, head: int = 5) -> str:
         ]
         for ref in rec.inputs:
             out.append(f"input     {ref.url}  [{ref.kind}]  {(ref.digest or '')[:12]}")
-    reasons = reason_counts(url)
+    reasons = reason_counts(m)
     if reasons:
         out.append("reasons")
         width = max(len(r) for r in reasons)

@@ -213,7 +213,7 @@ def open_manifest(url: str, table: str | None = None, expect_kind: str | None = 
             expected = None  # a custom kind (a test stage's): the first part defines the columns
         if expected is not None:
             schema = expected
-    for p in parts:
+    for p in parts[1:]:
         s = read_part_schema(storage.join(url, p))
         if not same_columns(s, schema) or kind_of(s) != kind:
             raise ManifestError(

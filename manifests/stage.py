@@ -113,6 +113,15 @@ def pin(stage: Stage, config: Any, inputs: list[ManifestRef], out: str) -> dict:
     return want
 
 
+def open_run(stage: Stage, config: Any, inputs: list[ManifestRef], out: str) -> set[int]:
+    """Claim ``out`` for this stage, config and inputs (see :func:`pin`), sweep away what killed
+    writers left, and return the indices of the partitions already committed."""
+    storage.makedirs(out)
+    pin(stage, config, inputs, out)
+    storage.sweep_temporaries(out)  # leftovers of a killed writer; their partitions are redone
+    return committed(out)
+
+
 def committed(out: str) -> set[int]:
     """Indices of the partitions whose marker exists."""
     done = set()

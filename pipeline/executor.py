@@ -27,7 +27,7 @@ from wit.manifests.stage import (
     committed,
     finalize,
     finished,
-    pin,
+    open_run,
     resolve_inputs,
 )
 
@@ -99,10 +99,7 @@ def run_stage(
         raise StageError(f"{stage.name}: no input to process")
     if [p.index for p in partitions] != list(range(len(partitions))):
         raise StageError(f"{stage.name}: partitions must be numbered 0..n-1")
-    storage.makedirs(out)
-    pin(stage, config, inputs, out)
-    storage.sweep_temporaries(out)  # leftovers of a killed writer; their partitions are redone
-    done = committed(out)
+    done = open_run(stage, config, inputs, out)
     todo = [p for p in partitions if part.owns(p) and p.index not in done]
     skipped = sum(1 for p in partitions if part.owns(p) and p.index in done)
     bar = tqdm(

@@ -41,20 +41,9 @@ from wit.manifests.lineage import LineageNode, lineage
 from wit.manifests.manifest import RUN_RECORD, ManifestError
 from wit.manifests.runrecord import RunRecord, read_run_record
 from wit.manifests.storage import StorageError
+from wit.pipeline.runner import FOLDERS, STAGES  # the folder `wit run` gives each stage under the root
 
 REPORT = "report.html"
-# The stages of a run in pipeline order, and the folder `wit run` gives each under the root (the
-# same as runner.FOLDERS; kept here so that the report reads any root without the runner's imports).
-STAGES = ("extract", "curate", "download", "filter", "shard", "train", "eval")
-DEFAULT_FOLDERS = {
-    "extract": "candidates",
-    "curate": "curated",
-    "download": "downloaded",
-    "filter": "filtered",
-    "shard": "dataset",
-    "train": "train",
-    "eval": "eval",
-}
 DATASET_STAGES = STAGES[:5]
 SAMPLES_SHOWN = 12
 THUMBNAIL = 128
@@ -115,7 +104,7 @@ def find_stages(root: str, stages: dict[str, str] | None = None) -> RunLayout:
             layout.runs[stage] = run
     for stage in STAGES:
         if stage not in layout.runs:
-            run = _read(layout, storage.join(layout.root, DEFAULT_FOLDERS[stage]))
+            run = _read(layout, storage.join(layout.root, FOLDERS[stage]))
             if run is not None and run.stage == stage:
                 layout.runs[stage] = run
     if any(s not in layout.runs for s in STAGES):

@@ -5,8 +5,7 @@ from __future__ import annotations
 import click
 
 from wit.pipeline.clikit import domain_errors, output_option
-
-STAGES = ["extract", "curate", "download", "filter", "shard", "train", "eval"]
+from wit.pipeline.runner import STAGES
 
 
 @click.command()

@@ -24,7 +24,7 @@ from wit.ingest.synthetic import SyntheticWebServer, generate_web
 from wit.manifests import storage
 from wit.manifests.runrecord import read_run_record
 from wit.pipeline import runner
-from wit.pipeline.report import DEFAULT_FOLDERS, STAGES, build_report, find_stages
+from wit.pipeline.report import FOLDERS, STAGES, build_report, find_stages
 from wit.train.config import TrainConfig
 from wit.train.loop import train
 
@@ -278,4 +278,4 @@ def test_report_renders_in_headless_chromium_with_every_image_loaded(run_root, t
 
 
 def test_default_folders_are_the_runners():
-    assert DEFAULT_FOLDERS == runner.FOLDERS and STAGES == runner.STAGES
+    assert FOLDERS is runner.FOLDERS and STAGES is runner.STAGES
