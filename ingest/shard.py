@@ -20,6 +20,8 @@ table ``plan/part-NNNNN.parquet``.
 WRITE builds shard ``k`` from plan part ``k``: per sample ``{uid}.{ext}`` (the image bytes as
 downloaded; their sha256 is checked against FILTERED's), ``{uid}.txt`` and ``{uid}.json``, in plan
 order with members sorted, mtime 0 and uid/gid 0, so the same input and seed give the same bytes.
+Local source shards are memory-mapped and the tar stream goes out by ``writev`` over the maps, so
+image bytes are never copied in Python; sha256 of the output and of each image run in two threads.
 The shard is written to a temporary file and committed by rename or a single put. The dataset
 manifest is the SAMPLES main table (uid → shard, key, sha256, ...) plus the SHARDS side table
 ``shard_index/`` that ``wit manifest verify`` checks every shard against. Partition 0 also commits
@@ -30,11 +32,16 @@ dataset card (:mod:`.card`); both follow from the plan alone.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import mmap
 import os
 import tarfile
 import time
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,7 +51,7 @@ import pyarrow.compute as pc
 from wit.manifests import storage
 from wit.manifests.manifest import FileInfo, ManifestRef, open_manifest, read_part, write_part
 from wit.manifests.runrecord import read_run_record
-from wit.manifests.schemas import SHARDS, with_kind
+from wit.manifests.schemas import SAMPLES, SHARDS, with_kind
 from wit.manifests.stage import Partition, PartitionResult, StageError
 
 from .filter import IMAGE_EXTENSIONS, find_upstream
@@ -125,18 +132,19 @@ def order_key(seed: int, uid: str) -> bytes:
 def index_tar(url: str, keys: set[str]) -> dict[str, tuple[str, int, int]]:
     """``key → (extension, data offset, size)`` of the image members of one tar shard.
 
-    Only headers are read, seeking past each member's data. Plain ustar/gnu members are parsed
-    here (tarfile's parser costs ~80 µs a member); an archive with extended headers (pax, GNU long
-    names) is handed to tarfile, which knows them all.
+    Only headers are read, skipping each member's data (through a memory map when the shard is
+    local, ranged reads otherwise). Plain ustar/gnu members are parsed here (tarfile's parser costs
+    ~80 µs a member); an archive with extended headers (pax, GNU long names) is handed to tarfile,
+    which knows them all.
     """
     found: dict[str, tuple[str, int, int]] = {}
-    with storage.open_url(url, "rb") as fh:
+    with random_access(url) as read:
         offset = 0
         while True:
-            fh.seek(offset)
-            header = fh.read(BLOCK)
-            if len(header) < BLOCK or header == bytes(BLOCK):
+            header = read(offset, BLOCK)
+            if len(header) < BLOCK or header == ZERO_BLOCK:
                 return found
+            header = bytes(header)
             kind = header[156:157]
             size_field = header[124:136]
             if kind not in (b"0", b"\0", b"5") or size_field[:1] in (b"\x80", b"\xff"):
@@ -151,6 +159,33 @@ def index_tar(url: str, keys: set[str]) -> dict[str, tuple[str, int, int]]:
             _note(found, keys, name, kind != b"5", offset + BLOCK, size)
             offset += BLOCK + size + (-size % BLOCK)
     return _index_with_tarfile(url, keys)
+
+
+@contextmanager
+def random_access(url: str) -> Iterator[Callable[[int, int], Any]]:
+    """``read(offset, size)`` over the file at ``url``: slices of a memory map for a local file
+    (no copy, no system call), seek and read on any other (fsspec's read-ahead keeps ascending
+    offsets to few requests). A read past the end returns what there is."""
+    with storage.open_url(url, "rb") as fh:
+        try:
+            mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+            mm = None  # not a local file, or an empty one (a zero-length map is refused)
+        if mm is None:
+
+            def read(offset: int, size: int) -> bytes:
+                fh.seek(offset)
+                return fh.read(size)
+
+            yield read
+            return
+        view = memoryview(mm)
+        try:
+            yield lambda offset, size: view[offset : offset + size]
+        finally:
+            view.release()
+            with suppress(BufferError):  # slices still held: the map closes when the last goes
+                mm.close()
 
 
 def _note(found: dict, keys: set[str], name: str, is_file: bool, offset: int, size: int) -> None:
@@ -284,52 +319,39 @@ class ShardPlan:
 # WRITE
 
 
-class _HashingWriter:
-    """A write-only file that hashes and counts what passes through it."""
-
-    def __init__(self, fh):
-        self.fh, self.sha, self.bytes = fh, hashlib.sha256(), 0
-
-    def write(self, data) -> int:
-        self.sha.update(data)
-        self.bytes += len(data)
-        return self.fh.write(data)
-
-    def tell(self) -> int:
-        return self.bytes
-
-
 BLOCK = 512
+ZERO_BLOCK = bytes(BLOCK)
 RECORD = 20 * BLOCK  # tar pads the archive to whole records, as tarfile does
-WRITE_BATCH = 8 << 20
+IOV_MAX = 1020  # pieces per writev; Linux takes 1024
+# A ustar header is name[100] mode[8] uid[8] gid[8] size[12] mtime[12] chksum[8] type[1]
+# linkname[100] magic+version[8] and zeros to 512 bytes. All but name, size and checksum are fixed.
+_MODE_IDS = b"0000444\0" + b"0000000\0" * 2
+_MTIME = b"00000000000\0"
+_TAIL = b"0" + bytes(100) + b"ustar\x0000" + bytes(BLOCK - 265)
+_FIXED_SUM = sum(_MODE_IDS) + sum(_MTIME) + sum(b" " * 8) + sum(_TAIL)  # the checksum counts itself as spaces
+_MAX_SIZE = 8**11 - 1
 
 
 def ustar_header(name: str, size: int) -> bytes:
     """A POSIX ustar header for a regular file, with everything that could vary fixed.
 
     mtime 0, mode 0444, uid/gid 0 and empty owner names: identical input gives identical bytes.
-    Built by hand because tarfile spends ~60 µs per member building one, which for 30 kB web
-    images is most of the resharding time; the tests read the shards back with tarfile.
+    Built by hand from fixed pieces (the checksum is the fixed pieces' sum plus name's and size's)
+    because tarfile spends ~60 µs per member building one, which for 30 kB web images is most of
+    the resharding time; the tests read the shards back with tarfile.
     """
     raw = name.encode("utf-8")
     if len(raw) > 100:
         raise StageError(f"member name {name!r} is longer than a ustar header holds")
-    header = bytearray(BLOCK)
-    header[0 : len(raw)] = raw
-    header[100:108] = b"0000444\0"
-    header[108:116] = b"0000000\0"
-    header[116:124] = b"0000000\0"
-    header[124:136] = b"%011o\0" % size
-    header[136:148] = b"00000000000\0"
-    header[148:156] = b" " * 8  # the checksum counts its own field as spaces
-    header[156:157] = b"0"
-    header[257:265] = b"ustar\x0000"
-    header[148:156] = b"%06o\0 " % sum(header)
-    return bytes(header)
+    if size > _MAX_SIZE:
+        raise StageError(f"member {name!r} is {size} bytes, more than a ustar header holds")
+    size_field = b"%011o\0" % size
+    checksum = _FIXED_SUM + sum(raw) + sum(size_field)
+    return b"".join((raw, bytes(100 - len(raw)), _MODE_IDS, size_field, _MTIME, b"%06o\0 " % checksum, _TAIL))
 
 
-def _padding(size: int) -> bytes:
-    return bytes(-size % BLOCK)
+_PADDING = [bytes(n) for n in range(BLOCK)]
+_JSON = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":"))
 
 
 def sample_json(row: dict) -> bytes:
@@ -343,46 +365,115 @@ def sample_json(row: dict) -> bytes:
         "height": row["height"],
         "scores": {"phash": row["phash"], "clip_score": row["clip_score"]},
     }
-    return json.dumps(meta, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
+    return _JSON.encode(meta).encode()
 
 
-def read_images(downloaded: str, rows: list[dict]) -> list[bytes]:
-    """The image bytes of ``rows``, one open handle per source shard, read in offset order."""
-    images: list[bytes | None] = [None] * len(rows)
+def load_images(downloaded: str, rows: pa.Table, stack: ExitStack) -> list:
+    """The image bytes of ``rows`` in row order, each a buffer: zero-copy slices of memory-mapped
+    source shards when local (they live as long as ``stack``), else read per source shard in
+    offset order, so an object store sees ascending ranged reads."""
+    sources = rows.column("source").to_pylist()
+    offsets = rows.column("offset").to_pylist()
+    sizes = rows.column("size").to_pylist()
+    images: list = [None] * len(sources)
     by_source: dict[str, list[int]] = {}
-    for i, r in enumerate(rows):
-        by_source.setdefault(r["source"], []).append(i)
+    for i, s in enumerate(sources):
+        by_source.setdefault(s, []).append(i)
     for source, idx in sorted(by_source.items()):
-        url = storage.join(downloaded, source)
-        with storage.open_url(url, "rb") as fh:
-            for i in sorted(idx, key=lambda j: rows[j]["offset"]):
-                fh.seek(rows[i]["offset"])
-                data = fh.read(rows[i]["size"])
-                if hashlib.sha256(data).hexdigest() != rows[i]["sha256"]:
-                    raise StageError(f"{url}: the image of {rows[i]['uid']} is not the one filter saw (sha256 differs)")
-                images[i] = data
-    return images  # type: ignore[return-value]
+        read = stack.enter_context(random_access(storage.join(downloaded, source)))
+        for i in sorted(idx, key=offsets.__getitem__):
+            images[i] = read(offsets[i], sizes[i])
+            if len(images[i]) != sizes[i]:
+                raise StageError(f"{storage.join(downloaded, source)}: ends inside the image of {rows['uid'][i]}")
+    return images
 
 
-def write_shard(url: str, rows: list[dict], images: list[bytes]) -> FileInfo:
-    """Write one webdataset shard atomically; returns its sha256, size and sample count."""
-    with storage.atomic_writer(url) as fh:
-        hw = _HashingWriter(fh)
-        batch: list[bytes] = []
-        pending = 0
-        for row, image in zip(rows, images, strict=True):
-            members = {row["ext"]: image, "json": sample_json(row), "txt": (row["text"] or "").encode()}
-            for ext in sorted(members):  # webdataset groups a sample's members by their key prefix
-                data = members[ext]
-                batch += (ustar_header(f"{row['uid']}.{ext}", len(data)), data, _padding(len(data)))
-                pending += len(data)
-            if pending >= WRITE_BATCH:  # a few large writes instead of three small ones per member
-                hw.write(b"".join(batch))
-                batch, pending = [], 0
-        hw.write(b"".join(batch))
-        end = 2 * BLOCK  # two zero blocks end the archive; then pad to a whole record
-        hw.write(bytes(end + (-(hw.bytes + end) % RECORD)))
-    return FileInfo(name="", sha256=hw.sha.hexdigest(), bytes=hw.bytes, rows=len(rows))
+def _first_mismatch(images: list, expected: list[str]) -> int:
+    """The index of the first image whose sha256 is not the expected one, or -1."""
+    for i, (data, digest) in enumerate(zip(images, expected, strict=True)):
+        if hashlib.sha256(data).hexdigest() != digest:
+            return i
+    return -1
+
+
+def _hash_all(sha, pieces: list) -> None:
+    for piece in pieces:
+        sha.update(piece)
+
+
+def _writev_all(fd: int, pieces: list) -> int:
+    """Write ``pieces`` in order with few ``writev`` calls (the kernel copies straight from the
+    source shards' memory maps); returns the byte count."""
+    total = 0
+    for start in range(0, len(pieces), IOV_MAX):
+        chunk = pieces[start : start + IOV_MAX]
+        want = sum(map(len, chunk))
+        done = os.writev(fd, chunk)
+        if done < want:  # a short write (a signal, a full disk): finish piece by piece
+            rest = b"".join(chunk)[done:]
+            while rest:
+                rest = rest[os.write(fd, rest) :]
+        total += want
+    return total
+
+
+def write_shard(url: str, rows: pa.Table, images: list) -> FileInfo:
+    """Write one webdataset shard atomically; returns its sha256, size and sample count.
+
+    The tar stream goes out as ``writev`` calls over headers and the images' buffers (zero-copy
+    slices of the source shards when local), so no image is copied in Python. Two threads hash
+    beside it (hashlib lets go of the GIL): the output stream for the manifest, and each image
+    against the sha256 filter saw. A mismatch aborts before the commit, so
+    no shard holds an unchecked image.
+    """
+    cols = {n: rows.column(n).to_pylist() for n in PLAN_ROWS_SCHEMA.names if n not in ("source", "offset", "size")}
+    uids, exts, texts = cols["uid"], cols["ext"], cols["text"]
+    n = len(uids)
+    sha = hashlib.sha256()
+    written = 0
+    with ThreadPoolExecutor(1) as hasher, ThreadPoolExecutor(1) as checker:
+        check = checker.submit(_first_mismatch, images, cols["sha256"])
+        pending: deque = deque()
+        with storage.atomic_writer(url) as fh:
+            fh.flush()
+            fd = fh.fileno()
+
+            def flush(pieces: list) -> None:
+                nonlocal written
+                pending.append(hasher.submit(_hash_all, sha, pieces))  # in order: one hashing thread
+                written += _writev_all(fd, pieces)
+                while len(pending) > 4:  # bounds the batches held for hashing
+                    pending.popleft().result()
+
+            batch: list = []
+            for i in range(n):
+                uid, image = uids[i], images[i]
+                meta = sample_json({k: cols[k][i] for k in SAMPLE_META})
+                text = (texts[i] or "").encode()
+                # webdataset groups a sample's members by key prefix; members sorted by extension
+                for ext, data in sorted(((exts[i], image), ("json", meta), ("txt", text)), key=_first):
+                    size = len(data)
+                    batch += (ustar_header(f"{uid}.{ext}", size), data, _PADDING[-size % BLOCK])
+                if len(batch) >= IOV_MAX:
+                    flush(batch)
+                    batch = []
+            end = 2 * BLOCK  # two zero blocks end the archive; then pad to a whole record
+            tail = sum(map(len, batch)) + written
+            batch.append(bytes(end + (-(tail + end) % RECORD)))
+            flush(batch)
+            for fut in pending:
+                fut.result()
+            bad = check.result()
+            if bad >= 0:
+                raise StageError(f"{url}: the image of {uids[bad]} is not the one filter saw (sha256 differs)")
+    return FileInfo(name="", sha256=sha.hexdigest(), bytes=written, rows=n)
+
+
+SAMPLE_META = ("uid", "url", "page_url", "queries", "sha256", "width", "height", "phash", "clip_score")
+
+
+def _first(pair: tuple) -> Any:
+    return pair[0]
 
 
 class ShardWrite:
@@ -411,35 +502,36 @@ class ShardWrite:
         if delay and partition.index > 0:
             time.sleep(float(delay))
         downloaded, plan_url = partition.params
-        rows = read_part(partition.source).to_pylist()
-        images = read_images(downloaded, rows)
+        rows = read_part(partition.source)
         name = shard_name(partition.index)
-        info = write_shard(storage.join(out, name), rows, images)
-        shard_file = FileInfo(name=name, sha256=info.sha256, bytes=info.bytes, rows=len(rows))
+        with ExitStack() as stack:
+            images = load_images(downloaded, rows, stack)
+            info = write_shard(storage.join(out, name), rows, images)
+            grid = [bytes(b) for b in images[: config.grid_samples]] if partition.index == 0 else []
+            del images  # the memory map's slices: the maps close with the stack
+        shard_file = FileInfo(name=name, sha256=info.sha256, bytes=info.bytes, rows=rows.num_rows)
         index = write_part(
             out,
             partition.index,
-            pa.table({"shard": [name], "samples": [len(rows)], "bytes": [info.bytes], "sha256": [info.sha256]}),
+            pa.table({"shard": [name], "samples": [rows.num_rows], "bytes": [info.bytes], "sha256": [info.sha256]}),
             SHARDS,
             table_name=SHARD_INDEX,
         )
         files = [shard_file, index]
         if partition.index == 0:
-            files += dataset_files(config, plan_url, out, rows, images)
+            files += dataset_files(config, plan_url, out, rows.slice(0, len(grid)).to_pylist(), grid)
         samples = pa.table(
             {
-                **{n: [r[n] for r in rows] for n in ("uid", "url", "text", "page_url", "queries", "sha256")},
-                "width": pa.array([r["width"] for r in rows], pa.int32()),
-                "height": pa.array([r["height"] for r in rows], pa.int32()),
-                "shard": [name] * len(rows),
-                "key": [r["uid"] for r in rows],
+                **{n: rows.column(n) for n in SAMPLES.names if n not in ("shard", "key")},
+                "shard": pa.array([name] * rows.num_rows, pa.string()),
+                "key": rows.column("uid"),
             }
         )
         return PartitionResult(
             table=samples,
-            counts={"kept": len(rows)},
+            counts={"kept": rows.num_rows},
             files=files,
-            extra={"shard": {"name": name, "samples": len(rows), "bytes": info.bytes}},
+            extra={"shard": {"name": name, "samples": rows.num_rows, "bytes": info.bytes}},
         )
 
 

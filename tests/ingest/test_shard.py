@@ -181,3 +181,21 @@ def test_output_on_s3_gives_the_same_digest(filtered, dataset, s3_bucket):
 def test_bad_config_is_a_clear_error(kw):
     with pytest.raises(ValueError):
         ShardConfig(**kw)
+
+
+def test_an_image_changed_since_filter_stops_the_shard_before_commit(tmp_path):
+    """The downloaded shard is rewritten after filter, same size, one image byte flipped: shard
+    refuses to write that image under the sha256 filter recorded, and commits no shard."""
+    from wit.manifests.stage import StageError
+
+    d = make_downloaded(tmp_path / "in", n_clean=8, shards=1)
+    ref = run_phases(FILTER_PHASES, FilterConfig(), d.downloaded, str(tmp_path / "filtered"))
+    tar = next((tmp_path / "in").rglob("shards/*.tar"))
+    data = bytearray(tar.read_bytes())
+    at = data.index(b"\xff\xd8\xff") + 600  # inside the first JPEG's bytes
+    data[at] ^= 0x01
+    tar.write_bytes(bytes(data))
+    out = tmp_path / "ds"
+    with pytest.raises(StageError, match="not the one filter saw"):
+        run_phases(SHARD_PHASES, ShardConfig(samples_per_shard=100), ref, str(out))
+    assert not list(out.rglob("*.tar")) and not list(out.rglob(f"{storage.TMP_PREFIX}*"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 
 import pytest
 
@@ -89,3 +90,18 @@ def test_unreachable_endpoint_is_a_storage_error(monkeypatch):
             storage.read_bytes("s3://nobucket/key")
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.mark.parametrize("setting, syncs", [("", 0), ("0", 0), ("1", 3)])
+def test_local_commits_fsync_only_when_asked(tmp_path, monkeypatch, setting, syncs):
+    """A rename commits against a killed writer; fsync (power loss) is opt-in with WIT_FSYNC=1."""
+    calls = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: calls.append(fd) or real(fd))
+    monkeypatch.setenv("WIT_FSYNC", setting)
+    storage.write_bytes(str(tmp_path / "a"), b"x")
+    with storage.atomic_writer(str(tmp_path / "b")) as fh:
+        fh.write(b"y")
+    storage.put_file(str(tmp_path / "a"), str(tmp_path / "c"))
+    assert len(calls) == syncs
+    assert [(tmp_path / n).read_bytes() for n in "abc"] == [b"x", b"y", b"x"]
