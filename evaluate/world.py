@@ -63,6 +63,10 @@ BACKGROUNDS: tuple[tuple[int, int, int], ...] = (
     (215, 235, 210),
 )
 MIN_CONTRAST = 120.0
+# Shapes stand roughly upright, as clipart and icons do. Any angle would make shape a rotation-
+# invariance problem: measured on 4,000 pairs, a tiny CLIP then stays at chance on shape, while
+# with this tilt its zero-shot shape accuracy passes 0.6 in a few hundred steps.
+SHAPE_TILT = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,7 +243,8 @@ def render(
     """Draw `concept` on a canvas of `size` (an int for a square, or `(width, height)`).
 
     The background is never the object's colour (see `background_choices`); the object covers 35–80%
-    of the shorter side, sits anywhere it fits and is rotated (digits only a little, so a 6 stays a 6).
+    of the shorter side, sits anywhere it fits and is tilted: shapes up to `SHAPE_TILT` degrees
+    either way, digits up to 20 (so a 6 stays a 6).
     """
     w, h = (size, size) if isinstance(size, int) else size
     if w < 1 or h < 1:
@@ -264,7 +269,7 @@ def render(
             rx, ry = radius * rng.uniform(0.85, 1.0), radius * rng.uniform(0.85, 1.0)
             draw.ellipse((cx - rx, cy - ry, cx + rx, cy + ry), fill=fill)
         else:
-            angle = rng.uniform(0, 2 * math.pi)
+            angle = math.radians(rng.uniform(-SHAPE_TILT, SHAPE_TILT))
             ca, sa = math.cos(angle), math.sin(angle)
             outline = _OUTLINES[concept.shape or ""]
             pts = [(cx + radius * (x * ca - y * sa), cy + radius * (x * sa + y * ca)) for x, y in outline]

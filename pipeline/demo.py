@@ -33,7 +33,7 @@ from wit.manifests.manifest import read_table
 from wit.pipeline.runner import PipelineConfig, StepOutcome, run_pipeline
 
 SLOW_DELAY_SCALE = 3.0
-DEMO_PAGES = 800  # → ~2,000 images, ~1,500 samples after curate, download and filter
+DEMO_PAGES = 2000  # → ~5,000 images, ~3,700 samples after curate, download and filter
 DEMO_SEED = 0
 DEMO_PORT = 18642  # fixed, so the dataset digest is the same wherever the demo runs (see above)
 # The score table's headline metric of each task kind (every metric is in the results manifest).

@@ -12,6 +12,7 @@ from wit.manifests.runrecord import read_run_record
 from wit.manifests.verify import verify
 from wit.pipeline.demo import demo_config, run_demo
 from wit.pipeline.runner import STAGES, PipelineConfig
+from wit.train.models import resolve_model
 
 from conftest import free_port
 
@@ -62,7 +63,10 @@ def test_the_shipped_demo_config_is_valid(tmp_path):
     data["extract"]["sources"] = ["warc"]
     cfg = PipelineConfig.from_dict(data, base=str(tmp_path))
     assert cfg.config("curate").allow_private_hosts and cfg.config("download").allow_private_hosts
-    assert cfg.config("train").model == "wit-tiny"
+    # the demo downloads images at its model's input size, so no pixel is fetched to be thrown away
+    model = resolve_model(cfg.config("train").model)
+    assert model.name == "wit-tiny-rn"
+    assert cfg.config("download").image_size == model.config["vision_cfg"]["image_size"]
 
 
 @pytest.mark.slow

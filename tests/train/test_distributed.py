@@ -54,7 +54,10 @@ def test_two_ranks_equal_one_process_on_the_same_global_batch(tmp_path):
     before = build_initial_weights()
     moved = 0
     for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=2e-6, rtol=1e-4, msg=k)
+        # One AdamW step moves a weight by about lr = 1e-3 (Adam's first step is ~lr * sign(grad)); a
+        # wrong gradient moves it elsewhere by that much. Reduction order differs between 1 and 2
+        # ranks, and Adam's normalisation magnifies it where gradients are near eps: up to ~2e-6.
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)
         moved += not torch.equal(a[k], before[k])
     assert moved > len(a) // 2  # the step really changed the weights
 
