@@ -8,9 +8,13 @@ torchvision==0.29.1 clip_benchmark``) and loads the very same weights through op
 (batch 64, 4 loader workers) except ``--no_amp``: on CPU its autocast is bfloat16, and the point
 is to compare the same fp32 computation.
 
-Images per second are end to end for each command (process start, model load, text classifier,
-decode, encode, metrics; wit also computes its bootstrap intervals and writes its report), with
-wit's feature cache off so it encodes every image. Usage::
+Two rates per tool, both with wit's feature cache off so it encodes every image: end to end (the
+whole command: Python start, imports, model load, text classifier, decode, encode, metrics; wit
+also computes its bootstrap intervals and writes its report) and after imports (the same, less
+Python start and importing the tool, which for both is mostly importing torch and open_clip).
+Besides the built-in sets (400 and 901 images, where start-up weighs most) the bench writes
+``colour-4k``, 4,000 more held-out colour pictures from the synthetic world, in the same layout.
+Usage::
 
     .venv/bin/python bench/bench_eval.py [--checkpoint CKPT.pt] [--cb-python /tmp/cbvenv/bin/python]
 """
@@ -32,14 +36,54 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from _report import table, write_section  # noqa: E402
 
-DATASETS = ("synthetic-colour", "synthetic-shape", "digits")
+DATASETS = ("synthetic-colour", "synthetic-shape", "digits", "colour-4k")
+BIG = "colour-4k"
+BIG_IMAGES = 4000
 
 WIT_SCRIPT = """
-import sys, json
+import sys, json, time
+t0 = time.perf_counter()
 from wit.evaluate import evaluate, EvalConfig
-res = evaluate(sys.argv[1], sys.argv[2], sys.argv[3], EvalConfig(cache=None))
-print(json.dumps({"rows": res.rows, "encoded": res.images_encoded}))
+t1 = time.perf_counter()
+res = evaluate(sys.argv[1], sys.argv[2], sys.argv[3], EvalConfig(cache=None, precision=sys.argv[4]))
+print(json.dumps({"rows": res.rows, "encoded": res.images_encoded, "run": time.perf_counter() - t1}))
 """
+CB_SCRIPT = """
+import sys, json, time
+t0 = time.perf_counter()
+from clip_benchmark.cli import main
+t1 = time.perf_counter()
+sys.argv = ["clip_benchmark"] + sys.argv[1:]
+main()
+print(json.dumps({"run": time.perf_counter() - t1}))
+"""
+
+
+def write_big(url: str, n: int = BIG_IMAGES, seed: int = 8_000_000) -> None:
+    """``n`` held-out colour pictures (a seed no web or built-in uses) in CLIP_benchmark's layout."""
+    import random
+
+    from wit.evaluate import world
+    from wit.evaluate.datasets import CLASSNAMES, TEMPLATES, _png, _tar_bytes
+    from wit.evaluate.tasks import COLOUR_TEMPLATES
+    from wit.manifests import storage
+
+    rng = random.Random(seed)
+    classes = world.task_classes("colour")
+    members = []
+    for i in range(n):
+        label = i % len(classes)
+        other = world.sample_concept(rng)
+        concept = world.Concept(other.kind, classes[label], shape=other.shape, digit=other.digit)
+        members.append((f"{BIG}-{i:05d}.png", _png(world.render(concept, rng, 64))))
+        members.append((f"{BIG}-{i:05d}.cls", str(label).encode()))
+    per = 1000 * 2
+    shards = [members[k : k + per] for k in range(0, len(members), per)]
+    for k, chunk in enumerate(shards):
+        storage.write_bytes(storage.join(url, "test", f"{k}.tar"), _tar_bytes(chunk))
+    storage.write_text(storage.join(url, "test", "nshards.txt"), f"{len(shards)}\n")
+    storage.write_text(storage.join(url, CLASSNAMES), "\n".join(classes) + "\n")
+    storage.write_text(storage.join(url, TEMPLATES), "\n".join(COLOUR_TEMPLATES) + "\n")
 
 
 def make_checkpoint(folder: Path) -> tuple[Path, Path]:
@@ -98,83 +142,87 @@ def main() -> None:
         ldir = local_dir(ckpt, work / "local-dir")
     else:
         ckpt, ldir = make_checkpoint(work)
-    rows, totals = [], {"wit": 0.0, "cb": 0.0, "n": 0}
+    rows = []
     for name in DATASETS:
         data = work / "wds" / name
-        export(name, str(data), samples_per_shard=100, splits=("test",))  # >= 4 shards: one per loader worker
-        n = sum(1 for _ in open_dataset(str(data)).split("test").samples())
-        suite = work / f"{name}.yaml"
-        suite.write_text(f"tasks: [{{name: {name}, kind: zeroshot_classification, dataset: {data}, format: wds}}]\n")
-        wit_s, out = run_timed([sys.executable, "-c", WIT_SCRIPT, str(ckpt), str(work / "wit-out" / name), str(suite)])
-        wit = {r["metric"]: r for r in json.loads(out.strip().splitlines()[-1])["rows"]}
-        cb_json = work / "cb-out" / f"{name}.json"
-        cb_json.parent.mkdir(parents=True, exist_ok=True)
-        cb_s, _ = run_timed(
-            [
-                args.cb_python,
-                "-m",
-                "clip_benchmark.cli",
-                "eval",
-                "--model_type",
-                "open_clip",
-                "--model",
-                f"local-dir:{ldir}",
-                "--pretrained",
-                "none",
-                "--dataset",
-                f"wds/{name}",
-                "--dataset_root",
-                str(data),
-                "--task",
-                "zeroshot_classification",
-                "--no_amp",
-                "--output",
-                str(cb_json),
-            ],
-            cwd=work,
-        )
-        cb = json.loads(cb_json.read_text())["metrics"]
-        diff = 100 * (wit["acc1"]["value"] - cb["acc1"])
+        if name == BIG:
+            write_big(str(data))
+        else:
+            export(name, str(data), samples_per_shard=100, splits=("test",))  # >= 4 shards: one per loader worker
+    # fp32: wit's CPU default against clip_benchmark --no_amp; bf16: wit --precision bf16 against
+    # clip_benchmark's default amp (torch.autocast on the CPU: bfloat16)
+    for mode in ("fp32", "bf16"):
+        totals = {"wit": 0.0, "cb": 0.0, "wit_run": 0.0, "cb_run": 0.0, "n": 0}
+        for name in DATASETS:
+            data = work / "wds" / name
+            n = sum(1 for _ in open_dataset(str(data)).split("test").samples())
+            suite = work / f"{name}.yaml"
+            task = f"{{name: {name}, kind: zeroshot_classification, dataset: {data}, format: wds}}"
+            suite.write_text(f"tasks: [{task}]\n")
+            out_dir = work / "wit-out" / mode / name
+            wit_s, out = run_timed([sys.executable, "-c", WIT_SCRIPT, str(ckpt), str(out_dir), str(suite), mode])
+            wit_out = json.loads(out.strip().splitlines()[-1])
+            wit = {r["metric"]: r for r in wit_out["rows"]}
+            cb_json = work / "cb-out" / mode / f"{name}.json"
+            cb_json.parent.mkdir(parents=True, exist_ok=True)
+            cb_cmd = [args.cb_python, "-c", CB_SCRIPT, "eval", "--model_type", "open_clip",
+                      "--model", f"local-dir:{ldir}", "--pretrained", "none", "--dataset", f"wds/{name}",
+                      "--dataset_root", str(data), "--task", "zeroshot_classification",
+                      "--output", str(cb_json)]  # fmt: skip
+            cb_s, cb_out = run_timed(cb_cmd + (["--no_amp"] if mode == "fp32" else []), cwd=work)
+            cb = json.loads(cb_json.read_text())["metrics"]
+            wit_run, cb_run = wit_out["run"], json.loads(cb_out.strip().splitlines()[-1])["run"]
+            diff = 100 * (wit["acc1"]["value"] - cb["acc1"])
+            rows.append(
+                [
+                    mode,
+                    name,
+                    n,
+                    f"{100 * wit['acc1']['value']:.2f} [{100 * wit['acc1']['ci_low']:.1f}, "
+                    f"{100 * wit['acc1']['ci_high']:.1f}]",
+                    f"{100 * cb['acc1']:.2f}",
+                    f"{diff:+.2f}",
+                    f"{n / wit_s:.1f}",
+                    f"{n / cb_s:.1f}",
+                    f"{cb_s / wit_s:.2f}x",
+                    f"{n / wit_run:.1f}",
+                    f"{n / cb_run:.1f}",
+                    f"**{cb_run / wit_run:.2f}x**",
+                ]
+            )
+            for k, v in (("wit", wit_s), ("cb", cb_s), ("wit_run", wit_run), ("cb_run", cb_run), ("n", n)):
+                totals[k] += v
+            print(rows[-1], flush=True)
         rows.append(
             [
-                name,
-                n,
-                f"{100 * wit['acc1']['value']:.2f} [{100 * wit['acc1']['ci_low']:.1f}, "
-                f"{100 * wit['acc1']['ci_high']:.1f}]",
-                f"{100 * cb['acc1']:.2f}",
-                f"{diff:+.2f}",
-                f"{n / wit_s:.1f}",
-                f"{n / cb_s:.1f}",
-                f"{cb_s / wit_s:.2f}x",
+                mode,
+                "**all**",
+                totals["n"],
+                "",
+                "",
+                "",
+                f"{totals['n'] / totals['wit']:.1f}",
+                f"{totals['n'] / totals['cb']:.1f}",
+                f"{totals['cb'] / totals['wit']:.2f}x",
+                f"{totals['n'] / totals['wit_run']:.1f}",
+                f"{totals['n'] / totals['cb_run']:.1f}",
+                f"**{totals['cb_run'] / totals['wit_run']:.2f}x**",
             ]
         )
-        totals["wit"] += wit_s
-        totals["cb"] += cb_s
-        totals["n"] += n
-        print(rows[-1], flush=True)
-    rows.append(
-        [
-            "**all**",
-            totals["n"],
-            "",
-            "",
-            "",
-            f"{totals['n'] / totals['wit']:.1f}",
-            f"{totals['n'] / totals['cb']:.1f}",
-            f"{totals['cb'] / totals['wit']:.2f}x",
-        ]
-    )
     what = "given" if args.checkpoint else "seeded random-init wit-tiny"
     body = (
         f"Zero-shot classification of one checkpoint ({what}) "
         "on built-in datasets exported with `wit.evaluate.export` in CLIP_benchmark's wds layout; "
-        "`clip_benchmark eval --model_type open_clip --model local-dir:... --no_amp` (PyPI clip_benchmark, "
-        "its default batch 64 and 4 workers) against `wit.evaluate.evaluate` (feature cache off, "
-        "1000 bootstrap resamples, report written). Images/s are end to end per command, "
-        "process start included. "
+        "`clip_benchmark eval --model_type open_clip --model local-dir:...` (PyPI clip_benchmark, "
+        "its default batch 64 and 4 workers; `--no_amp` for fp32, its default amp for bf16) against "
+        "`wit.evaluate.evaluate` (`precision` fp32 or bf16, batch 64 on CPU, feature cache off, "
+        "1000 bootstrap resamples, report written). Images/s end to end per command (process start and "
+        "imports included) and after imports (the tool's own work: model load, classifier, decode, encode, "
+        "metrics). "
         f"CPU, torch {torch.__version__}, {torch.get_num_threads()} threads.\n\n"
         + table(
             [
+                "precision",
                 "dataset",
                 "images",
                 "wit top-1 [95% CI]",
@@ -183,6 +231,9 @@ def main() -> None:
                 "wit img/s",
                 "clip_benchmark img/s",
                 "speed-up",
+                "wit img/s after imports",
+                "clip_benchmark img/s after imports",
+                "speed-up after imports",
             ],
             rows,
         )

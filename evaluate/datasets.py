@@ -32,13 +32,14 @@ import io
 import json
 import random
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
 from wit.manifests import storage
+from wit.manifests.tars import BadTar, plain_members, random_access
 
 from . import world
 from .errors import EvalError
@@ -250,31 +251,54 @@ def _shard_order(name: str) -> tuple[int, str]:
 
 
 def _wds_samples(urls: list[str]) -> Iterator[Sample]:
-    """Samples of tar shards: members grouped by key (the name up to the first dot of its basename)."""
+    """Samples of tar shards: members grouped by key (the name up to the first dot of its basename).
+
+    Plain ustar shards are read from their headers (:mod:`wit.manifests.tars`, a memory map when
+    local); others go through tarfile's stream reader."""
     for url in urls:
-        with storage.open_url(url) as fh:
+        with random_access(url) as read:
             try:
-                tar = tarfile.open(fileobj=fh, mode="r|*")
-            except tarfile.TarError as exc:
-                raise EvalError(f"{url}: not a tar shard ({exc})") from exc
-            key, parts = None, {}
+                members = plain_members(read)
+            except BadTar as exc:
+                raise EvalError(f"{url}: truncated or corrupt tar shard ({exc})") from exc
+            if members is None:
+                yield from _tarfile_samples(url)
+                continue
+            yield from _grouped((m.name, bytes(read(m.offset, m.size))) for m in members if m.is_file)
+
+
+def _grouped(files: Iterable[tuple[str, bytes]]) -> Iterator[Sample]:
+    key, parts = None, {}
+    for name, data in files:
+        folder, _, base = name.rpartition("/")
+        stem, _, ext = base.partition(".")
+        k = f"{folder}/{stem}" if folder else stem
+        if k != key and key is not None:
+            yield _wds_sample(key, parts)
+            parts = {}
+        key = k
+        parts[ext.lower()] = data
+    if key is not None:
+        yield _wds_sample(key, parts)
+
+
+def _tarfile_samples(url: str) -> Iterator[Sample]:
+    with storage.open_url(url) as fh:
+        try:
+            tar = tarfile.open(fileobj=fh, mode="r|*")
+        except tarfile.TarError as exc:
+            raise EvalError(f"{url}: not a tar shard ({exc})") from exc
+
+        def files() -> Iterator[tuple[str, bytes]]:
             try:
                 for member in tar:
-                    if not member.isfile():
-                        continue
-                    folder, _, base = member.name.rpartition("/")
-                    stem, _, ext = base.partition(".")
-                    k = f"{folder}/{stem}" if folder else stem
-                    if k != key and key is not None:
-                        yield _wds_sample(key, parts)
-                        parts = {}
-                    key = k
-                    data = tar.extractfile(member)
-                    parts[ext.lower()] = data.read() if data else b""
+                    if member.isfile():
+                        data = tar.extractfile(member)
+                        yield member.name, data.read() if data else b""
             except tarfile.TarError as exc:
                 raise EvalError(f"{url}: truncated or corrupt tar shard ({exc})") from exc
-            if key is not None:
-                yield _wds_sample(key, parts)
+
+        yield from _grouped(files())
 
 
 def _wds_sample(key: str, parts: dict[str, bytes]) -> Sample:

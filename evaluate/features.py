@@ -117,16 +117,31 @@ def _split_preprocess(preprocess) -> tuple[T.Compose | None, torch.Tensor | None
 class Encoder:
     """Wraps a loaded model: ``encode_images`` streams a split, ``encode_texts`` batches strings."""
 
-    def __init__(self, model, preprocess, tokenizer, device: str = "cpu", batch_size: int = 256, threads: int = 0):
+    def __init__(
+        self,
+        model,
+        preprocess,
+        tokenizer,
+        device: str = "cpu",
+        batch_size: int = 64,
+        threads: int = 0,
+        autocast: torch.dtype | None = None,
+    ):
         self.model = model
+        self.autocast = autocast  # None: fp32
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.threads = threads or min(8, os.cpu_count() or 1)
         self.pil_ops, self.mean, self.std = _split_preprocess(preprocess)
+        size = getattr(getattr(model, "visual", None), "image_size", None)
+        self.size = (size, size) if isinstance(size, int) else (tuple(size) if size else None)
         self.images_encoded = 0  # counters, so tests and benches can tell a cache hit from work
         self.texts_encoded = 0
+
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None)
 
     def _prepare(self, sample: Sample) -> tuple[np.ndarray | torch.Tensor | None, str | None]:
         if sample.image is None:
@@ -146,13 +161,17 @@ class Encoder:
     def _to_tensor(self, arrays: list) -> torch.Tensor:
         if self.pil_ops is None:
             return torch.stack(arrays)
-        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div(255)
+        return self._rows_to_tensor(np.stack(arrays))
+
+    def _rows_to_tensor(self, rows: np.ndarray) -> torch.Tensor:
+        """uint8 ``(n, h, w, 3)`` to the normalised float batch, as ``ToTensor`` + ``Normalize`` do."""
+        x = torch.from_numpy(rows).permute(0, 3, 1, 2).float().div_(255)
         return x.sub_(self.mean).div_(self.std)
 
     @torch.inference_mode()
     def _forward_images(self, x: torch.Tensor) -> np.ndarray:
         x = x.to(self.device, non_blocking=True)
-        with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
+        with self._autocast():
             f = self.model.encode_image(x)
         return torch.nn.functional.normalize(f.float(), dim=-1).cpu().numpy()
 
@@ -163,16 +182,15 @@ class Encoder:
         feats, labels, keys, caps = [], [], [], []
         skipped: Counter = Counter()
         with ThreadPoolExecutor(self.threads) as pool:
-            pending: Future | None = None
-            pending_batch: list[Sample] = []
+            pending: _Prepared | None = None
             for batch in _batches(samples, self.batch_size):
-                # Prepare the next batch across threads while this one runs through the model.
-                nxt = _submit(pool, self._prepare, batch)
+                # Decode the next batch across threads while this one runs through the model.
+                nxt = self._submit(pool, batch)
                 if pending is not None:
-                    self._consume(pending, pending_batch, feats, labels, keys, caps, skipped)
-                pending, pending_batch = nxt, batch
+                    self._consume(pending, feats, labels, keys, caps, skipped)
+                pending = nxt
             if pending is not None:
-                self._consume(pending, pending_batch, feats, labels, keys, caps, skipped)
+                self._consume(pending, feats, labels, keys, caps, skipped)
         dim = feats[0].shape[1] if feats else 0
         return ImageFeatures(
             features=np.concatenate(feats) if feats else np.zeros((0, dim), np.float32),
@@ -183,19 +201,50 @@ class Encoder:
             seconds=time.perf_counter() - start,
         )
 
-    def _consume(self, pending, batch, feats, labels, keys, caps, skipped) -> None:
-        arrays = []
-        for sample, (arr, reason) in zip(batch, pending.result(), strict=True):
+    def _submit(self, pool: ThreadPoolExecutor, batch: list[Sample]) -> _Prepared:
+        """One task per thread over a slice of the batch; each decoded image is written straight
+        into its row of one uint8 batch array (no per-image future, no stacking afterwards)."""
+        rows: np.ndarray | None = None
+        if self.pil_ops is not None and self.size is not None:
+            rows = np.empty((len(batch), self.size[0], self.size[1], 3), dtype=np.uint8)
+        step = -(-len(batch) // self.threads)
+        futures = [
+            pool.submit(self._prepare_slice, batch, rows, lo, min(lo + step, len(batch)))
+            for lo in range(0, len(batch), step)
+        ]
+        return _Prepared(batch, rows, futures)
+
+    def _prepare_slice(self, batch: list[Sample], rows: np.ndarray | None, lo: int, hi: int) -> list:
+        """``(array or None, reason or None)`` per sample; an array only where it did not fit ``rows``."""
+        out = []
+        for i in range(lo, hi):
+            arr, reason = self._prepare(batch[i])
+            if reason is None and rows is not None and arr.shape == rows.shape[1:]:
+                rows[i] = arr
+                arr = None
+            out.append((arr, reason))
+        return out
+
+    def _consume(self, prepared: _Prepared, feats, labels, keys, caps, skipped) -> None:
+        results = [r for f in prepared.futures for r in f.result()]
+        ok = [reason is None for _, reason in results]
+        for (_, reason), sample in zip(results, prepared.batch, strict=True):
             if reason is not None:
                 skipped[reason] += 1
                 continue
-            arrays.append(arr)
             labels.append(sample.label)
             keys.append(sample.key)
             caps.append(sample.captions)
-        if arrays:
-            feats.append(self._forward_images(self._to_tensor(arrays)))
-            self.images_encoded += len(arrays)
+        if not any(ok):
+            return
+        if prepared.rows is not None and all(arr is None for arr, _ in results):
+            x = prepared.rows if all(ok) else prepared.rows[np.asarray(ok)]
+            tensor = self._rows_to_tensor(x)
+        else:  # a transform of another shape: per-image arrays or tensors, stacked
+            arrays = [arr if arr is not None else prepared.rows[i] for i, (arr, r) in enumerate(results) if r is None]
+            tensor = self._to_tensor(arrays)
+        feats.append(self._forward_images(tensor))
+        self.images_encoded += len(tensor)
 
     @torch.inference_mode()
     def encode_texts(self, texts: list[str], batch_size: int = 1024) -> np.ndarray:
@@ -203,7 +252,7 @@ class Encoder:
         out = []
         for i in range(0, len(texts), batch_size):
             tokens = self.tokenizer(texts[i : i + batch_size]).to(self.device)
-            with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
+            with self._autocast():
                 f = self.model.encode_text(tokens)
             out.append(torch.nn.functional.normalize(f.float(), dim=-1).cpu().numpy())
         self.texts_encoded += len(texts)
@@ -212,18 +261,13 @@ class Encoder:
         return np.concatenate(out)
 
 
-class _Gathered:
-    """The futures of one batch's per-sample preparation, read back in order."""
+@dataclass(slots=True)
+class _Prepared:
+    """One batch on its way through the decode threads."""
 
-    def __init__(self, futures: list[Future]):
-        self.futures = futures
-
-    def result(self) -> list:
-        return [f.result() for f in self.futures]
-
-
-def _submit(pool: ThreadPoolExecutor, fn, batch: list[Sample]) -> _Gathered:
-    return _Gathered([pool.submit(fn, s) for s in batch])
+    batch: list[Sample]
+    rows: np.ndarray | None  # the batch's uint8 array, when the transform's output size is known
+    futures: list[Future]
 
 
 def _batches(samples: Iterable[Sample], size: int) -> Iterator[list[Sample]]:

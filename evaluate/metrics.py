@@ -113,16 +113,17 @@ def mean_per_class_recall_score(
         return Score(name, float("nan"), None, None, 0)
     value = float(np.nanmean(per_class_recall(hits, labels, num_classes)))
     present = np.unique(labels)
+    cls = np.searchsorted(present, labels)  # each unit's class as 0..C-1 over the classes present
+    c = present.size
 
     def stat(idx: np.ndarray) -> np.ndarray:
-        lab, hit = labels[idx], hits[idx]
-        recalls = []
-        for c in present:
-            mask = lab == c
-            count = mask.sum(axis=1)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                recalls.append(np.where(count > 0, (hit * mask).sum(axis=1) / np.maximum(count, 1), np.nan))
-        return np.nanmean(np.stack(recalls, axis=1), axis=1)
+        # one bincount over (resample, class) pairs: counts and hits per class of every resample
+        pair = (np.arange(idx.shape[0])[:, None] * c + cls[idx]).ravel()
+        count = np.bincount(pair, minlength=idx.shape[0] * c).reshape(-1, c)
+        right = np.bincount(pair, weights=hits[idx].ravel(), minlength=idx.shape[0] * c).reshape(-1, c)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            recalls = np.where(count > 0, right / np.maximum(count, 1), np.nan)
+        return np.nanmean(recalls, axis=1)
 
     lo, hi = bootstrap_interval(hits.size, stat, resamples, seed)
     return Score(name, value, lo, hi, int(hits.size))

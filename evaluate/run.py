@@ -57,13 +57,17 @@ def default_cache() -> str:
     return storage.join(root, "eval-features")
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "amp")
+
+
 @dataclass(frozen=True, slots=True)
 class EvalConfig:
     """How to evaluate (not what: that is the suite). Validated once, here."""
 
     model: str | None = None  # architecture of a foreign (open_clip) checkpoint; wit checkpoints name their own
     device: str = "auto"  # auto: cuda when there is one
-    batch_size: int = 256
+    batch_size: int = 0  # 0: 64 on a CPU (its caches favour small batches), 256 on a GPU
+    precision: str = "auto"  # auto: amp on a GPU, fp32 on a CPU; fp32; bf16; amp (fp16 on CUDA, bf16 on CPU)
     threads: int = 0  # image decode threads; 0: min(8, cores)
     cache: str | None = field(default_factory=default_cache)  # None or "": no feature cache
     resamples: int = M.DEFAULT_RESAMPLES
@@ -73,8 +77,10 @@ class EvalConfig:
     progress: bool = False  # a line per task on stderr
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise EvalError("batch_size must be at least 1")
+        if self.batch_size < 0:
+            raise EvalError("batch_size must be at least 1 (or 0: chosen by device)")
+        if self.precision not in PRECISIONS:
+            raise EvalError(f"unknown precision {self.precision!r}; expected one of {', '.join(PRECISIONS)}")
         if self.threads < 0:
             raise EvalError("threads must be 0 (automatic) or more")
         if self.resamples < 0:
@@ -90,6 +96,18 @@ class EvalConfig:
         if self.device == "auto":
             return "cuda" if torch.cuda.is_available() else "cpu"
         return self.device
+
+    def resolved_batch_size(self) -> int:
+        return self.batch_size or (64 if self.resolved_device().startswith("cpu") else 256)
+
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The autocast dtype of the forward passes; None: plain fp32."""
+        cpu = self.resolved_device().startswith("cpu")
+        if self.precision == "fp32" or (self.precision == "auto" and cpu):
+            return None
+        if self.precision == "bf16" or cpu:
+            return torch.bfloat16
+        return torch.float16
 
 
 @dataclass(slots=True)
@@ -123,8 +141,9 @@ class Session:
             self.loaded.preprocess,
             self.loaded.tokenizer,
             self.device,
-            config.batch_size,
+            config.resolved_batch_size(),
             config.threads,
+            config.autocast_dtype(),
         )
         self.cache = FeatureCache(config.cache or None)
         self.datasets: dict[tuple[str, str | None], Dataset] = {}

@@ -32,16 +32,13 @@ dataset card (:mod:`.card`); both follow from the plan alone.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import mmap
 import os
 import tarfile
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +50,7 @@ from wit.manifests.manifest import FileInfo, ManifestRef, open_manifest, read_pa
 from wit.manifests.runrecord import read_run_record
 from wit.manifests.schemas import SAMPLES, SHARDS, with_kind
 from wit.manifests.stage import Partition, PartitionResult, StageError
+from wit.manifests.tars import BLOCK, BadTar, plain_members, random_access
 
 from .filter import IMAGE_EXTENSIONS, find_upstream
 
@@ -133,59 +131,20 @@ def index_tar(url: str, keys: set[str]) -> dict[str, tuple[str, int, int]]:
     """``key → (extension, data offset, size)`` of the image members of one tar shard.
 
     Only headers are read, skipping each member's data (through a memory map when the shard is
-    local, ranged reads otherwise). Plain ustar/gnu members are parsed here (tarfile's parser costs
-    ~80 µs a member); an archive with extended headers (pax, GNU long names) is handed to tarfile,
-    which knows them all.
+    local, ranged reads otherwise; :mod:`wit.manifests.tars`); an archive with extended headers
+    (pax, GNU long names) is handed to tarfile.
     """
-    found: dict[str, tuple[str, int, int]] = {}
     with random_access(url) as read:
-        offset = 0
-        while True:
-            header = read(offset, BLOCK)
-            if len(header) < BLOCK or header == ZERO_BLOCK:
-                return found
-            header = bytes(header)
-            kind = header[156:157]
-            size_field = header[124:136]
-            if kind not in (b"0", b"\0", b"5") or size_field[:1] in (b"\x80", b"\xff"):
-                break  # extended headers or base-256 sizes: let tarfile do it
-            try:
-                size = int(size_field.rstrip(b"\0 ") or b"0", 8)
-            except ValueError as exc:
-                raise StageError(f"{url}: not a readable tar shard (bad header at byte {offset})") from exc
-            name = header[:100].rstrip(b"\0").decode("utf-8", "replace")
-            prefix = header[345:500].rstrip(b"\0").decode("utf-8", "replace") if header[257:262] == b"ustar" else ""
-            name = f"{prefix}/{name}" if prefix else name
-            _note(found, keys, name, kind != b"5", offset + BLOCK, size)
-            offset += BLOCK + size + (-size % BLOCK)
-    return _index_with_tarfile(url, keys)
-
-
-@contextmanager
-def random_access(url: str) -> Iterator[Callable[[int, int], Any]]:
-    """``read(offset, size)`` over the file at ``url``: slices of a memory map for a local file
-    (no copy, no system call), seek and read on any other (fsspec's read-ahead keeps ascending
-    offsets to few requests). A read past the end returns what there is."""
-    with storage.open_url(url, "rb") as fh:
         try:
-            mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-        except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
-            mm = None  # not a local file, or an empty one (a zero-length map is refused)
-        if mm is None:
-
-            def read(offset: int, size: int) -> bytes:
-                fh.seek(offset)
-                return fh.read(size)
-
-            yield read
-            return
-        view = memoryview(mm)
-        try:
-            yield lambda offset, size: view[offset : offset + size]
-        finally:
-            view.release()
-            with suppress(BufferError):  # slices still held: the map closes when the last goes
-                mm.close()
+            members = plain_members(read)
+        except BadTar as exc:
+            raise StageError(f"{url}: not a readable tar shard ({exc})") from exc
+    if members is None:
+        return _index_with_tarfile(url, keys)
+    found: dict[str, tuple[str, int, int]] = {}
+    for m in members:
+        _note(found, keys, m.name, m.is_file, m.offset, m.size)
+    return found
 
 
 def _note(found: dict, keys: set[str], name: str, is_file: bool, offset: int, size: int) -> None:
@@ -319,8 +278,6 @@ class ShardPlan:
 # WRITE
 
 
-BLOCK = 512
-ZERO_BLOCK = bytes(BLOCK)
 RECORD = 20 * BLOCK  # tar pads the archive to whole records, as tarfile does
 IOV_MAX = 1020  # pieces per writev; Linux takes 1024
 # A ustar header is name[100] mode[8] uid[8] gid[8] size[12] mtime[12] chksum[8] type[1]

@@ -97,7 +97,16 @@ def eval_():
     help="Architecture of a foreign open_clip checkpoint (wit checkpoints name their own).",
 )
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option(
+    "--batch-size", type=click.IntRange(min=0), default=0, show_default=True, help="0: 64 on a CPU, 256 on a GPU."
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "bf16", "amp"]),
+    default="auto",
+    show_default=True,
+    help="auto: amp on a GPU, fp32 on a CPU. bf16 is ~2.5x faster on CPUs with AVX512-BF16 or AMX.",
+)
 @click.option("--cache", default=None, metavar="URL", help="Image-feature cache (default: ~/.cache/wit).")
 @click.option("--no-cache", is_flag=True, help="Encode every image again.")
 @click.option(
@@ -108,7 +117,7 @@ def eval_():
     help="Bootstrap resamples for the 95% intervals.",
 )
 @domain_errors
-def eval_run(checkpoint, out, suite, model, device, batch_size, cache, no_cache, resamples):  # fmt: skip
+def eval_run(checkpoint, out, suite, model, device, batch_size, precision, cache, no_cache, resamples):  # fmt: skip
     """Evaluate CHECKPOINT (a wit checkpoint, or an open_clip file with --model) on a suite.
 
     Writes a results manifest (one row per task and metric, with its 95% interval and n),
@@ -125,6 +134,7 @@ def eval_run(checkpoint, out, suite, model, device, batch_size, cache, no_cache,
         model=model,
         device=device,
         batch_size=batch_size,
+        precision=precision,
         cache=None if no_cache else (cache or default_cache()),
         resamples=resamples,
         progress=True,

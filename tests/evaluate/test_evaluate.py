@@ -180,6 +180,25 @@ def test_empty_split_and_wrong_architecture(tmp_path, world):
 
 def test_config_is_validated_once():
     with pytest.raises(EvalError, match="batch_size"):
-        EvalConfig(batch_size=0)
+        EvalConfig(batch_size=-1)
+    with pytest.raises(EvalError, match="unknown precision"):
+        EvalConfig(precision="fp8")
+    assert EvalConfig(device="cpu").resolved_batch_size() == 64  # CPU caches favour small batches
+    assert EvalConfig(device="cuda").resolved_batch_size() == 256
+    assert EvalConfig(device="cpu").autocast_dtype() is None  # fp32 on a CPU unless asked
+    assert EvalConfig(device="cpu", precision="bf16").autocast_dtype() == torch.bfloat16
+    assert EvalConfig(device="cuda").autocast_dtype() == torch.float16
     with pytest.raises(EvalError, match="unknown device"):
         EvalConfig(device="tpu")
+
+
+def test_bf16_gives_the_fp32_answer_to_rounding(tmp_path, world):
+    """--precision bf16 (autocast, ~2.5x on CPUs with AVX512-BF16) changes the numbers, not the
+    answer: top-1 moves by at most 2 points (only images whose top two classes nearly tie flip)."""
+    _, ckpt, _, _ = world
+    scores = {}
+    for precision in ("fp32", "bf16"):
+        cfg = EvalConfig(cache=None, resamples=0, precision=precision, device="cpu")
+        res = evaluate(ckpt, str(tmp_path / precision), "synthetic-colour", cfg)
+        scores[precision] = next(r["value"] for r in res.rows if r["metric"] == "acc1")
+    assert abs(scores["fp32"] - scores["bf16"]) <= 0.02

@@ -114,3 +114,22 @@ def test_prompt_ensembling_is_the_renormalised_mean_of_normalised_embeddings():
     assert not np.allclose(raw, got)
     with pytest.raises(ValueError):
         M.ensemble_classifier(text[0])
+
+
+def test_per_class_recall_interval_equals_the_plain_loop():
+    """The one-bincount resample statistic gives exactly the interval of the obvious per-class loop,
+    a class absent from some resamples (NaN there) included."""
+    rng = np.random.default_rng(3)
+    labels = np.concatenate([rng.integers(0, 5, 300), [7]])  # class 7: one unit, often resampled away
+    hits = (rng.random(labels.size) < 0.6).astype(np.float64)
+
+    def naive(idx):
+        out = []
+        for row in idx:
+            lab, hit = labels[row], hits[row]
+            out.append(np.nanmean([hit[lab == c].mean() if (lab == c).any() else np.nan for c in np.unique(labels)]))
+        return np.array(out)
+
+    got = M.mean_per_class_recall_score("r", hits, labels, 8, resamples=200, seed=5)
+    want = M.bootstrap_interval(labels.size, naive, 200, 5)
+    assert (got.ci_low, got.ci_high) == pytest.approx(want, abs=1e-12)
