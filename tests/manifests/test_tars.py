@@ -69,3 +69,14 @@ def test_empty_file_has_no_members(tmp_path):
     (tmp_path / "e.tar").write_bytes(b"")
     with random_access(str(tmp_path / "e.tar")) as read:
         assert plain_members(read) == []
+
+
+def test_without_checksums_only_the_first_header_is_summed(tmp_path):
+    data = bytearray(_tar(FILES))
+    second = 512 + 1024  # the second header: after the first member's 600 bytes, padded
+    data[second + 148 : second + 156] = b"9999999\0"
+    (tmp_path / "c.tar").write_bytes(bytes(data))
+    with random_access(str(tmp_path / "c.tar")) as read:
+        with pytest.raises(BadTar, match="checksum at byte 1536"):
+            plain_members(read)
+        assert [m.name for m in plain_members(read, checksums=False)] == [n for n, _ in FILES]
