@@ -85,7 +85,13 @@ def mean_score(name: str, hits: np.ndarray, resamples: int = DEFAULT_RESAMPLES, 
     hits = np.asarray(hits, dtype=np.float64)
     if hits.size == 0:
         return Score(name, float("nan"), None, None, 0)
-    lo, hi = bootstrap_interval(hits.size, lambda idx: hits[idx].mean(axis=1), resamples, seed)
+    if np.isin(hits, (0.0, 1.0)).all():  # hits: gather one byte a unit and count, ~10x faster, exact
+        ones = hits.astype(np.uint8)
+        lo, hi = bootstrap_interval(
+            hits.size, lambda idx: ones[idx].sum(axis=1, dtype=np.int64) / idx.shape[1], resamples, seed
+        )
+    else:
+        lo, hi = bootstrap_interval(hits.size, lambda idx: hits[idx].mean(axis=1), resamples, seed)
     return Score(name, float(hits.mean()), lo, hi, int(hits.size))
 
 
@@ -115,12 +121,17 @@ def mean_per_class_recall_score(
     present = np.unique(labels)
     cls = np.searchsorted(present, labels)  # each unit's class as 0..C-1 over the classes present
     c = present.size
+    binary = bool(np.isin(hits, (0.0, 1.0)).all())
+    hit = hits.astype(bool)
 
     def stat(idx: np.ndarray) -> np.ndarray:
         # one bincount over (resample, class) pairs: counts and hits per class of every resample
         pair = (np.arange(idx.shape[0])[:, None] * c + cls[idx]).ravel()
         count = np.bincount(pair, minlength=idx.shape[0] * c).reshape(-1, c)
-        right = np.bincount(pair, weights=hits[idx].ravel(), minlength=idx.shape[0] * c).reshape(-1, c)
+        if binary:  # count the pairs of the hits, exact and without float weights
+            right = np.bincount(pair[hit[idx].ravel()], minlength=idx.shape[0] * c).reshape(-1, c)
+        else:
+            right = np.bincount(pair, weights=hits[idx].ravel(), minlength=idx.shape[0] * c).reshape(-1, c)
         with np.errstate(invalid="ignore", divide="ignore"):
             recalls = np.where(count > 0, right / np.maximum(count, 1), np.nan)
         return np.nanmean(recalls, axis=1)

@@ -133,3 +133,17 @@ def test_per_class_recall_interval_equals_the_plain_loop():
     got = M.mean_per_class_recall_score("r", hits, labels, 8, resamples=200, seed=5)
     want = M.bootstrap_interval(labels.size, naive, 200, 5)
     assert (got.ci_low, got.ci_high) == pytest.approx(want, abs=1e-12)
+    hits = hits * 0.5  # graded values, not hits: the float-weights path
+    got = M.mean_per_class_recall_score("r", hits, labels, 8, resamples=200, seed=5)
+    want = M.bootstrap_interval(labels.size, naive, 200, 5)
+    assert (got.ci_low, got.ci_high) == pytest.approx(want, abs=1e-12)
+
+
+def test_mean_interval_of_hits_equals_the_float_mean_path():
+    """0/1 hits take the byte-counting path; its interval is exactly that of the plain float mean."""
+    hits = (np.random.default_rng(4).random(500) < 0.4).astype(np.float64)
+    got = M.mean_score("acc1", hits, resamples=300, seed=2)
+    want = M.bootstrap_interval(hits.size, lambda idx: hits[idx].mean(axis=1), 300, 2)
+    assert (got.ci_low, got.ci_high) == pytest.approx(want, abs=1e-12)
+    graded = hits * 0.5  # not hits: the float path, same answer scaled
+    assert M.mean_score("m", graded, resamples=300, seed=2).ci_high == pytest.approx(want[1] * 0.5, abs=1e-12)
