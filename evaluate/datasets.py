@@ -261,10 +261,10 @@ def _wds_samples(urls: list[str]) -> Iterator[Sample]:
                 members = plain_members(read)
             except BadTar as exc:
                 raise EvalError(f"{url}: truncated or corrupt tar shard ({exc})") from exc
-            if members is None:
-                yield from _tarfile_samples(url)
-                continue
-            yield from _grouped((m.name, bytes(read(m.offset, m.size))) for m in members if m.is_file)
+            if members is not None:
+                yield from _grouped((m.name, bytes(read(m.offset, m.size))) for m in members if m.is_file)
+        if members is None:  # extended headers: tarfile, on a handle of its own
+            yield from _tarfile_samples(url)
 
 
 def _grouped(files: Iterable[tuple[str, bytes]]) -> Iterator[Sample]:

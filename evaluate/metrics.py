@@ -80,12 +80,17 @@ def bootstrap_interval(
     return float(lo), float(hi)
 
 
+def _binary(values: np.ndarray) -> bool:
+    """Whether per-unit values are all 0 or 1 (hits), so resamples can be counted, not summed."""
+    return bool(np.isin(values, (0.0, 1.0)).all())
+
+
 def mean_score(name: str, hits: np.ndarray, resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> Score:
     """The mean of per-unit values (accuracy from hits, recall@k from per-query hits)."""
     hits = np.asarray(hits, dtype=np.float64)
     if hits.size == 0:
         return Score(name, float("nan"), None, None, 0)
-    if np.isin(hits, (0.0, 1.0)).all():  # hits: gather one byte a unit and count, ~10x faster, exact
+    if _binary(hits):  # hits: gather one byte a unit and count, ~10x faster, exact
         ones = hits.astype(np.uint8)
         lo, hi = bootstrap_interval(
             hits.size, lambda idx: ones[idx].sum(axis=1, dtype=np.int64) / idx.shape[1], resamples, seed
@@ -121,17 +126,18 @@ def mean_per_class_recall_score(
     present = np.unique(labels)
     cls = np.searchsorted(present, labels)  # each unit's class as 0..C-1 over the classes present
     c = present.size
-    binary = bool(np.isin(hits, (0.0, 1.0)).all())
+    binary = _binary(hits)
     hit = hits.astype(bool)
 
     def stat(idx: np.ndarray) -> np.ndarray:
         # one bincount over (resample, class) pairs: counts and hits per class of every resample
+        cells = idx.shape[0] * c
         pair = (np.arange(idx.shape[0])[:, None] * c + cls[idx]).ravel()
-        count = np.bincount(pair, minlength=idx.shape[0] * c).reshape(-1, c)
+        count = np.bincount(pair, minlength=cells).reshape(-1, c)
         if binary:  # count the pairs of the hits, exact and without float weights
-            right = np.bincount(pair[hit[idx].ravel()], minlength=idx.shape[0] * c).reshape(-1, c)
+            right = np.bincount(pair[hit[idx].ravel()], minlength=cells).reshape(-1, c)
         else:
-            right = np.bincount(pair, weights=hits[idx].ravel(), minlength=idx.shape[0] * c).reshape(-1, c)
+            right = np.bincount(pair, weights=hits[idx].ravel(), minlength=cells).reshape(-1, c)
         with np.errstate(invalid="ignore", divide="ignore"):
             recalls = np.where(count > 0, right / np.maximum(count, 1), np.nan)
         return np.nanmean(recalls, axis=1)

@@ -338,11 +338,12 @@ def load_images(downloaded: str, rows: pa.Table, stack: ExitStack) -> list:
     for i, s in enumerate(sources):
         by_source.setdefault(s, []).append(i)
     for source, idx in sorted(by_source.items()):
-        read = stack.enter_context(random_access(storage.join(downloaded, source)))
+        url = storage.join(downloaded, source)
+        read = stack.enter_context(random_access(url))
         for i in sorted(idx, key=offsets.__getitem__):
             images[i] = read(offsets[i], sizes[i])
             if len(images[i]) != sizes[i]:
-                raise StageError(f"{storage.join(downloaded, source)}: ends inside the image of {rows['uid'][i]}")
+                raise StageError(f"{url}: ends inside the image of {rows['uid'][i]}")
     return images
 
 
@@ -381,8 +382,8 @@ def write_shard(url: str, rows: pa.Table, images: list) -> FileInfo:
     The tar stream goes out as ``writev`` calls over headers and the images' buffers (zero-copy
     slices of the source shards when local), so no image is copied in Python. Two threads hash
     beside it (hashlib lets go of the GIL): the output stream for the manifest, and each image
-    against the sha256 filter saw. A mismatch aborts before the commit, so
-    no shard holds an unchecked image.
+    against the sha256 filter saw. A mismatch aborts before the commit, so no shard holds an
+    unchecked image.
     """
     cols = {n: rows.column(n).to_pylist() for n in PLAN_ROWS_SCHEMA.names if n not in ("source", "offset", "size")}
     uids, exts, texts = cols["uid"], cols["ext"], cols["text"]

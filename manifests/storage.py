@@ -42,6 +42,12 @@ def durable() -> bool:
     return os.environ.get("WIT_FSYNC", "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _sync(fh) -> None:
+    """fsync a flushed local file before its commit, when ``WIT_FSYNC=1`` asks for it."""
+    if durable():
+        os.fsync(fh.fileno())
+
+
 class StorageError(RuntimeError):
     """A storage operation failed (missing file, permission, endpoint unreachable, ...)."""
 
@@ -210,8 +216,7 @@ def _local_atomic_write(path: str, data: bytes) -> None:
         with open(tmp, "wb") as fh:
             fh.write(data)
             fh.flush()
-            if durable():
-                os.fsync(fh.fileno())
+            _sync(fh)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -256,7 +261,7 @@ def put_file(local_path: str, url: str) -> None:
                 shutil.copyfile(local_path, tmp)
                 if durable():
                     with open(tmp, "rb") as fh:
-                        os.fsync(fh.fileno())
+                        _sync(fh)
                 os.replace(tmp, path)
             finally:
                 if os.path.exists(tmp):
@@ -285,8 +290,8 @@ def atomic_writer(url: str) -> Iterator[BinaryIO]:
             yield fh
             with _errors(url):
                 fh.flush()
-                if local_target and durable():
-                    os.fsync(fh.fileno())
+                if local_target:
+                    _sync(fh)
         with _errors(url):
             if local_target:
                 os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; committed files are shared
