@@ -18,6 +18,7 @@ import pyarrow as pa
 from PIL import Image
 
 from wit.evaluate import world
+from wit.ingest.filter import read_members
 from wit.manifests.manifest import ManifestRef, digest_of, write_part
 from wit.manifests.runrecord import RunRecord, write_run_record
 from wit.manifests.schemas import DOWNLOADED, FILTERED
@@ -68,7 +69,16 @@ def write_downloaded(root: Path, blobs: list[bytes], per_shard: int = 1000) -> t
 
 
 def write_filtered(root: Path, downloaded: ManifestRef, ledger: list[dict]) -> ManifestRef:
-    rows = [{**{k: r[k] for k in ("uid", "url", "text", "sha256", "width", "height", "shard", "key")},
-             "keep": True} for r in ledger]  # fmt: skip
+    """Every ledger row kept, each image located the way filter's scan locates it."""
+    members = {}
+    for shard in sorted({r["shard"] for r in ledger}):
+        keys = {r["key"] for r in ledger if r["shard"] == shard}
+        for key, m in read_members(f"{downloaded.url}/{shard}", keys).items():
+            members[(shard, key)] = m
+    rows = []
+    for r in ledger:
+        m = members[(r["shard"], r["key"])]
+        rows.append({**{k: r[k] for k in ("uid", "url", "text", "sha256", "width", "height", "shard", "key")},
+                     "ext": m.ext, "offset": m.offset, "bytes": len(m.data), "keep": True})  # fmt: skip
     info = write_part(str(root), 0, pa.Table.from_pylist(rows), FILTERED)
     return _record(root, "filter", "filtered", {info.name: info}, len(rows), [downloaded])

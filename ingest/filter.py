@@ -56,7 +56,7 @@ import re
 import tarfile
 from collections import Counter, deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -68,7 +68,7 @@ from wit.manifests.schemas import with_kind
 from wit.manifests.stage import Partition, PartitionResult, StageError, input_parts
 
 from .download import shard_url as locate_shard
-from .imaging import HashIndex, check_image, format_extension, hash_hex, hash_int
+from .imaging import HashIndex, check_image, hash_hex, hash_int
 
 if TYPE_CHECKING:  # torch is imported only when a CLIP model is asked for
     from .clipscore import ClipScorer
@@ -100,7 +100,9 @@ SCAN_SCHEMA = with_kind(
             pa.field("height", pa.int32()),
             pa.field("shard", pa.string()),
             pa.field("key", pa.string()),
-            pa.field("ext", pa.string()),  # the member's extension in the shard
+            pa.field("ext", pa.string()),  # the image member's extension in the shard, lowercased
+            pa.field("offset", pa.int64()),  # of its data in the shard file (null: compressed shard)
+            pa.field("bytes", pa.int64()),  # its size
             pa.field("reason", pa.string()),  # null: eligible for GROUP
             pa.field("detail", pa.string()),  # the decoder's message for undecodable images
             pa.field("phash", pa.string()),  # 16 hex digits, imagehash's order; null unless eligible
@@ -285,15 +287,18 @@ def find_upstream(url: str, kind: str) -> ManifestRef | None:
 # SCAN: read each image once
 
 
-def read_members(shard_url: str, keys: set[str]) -> dict[str, tuple[str, bytes]]:
-    """``key → (extension, image bytes)`` for the wanted keys of one webdataset tar shard.
+def read_members(shard_url: str, keys: set[str]) -> dict[str, Member]:
+    """The first image member of each wanted key of one webdataset tar shard, with its bytes.
 
     The shard is streamed once (``r|``), so a remote shard is read sequentially, never seeked.
+    Each member's data offset is recorded (None in a compressed shard, where it would not be a
+    byte offset of the file) so that shard can later read the bytes with one ranged read.
     """
-    found: dict[str, tuple[str, bytes]] = {}
+    found: dict[str, Member] = {}
     with storage.open_url(shard_url, "rb") as fh:
         try:
             with tarfile.open(fileobj=fh, mode="r|*") as tar:
+                plain = getattr(tar.fileobj, "comptype", "tar") == "tar"
                 for member in tar:
                     if not member.isfile():
                         continue
@@ -302,10 +307,18 @@ def read_members(shard_url: str, keys: set[str]) -> dict[str, tuple[str, bytes]]
                     if not dot or key not in keys or ext.lower() not in IMAGE_EXTENSIONS or key in found:
                         continue
                     data = tar.extractfile(member).read()
-                    found[key] = (ext.lower(), data)
+                    found[key] = Member(ext.lower(), member.offset_data if plain else None, data)
         except tarfile.TarError as exc:
             raise StageError(f"{shard_url}: not a readable tar shard ({exc})") from exc
     return found
+
+
+class Member(NamedTuple):
+    """An image member of a downloaded shard: extension, data offset (None: compressed), bytes."""
+
+    ext: str
+    offset: int | None
+    data: bytes
 
 
 def scan_table(
@@ -322,7 +335,7 @@ def scan_table(
     for r in rows:
         if r["status"] == "success" and r["shard"] and r["key"]:
             wanted.setdefault(r["shard"], set()).add(r["key"])
-    images: dict[tuple[str, str], tuple[str, bytes]] = {}
+    images: dict[tuple[str, str], Member] = {}
     for shard in sorted(wanted):
         for key, value in read_members(locate_shard(downloaded_url, shard), wanted[shard]).items():
             images[(shard, key)] = value
@@ -338,6 +351,8 @@ def scan_table(
             "shard": r["shard"],
             "key": r["key"],
             "ext": None,
+            "offset": None,
+            "bytes": None,
             "reason": None,
             "detail": None,
             "phash": None,
@@ -352,8 +367,8 @@ def scan_table(
         if found is None:
             row["reason"] = MISSING_IMAGE
             continue
-        ext, data = found
-        row["ext"] = ext
+        ext, row["offset"], data = found
+        row["ext"], row["bytes"] = ext, len(data)
         row["sha256"] = hashlib.sha256(data).hexdigest()
         ow, oh = r["original_width"], r["original_height"]
         if ow and oh:
@@ -365,7 +380,6 @@ def scan_table(
             row["reason"], row["detail"] = check.reason, check.detail
             continue
         row["width"], row["height"] = check.width, check.height
-        row["ext"] = format_extension(check.format) or ext
         if not (ow and oh):  # no original size in the ledger: judge the stored one
             row["reason"] = size_problem(check.width, check.height, config)
             if row["reason"]:
@@ -685,6 +699,9 @@ def decide_table(scan: pa.Table, decisions: dict[str, tuple[str, str | None]]) -
             "height": scan.column("height"),
             "shard": scan.column("shard"),
             "key": scan.column("key"),
+            "ext": scan.column("ext"),
+            "offset": scan.column("offset"),
+            "bytes": scan.column("bytes"),
             "keep": pa.array(keep, pa.bool_()),
             "reason": pa.array(reasons, pa.string()),
             "phash": scan.column("phash"),

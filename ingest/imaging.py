@@ -42,8 +42,6 @@ DECODE_ERRORS = (
     Image.DecompressionBombError,
 )
 
-_FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
-
 
 @dataclass(slots=True)
 class ImageCheck:
@@ -56,11 +54,6 @@ class ImageCheck:
     detail: str | None = None  # the decoder's message, for the curious
     phash: int | None = None  # set only when decoded and asked for
     image: Image.Image | None = None  # the decoded pixels as RGB, only with keep_image
-
-
-def format_extension(fmt: str | None) -> str | None:
-    """The webdataset extension for a PIL format name (``JPEG`` → ``jpg``)."""
-    return _FORMAT_EXT.get(fmt or "")
 
 
 def check_image(data: bytes, max_pixels: int, want_hash: bool = True, keep_image: bool = False) -> ImageCheck:

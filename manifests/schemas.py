@@ -97,6 +97,12 @@ FILTERED = _schema(
         _H,
         _SHARD,
         _KEY,
+        # The image member of ``shard`` that filter read: its extension, the byte offset of its
+        # data in the shard file (null in a compressed shard) and its size, so that ``wit shard``
+        # reads each image with one ranged read instead of walking the shard's headers again.
+        pa.field("ext", pa.string()),
+        pa.field("offset", pa.int64()),
+        pa.field("bytes", pa.int64()),
         _KEEP,
         _REASON,
         pa.field("phash", pa.string()),

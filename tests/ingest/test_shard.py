@@ -199,3 +199,93 @@ def test_an_image_changed_since_filter_stops_the_shard_before_commit(tmp_path):
     with pytest.raises(StageError, match="not the one filter saw"):
         run_phases(SHARD_PHASES, ShardConfig(samples_per_shard=100), ref, str(out))
     assert not list(out.rglob("*.tar")) and not list(out.rglob(f"{storage.TMP_PREFIX}*"))
+
+
+def test_an_image_moved_since_filter_stops_the_shard_before_commit(tmp_path):
+    """The downloaded shard is rebuilt after filter with its members in reverse order: every
+    offset filter recorded is stale, and shard refuses rather than writing the wrong bytes."""
+    import tarfile
+
+    from wit.manifests.stage import StageError
+
+    d = make_downloaded(tmp_path / "in", n_clean=8, shards=1)
+    ref = run_phases(FILTER_PHASES, FilterConfig(), d.downloaded, str(tmp_path / "filtered"))
+    tar_path = next((tmp_path / "in").rglob("shards/*.tar"))
+    with tarfile.open(tar_path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(tar_path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for m, data in reversed(members):
+            tar.addfile(m, io.BytesIO(data))
+    out = tmp_path / "ds"
+    with pytest.raises(StageError, match="not the one filter saw|ends inside"):
+        run_phases(SHARD_PHASES, ShardConfig(samples_per_shard=100), ref, str(out))
+    assert not list(out.rglob("*.tar")) and not list(out.rglob(f"{storage.TMP_PREFIX}*"))
+
+
+def test_filter_locates_every_kept_image_where_the_tar_index_finds_it(filtered):
+    """Plan takes each image's place from filter's ext/offset/bytes; without them (a compressed
+    shard, an older manifest) it indexes the tar headers. Both give the same places."""
+    import pyarrow as pa
+
+    from wit.ingest.shard import locate_images
+
+    d, ref = filtered
+    rows = read_table(ref.url, expect_kind="filtered")
+    rows = rows.filter(rows.column("keep"))
+    by_filter = locate_images(d.downloaded.url, rows)
+    assert all(w is not None and w[1] > 0 and w[2] > 0 for w in by_filter)
+    by_index = locate_images(d.downloaded.url, rows.drop_columns(["ext", "offset", "bytes"]))
+    half = rows.set_column(
+        rows.schema.get_field_index("offset"),
+        "offset",
+        pa.array([o if i % 2 else None for i, o in enumerate(rows.column("offset").to_pylist())], pa.int64()),
+    )
+    assert by_filter == by_index == locate_images(d.downloaded.url, half)
+
+
+def test_headers_read_back_with_tarfile():
+    import tarfile
+
+    from wit.ingest.shard import ustar_headers
+
+    names = ["a.jpg", "x" * 96 + ".txt", "ü-ключ.json", "0.png"]
+    sizes = [0, 1, 8**11 - 1, 123456789]
+    headers = ustar_headers(names, sizes)
+    assert headers.shape == (4, 512)
+    for row, name, size in zip(headers, names, sizes, strict=True):
+        info = tarfile.TarInfo.frombuf(row.tobytes(), "utf-8", "surrogateescape")  # checks the checksum
+        assert (info.name, info.size, info.mode, info.mtime, info.uid, info.gid) == (name, size, 0o444, 0, 0, 0)
+        assert info.isfile()
+    from wit.manifests.stage import StageError
+
+    with pytest.raises(StageError, match="longer than"):
+        ustar_headers(["y" * 101], [1])
+    with pytest.raises(StageError, match="more than"):
+        ustar_headers(["big.jpg"], [8**11])
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        {"uid": "ab", "url": "http://h/a.jpg", "page_url": None, "queries": None, "sha256": "00",
+         "width": 3, "height": None, "phash": None, "clip_score": None},
+        {"uid": "cd", "url": 'http://h/"q"\\ü\n.jpg', "page_url": "http://h/p", "queries": ["cat", "ключ", 'a"b'],
+         "sha256": "ff", "width": 640, "height": 480, "phash": "0f0f", "clip_score": 0.12340000271797180},
+        {"uid": "ef", "url": "u", "page_url": "p", "queries": [], "sha256": "1", "width": 1, "height": 1,
+         "phash": "x", "clip_score": float("nan")},
+    ],
+)  # fmt: skip
+def test_sample_json_is_what_json_dumps_gives(row):
+    from wit.ingest.shard import sample_json
+
+    meta = {
+        "uid": row["uid"],
+        "url": row["url"],
+        "page_url": row["page_url"],
+        "queries": row["queries"] or [],
+        "sha256": row["sha256"],
+        "width": row["width"],
+        "height": row["height"],
+        "scores": {"phash": row["phash"], "clip_score": row["clip_score"]},
+    }
+    assert sample_json(row) == json.dumps(meta, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
