@@ -121,6 +121,7 @@ class EvalResult:
     images_encoded: int = 0  # images run through the model in this call (0 when all came from the cache)
     images_cached: int = 0
     reused: bool = False  # the output folder already held this finished run
+    seconds: float = 0.0  # wall time of the call: model load, classifiers, encoding, metrics, report
 
 
 def _sha_text(*parts: str) -> str:
@@ -401,6 +402,7 @@ def checkpoint_inputs(checkpoint: str, digest: str) -> list[ManifestRef]:
 
 def evaluate(checkpoint: str, out: str, suite: str | Suite = "default", config: EvalConfig | None = None) -> EvalResult:
     """Evaluate ``checkpoint`` on ``suite`` (a name, a YAML URL or a Suite) into the folder ``out``."""
+    start = time.perf_counter()
     config = config or EvalConfig()
     suite = load_suite(suite) if isinstance(suite, str) else suite
     out = storage.normalize(out)
@@ -455,4 +457,5 @@ def evaluate(checkpoint: str, out: str, suite: str | Suite = "default", config: 
         images_encoded=session.encoder.images_encoded,
         images_cached=session.images_cached,
         reused=reused,
+        seconds=time.perf_counter() - start,
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from wit.pipeline.clikit import domain_errors, output_option
+from wit.pipeline.clikit import domain_errors, heavy_imports, output_option
 
 
 @click.command()
@@ -44,8 +44,9 @@ def train(dataset, out, config_url, model, batch_size, steps, epochs, lr, warmup
         torchrun --nproc_per_node 8 -m wit.pipeline.cli train s3://bucket/dataset \\
             -o s3://bucket/runs/b32 --model ViT-B-32 --batch-size 256 --precision bf16 --resume auto
     """
-    from wit.train.config import TrainConfig
-    from wit.train.loop import train as run_training
+    with heavy_imports():
+        from wit.train.config import TrainConfig
+        from wit.train.loop import train as run_training
 
     options = dict(model=model, batch_size=batch_size, steps=steps, epochs=epochs, lr=lr, warmup=warmup,
                    weight_decay=weight_decay, precision=precision, loss=loss, grad_accum=grad_accum,
@@ -128,7 +129,8 @@ def eval_run(checkpoint, out, suite, model, device, batch_size, precision, cache
         wit eval out/train/checkpoints/final.pt -o out/eval --suite default
         wit eval ViT-B-32.pt --model ViT-B-32 -o out/eval-b32 --suite digits --device cuda
     """
-    from wit.evaluate.run import EvalConfig, default_cache, evaluate
+    with heavy_imports():
+        from wit.evaluate.run import EvalConfig, default_cache, evaluate
 
     config = EvalConfig(
         model=model,
@@ -155,6 +157,11 @@ def _print_results(result) -> None:
         lo, hi = r.get("ci_low"), r.get("ci_high")
         ci = f"[{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else ""
         click.echo(f"{r['task']:<{width}}  {r['metric']:<26} {r['value']:>7.3f}  {ci:<18} {r.get('n') or ''}")
+    if not result.reused:
+        click.echo(
+            f"{result.seconds:.2f} s after start-up: {result.images_encoded} images encoded "
+            f"({result.images_encoded / max(result.seconds, 1e-9):.0f}/s), {result.images_cached} from the cache"
+        )
     click.echo(f"report: {result.report_html}")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import open_clip
 import pyarrow.parquet as pq
@@ -116,6 +117,21 @@ def test_second_run_hits_the_feature_cache(world):
     # the same folder again: the finished run is returned as it is
     same = evaluate(ckpt, str(root / "out1"), str(root / "small.yaml"), cfg)
     assert same.reused and same.ref == first.ref
+
+
+def test_eval_command_prints_scores_and_its_own_time(world, tmp_path, run_wit):
+    """``wit eval`` as a user runs it: the score table, how long the evaluation took after
+    start-up and how many images it encoded, the report; the same folder again does no work."""
+    root, ckpt, _, _ = world
+    (tmp_path / "colour.yaml").write_text("tasks: [synthetic-colour]\n")
+    args = ("eval", ckpt, "-o", tmp_path / "out", "--suite", tmp_path / "colour.yaml", "--no-cache", "--resamples", 50)
+    out = run_wit(*args, check=True).stdout
+    assert re.search(r"^synthetic-colour +acc1 +0\.\d{3}  \[0\.\d{3}, 0\.\d{3}\] +400$", out, re.M), out
+    took = re.search(r"^(\d+\.\d\d) s after start-up: 400 images encoded \((\d+)/s\), 0 from the cache$", out, re.M)
+    assert took and float(took.group(1)) > 0, out
+    assert f"report: {tmp_path / 'out' / 'report.html'}" in out and (tmp_path / "out" / "results.json").exists()
+    again = run_wit(*args, check=True).stdout
+    assert "after start-up" not in again and "synthetic-colour" in again
 
 
 def test_missing_classnames_is_a_clear_error_before_any_encoding(tmp_path, world):

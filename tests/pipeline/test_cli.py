@@ -128,3 +128,22 @@ def test_bad_input_is_one_line_error_not_a_traceback(case, tmp_path, run_wit):
         assert "Traceback" not in proc.stderr
         err = proc.stderr.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("Error: "), proc.stderr
+
+
+def test_heavy_imports_pause_the_collector_then_freeze_what_they_made():
+    import gc
+
+    from wit.pipeline.clikit import heavy_imports
+
+    frozen = gc.get_freeze_count()
+    try:
+        with heavy_imports():
+            assert not gc.isenabled()
+            made = [[i] for i in range(1000)]  # tracked objects, as an import makes
+        assert gc.isenabled() and gc.get_freeze_count() >= frozen + len(made)
+        with pytest.raises(RuntimeError), heavy_imports():
+            raise RuntimeError("an import failed")
+        assert gc.isenabled()  # the collector is back on after a failed import too
+    finally:
+        gc.unfreeze()
+        gc.enable()
