@@ -1,10 +1,11 @@
 """Reshard throughput: ``wit shard`` (plan + write) vs a plain byte copy of the same shards.
 
 Target (issue #4): at least half of copy speed. Both read the same downloaded shards from local
-disk and write to local disk; MB/s counts the downloaded shards' bytes. Each figure is the median
-of ``TRIALS`` runs, the tools taking turns, each into a fresh folder. The same comparison is made
-twice: as both tools run by default (a rename commits, no fsync, like ``cp``), and with
-``WIT_FSYNC=1`` against a copy that is fsynced before its rename.
+disk; MB/s counts the downloaded shards' bytes. Each figure is the median of ``TRIALS`` runs, the
+tools taking turns, each into a fresh folder. The same comparison is made three times: onto local
+disk as both tools run by default (a rename commits, no fsync, like ``cp``), onto local disk with
+``WIT_FSYNC=1`` against a copy that is fsynced before its rename, and onto S3 (a ``moto_server``
+on 127.0.0.1, reached over HTTP) against putting each shard there.
 
     .venv/bin/python bench/bench_shard.py [--samples 24000] [--trials 3]
 """
@@ -15,10 +16,14 @@ import argparse
 import hashlib
 import os
 import shutil
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -46,11 +51,60 @@ def hash_once(src: list[Path]) -> None:
             hashlib.file_digest(fh, "sha256")
 
 
-def shard(filtered, dest: Path) -> None:
+def shard(filtered, dest: Path | str) -> None:
     config = ShardConfig(samples_per_shard=PER_SHARD, card=False)
     ref = filtered
     for stage, sub in SHARD_PHASES:
-        ref = run_stage(stage, config, [ref], str(dest / sub) if sub else str(dest), progress=False).ref
+        ref = run_stage(stage, config, [ref], storage.join(str(dest), sub) if sub else str(dest), progress=False).ref
+
+
+@contextmanager
+def moto_bucket() -> Iterator[str]:
+    """A bucket on a ``moto_server`` process on 127.0.0.1, reached over HTTP as a real S3 endpoint."""
+    import boto3
+
+    exe = shutil.which("moto_server", path=os.path.dirname(sys.executable)) or "moto_server"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], **quiet)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bench",
+           "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        boto3.client("s3").create_bucket(Bucket="bench-shard")
+        yield "s3://bench-shard"
+    finally:
+        proc.terminate()
+        proc.wait()
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+def s3_times(src: list[Path], filtered, trials: int) -> dict[str, list[float]]:
+    """The same two jobs with their output on S3: the copy puts each shard, wit shard writes there."""
+    times: dict[str, list[float]] = {}
+    with moto_bucket() as bucket:
+        for trial in range(trials):
+            for name in ("copy", "wit"):
+                dest = f"{bucket}/{name}{trial}"
+                start = time.perf_counter()
+                if name == "copy":
+                    for p in src:
+                        storage.put_file(str(p), f"{dest}/{p.name}")
+                else:
+                    shard(filtered, dest)
+                times.setdefault(name, []).append(time.perf_counter() - start)
+                storage.remove(dest, recursive=True)  # moto keeps objects in memory
+    return times
 
 
 def main() -> None:
@@ -88,6 +142,7 @@ def main() -> None:
                     cpu.setdefault((name, durable), []).append(time.process_time() - start_cpu)
                     shutil.rmtree(root / f"out{n}", ignore_errors=True)
         os.environ.pop("WIT_FSYNC")
+        remote = s3_times(src, filtered, args.trials)
 
         rows = []
         for durable in (False, True):
@@ -102,7 +157,14 @@ def main() -> None:
                 med = statistics.median(times[(name, durable)])
                 cpu_s = statistics.median(cpu[(name, durable)])
                 figures = [f"{med:.2f}", f"{cpu_s:.2f}", f"{mb / med:.0f}", f"{base / med:.2f}"]
-                rows.append(["on" if durable else "off", label, *figures])
+                rows.append(["local, fsync " + ("on" if durable else "off"), label, *figures])
+        base = statistics.median(remote["copy"])
+        for name, label in (
+            ("copy", "byte copy to S3 (`fsspec` put of each shard)"),
+            ("wit", "`wit shard` with its output on S3"),
+        ):
+            med = statistics.median(remote[name])
+            rows.append(["S3 (moto)", label, f"{med:.2f}", "", f"{mb / med:.0f}", f"{base / med:.2f}"])
         body = (
             f"{args.samples:,} samples (256 px JPEG, {mb * 1e3 / args.samples:.0f} kB) in {len(src)} shards, "
             f"{mb:.0f} MB, local disk, page cache warm; {PER_SHARD} samples per output shard; median of "
@@ -110,8 +172,10 @@ def main() -> None:
             "hashes every shard it writes (two threads beside the writes). CPU seconds are all threads of "
             "the process, kernel time included. `wit shard` makes two sha256 passes (each image against filter's "
             "digest, and each output shard), so on 2 cores its floor is about one pass plus the copy. "
+            "The S3 rows write to a `moto_server` on 127.0.0.1 over HTTP (object storage, where the design "
+            "puts datasets; wall time only, moto's CPU is another process). "
             "Target: `wit shard` at least 0.5× copy speed.\n\n"
-            + table(["fsync (`WIT_FSYNC`)", "", "seconds", "CPU seconds", "MB/s", "× copy speed"], rows)
+            + table(["output", "", "seconds", "CPU seconds", "MB/s", "× copy speed"], rows)
         )
         print(body)
         write_section("shard", "Reshard throughput: `wit shard` vs byte copy", body, "bench/bench_shard.py")
