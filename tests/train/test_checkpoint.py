@@ -41,6 +41,29 @@ def test_round_trip_and_open_clip_loads_it(root, tmp_path):
         assert torch.equal(model.state_dict()["logit_scale"], payload["state_dict"]["logit_scale"])
 
 
+@pytest.mark.parametrize("name", ["wit-tiny", "wit-tiny-rn"])
+def test_loaded_model_computes_what_the_saved_one_did(name, tmp_path):
+    """load_model skips the random initial fill (every weight comes from the file): the loaded
+    model, buffers built at construction included, gives the saved model's embeddings exactly."""
+    payload = _payload(name)
+    url = str(tmp_path / "ckpt.pt")
+    save_checkpoint(url, payload)
+    original = open_clip.create_model(name)
+    original.load_state_dict(payload["state_dict"])
+    original.eval()
+    loaded = load_model(url).model
+    size = original.visual.image_size
+    images = torch.randn(3, 3, *(size if isinstance(size, tuple) else (size, size)))
+    text = open_clip.get_tokenizer(name)(["a red circle", "a blue square", "seven"])
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_image(images), original.encode_image(images))
+        assert torch.equal(loaded.encode_text(text), original.encode_text(text))
+    originals = dict(original.named_buffers())
+    for key, buf in loaded.named_buffers():
+        assert torch.equal(buf, originals[key]), key
+    assert torch.nn.init.normal_ is not None and torch.nn.init.normal_.__module__ == "torch.nn.init"  # restored
+
+
 def test_json_config_model(tmp_path):
     cfg = dict(resolve_model("wit-tiny").config, embed_dim=64)
     path = tmp_path / "my-clip.json"
