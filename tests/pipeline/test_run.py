@@ -218,3 +218,41 @@ def test_a_pipeline_file_is_validated_before_anything_runs(tmp_path):
         load(base, ["curation.per-query-cap=3"])
     with pytest.raises(ValueError, match="a pipeline file is a mapping"):
         load("- a\n- b\n")
+
+
+# Options that belong to one command line and not to a pipeline file: where to write (the file
+# names its folders), which slice of a job array this is, download's second pass over failures.
+CLI_ONLY = {"out", "part", "retry_failed"}
+YAML_ONLY = {"extract": {"sources"}}  # the command's SOURCES argument
+
+
+def test_the_pipeline_file_takes_every_option_of_each_stage_command_with_its_default():
+    """The runner keeps its own table of section options (OPTIONS). This holds it to the click
+    commands, so an option added to a command cannot be forgotten in the pipeline file."""
+    import click
+
+    from wit.pipeline import ingest_commands, model_commands
+    from wit.pipeline.runner import OPTIONS
+
+    commands = {c.name: c for c in ingest_commands.COMMANDS} | {"eval": model_commands.eval_run}
+    for stage, options in OPTIONS.items():
+        if stage == "train":
+            continue  # every TrainConfig field, checked by TrainConfig.from_dict
+        command = commands[stage]
+        ctx = click.Context(command)
+        cli = {}
+        for p in command.params:
+            if not isinstance(p, click.Option):
+                continue
+            key = max(p.opts, key=len).lstrip("-").replace("-", "_")  # the long flag, as the YAML key
+            default = p.get_default(ctx, call=True)
+            default = None if default is click.core.UNSET else default
+            if p.multiple:
+                default = (default,) if isinstance(default, str) else tuple(default or ())
+            cli[key] = default
+        assert set(cli) - CLI_ONLY == set(options) - YAML_ONLY.get(stage, set()), stage
+        for key in set(cli) - CLI_ONLY:
+            want, default = options[key], cli[key]
+            if want.kind == "strs" and isinstance(default, str):  # the CLI's comma-separated form
+                default = tuple(code for code in default.split(",") if code)
+            assert default == want.default, (stage, key, default, want.default)
