@@ -46,7 +46,6 @@ BIG_IMAGES = 4000
 WIT_SECONDS = re.compile(r"^([0-9.]+) s after start-up", re.M)  # what `wit eval` prints of its own time
 CB_SCRIPT = """
 import sys, json, time
-t0 = time.perf_counter()
 from clip_benchmark.cli import main
 t1 = time.perf_counter()
 sys.argv = ["clip_benchmark"] + sys.argv[1:]
@@ -158,8 +157,8 @@ def main() -> None:
             task = f"{{name: {name}, kind: zeroshot_classification, dataset: {data}, format: wds}}"
             suite.write_text(f"tasks: [{task}]\n")
             out_dir = work / "wit-out" / mode / name
-            wit_cmd = [str(Path(sys.executable).with_name("wit")), "eval", str(ckpt), "-o", str(out_dir),
-                       "--suite", str(suite), "--precision", mode, "--no-cache"]  # fmt: skip
+            wit = str(Path(sys.executable).with_name("wit"))
+            wit_args = ["--suite", str(suite), "--precision", mode, "--no-cache"]
             cb_json = work / "cb-out" / mode / f"{name}.json"
             cb_json.parent.mkdir(parents=True, exist_ok=True)
             cb_cmd = [args.cb_python, "-c", CB_SCRIPT, "eval", "--model_type", "open_clip",
@@ -169,20 +168,20 @@ def main() -> None:
             cb_cmd += ["--no_amp"] if mode == "fp32" else []
             wit_s = cb_s = wit_run = cb_run = float("inf")
             for trial in range(args.trials):  # taking turns; the fastest of each is the least disturbed
-                took, out = run_timed(wit_cmd[:4] + [f"{out_dir}-{trial}"] + wit_cmd[5:])
+                took, out = run_timed([wit, "eval", str(ckpt), "-o", f"{out_dir}-{trial}", *wit_args])
                 wit_s, wit_run = min(wit_s, took), min(wit_run, float(WIT_SECONDS.search(out).group(1)))
                 took, cb_out = run_timed(cb_cmd, cwd=work)
                 cb_s, cb_run = min(cb_s, took), min(cb_run, json.loads(cb_out.strip().splitlines()[-1])["run"])
-            wit = {r["metric"]: r for r in read_table(f"{out_dir}-0", expect_kind="eval_results").to_pylist()}
+            scores = {r["metric"]: r for r in read_table(f"{out_dir}-0", expect_kind="eval_results").to_pylist()}
             cb = json.loads(cb_json.read_text())["metrics"]
-            diff = 100 * (wit["acc1"]["value"] - cb["acc1"])
+            diff = 100 * (scores["acc1"]["value"] - cb["acc1"])
             rows.append(
                 [
                     mode,
                     name,
                     n,
-                    f"{100 * wit['acc1']['value']:.2f} [{100 * wit['acc1']['ci_low']:.1f}, "
-                    f"{100 * wit['acc1']['ci_high']:.1f}]",
+                    f"{100 * scores['acc1']['value']:.2f} [{100 * scores['acc1']['ci_low']:.1f}, "
+                    f"{100 * scores['acc1']['ci_high']:.1f}]",
                     f"{100 * cb['acc1']:.2f}",
                     f"{diff:+.2f}",
                     f"{n / wit_s:.1f}",

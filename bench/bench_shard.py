@@ -16,7 +16,6 @@ import argparse
 import hashlib
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,12 +26,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 from _ingest_data import images, write_downloaded, write_filtered  # noqa: E402
 from _report import table, write_section  # noqa: E402
 
 from wit.ingest.shard import SHARD_PHASES, ShardConfig  # noqa: E402
 from wit.manifests import storage  # noqa: E402
 from wit.pipeline.executor import run_stage  # noqa: E402
+
+from conftest import free_port, wait_for_port  # noqa: E402  (the test suite's own moto helpers)
 
 UNIQUE = 300
 PER_SHARD = 4000  # samples per downloaded and per output shard
@@ -64,9 +66,7 @@ def moto_bucket() -> Iterator[str]:
     import boto3
 
     exe = shutil.which("moto_server", path=os.path.dirname(sys.executable)) or "moto_server"
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], **quiet)
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bench",
@@ -74,19 +74,17 @@ def moto_bucket() -> Iterator[str]:
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                time.sleep(0.1)
+        wait_for_port(port)
         boto3.client("s3").create_bucket(Bucket="bench-shard")
         yield "s3://bench-shard"
     finally:
         proc.terminate()
         proc.wait()
         for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
 
 
 def s3_times(src: list[Path], filtered, trials: int) -> dict[str, list[float]]:

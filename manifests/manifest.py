@@ -136,13 +136,11 @@ class Manifest:
         threads calling back into Python file handles abort the interpreter at exit now and then
         (apache/arrow#34314, #39162).
         """
+        import pyarrow.dataset as pads  # here, not at the top: it imports pandas (0.4 s)
+
         if storage.is_local(self.url):
             paths = [storage.local_path(u) for u in self.part_urls()]
-            import pyarrow.dataset as pads  # here, not at the top: it imports pandas (0.4 s)
-
             return pads.dataset(paths, schema=self.schema, format="parquet")
-        import pyarrow.dataset as pads
-
         return pads.dataset(self.table())
 
     def table(self, columns: list[str] | None = None) -> pa.Table:
