@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 from PIL import Image
+from xxhash import xxh3_128_hexdigest
 
 from wit.evaluate import world
 from wit.ingest.filter import read_members
@@ -79,6 +80,7 @@ def write_filtered(root: Path, downloaded: ManifestRef, ledger: list[dict]) -> M
     for r in ledger:
         m = members[(r["shard"], r["key"])]
         rows.append({**{k: r[k] for k in ("uid", "url", "text", "sha256", "width", "height", "shard", "key")},
-                     "ext": m.ext, "offset": m.offset, "bytes": len(m.data), "keep": True})  # fmt: skip
+                     "ext": m.ext, "offset": m.offset, "bytes": len(m.data), "xxh3": xxh3_128_hexdigest(m.data),
+                     "keep": True})  # fmt: skip
     info = write_part(str(root), 0, pa.Table.from_pylist(rows), FILTERED)
     return _record(root, "filter", "filtered", {info.name: info}, len(rows), [downloaded])

@@ -60,6 +60,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from xxhash import xxh3_128_hexdigest
 
 from wit.manifests import storage
 from wit.manifests.manifest import ManifestError, ManifestRef, open_manifest, read_part
@@ -103,6 +104,7 @@ SCAN_SCHEMA = with_kind(
             pa.field("ext", pa.string()),  # the image member's extension in the shard, lowercased
             pa.field("offset", pa.int64()),  # of its data in the shard file (null: compressed shard)
             pa.field("bytes", pa.int64()),  # its size
+            pa.field("xxh3", pa.string()),  # xxh3-128 of its bytes: what shard checks them against
             pa.field("reason", pa.string()),  # null: eligible for GROUP
             pa.field("detail", pa.string()),  # the decoder's message for undecodable images
             pa.field("phash", pa.string()),  # 16 hex digits, imagehash's order; null unless eligible
@@ -353,6 +355,7 @@ def scan_table(
             "ext": None,
             "offset": None,
             "bytes": None,
+            "xxh3": None,
             "reason": None,
             "detail": None,
             "phash": None,
@@ -370,6 +373,7 @@ def scan_table(
         ext, row["offset"], data = found
         row["ext"], row["bytes"] = ext, len(data)
         row["sha256"] = hashlib.sha256(data).hexdigest()
+        row["xxh3"] = xxh3_128_hexdigest(data)
         ow, oh = r["original_width"], r["original_height"]
         if ow and oh:
             row["reason"] = size_problem(ow, oh, config)
@@ -702,6 +706,7 @@ def decide_table(scan: pa.Table, decisions: dict[str, tuple[str, str | None]]) -
             "ext": scan.column("ext"),
             "offset": scan.column("offset"),
             "bytes": scan.column("bytes"),
+            "xxh3": scan.column("xxh3"),
             "keep": pa.array(keep, pa.bool_()),
             "reason": pa.array(reasons, pa.string()),
             "phash": scan.column("phash"),

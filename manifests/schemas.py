@@ -99,10 +99,13 @@ FILTERED = _schema(
         _KEY,
         # The image member of ``shard`` that filter read: its extension, the byte offset of its
         # data in the shard file (null in a compressed shard) and its size, so that ``wit shard``
-        # reads each image with one ranged read instead of walking the shard's headers again.
+        # reads each image with one ranged read instead of walking the shard's headers again; and
+        # the bytes' xxh3-128 (32 hex digits), which ``wit shard`` checks them against at memory
+        # speed (sha256 stays the image's identity; it is checked where xxh3 is missing).
         pa.field("ext", pa.string()),
         pa.field("offset", pa.int64()),
         pa.field("bytes", pa.int64()),
+        pa.field("xxh3", pa.string()),
         _KEEP,
         _REASON,
         pa.field("phash", pa.string()),

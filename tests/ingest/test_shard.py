@@ -289,3 +289,113 @@ def test_sample_json_is_what_json_dumps_gives(row):
         "scores": {"phash": row["phash"], "clip_score": row["clip_score"]},
     }
     assert sample_json(row) == json.dumps(meta, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _plan_rows(images: list[bytes], xxh3: bool, ext: str = "jpg"):
+    """PLAN rows for ``images`` as they lie, one after another, in one source file."""
+    import hashlib
+
+    import pyarrow as pa
+    from xxhash import xxh3_128_hexdigest
+
+    from wit.ingest.shard import PLAN_ROWS_SCHEMA
+
+    offsets = [sum(map(len, images[:i])) for i in range(len(images))]
+    rows = [
+        {
+            "uid": f"{i:032x}",
+            "url": f"http://h/{i}.{ext}",
+            "text": f"caption {i}",
+            "page_url": None,
+            "queries": ["q"],
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "width": 8,
+            "height": 8,
+            "phash": None,
+            "clip_score": None,
+            "ext": ext,
+            "source": "src.bin",
+            "offset": offsets[i],
+            "size": len(data),
+            "xxh3": xxh3_128_hexdigest(data) if xxh3 else None,
+        }  # fmt: skip
+        for i, data in enumerate(images)
+    ]
+    return pa.Table.from_pylist(rows, schema=PLAN_ROWS_SCHEMA)
+
+
+@pytest.mark.parametrize("ext", ["jpg", "png", "webp"])  # before json, between json and txt, after txt
+def test_written_shard_is_the_same_bytes_for_any_buffer_size(tmp_path, monkeypatch, ext):
+    """The tar stream goes out through reused buffers; images larger than a buffer are split
+    across writes. Any buffer size, and images given as bytes (a remote source) instead of
+    local spans, give the same shard, which tarfile reads back member for member."""
+    import hashlib
+    import tarfile
+    from contextlib import ExitStack
+
+    from wit.ingest import shard
+
+    images = [os.urandom(n) for n in (0, 1, 511, 512, 513, 5000, 70000, 3)]
+    (tmp_path / "src.bin").write_bytes(b"".join(images))
+    rows = _plan_rows(images, xxh3=True, ext=ext)
+    written = []
+    for buffer in (4 << 20, 4096, 1000):
+        monkeypatch.setattr(shard, "BUFFER", buffer)
+        for local in (True, False):
+            with ExitStack() as stack:
+                loaded = shard.load_images(str(tmp_path), rows, stack)
+                assert all(isinstance(x, shard.Span) for x in loaded)
+                if not local:
+                    loaded = [shard.image_bytes(x) for x in loaded]
+                out = tmp_path / f"out-{buffer}-{local}.tar"
+                info = shard.write_shard(str(out), rows, loaded)
+            data = out.read_bytes()
+            assert info.sha256 == hashlib.sha256(data).hexdigest() and info.bytes == len(data)
+            assert len(data) % (20 * 512) == 0
+            written.append(data)
+    assert all(w == written[0] for w in written)
+    with tarfile.open(tmp_path / "out-1000-True.tar") as tar:
+        got = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        order = [m.name for m in tar.getmembers()]
+    for i, data in enumerate(images):
+        uid = f"{i:032x}"
+        assert got[f"{uid}.{ext}"] == data and got[f"{uid}.txt"] == f"caption {i}".encode()
+        assert json.loads(got[f"{uid}.json"])["uid"] == uid
+        assert order[3 * i : 3 * i + 3] == sorted(f"{uid}.{e}" for e in (ext, "json", "txt"))
+
+
+@pytest.mark.parametrize("xxh3", [True, False], ids=["xxh3", "sha256-only"])
+@pytest.mark.parametrize("buffer", [4 << 20, 1000])
+def test_write_shard_refuses_an_image_filter_did_not_see(tmp_path, monkeypatch, xxh3, buffer):
+    """One flipped byte in one source image: caught by filter's xxh3-128, or by its sha256 in a
+    manifest from before xxh3 was recorded, whether the image fits a buffer or is split; no
+    shard and no temporary file are left."""
+    from contextlib import ExitStack
+
+    from wit.ingest import shard
+    from wit.manifests.stage import StageError
+
+    monkeypatch.setattr(shard, "BUFFER", buffer)
+    images = [os.urandom(n) for n in (3000, 4000, 5000)]
+    rows = _plan_rows(images, xxh3=xxh3)
+    images[1] = images[1][:100] + bytes([images[1][100] ^ 1]) + images[1][101:]
+    (tmp_path / "src.bin").write_bytes(b"".join(images))
+    out = tmp_path / "out" / "000000.tar"
+    with ExitStack() as stack, pytest.raises(StageError, match=f"{1:032x} is not the one filter saw"):
+        shard.write_shard(str(out), rows, shard.load_images(str(tmp_path), rows, stack))
+    assert not list((tmp_path / "out").iterdir())
+
+
+def test_a_source_shorter_than_the_plan_says_is_a_clear_error(tmp_path):
+    from contextlib import ExitStack
+
+    from wit.ingest import shard
+    from wit.manifests.stage import StageError
+
+    images = [os.urandom(n) for n in (3000, 4000)]
+    rows = _plan_rows(images, xxh3=True)
+    (tmp_path / "src.bin").write_bytes(b"".join(images)[:-10])
+    out = tmp_path / "out" / "000000.tar"
+    with ExitStack() as stack, pytest.raises(StageError, match="ends inside an image"):
+        shard.write_shard(str(out), rows, shard.load_images(str(tmp_path), rows, stack))
+    assert not list((tmp_path / "out").iterdir())
