@@ -535,52 +535,66 @@ def write_shard(url: str, rows: pa.Table, images: list) -> FileInfo:
 
     The tar stream goes through a :class:`TarStream`. Each image is checked in the buffer
     against what filter read (its xxh3-128, or its sha256 where filter recorded no xxh3); a
-    mismatch aborts before the commit, so no shard holds an unchecked image. Each sample's small
-    members (json, txt) are joined with their headers into one piece.
+    mismatch aborts before the commit, so no shard holds an unchecked image. Headers, json and
+    txt members are built a block of samples at a time into one blob (:func:`_block`).
     """
     cols = {n: rows.column(n).to_pylist() for n in PLAN_ROWS_SCHEMA.names if n not in ("source", "offset", "size")}
-    uids, exts, xxh3s, sha256s = cols["uid"], cols["ext"], cols["xxh3"], cols["sha256"]
+    uids, xxh3s, sha256s = cols["uid"], cols["xxh3"], cols["sha256"]
     n = len(uids)
-    metas = [sample_json(row) for row in _rows(cols, SAMPLE_META, n)]
-    texts = [(t or "").encode() for t in cols["text"]]
-    # Each sample's members sorted by extension (webdataset groups a sample by key prefix):
-    # where the image goes among json and txt depends on its extension alone.
-    at = {ext: sorted((ext, "json", "txt")).index(ext) for ext in set(exts)}
-    names, sizes = [], []
-    for i in range(n):
-        smalls = [("json", metas[i]), ("txt", texts[i])]
-        smalls.insert(at[exts[i]], (exts[i], None))
-        for ext, data in smalls:
-            names.append(f"{uids[i]}.{ext}")
-            sizes.append(_size(images[i]) if data is None else len(data))
-    headers = memoryview(ustar_headers(names, sizes).reshape(-1))
     with storage.atomic_writer(url) as fh, TarStream(fh.fileno()) as stream:
         fh.flush()
-        small: list = []  # headers, data and padding up to the next image, joined into one piece
-        for i in range(n):
-            j = 3 * i
-            image_at = j + at[exts[i]]
-            for m, data in zip((j, j + 1, j + 2), _smalls(at[exts[i]], metas[i], texts[i]), strict=True):
-                small.append(headers[m * BLOCK : (m + 1) * BLOCK])
-                if m == image_at:
-                    stream.put(b"".join(small))
-                    if not stream.image(images[i], xxh3s[i], sha256s[i]):
-                        raise StageError(f"{url}: the image of {uids[i]} is not the one filter saw (its hash differs)")
-                    small = [_PADDING[-sizes[m] % BLOCK]]
-                else:
-                    small += (data, _PADDING[-sizes[m] % BLOCK])
+        # A block of samples at a time, so building the next block's members (Python, holding
+        # the GIL) overlaps the hashing and writing of the buffers before it.
+        for first in range(0, n, SAMPLES_PER_BLOCK):
+            last = min(first + SAMPLES_PER_BLOCK, n)
+            blob, cuts = _block(cols, images, first, last)
+            start = 0
+            for i, cut in zip(range(first, last), cuts, strict=True):
+                stream.put(blob[start:cut])
+                if not stream.image(images[i], xxh3s[i], sha256s[i]):
+                    raise StageError(f"{url}: the image of {uids[i]} is not the one filter saw (its hash differs)")
+                start = cut
+            stream.put(blob[start:])
         end = 2 * BLOCK  # two zero blocks end the archive; then pad to a whole record
-        size = stream.total + stream.pos + sum(map(len, small))
-        small.append(bytes(end + (-(size + end) % RECORD)))
-        stream.put(b"".join(small))
+        stream.put(bytes(end + (-(stream.total + stream.pos + end) % RECORD)))
         stream.flush()
         sha256 = stream.digest()
     return FileInfo(name="", sha256=sha256, bytes=stream.total, rows=n)
 
 
-def _rows(cols: dict[str, list], names: tuple[str, ...], n: int):
+SAMPLES_PER_BLOCK = 256
+
+
+def _block(cols: dict[str, list], images: list, first: int, last: int) -> tuple[memoryview, list[int]]:
+    """The tar stream of samples ``first..last-1`` but their image bytes, as one blob, and where
+    in it each image goes. Each sample's members are sorted by extension (webdataset groups a
+    sample by key prefix), so where the image goes among json and txt depends on its extension."""
+    uids, exts = cols["uid"][first:last], cols["ext"][first:last]
+    metas = [sample_json(row) for row in _rows(cols, SAMPLE_META, first, last)]
+    texts = [(t or "").encode() for t in cols["text"][first:last]]
+    at = {ext: sorted((ext, "json", "txt")).index(ext) for ext in set(exts)}
+    order = [_smalls(at[ext], meta, text) for ext, meta, text in zip(exts, metas, texts, strict=True)]
+    sizes = [_size(images[first + k]) if d is None else len(d) for k, members in enumerate(order) for d in members]
+    names = [f"{uid}.{ext}" for uid, ext in zip(uids, exts, strict=True) for ext in sorted((ext, "json", "txt"))]
+    headers = memoryview(ustar_headers(names, sizes).reshape(-1))
+    pieces: list = []
+    cuts: list[int] = []
+    pos = 0
+    for m, data in enumerate(d for members in order for d in members):
+        header, pad = headers[m * BLOCK : (m + 1) * BLOCK], _PADDING[-sizes[m] % BLOCK]
+        if data is None:
+            pieces += (header, pad)
+            cuts.append(pos + BLOCK)
+            pos += BLOCK + len(pad)
+        else:
+            pieces += (header, data, pad)
+            pos += BLOCK + len(data) + len(pad)
+    return memoryview(b"".join(pieces)), cuts
+
+
+def _rows(cols: dict[str, list], names: tuple[str, ...], first: int, last: int):
     columns = [cols[k] for k in names]
-    for i in range(n):
+    for i in range(first, last):
         yield {k: c[i] for k, c in zip(names, columns, strict=True)}
 
 
