@@ -9,7 +9,7 @@ like ``cp``), onto local disk with ``WIT_FSYNC=1`` against a copy that is fsynce
 rename, and onto S3 (a ``moto_server`` on 127.0.0.1, reached over HTTP) against putting each
 shard there.
 
-    .venv/bin/python bench/bench_shard.py [--samples 24000] [--trials 5]
+    .venv/bin/python bench/bench_shard.py [--samples 24000] [--trials 7]
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def s3_times(src: list[Path], filtered, trials: int) -> dict[str, list[float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=24000)
-    parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument("--trials", type=int, default=7)
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="bench-shard-"))
     try:
@@ -177,9 +177,10 @@ def main() -> None:
             "fastest runs (this VM's page allocation swings a 0.2 s copy to 1 s and more). `wit shard` reads the "
             "images into reused 4 MB buffers, checks each against filter's xxh3-128 there, and writes each buffer "
             "with one thread while another computes the shard's sha256 for the manifest. CPU seconds are all "
-            "threads of the process, kernel time included. That sha256 of every output byte is a floor: on this "
-            "CPU (SHA-NI) one pass runs at the speed of the sha256 row, which is itself below half of a page-cache "
-            "copy, so on local disk without fsync the target cannot be met by any tool that hashes its output. "
+            "threads of the process, kernel time included. That sha256 of every output byte bounds any tool that "
+            "hashes what it writes: one pass on one core (SHA-NI here) is by itself only about half of copy speed "
+            "(the sha256 row), and the reading, checking and writing have to share the second core, so on local "
+            "disk without fsync the target leaves no room on this 2-core machine. "
             "The S3 rows write to a `moto_server` on 127.0.0.1 over HTTP (object storage, where the design "
             "puts datasets; wall time only, moto's CPU is another process). "
             "Target: `wit shard` at least 0.5× copy speed.\n\n"
