@@ -65,7 +65,7 @@ from xxhash import xxh3_128_hexdigest
 from wit.manifests import storage
 from wit.manifests.manifest import ManifestError, ManifestRef, open_manifest, read_part
 from wit.manifests.runrecord import read_run_record
-from wit.manifests.schemas import with_kind
+from wit.manifests.schemas import conform, with_kind
 from wit.manifests.stage import Partition, PartitionResult, StageError, input_parts
 
 from .download import shard_url as locate_shard
@@ -747,7 +747,9 @@ class FilterDecide:
 
     def run_partition(self, config: FilterConfig, partition: Partition, out: str) -> PartitionResult:
         group_url, digest = partition.params
-        table, counts = decide_table(read_part(partition.source), _decisions(group_url, digest))
+        # conform: a scan part from before a column was added (a run resumed across an upgrade)
+        scan = conform(read_part(partition.source), SCAN_SCHEMA)
+        table, counts = decide_table(scan, _decisions(group_url, digest))
         overlap = Counter()
         for reason, n in counts.items():
             if reason.startswith(EVAL_OVERLAP + ":"):

@@ -55,7 +55,7 @@ from xxhash import xxh3_128, xxh3_128_hexdigest
 from wit.manifests import storage
 from wit.manifests.manifest import FileInfo, ManifestRef, open_manifest, read_part, write_part
 from wit.manifests.runrecord import read_run_record
-from wit.manifests.schemas import SAMPLES, SHARDS, with_kind
+from wit.manifests.schemas import SAMPLES, SHARDS, conform, with_kind
 from wit.manifests.stage import Partition, PartitionResult, StageError
 from wit.manifests.tars import BLOCK, BadTar, plain_members, random_access
 
@@ -141,7 +141,7 @@ def index_tar(url: str, keys: set[str]) -> dict[str, tuple[str, int, int]]:
     Only headers are read, skipping each member's data (through a memory map when the shard is
     local, ranged reads otherwise; :mod:`wit.manifests.tars`); an archive with extended headers
     (pax, GNU long names) is handed to tarfile. Header checksums past the first are not summed:
-    WRITE checks every image's bytes against filter's sha256, which a misread header cannot pass.
+    WRITE checks every image's bytes against filter's digest, which a misread header cannot pass.
     """
     with random_access(url) as read:
         try:
@@ -180,7 +180,7 @@ def locate_images(downloaded: str, rows: pa.Table) -> list[tuple[str, int, int]]
     Filter records where it read each image (FILTERED's ``ext``, ``offset``, ``bytes``); only
     source shards with a row lacking that (a compressed shard, a manifest from before those
     columns) have their headers indexed here. A stale location cannot slip through: WRITE checks
-    every image's bytes against filter's sha256.
+    every image's bytes against filter's xxh3-128 (or sha256).
     """
     sources = rows.column("shard").to_pylist()
     keys = rows.column("key").to_pylist()
@@ -246,9 +246,8 @@ class ShardPlan:
         downloaded, curated_url = partition.params
         manifest = open_manifest(partition.source, expect_kind="filtered")
         columns = ["uid", "url", "text", "sha256", "width", "height", "shard", "key", "keep", "phash", "clip_score"]
-        # Absent from the manifest of an older filter: located here, checked by sha256.
-        located = [c for c in ("ext", "offset", "bytes", "xxh3") if c in manifest.schema.names]
-        filtered = manifest.table(columns + located)
+        # Null in parts of an older filter: located here, checked by sha256.
+        filtered = manifest.table(columns + ["ext", "offset", "bytes", "xxh3"])
         curated = None
         if curated_url:
             curated = open_manifest(curated_url, expect_kind="curated").table(["uid", "page_url", "queries", "keep"])
@@ -278,7 +277,7 @@ class ShardPlan:
                 "source": rows.column("shard"),
                 "offset": pa.array([w[1] for w in where], pa.int64()),
                 "size": pa.array([w[2] for w in where], pa.int64()),
-                "xxh3": rows.column("xxh3") if "xxh3" in rows.column_names else pa.nulls(rows.num_rows, pa.string()),
+                "xxh3": rows.column("xxh3"),
             }
         )
         n = config.samples_per_shard
@@ -451,9 +450,10 @@ class TarStream:
     def __enter__(self) -> TarStream:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.hasher.shutdown()
-        self.writer.shutdown()
+    def __exit__(self, exc_type, *exc) -> None:
+        cancel = exc_type is not None  # the shard is abandoned: skip the writes still queued
+        self.hasher.shutdown(cancel_futures=cancel)
+        self.writer.shutdown(cancel_futures=cancel)
 
     def put(self, data) -> None:
         n, done = len(data), 0
@@ -494,11 +494,15 @@ class TarStream:
 
     @staticmethod
     def _fill(slot: memoryview, image: Span | bytes, start: int) -> None:
-        if type(image) is Span:
-            if os.preadv(image.fd, [slot], image.offset + start) != len(slot):
-                raise StageError("a downloaded shard ends inside an image (changed since the plan?)")
-        else:
-            slot[:] = image[start : start + len(slot)]
+        if type(image) is not Span:
+            slot[:] = memoryview(image)[start : start + len(slot)]
+            return
+        done = os.preadv(image.fd, [slot], image.offset + start)
+        while done < len(slot):  # a short read is not the end of the file on every file system
+            got = os.preadv(image.fd, [slot[done:]], image.offset + start + done)
+            if got == 0:
+                raise StageError("its downloaded shard ends inside it (changed since the plan?)")
+            done += got
 
     def flush(self) -> None:
         """Hand the current buffer to the threads and go on in the next one, once its own hash
@@ -551,7 +555,11 @@ def write_shard(url: str, rows: pa.Table, images: list) -> FileInfo:
             start = 0
             for i, cut in zip(range(first, last), cuts, strict=True):
                 stream.put(blob[start:cut])
-                if not stream.image(images[i], xxh3s[i], sha256s[i]):
+                try:
+                    same = stream.image(images[i], xxh3s[i], sha256s[i])
+                except StageError as exc:
+                    raise StageError(f"{url}: the image of {uids[i]}: {exc}") from exc
+                if not same:
                     raise StageError(f"{url}: the image of {uids[i]} is not the one filter saw (its hash differs)")
                 start = cut
             stream.put(blob[start:])
@@ -610,10 +618,6 @@ def _size(image: Span | bytes) -> int:
 SAMPLE_META = ("uid", "url", "page_url", "queries", "sha256", "width", "height", "phash", "clip_score")
 
 
-def _first(pair: tuple) -> Any:
-    return pair[0]
-
-
 class ShardWrite:
     """Phase 2 of shard: one output shard per partition (module docstring)."""
 
@@ -640,7 +644,7 @@ class ShardWrite:
         if delay and partition.index > 0:
             time.sleep(float(delay))
         downloaded, plan_url = partition.params
-        rows = read_part(partition.source)
+        rows = conform(read_part(partition.source), PLAN_ROWS_SCHEMA)  # a plan part from before xxh3: nulls
         name = shard_name(partition.index)
         with ExitStack() as stack:
             images = load_images(downloaded, rows, stack)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import io
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
@@ -125,6 +125,9 @@ class Manifest:
     schema: pa.Schema
     parts: list[str]
     table_name: str | None = None
+    # Parts written before a nullable column joined their kind's schema, and the columns each
+    # lacks: read as nulls.
+    older: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def part_urls(self) -> list[str]:
         return [storage.join(self.url, p) for p in self.parts]
@@ -147,7 +150,16 @@ class Manifest:
         empty = self.schema.empty_table()
         if not self.parts:
             return empty if columns is None else empty.select(columns)
-        tables = [read_part(u, columns) for u in self.part_urls()]
+        if not self.older:
+            return pa.concat_tables([read_part(u, columns) for u in self.part_urls()])
+        names = columns if columns is not None else self.schema.names
+        target = pa.schema([self.schema.field(n) for n in names], metadata=self.schema.metadata)
+        tables = []
+        for part, url in zip(self.parts, self.part_urls(), strict=True):
+            lacks = self.older.get(part, ())
+            t = read_part(url, [n for n in names if n not in lacks])
+            cols = [pa.nulls(t.num_rows, f.type) if f.name in lacks else t.column(f.name) for f in target]
+            tables.append(pa.Table.from_arrays(cols, schema=target))
         return pa.concat_tables(tables)
 
     def to_pandas(self, columns: list[str] | None = None):
@@ -192,6 +204,17 @@ def same_columns(a: pa.Schema, b: pa.Schema) -> bool:
     return [(f.name, f.type) for f in a] == [(f.name, f.type) for f in b]
 
 
+def lacked_columns(part: pa.Schema, schema: pa.Schema) -> tuple[str, ...] | None:
+    """The columns of ``schema`` that ``part`` lacks, when it is an older version of it (the same
+    columns in the same order but for some nullable ones, added since); None when it is not."""
+    names = set(part.names)
+    lacks = tuple(f.name for f in schema if f.name not in names)
+    if any(not schema.field(n).nullable for n in lacks):
+        return None
+    kept = pa.schema([f for f in schema if f.name in names])
+    return lacks if same_columns(part, kept) else None
+
+
 def open_manifest(url: str, table: str | None = None, expect_kind: str | None = None) -> Manifest:
     """Open a manifest folder, checking every part file's schema against the first one's kind.
 
@@ -218,13 +241,17 @@ def open_manifest(url: str, table: str | None = None, expect_kind: str | None = 
             expected = None  # a custom kind (a test stage's): the first part defines the columns
         if expected is not None:
             schema = expected
-    for p in parts[1:]:
-        s = read_part_schema(storage.join(url, p))
-        if not same_columns(s, schema) or kind_of(s) != kind:
+    older: dict[str, tuple[str, ...]] = {}
+    for i, p in enumerate(parts):
+        s = first if i == 0 else read_part_schema(storage.join(url, p))
+        lacks = lacked_columns(s, schema)
+        if lacks is None or kind_of(s) != kind:
             raise ManifestError(
                 f"{url}/{p}: schema does not match the {kind or 'first part'}'s (got columns {', '.join(s.names)})"
             )
-    return Manifest(url=url, kind=kind, schema=schema, parts=parts, table_name=table)
+        if lacks:
+            older[p] = lacks
+    return Manifest(url=url, kind=kind, schema=schema, parts=parts, table_name=table, older=older)
 
 
 def read_table(url: str, columns: list[str] | None = None, expect_kind: str | None = None) -> pa.Table:

@@ -22,7 +22,7 @@ from PIL import Image
 from wit.ingest.filter import FILTER_PHASES, FilterConfig
 from wit.ingest.shard import DELAY_ENV, SHARD_PHASES, ShardConfig
 from wit.manifests import storage
-from wit.manifests.manifest import open_manifest, read_table
+from wit.manifests.manifest import ManifestRef, open_manifest, read_table
 from wit.manifests.stage import committed
 from wit.manifests.verify import verify
 from wit.pipeline.executor import PartSpec, run_stage
@@ -241,6 +241,39 @@ def test_filter_locates_every_kept_image_where_the_tar_index_finds_it(filtered):
         pa.array([o if i % 2 else None for i, o in enumerate(rows.column("offset").to_pylist())], pa.int64()),
     )
     assert by_filter == by_index == locate_images(d.downloaded.url, half)
+    # and the xxh3-128 filter recorded is that of the bytes at the place it recorded
+    from xxhash import xxh3_128_hexdigest
+
+    for row, (_, offset, size) in zip(rows.to_pylist(), by_filter, strict=True):
+        with open(Path(d.downloaded.url) / row["shard"], "rb") as fh:
+            fh.seek(offset)
+            assert xxh3_128_hexdigest(fh.read(size)) == row["xxh3"]
+
+
+@pytest.mark.parametrize("dropped", [("xxh3",), ("ext", "offset", "bytes", "xxh3")], ids=["no-xxh3", "no-location"])
+def test_a_filtered_manifest_from_an_older_filter_gives_the_same_dataset(filtered, dataset, tmp_path, dropped):
+    """Part files written before filter recorded xxh3 (or the image's place) still open, their
+    missing columns read as nulls; shard then checks sha256 (and indexes the tar headers) and
+    writes the very same shards."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    d, ref = filtered
+    old = tmp_path / "filtered"
+    shutil.copytree(ref.url, old)
+    parts = sorted(old.glob("part-*.parquet"))
+    assert len(parts) >= 2  # a part after the first is held to the schema too
+    for part in parts:
+        table = pq.read_table(part)
+        pq.write_table(table.drop_columns(list(dropped)), part)
+    manifest = open_manifest(str(old), expect_kind="filtered")
+    assert set(manifest.older.values()) == {dropped}
+    assert manifest.table(["uid", "xxh3"]).column("xxh3").null_count == manifest.num_rows
+    again = run_phases(SHARD_PHASES, CONFIG, ManifestRef(url=str(old), kind="filtered"), str(tmp_path / "ds"))
+    index = {r["shard"]: r["sha256"] for r in read_table(str(tmp_path / "ds" / "shard_index")).to_pylist()}
+    expected = {r["shard"]: r["sha256"] for r in read_table(str(dataset[1] / "shard_index")).to_pylist()}
+    assert index == expected and again.digest == dataset[0].digest
 
 
 def test_headers_read_back_with_tarfile():
@@ -357,6 +390,9 @@ def test_written_shard_is_the_same_bytes_for_any_buffer_size(tmp_path, monkeypat
     with tarfile.open(tmp_path / "out-1000-True.tar") as tar:
         got = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
         order = [m.name for m in tar.getmembers()]
+        last = tar.getmembers()[-1]
+    end = last.offset_data + -(-last.size // 512) * 512  # the archive ends in at least two zero blocks
+    assert len(written[0]) - end >= 1024 and written[0][end:] == bytes(len(written[0]) - end)
     for i, data in enumerate(images):
         uid = f"{i:032x}"
         assert got[f"{uid}.{ext}"] == data and got[f"{uid}.txt"] == f"caption {i}".encode()
@@ -386,16 +422,84 @@ def test_write_shard_refuses_an_image_filter_did_not_see(tmp_path, monkeypatch, 
     assert not list((tmp_path / "out").iterdir())
 
 
-def test_a_source_shorter_than_the_plan_says_is_a_clear_error(tmp_path):
+@pytest.mark.parametrize("buffer", [4 << 20, 1000])
+def test_a_source_shorter_than_the_plan_says_is_a_clear_error(tmp_path, monkeypatch, buffer):
     from contextlib import ExitStack
 
     from wit.ingest import shard
     from wit.manifests.stage import StageError
 
+    monkeypatch.setattr(shard, "BUFFER", buffer)
     images = [os.urandom(n) for n in (3000, 4000)]
     rows = _plan_rows(images, xxh3=True)
     (tmp_path / "src.bin").write_bytes(b"".join(images)[:-10])
     out = tmp_path / "out" / "000000.tar"
-    with ExitStack() as stack, pytest.raises(StageError, match="ends inside an image"):
+    message = f"the image of {1:032x}: its downloaded shard ends inside it"
+    with ExitStack() as stack, pytest.raises(StageError, match=message):
         shard.write_shard(str(out), rows, shard.load_images(str(tmp_path), rows, stack))
     assert not list((tmp_path / "out").iterdir())
+
+
+def test_buffers_are_not_reused_before_their_write_and_hash_are_done(tmp_path, monkeypatch):
+    """With the writer and hasher threads slowed down, the main thread fills buffers far ahead
+    of them: the shard still comes out byte for byte, with the right sha256."""
+    import hashlib
+    import time
+    from contextlib import ExitStack
+
+    from wit.ingest import shard
+
+    images = [os.urandom(n) for n in (700, 1500, 300, 2500, 900, 100, 1800)]
+    (tmp_path / "src.bin").write_bytes(b"".join(images))
+    rows = _plan_rows(images, xxh3=True)
+    with ExitStack() as stack:
+        expected = shard.write_shard(str(tmp_path / "fast.tar"), rows, shard.load_images(str(tmp_path), rows, stack))
+
+    real = hashlib.sha256
+
+    class SlowSha:
+        def __init__(self):
+            self.inner = real()
+
+        def update(self, data):
+            time.sleep(0.003)
+            self.inner.update(data)
+
+        def hexdigest(self):
+            return self.inner.hexdigest()
+
+    write = shard.TarStream._write
+    monkeypatch.setattr(shard, "BUFFER", 1024)
+    monkeypatch.setattr(shard.TarStream, "_write", lambda self, chunk: (time.sleep(0.002), write(self, chunk)))
+    monkeypatch.setattr(shard.hashlib, "sha256", SlowSha)
+    with ExitStack() as stack:
+        slow = shard.write_shard(str(tmp_path / "slow.tar"), rows, shard.load_images(str(tmp_path), rows, stack))
+    assert (tmp_path / "slow.tar").read_bytes() == (tmp_path / "fast.tar").read_bytes()
+    assert slow.sha256 == expected.sha256
+
+
+def test_the_xxh3_is_what_is_checked_when_filter_recorded_one(tmp_path):
+    """With an xxh3 recorded, it decides alone: a wrong one refuses the image though its sha256 is
+    right, and a right one passes though the recorded sha256 is wrong (the sha256 is then only
+    the identity filter gave the bytes)."""
+    from contextlib import ExitStack
+
+    import pyarrow as pa
+
+    from wit.ingest import shard
+    from wit.manifests.stage import StageError
+
+    images = [os.urandom(n) for n in (3000, 4000)]
+    (tmp_path / "src.bin").write_bytes(b"".join(images))
+    rows = _plan_rows(images, xxh3=True)
+
+    def with_column(name, values):
+        return rows.set_column(rows.schema.get_field_index(name), name, pa.array(values, pa.string()))
+
+    wrong_xxh3 = with_column("xxh3", [rows["xxh3"][0].as_py(), "0" * 32])
+    with ExitStack() as stack, pytest.raises(StageError, match=f"{1:032x} is not the one filter saw"):
+        shard.write_shard(str(tmp_path / "a.tar"), wrong_xxh3, shard.load_images(str(tmp_path), rows, stack))
+    wrong_sha = with_column("sha256", ["0" * 64, "0" * 64])
+    with ExitStack() as stack:
+        shard.write_shard(str(tmp_path / "b.tar"), wrong_sha, shard.load_images(str(tmp_path), rows, stack))
+    assert (tmp_path / "b.tar").exists()
