@@ -178,17 +178,14 @@ def locate_images(downloaded: str, rows: pa.Table) -> list[tuple[str, int, int]]
     """``(extension, data offset, size)`` of each row's image in its downloaded shard.
 
     Filter records where it read each image (FILTERED's ``ext``, ``offset``, ``bytes``); only
-    source shards with a row lacking that (a compressed shard, a manifest from before those
+    source shards with a row where they are null (a compressed shard, a part from before those
     columns) have their headers indexed here. A stale location cannot slip through: WRITE checks
     every image's bytes against filter's xxh3-128 (or sha256).
     """
     sources = rows.column("shard").to_pylist()
     keys = rows.column("key").to_pylist()
+    exts, offsets, sizes = (rows.column(c).to_pylist() for c in ("ext", "offset", "bytes"))
     n = rows.num_rows
-    if {"ext", "offset", "bytes"} <= set(rows.column_names):
-        exts, offsets, sizes = (rows.column(c).to_pylist() for c in ("ext", "offset", "bytes"))
-    else:
-        exts, offsets, sizes = [None] * n, [None] * n, [None] * n
     where: list = [None] * n
     wanted: dict[str, dict[str, list[int]]] = {}
     for i in range(n):
@@ -469,7 +466,7 @@ class TarStream:
         """Append an image's bytes; whether they hash to ``xxh3`` (filter's xxh3-128) or, where
         that is None, to ``sha256``. An image that fits in the buffer is read whole into it and
         hashed there; a larger one is read in buffer-sized stretches, hashed incrementally."""
-        size = image.size if type(image) is Span else len(image)
+        size = _size(image)
         if size <= len(self.buffer):
             if self.pos + size > len(self.buffer):
                 self.flush()
@@ -580,10 +577,10 @@ def _block(cols: dict[str, list], images: list, first: int, last: int) -> tuple[
     uids, exts = cols["uid"][first:last], cols["ext"][first:last]
     metas = [sample_json(row) for row in _rows(cols, SAMPLE_META, first, last)]
     texts = [(t or "").encode() for t in cols["text"][first:last]]
-    at = {ext: sorted((ext, "json", "txt")).index(ext) for ext in set(exts)}
-    order = [_smalls(at[ext], meta, text) for ext, meta, text in zip(exts, metas, texts, strict=True)]
+    layout = {ext: sorted((ext, "json", "txt")) for ext in set(exts)}  # the members' extensions in tar order
+    order = [_smalls(layout[ext].index(ext), meta, text) for ext, meta, text in zip(exts, metas, texts, strict=True)]
     sizes = [_size(images[first + k]) if d is None else len(d) for k, members in enumerate(order) for d in members]
-    names = [f"{uid}.{ext}" for uid, ext in zip(uids, exts, strict=True) for ext in sorted((ext, "json", "txt"))]
+    names = [f"{uid}.{member}" for uid, ext in zip(uids, exts, strict=True) for member in layout[ext]]
     headers = memoryview(ustar_headers(names, sizes).reshape(-1))
     pieces: list = []
     cuts: list[int] = []
