@@ -507,3 +507,52 @@ def test_the_xxh3_is_what_is_checked_when_filter_recorded_one(tmp_path):
     with ExitStack() as stack:
         shard.write_shard(str(tmp_path / "b.tar"), wrong_sha, shard.load_images(str(tmp_path), rows, stack))
     assert (tmp_path / "b.tar").exists()
+
+
+def test_readahead_asks_for_each_local_image_once_in_file_order(tmp_path):
+    """The plan's order is shuffled; the readahead hint goes out in file order per source,
+    neighbours merged into one range, every local image covered and remote bytes left out."""
+    from wit.ingest.shard import Span, readahead_ranges
+
+    a, b = 3, 4  # two source shards' descriptors
+    images = [Span(b, 9000, 10), Span(a, 5000, 100), b"remote", Span(a, 0, 1000), Span(a, 1512, 512), Span(b, 0, 7)]
+    ranges = readahead_ranges(images, gap=1000)
+    assert ranges == [(a, 0, 2024), (a, 5000, 100), (b, 0, 7), (b, 9000, 10)]
+    for im in images:
+        if isinstance(im, Span):
+            assert any(fd == im.fd and off <= im.offset and im.offset + im.size <= off + n for fd, off, n in ranges)
+    assert readahead_ranges([Span(a, 0, 10), Span(a, 4, 2)], gap=0) == [(a, 0, 10)]  # one inside another
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise here")
+def test_readahead_hints_the_kernel_and_stops_before_the_files_close(tmp_path, monkeypatch):
+    """Each range becomes one WILLNEED hint on the real file; leaving the block stops the
+    thread before the stack closes the files, so no hint goes to a closed (or reused) fd."""
+    import threading
+    from contextlib import ExitStack
+
+    from wit.ingest import shard
+
+    path = tmp_path / "src.bin"
+    path.write_bytes(os.urandom(1 << 20))
+    hinted, started, release = [], threading.Event(), threading.Event()
+    real = os.posix_fadvise
+
+    def fadvise(fd, offset, size, advice):
+        real(fd, offset, size, advice)  # the call itself, on the real descriptor
+        hinted.append((fd, offset, size, advice))
+        started.set()
+        release.wait(5)
+        time.sleep(0.2)  # still in the call when the block is left
+
+    monkeypatch.setattr(os, "posix_fadvise", fadvise)
+    with ExitStack() as stack:
+        fd = os.open(path, os.O_RDONLY)
+        stack.callback(os.close, fd)
+        images = [shard.Span(fd, k * 200_000, 1000) for k in (4, 0, 2)]
+        ra = stack.enter_context(shard.Readahead(images))
+        assert started.wait(5)
+        release.set()  # the first hint returns 0.2 s later, after the stop is asked for
+    assert not ra.thread.is_alive()  # joined before the descriptor closed
+    assert hinted == [(fd, 0, 1000, os.POSIX_FADV_WILLNEED)]  # and nothing hinted after the stop
+    assert [r[1] for r in ra.ranges] == [0, 400_000, 800_000]  # file order, not the plan's
