@@ -57,7 +57,7 @@ import pyarrow.compute as pc
 from xxhash import xxh3_128, xxh3_128_hexdigest
 
 from wit.manifests import storage
-from wit.manifests.manifest import FileInfo, ManifestRef, open_manifest, read_part, write_part
+from wit.manifests.manifest import FileInfo, ManifestError, ManifestRef, open_manifest, read_part, write_part
 from wit.manifests.runrecord import read_run_record
 from wit.manifests.schemas import SAMPLES, SHARDS, conform, with_kind
 from wit.manifests.stage import Partition, PartitionResult, StageError
@@ -472,6 +472,15 @@ class Readahead:
             self.thread.join()
 
 
+def following_images(downloaded: str, part: str, stack: ExitStack) -> list:
+    """The next shard's local images, for :class:`Readahead` only: any trouble with them is the
+    next partition's to report, so here it just means no hint."""
+    try:
+        return load_images(downloaded, read_part(part), stack, remote=False)
+    except (StageError, ManifestError, OSError, pa.ArrowException, KeyError):
+        return []
+
+
 def image_bytes(image: Span | bytes) -> bytes:
     if type(image) is Span:
         return os.pread(image.fd, image.size, image.offset)
@@ -691,7 +700,7 @@ class ShardWrite:
         names = plan.column("plan").to_pylist()
         parts = [storage.join(plan_url, name) for name in names]
         return [
-            Partition(index=k, source=part, params=(downloaded, plan_url, (parts + [None])[k + 1]))
+            Partition(index=k, source=part, params=(downloaded, plan_url, parts[k + 1] if k + 1 < len(parts) else None))
             for k, part in enumerate(parts)
         ]
 
@@ -704,7 +713,7 @@ class ShardWrite:
         name = shard_name(partition.index)
         with ExitStack() as stack:
             images = load_images(downloaded, rows, stack)
-            after = load_images(downloaded, read_part(following), stack, remote=False) if following else []
+            after = following_images(downloaded, following, stack) if following else []
             stack.enter_context(Readahead(images, then=after))  # exits first: stopped before the files close
             info = write_shard(storage.join(out, name), rows, images)
             grid = [image_bytes(b) for b in images[: config.grid_samples]] if partition.index == 0 else []

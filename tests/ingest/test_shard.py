@@ -556,3 +556,27 @@ def test_readahead_hints_the_kernel_and_stops_before_the_files_close(tmp_path, m
     assert not ra.thread.is_alive()  # joined before the descriptor closed
     assert hinted == [(fd, 0, 1000, os.POSIX_FADV_WILLNEED)]  # and nothing hinted after the stop
     assert [r[1] for r in ra.ranges] == [0, 400_000, 800_000]  # file order, not the plan's
+
+
+def test_a_broken_next_shard_costs_the_readahead_hint_not_this_shard(tmp_path):
+    """The next shard's images are only hinted; a plan part that is missing, or whose source
+    shard is gone, gives no hint and no error (its own partition reports it)."""
+    from contextlib import ExitStack
+
+    import pyarrow as pa
+
+    from wit.ingest import shard
+    from wit.ingest.shard import PLAN_ROWS_SCHEMA
+    from wit.manifests.manifest import write_part
+
+    images = [os.urandom(700), os.urandom(300)]
+    (tmp_path / "src.bin").write_bytes(b"".join(images))
+    rows = _plan_rows(images, xxh3=True)
+    good = write_part(str(tmp_path / "plan"), 0, rows, PLAN_ROWS_SCHEMA).name
+    gone = rows.set_column(rows.schema.get_field_index("source"), "source", pa.array(["gone.bin"] * 2))
+    broken = write_part(str(tmp_path / "plan"), 1, gone, PLAN_ROWS_SCHEMA).name
+    with ExitStack() as stack:
+        found = shard.following_images(str(tmp_path), str(tmp_path / "plan" / good), stack)
+        assert [(s.offset, s.size) for s in found] == [(0, 700), (700, 300)]
+        assert shard.following_images(str(tmp_path), str(tmp_path / "plan" / broken), stack) == []
+        assert shard.following_images(str(tmp_path), str(tmp_path / "plan" / "part-00009.parquet"), stack) == []
