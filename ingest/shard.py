@@ -54,7 +54,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from xxhash import xxh3_128, xxh3_128_hexdigest
+from xxhash import xxh3_128
 
 from wit.manifests import storage
 from wit.manifests.manifest import FileInfo, ManifestError, ManifestRef, open_manifest, read_part, write_part
@@ -520,41 +520,29 @@ class TarStream:
         self.writer.shutdown(cancel_futures=cancel)
 
     def put(self, data) -> None:
-        n, done = len(data), 0
-        while done < n:
-            k = min(n - done, len(self.buffer) - self.pos)
-            self.buffer[self.pos : self.pos + k] = data[done : done + k]
-            self.pos += k
-            done += k
-            if self.pos == len(self.buffer):
-                self.flush()
+        self._append(data)
 
     def image(self, image: Span | bytes, xxh3: str | None, sha256: str) -> bool:
         """Append an image's bytes; whether they hash to ``xxh3`` (filter's xxh3-128) or, where
-        that is None, to ``sha256``. An image that fits in the buffer is read whole into it and
-        hashed there; a larger one is read in buffer-sized stretches, hashed incrementally."""
-        size = _size(image)
-        if size <= len(self.buffer):
-            if self.pos + size > len(self.buffer):
-                self.flush()
-            slot = self.buffer[self.pos : self.pos + size]
-            self._fill(slot, image, 0)
-            self.pos += size
-            if xxh3 is not None:
-                return xxh3_128_hexdigest(slot) == xxh3
-            return hashlib.sha256(slot).hexdigest() == sha256
+        that is None, to ``sha256``. Each stretch is hashed in the buffer, where it was just read."""
         digest = xxh3_128() if xxh3 is not None else hashlib.sha256()
-        done = 0
+        self._append(image, digest)
+        return digest.hexdigest() == (xxh3 if xxh3 is not None else sha256)
+
+    def _append(self, data: Span | bytes, digest=None) -> None:
+        """Copy (or, for a :class:`Span`, read) ``data`` into the buffers, a buffer-sized stretch
+        at a time, handing each full buffer on; ``digest`` is updated with every stretch."""
+        size, done = _size(data), 0
         while done < size:
             k = min(size - done, len(self.buffer) - self.pos)
             slot = self.buffer[self.pos : self.pos + k]
-            self._fill(slot, image, done)
-            digest.update(slot)
+            self._fill(slot, data, done)
+            if digest is not None:
+                digest.update(slot)
             self.pos += k
             done += k
             if self.pos == len(self.buffer):
                 self.flush()
-        return digest.hexdigest() == (xxh3 if xxh3 is not None else sha256)
 
     @staticmethod
     def _fill(slot: memoryview, image: Span | bytes, start: int) -> None:
