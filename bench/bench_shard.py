@@ -20,7 +20,6 @@ import hashlib
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +37,7 @@ from wit.ingest.shard import SHARD_PHASES, ShardConfig  # noqa: E402
 from wit.manifests import storage  # noqa: E402
 from wit.pipeline.executor import run_stage  # noqa: E402
 
-from conftest import free_port, wait_for_port  # noqa: E402  (the test suite's own moto helpers)
+from conftest import moto_process  # noqa: E402  (the test suite's own moto_server)
 
 MODES = {
     "warm": "local, fsync off",
@@ -90,26 +89,20 @@ def moto_bucket() -> Iterator[str]:
     """A bucket on a ``moto_server`` process on 127.0.0.1, reached over HTTP as a real S3 endpoint."""
     import boto3
 
-    exe = shutil.which("moto_server", path=os.path.dirname(sys.executable)) or "moto_server"
-    port = free_port()
-    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], **quiet)
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bench",
-           "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        wait_for_port(port)
-        boto3.client("s3").create_bucket(Bucket="bench-shard")
-        yield "s3://bench-shard"
-    finally:
-        proc.terminate()
-        proc.wait()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k)
-            else:
-                os.environ[k] = v
+    with moto_process() as endpoint:
+        env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "bench",
+               "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            boto3.client("s3").create_bucket(Bucket="bench-shard")
+            yield "s3://bench-shard"
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k)
+                else:
+                    os.environ[k] = v
 
 
 def s3_times(src: list[Path], filtered, trials: int) -> dict[str, list[float]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -44,12 +46,12 @@ def wait_for_port(port: int, timeout: float = 30.0) -> None:
     raise RuntimeError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
 
 
-@pytest.fixture(scope="session")
-def moto_server():
-    """A moto_server process, reached over HTTP exactly as a real S3 endpoint (as s3fs's tests do)."""
+@contextlib.contextmanager
+def moto_process() -> Iterator[str]:
+    """A moto_server process on a free port of 127.0.0.1, for as long as the block; its endpoint URL."""
     exe = shutil.which("moto_server", path=os.path.dirname(sys.executable)) or shutil.which("moto_server")
     if exe is None:
-        pytest.fail("moto_server not found: install the test extra (pip install -e '.[test]')")
+        raise RuntimeError("moto_server not found: install the test extra (pip install -e '.[test]')")
     port = free_port()
     proc = subprocess.Popen(
         [exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -63,6 +65,13 @@ def moto_server():
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    """A moto_server process, reached over HTTP exactly as a real S3 endpoint (as s3fs's tests do)."""
+    with moto_process() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture
