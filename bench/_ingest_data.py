@@ -19,7 +19,7 @@ from PIL import Image
 from xxhash import xxh3_128_hexdigest
 
 from wit.evaluate import world
-from wit.ingest.filter import read_members
+from wit.ingest.filter import read_ledger_images
 from wit.manifests.manifest import ManifestRef, digest_of, write_part
 from wit.manifests.runrecord import RunRecord, write_run_record
 from wit.manifests.schemas import DOWNLOADED, FILTERED
@@ -71,11 +71,7 @@ def write_downloaded(root: Path, blobs: list[bytes], per_shard: int = 1000) -> t
 
 def write_filtered(root: Path, downloaded: ManifestRef, ledger: list[dict]) -> ManifestRef:
     """Every ledger row kept, each image located the way filter's scan locates it."""
-    members = {}
-    for shard in sorted({r["shard"] for r in ledger}):
-        keys = {r["key"] for r in ledger if r["shard"] == shard}
-        for key, m in read_members(f"{downloaded.url}/{shard}", keys).items():
-            members[(shard, key)] = m
+    members = read_ledger_images(downloaded.url, ledger)
     rows = []
     for r in ledger:
         m = members[(r["shard"], r["key"])]

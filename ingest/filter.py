@@ -323,6 +323,19 @@ class Member(NamedTuple):
     data: bytes
 
 
+def read_ledger_images(downloaded_url: str, rows: list[dict]) -> dict[tuple[str, str], Member]:
+    """``(shard, key) → Member`` for the downloaded ledger rows that succeeded, each shard streamed once."""
+    wanted: dict[str, set[str]] = {}
+    for r in rows:
+        if r["status"] == "success" and r["shard"] and r["key"]:
+            wanted.setdefault(r["shard"], set()).add(r["key"])
+    images: dict[tuple[str, str], Member] = {}
+    for shard in sorted(wanted):
+        for key, value in read_members(locate_shard(downloaded_url, shard), wanted[shard]).items():
+            images[(shard, key)] = value
+    return images
+
+
 def scan_table(
     ledger: pa.Table, downloaded_url: str, config: FilterConfig, scorer: ClipScorer | None = None
 ) -> tuple[pa.Table, dict[str, int]]:
@@ -333,14 +346,7 @@ def scan_table(
     """
     batch = scorer.batches() if scorer is not None else None
     rows = ledger.to_pylist()
-    wanted: dict[str, set[str]] = {}
-    for r in rows:
-        if r["status"] == "success" and r["shard"] and r["key"]:
-            wanted.setdefault(r["shard"], set()).add(r["key"])
-    images: dict[tuple[str, str], Member] = {}
-    for shard in sorted(wanted):
-        for key, value in read_members(locate_shard(downloaded_url, shard), wanted[shard]).items():
-            images[(shard, key)] = value
+    images = read_ledger_images(downloaded_url, rows)
     out = []
     for r in rows:
         row = {
