@@ -580,3 +580,89 @@ def test_a_broken_next_shard_costs_the_readahead_hint_not_this_shard(tmp_path):
         assert [(s.offset, s.size) for s in found] == [(0, 700), (700, 300)]
         assert shard.following_images(str(tmp_path), str(tmp_path / "plan" / broken), stack) == []
         assert shard.following_images(str(tmp_path), str(tmp_path / "plan" / "part-00009.parquet"), stack) == []
+
+
+def _writes_into(folder, monkeypatch, refuse_direct: bool = False) -> list[tuple[int, int, bool]]:
+    """Record ``(offset, length, O_DIRECT on)`` of every ``os.write`` into a file under ``folder``
+    (the shard's temporary file); with ``refuse_direct``, each write with O_DIRECT on fails
+    with EINVAL, as on a file system that takes the flag but not the I/O."""
+    import errno
+    import fcntl
+
+    real = os.write
+    seen: list[tuple[int, int, bool]] = []
+
+    def write(fd, data):
+        if fd > 2 and os.readlink(f"/proc/self/fd/{fd}").startswith(str(folder)):
+            direct = bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
+            if direct and refuse_direct:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            seen.append((os.lseek(fd, 0, os.SEEK_CUR), len(data), direct))
+        return real(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    return seen
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT") or not os.path.isdir("/proc/self/fd"), reason="Linux only")
+@pytest.mark.parametrize("buffer", [4 << 20, 8192, 1000])
+def test_a_durable_shard_goes_to_disk_with_o_direct_in_whole_blocks(tmp_path, monkeypatch, buffer):
+    """With WIT_FSYNC=1 the buffers are written with O_DIRECT, in whole blocks at whole-block
+    offsets, only the last partial block through the page cache; without it, nothing is direct.
+    Either way the shard is the same bytes. A buffer size that is not whole blocks, or a file
+    system that refuses the flag, writes through the page cache."""
+    import hashlib
+    from contextlib import ExitStack
+
+    from wit.ingest import shard
+
+    monkeypatch.setattr(shard, "BUFFER", buffer)
+    images = [os.urandom(n) for n in (5000, 70000, 511, 12000, 3)]
+    (tmp_path / "src.bin").write_bytes(b"".join(images))
+    rows = _plan_rows(images, xxh3=True)
+    probe = os.open(tmp_path / "probe", os.O_WRONLY | os.O_CREAT)
+    supported = shard.set_direct(probe, True)
+    os.close(probe)
+    shards = {}
+    for durable in ("0", "1"):
+        monkeypatch.setenv("WIT_FSYNC", durable)
+        folder = tmp_path / f"out{durable}"
+        with monkeypatch.context() as m, ExitStack() as stack:
+            writes = _writes_into(folder, m)
+            info = shard.write_shard(str(folder / "000000.tar"), rows, shard.load_images(str(tmp_path), rows, stack))
+        shards[durable] = data = (folder / "000000.tar").read_bytes()
+        assert info.sha256 == hashlib.sha256(data).hexdigest()
+        assert sum(n for _, n, _ in writes) == len(data)
+        direct = [(at, n) for at, n, d in writes if d]
+        if durable == "0" or not supported or buffer % shard.DIRECT_ALIGN:
+            assert not direct
+            continue
+        assert all(at % shard.DIRECT_ALIGN == 0 and n % shard.DIRECT_ALIGN == 0 for at, n in direct)
+        assert len(data) - sum(n for _, n in direct) < shard.DIRECT_ALIGN  # only the last block buffered
+        assert all(d for _, _, d in writes[: len(direct)])  # and it is the last write
+    assert shards["0"] == shards["1"]
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT") or not os.path.isdir("/proc/self/fd"), reason="Linux only")
+def test_a_refused_direct_write_goes_through_the_page_cache(tmp_path, monkeypatch):
+    """A file system that takes O_DIRECT but refuses the writes (EINVAL): the shard is written
+    through the page cache instead, the same bytes with the right sha256, not an error."""
+    import hashlib
+    from contextlib import ExitStack
+
+    from wit.ingest import shard
+
+    monkeypatch.setattr(shard, "BUFFER", 8192)
+    images = [os.urandom(n) for n in (5000, 30000, 12000)]
+    (tmp_path / "src.bin").write_bytes(b"".join(images))
+    rows = _plan_rows(images, xxh3=True)
+    with ExitStack() as stack:
+        plain = shard.write_shard(str(tmp_path / "plain.tar"), rows, shard.load_images(str(tmp_path), rows, stack))
+    monkeypatch.setenv("WIT_FSYNC", "1")
+    folder = tmp_path / "out"
+    with ExitStack() as stack:
+        writes = _writes_into(folder, monkeypatch, refuse_direct=True)
+        info = shard.write_shard(str(folder / "000000.tar"), rows, shard.load_images(str(tmp_path), rows, stack))
+    assert (folder / "000000.tar").read_bytes() == (tmp_path / "plain.tar").read_bytes()
+    assert info.sha256 == plain.sha256 == hashlib.sha256((folder / "000000.tar").read_bytes()).hexdigest()
+    assert writes and not any(d for _, _, d in writes)
