@@ -261,7 +261,7 @@ def put_file(local_path: str, url: str) -> None:
                 shutil.copyfile(local_path, tmp)
                 if durable():
                     with open(tmp, "rb") as fh:
-                        _sync(fh)
+                        os.fsync(fh.fileno())
                 os.replace(tmp, path)
             finally:
                 if os.path.exists(tmp):
