@@ -582,6 +582,10 @@ def test_a_broken_next_shard_costs_the_readahead_hint_not_this_shard(tmp_path):
         assert shard.following_images(str(tmp_path), str(tmp_path / "plan" / "part-00009.parquet"), stack) == []
 
 
+# O_DIRECT, and /proc/self/fd to tell which file a write goes to
+linux_fds = pytest.mark.skipif(not hasattr(os, "O_DIRECT") or not os.path.isdir("/proc/self/fd"), reason="Linux only")
+
+
 def _writes_into(folder, monkeypatch, refuse_direct: bool = False) -> list[tuple[int, int, bool]]:
     """Record ``(offset, length, O_DIRECT on)`` of every ``os.write`` into a file under ``folder``
     (the shard's temporary file); with ``refuse_direct``, each write with O_DIRECT on fails
@@ -604,7 +608,7 @@ def _writes_into(folder, monkeypatch, refuse_direct: bool = False) -> list[tuple
     return seen
 
 
-@pytest.mark.skipif(not hasattr(os, "O_DIRECT") or not os.path.isdir("/proc/self/fd"), reason="Linux only")
+@linux_fds
 @pytest.mark.parametrize("buffer", [4 << 20, 8192, 1000])
 def test_a_durable_shard_goes_to_disk_with_o_direct_in_whole_blocks(tmp_path, monkeypatch, buffer):
     """With WIT_FSYNC=1 the buffers are written with O_DIRECT, in whole blocks at whole-block
@@ -643,7 +647,7 @@ def test_a_durable_shard_goes_to_disk_with_o_direct_in_whole_blocks(tmp_path, mo
     assert shards["0"] == shards["1"]
 
 
-@pytest.mark.skipif(not hasattr(os, "O_DIRECT") or not os.path.isdir("/proc/self/fd"), reason="Linux only")
+@linux_fds
 def test_a_refused_direct_write_goes_through_the_page_cache(tmp_path, monkeypatch):
     """A file system that takes O_DIRECT but refuses the writes (EINVAL): the shard is written
     through the page cache instead, the same bytes with the right sha256, not an error."""
