@@ -9,6 +9,9 @@ A stage is an object with a ``name``, the ``kind`` of its main output table, and
   with ``manifests.storage``, reporting them in ``files``. Sample-level failures are rows with a
   ``reason``; only configuration and storage errors raise.
 
+Optionally ``resources(config) -> Resources``: the CPUs (and GPUs, and whether it keeps a model
+loaded) one partition needs on a cluster; one CPU when absent.
+
 The driver (``wit.pipeline.executor``) commits a partition's part file, then its marker
 ``_parts/part-NNNNN.json``. A partition is done iff its marker exists, so a killed job redoes at
 most the partitions that were in flight. When every marker exists, :func:`finalize` merges them
@@ -64,6 +67,26 @@ class PartitionResult:
     files: list[FileInfo] = field(default_factory=list)  # side files the stage committed itself
     extra: dict[str, Any] = field(default_factory=dict)  # per-partition facts, listed in _run.json
     tallies: dict[str, dict[str, int]] = field(default_factory=dict)  # summed across partitions
+
+
+@dataclass(frozen=True, slots=True)
+class Resources:
+    """What one partition of a stage needs from a cluster node (the Ray executor reads it).
+
+    ``model``: partitions load a model (CLIP scoring), so they run on long-lived workers (Ray
+    actors) that keep it loaded between partitions; ``gpus`` is what each such worker asks for
+    when the cluster has GPUs (without, the same workers run on CPUs).
+    """
+
+    cpus: float = 1.0
+    gpus: float = 0.0
+    model: bool = False
+
+
+def stage_resources(stage: Stage, config: Any) -> Resources:
+    """A stage's optional ``resources(config)``, or one CPU per partition."""
+    fn = getattr(stage, "resources", None)
+    return fn(config) if fn is not None else Resources()
 
 
 class Stage(Protocol):

@@ -21,8 +21,11 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
+import re
 import shutil
+import socket
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,8 +36,15 @@ from fsspec.core import url_to_fs
 
 CHUNK = 1 << 20
 # Every temporary file starts with this, so a leftover of a killed writer is recognisable:
-# verify ignores it and the stage driver sweeps it away before resuming.
+# verify ignores it and the stage driver sweeps away the abandoned ones (see `is_abandoned`).
 TMP_PREFIX = ".wit-tmp-"
+# After the prefix, the writer's identity: host, pid and the process's start time. Several writers
+# share a folder (the slices of a job array, Ray workers on other nodes), so a temporary may only be
+# swept once its writer is provably gone, never because somebody else's run started.
+_OWNER_RE = re.compile(r"^([0-9a-f]{8})\.(\d+)\.(\d+)-")
+# A temporary whose writer cannot be checked (another host, an older wit) is abandoned once it has
+# not been written to for this long; a live writer keeps touching its file. WIT_TMP_MAX_AGE overrides.
+TMP_MAX_AGE = 3600.0
 
 
 def durable() -> bool:
@@ -224,7 +234,56 @@ def _local_atomic_write(path: str, data: bytes) -> None:
 
 
 def _tmp_name(folder: str, path: str) -> str:
-    return os.path.join(folder, f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}-{os.path.basename(path)}")
+    return os.path.join(folder, f"{tmp_prefix()}{uuid.uuid4().hex[:12]}-{os.path.basename(path)}")
+
+
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _start_ticks(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot, Linux), or None where unknown.
+
+    With the pid it names one process for good: a pid reused by a later process has another start.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+    except OSError:
+        return None
+    # the command name (field 2) may hold spaces and parentheses: count fields after its last ")"
+    return int(stat[stat.rindex(b")") + 2 :].split()[19])
+
+
+def tmp_prefix() -> str:
+    """The prefix of this process's temporaries: ``.wit-tmp-<host>.<pid>.<start>-``."""
+    pid = os.getpid()
+    return f"{TMP_PREFIX}{_host_tag()}.{pid}.{_start_ticks(pid) or 0}-"
+
+
+def _alive(pid: int, start: int) -> bool:
+    ticks = _start_ticks(pid)
+    if ticks is not None:
+        return start == 0 or ticks == start
+    try:
+        os.kill(pid, 0)  # no /proc: the pid alone
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def is_abandoned(name: str, age: float) -> bool:
+    """Whether the temporary ``name``, last written ``age`` seconds ago, has no live writer.
+
+    Its writer ran on this host: abandoned iff that process (pid and start time) is gone. Another
+    host, or a name without a writer (an older wit): abandoned once idle for ``WIT_TMP_MAX_AGE``.
+    """
+    m = _OWNER_RE.match(posixpath.basename(name)[len(TMP_PREFIX) :])
+    if m and m.group(1) == _host_tag():
+        return not _alive(int(m.group(2)), int(m.group(3)))
+    return age > float(os.environ.get("WIT_TMP_MAX_AGE", TMP_MAX_AGE))
 
 
 def _umask() -> int:
@@ -238,14 +297,25 @@ def is_temporary(name: str) -> bool:
 
 
 def sweep_temporaries(url: str) -> int:
-    """Delete leftovers of killed writers below a local folder; returns how many."""
+    """Delete the abandoned temporaries (:func:`is_abandoned`) below a local folder; returns how many.
+
+    Temporaries of live writers stay: another slice of the same job array may be writing them.
+    """
     if not is_local(url):
         return 0  # object stores never show an unfinished put
     removed = 0
+    now = time.time()
     for name in listdir(url, recursive=True):
-        if is_temporary(name):
-            remove(join(url, name))
-            removed += 1
+        if not is_temporary(name):
+            continue
+        path = os.path.join(local_path(url), name)
+        try:
+            age = now - os.stat(path).st_mtime
+            if is_abandoned(name, age):
+                os.unlink(path)
+                removed += 1
+        except FileNotFoundError:
+            pass  # its writer committed or removed it meanwhile
     return removed
 
 
@@ -284,7 +354,7 @@ def atomic_writer(url: str) -> Iterator[BinaryIO]:
     with _errors(url):
         if folder:
             os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix=tmp_prefix(), dir=folder)
     try:
         with os.fdopen(fd, "wb") as fh:
             yield fh

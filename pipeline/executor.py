@@ -1,10 +1,14 @@
-"""Executors: drive a stage's partitions, locally in a process pool or as one slice of a job array.
+"""Executors: drive a stage's partitions in a local process pool or on a Ray cluster, whole or as
+one slice of a job array.
 
 The stage knows nothing of scheduling. This module asks it for its partitions, skips the ones
 already committed (a re-run after a kill redoes only what was in flight), keeps the slice
 ``--part i/N`` (partition ``k`` belongs to slice ``k % N``: with a job array of N tasks, task ``i``
-runs ``--part i/N``), runs them ``workers`` at a time, and finalizes the run once every partition
-of the stage is committed, whichever slice finishes last.
+runs ``--part i/N``), runs them (``executor="local"``: ``workers`` processes at a time;
+``executor="ray"``: one Ray task per partition, see :mod:`wit.pipeline.ray_executor`), and
+finalizes the run once every partition of the stage is committed, whichever slice finishes last.
+Whatever runs a partition commits it and its marker itself, so the executor, the slice and the
+worker count never change the bytes out.
 """
 
 from __future__ import annotations
@@ -57,6 +61,9 @@ class PartSpec:
         return partition.index % self.count == self.index
 
 
+EXECUTORS = ("local", "ray")
+
+
 @dataclass(frozen=True, slots=True)
 class StageOutcome:
     ref: ManifestRef | None  # set once the whole stage is finished
@@ -70,7 +77,7 @@ class StageOutcome:
         return self.ref is not None
 
 
-def _run_one(stage: Stage, config: Any, partition: Partition, out: str) -> dict:
+def run_one(stage: Stage, config: Any, partition: Partition, out: str) -> dict:
     # Runs in a worker process: do the work and commit it there, so only a small marker dict
     # travels back and a crash of the parent cannot lose committed work.
     result = stage.run_partition(config, partition, out)
@@ -85,10 +92,18 @@ def run_stage(
     workers: int = 1,
     part: PartSpec = PartSpec(),
     progress: bool = True,
+    executor: str = "local",
+    ray_address: str | None = None,
 ) -> StageOutcome:
-    """Run (or resume) ``stage`` into ``out``; see the module docstring."""
+    """Run (or resume) ``stage`` into ``out``; see the module docstring.
+
+    ``ray_address``: the cluster of ``executor="ray"`` (default ``RAY_ADDRESS``; with neither, a
+    local Ray instance).
+    """
     if workers < 1:
         raise ValueError("--workers must be at least 1")
+    if executor not in EXECUTORS:
+        raise ValueError(f"--executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
     out = storage.normalize(out)
     inputs = resolve_inputs(inputs)
     ref = finished(stage, config, inputs, out)
@@ -99,6 +114,14 @@ def run_stage(
         raise StageError(f"{stage.name}: no input to process")
     if [p.index for p in partitions] != list(range(len(partitions))):
         raise StageError(f"{stage.name}: partitions must be numbered 0..n-1")
+    cluster = None
+    if executor == "ray":
+        from wit.pipeline import ray_executor
+
+        # connect (or say which extra to install) and refuse local paths on a multi-node
+        # cluster before anything is claimed or written
+        cluster = ray_executor.RayCluster.connect(ray_address)
+        cluster.check_reachable(stage.name, [out] + [i.url for i in inputs])
     done = open_run(stage, config, inputs, out)
     todo = [p for p in partitions if part.owns(p) and p.index not in done]
     skipped = sum(1 for p in partitions if part.owns(p) and p.index in done)
@@ -111,9 +134,12 @@ def run_stage(
         leave=False,
     )
     try:
-        if workers == 1 or len(todo) <= 1:
+        if cluster is not None:
+            if todo:
+                cluster.run(stage, config, todo, out, bar.update)
+        elif workers == 1 or len(todo) <= 1:
             for p in todo:
-                _run_one(stage, config, p, out)
+                run_one(stage, config, p, out)
                 bar.update()
         else:
             _run_pool(stage, config, todo, out, workers, bar)
@@ -121,6 +147,9 @@ def run_stage(
         bar.close()
     done = committed(out)
     missing = [p.index for p in partitions if p.index not in done]
+    if not missing:
+        # what killed attempts left (a worker SIGKILLed mid-partition, whose retry committed it)
+        storage.sweep_temporaries(out)
     ref = finalize(stage, config, inputs, out, len(partitions)) if not missing else None
     return StageOutcome(ref=ref, total=len(partitions), ran=len(todo), skipped=skipped, remaining=len(missing))
 
@@ -130,7 +159,7 @@ def _run_pool(stage: Stage, config: Any, todo: list[Partition], out: str, worker
     # which survives fork reliably.
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx) as pool:
-        pending: set[Future] = {pool.submit(_run_one, stage, config, p, out) for p in todo}
+        pending: set[Future] = {pool.submit(run_one, stage, config, p, out) for p in todo}
         try:
             while pending:
                 finished_now, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -151,6 +180,8 @@ def run_phases(
     workers: int = 1,
     part: PartSpec = PartSpec(),
     progress: bool = True,
+    executor: str = "local",
+    ray_address: str | None = None,
 ) -> StageOutcome:
     """Run a stage made of phases in order, each reading the previous one's output.
 
@@ -164,7 +195,7 @@ def run_phases(
     for k, (stage, sub) in enumerate(phases):
         phase_out = storage.join(out, sub) if sub else out
         slice_ = part if k == 0 else PartSpec()
-        outcome = run_stage(stage, config, inputs, phase_out, workers, slice_, progress)
+        outcome = run_stage(stage, config, inputs, phase_out, workers, slice_, progress, executor, ray_address)
         if not outcome.done:
             return outcome
         inputs = [outcome.ref]

@@ -1,4 +1,5 @@
-"""Shared fixtures: a real moto S3 server process on 127.0.0.1, and the toy stages on sys.path."""
+"""Shared fixtures: a real moto S3 server process and a real Ray head on 127.0.0.1, and the toy
+stages on sys.path."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ import contextlib
 import importlib.util
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -65,6 +68,77 @@ def moto_process() -> Iterator[str]:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+# Ray swaps 127.0.0.1 for the address of the outward interface unless this is 0, in the head's
+# environment and every client's (this process, and the `wit` subprocesses the tests start).
+# Ray reads it when it is imported, and img2dataset imports Ray when it can: set for the whole session.
+RAY_CLIENT_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+os.environ.update(RAY_CLIENT_ENV)
+
+
+@contextlib.contextmanager
+def ray_head_process(cpus: int = 2, object_store_bytes: int = 100_000_000) -> Iterator[str]:
+    """`ray start --head` on 127.0.0.1 in its own process group, for as long as the block; its address.
+
+    It gets its own HOME (a token file that an earlier local `ray.init()` wrote would make it refuse
+    clients) and a short temp dir (socket paths over 107 bytes fail). Stopped by killing its process
+    group, never by `ray stop`, which would stop every Ray on the machine. The toy stages are on its
+    workers' PYTHONPATH.
+    """
+    exe = shutil.which("ray", path=os.path.dirname(sys.executable))
+    if exe is None:
+        raise RuntimeError("ray not found: install the ray extra (pip install -e '.[ray]')")
+    home = tempfile.mkdtemp(prefix="wr-", dir="/tmp")
+    port = free_port()
+    env = {
+        **os.environ,
+        **RAY_CLIENT_ENV,
+        "HOME": home,
+        "PYTHONPATH": os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH")) if p),
+        "RAY_memory_usage_threshold": "0.98",
+    }
+    log_path = os.path.join(home, "head.log")
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [exe, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+             f"--num-cpus={cpus}", "--num-gpus=0", f"--object-store-memory={object_store_bytes}",
+             f"--temp-dir={home}/t", "--include-dashboard=false", "--disable-usage-stats"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 90
+        while b"Ray runtime started" not in open(log_path, "rb").read():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"ray start --head failed:\n{open(log_path).read()[-3000:]}")
+            time.sleep(0.2)
+        yield f"127.0.0.1:{port}"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever of the group outlived the head
+        proc.wait()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real one-node Ray cluster (2 CPUs, a 100 MB object store), and this process connected to it.
+
+    Yields the environment a `wit` subprocess needs to use it (RAY_ADDRESS and the loopback switch).
+    """
+    ray = pytest.importorskip("ray", reason="the Ray executor's tests need the ray extra")
+    with ray_head_process() as address:
+        ray.init(address=address, logging_level="WARNING", configure_logging=False)
+        try:
+            yield {**RAY_CLIENT_ENV, "RAY_ADDRESS": address}
+        finally:
+            ray.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,17 @@
 - ``ToyPack`` writes kept rows into tar shards (side files) plus a ``shard_index`` side table,
   like a dataset.
 
-Importable by name (conftest puts this folder on sys.path) so spawned workers can unpickle them.
+Importable by name (conftest puts this folder on sys.path) so spawned workers can unpickle them;
+the test Ray cluster has this folder on its workers' PYTHONPATH.
+
+Planted trouble comes from ``WIT_TOY_*`` variables, outside the configs so that a re-run has the
+very same config (and ``WIT_*`` reaches Ray workers):
+
+- ``WIT_TOY_SLOW_PARTITION=k``: ToySource's partition k sleeps a minute (a test kills the job there).
+- ``WIT_TOY_FAIL_PARTITION=k``: ToySource's partition k raises.
+- ``WIT_TOY_HOLD=k:SECONDS:DIR``: ToyPack's partition k appends a line to ``DIR/attempts-k`` on every
+  attempt and, on the first one only, writes its pid to ``DIR/pid-k`` and sleeps SECONDS with its
+  shard's temporary open (a test kills it there, or starts another slice meanwhile).
 """
 
 from __future__ import annotations
@@ -42,11 +52,9 @@ class ToySource:
         return [Partition(index=i, source=f"generated:{i}") for i in range(config.parts)]
 
     def run_partition(self, config: SourceConfig, partition: Partition, out: str) -> PartitionResult:
-        # Planted trouble, outside the config so that a re-run has the very same config:
-        # TOY_SLOW_PARTITION=k sleeps in partition k (a test kills the job there).
-        if os.environ.get("TOY_SLOW_PARTITION") == str(partition.index):
+        if os.environ.get("WIT_TOY_SLOW_PARTITION") == str(partition.index):
             time.sleep(60)
-        if os.environ.get("TOY_FAIL_PARTITION") == str(partition.index):
+        if os.environ.get("WIT_TOY_FAIL_PARTITION") == str(partition.index):
             raise RuntimeError(f"planted failure in partition {partition.index}")
         rows = []
         for j in range(config.rows_per_part):
@@ -130,7 +138,10 @@ class ToyPack:
                 tar.addfile(info, io.BytesIO(data))
         data = buf.getvalue()
         sha = hashlib.sha256(data).hexdigest()
-        storage.write_bytes(storage.join(out, shard), data)
+        with storage.atomic_writer(storage.join(out, shard)) as fh:
+            fh.write(data)
+            fh.flush()
+            _hold(partition.index)
         index = write_part(
             out,
             partition.index,
@@ -159,16 +170,36 @@ class ToyPack:
         )
 
 
-def run_chain(root: str, workers: int = 1, source: SourceConfig = SourceConfig()) -> dict[str, ManifestRef]:
+def _hold(index: int) -> None:
+    """``WIT_TOY_HOLD`` (see the module docstring)."""
+    spec = os.environ.get("WIT_TOY_HOLD", "")
+    if not spec:
+        return
+    k, seconds, folder = spec.split(":", 2)
+    if int(k) != index:
+        return
+    attempts = os.path.join(folder, f"attempts-{index}")
+    first = not os.path.exists(attempts)
+    with open(attempts, "a") as fh:
+        fh.write(f"{os.getpid()}\n")
+    if first:
+        with open(os.path.join(folder, f"pid-{index}.tmp"), "w") as fh:
+            fh.write(str(os.getpid()))
+        os.replace(os.path.join(folder, f"pid-{index}.tmp"), os.path.join(folder, f"pid-{index}"))
+        time.sleep(float(seconds))
+
+
+def run_chain(
+    root: str, workers: int = 1, source: SourceConfig = SourceConfig(), executor: str = "local"
+) -> dict[str, ManifestRef]:
     """source → tag → pack under ``root``; returns the three output refs."""
     from wit.pipeline.executor import run_stage
 
-    refs = {}
-    refs["source"] = run_stage(ToySource(), source, [], storage.join(root, "source"), workers, progress=False).ref
-    refs["tag"] = run_stage(
-        ToyTag(), TagConfig(), [refs["source"]], storage.join(root, "tag"), workers, progress=False
-    ).ref
-    refs["pack"] = run_stage(
-        ToyPack(), PackConfig(), [refs["tag"]], storage.join(root, "pack"), workers, progress=False
-    ).ref
+    refs: dict[str, ManifestRef] = {}
+    inputs: list[ManifestRef] = []
+    for name, stage, config in (("source", ToySource(), source), ("tag", ToyTag(), TagConfig()),
+                                ("pack", ToyPack(), PackConfig())):  # fmt: skip
+        out = storage.join(root, name)
+        refs[name] = run_stage(stage, config, inputs, out, workers, progress=False, executor=executor).ref
+        inputs = [refs[name]]
     return refs

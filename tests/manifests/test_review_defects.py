@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -20,16 +23,38 @@ from toy_stages import SourceConfig, TagConfig, ToySource, ToyTag, run_chain
 
 def test_leftover_temporary_of_a_killed_writer_is_swept_and_never_extra(tmp_path, monkeypatch):
     out = tmp_path / "o"
-    monkeypatch.setenv("TOY_FAIL_PARTITION", "1")
+    monkeypatch.setenv("WIT_TOY_FAIL_PARTITION", "1")
     with pytest.raises(RuntimeError):
         run_stage(ToySource(), SourceConfig(parts=3), [], str(out), progress=False)
-    # what a SIGKILL between write and rename leaves behind
-    leftover = out / f"{storage.TMP_PREFIX}0123456789ab-part-00001.parquet"
+    # what a SIGKILL between write and rename leaves behind: a temporary named for a writer that is gone
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    owner = storage.tmp_prefix().replace(f".{os.getpid()}.", f".{dead.pid}.", 1)
+    leftover = out / f"{owner}0123456789ab-part-00001.parquet"
     leftover.write_bytes(b"half a parquet file")
-    monkeypatch.delenv("TOY_FAIL_PARTITION")
+    # and one of an older wit (no writer in its name), idle for longer than WIT_TMP_MAX_AGE
+    legacy = out / f"{storage.TMP_PREFIX}0123456789ab-part-00002.parquet"
+    legacy.write_bytes(b"half a parquet file")
+    os.utime(legacy, (time.time() - 2 * storage.TMP_MAX_AGE,) * 2)
+    monkeypatch.delenv("WIT_TOY_FAIL_PARTITION")
     run_stage(ToySource(), SourceConfig(parts=3), [], str(out), progress=False)
-    assert not leftover.exists()
+    assert not leftover.exists() and not legacy.exists()
     assert verify(str(out)).ok
+
+
+def test_only_temporaries_of_writers_that_are_gone_are_abandoned():
+    mine = storage.tmp_prefix() + "abc-part-00000.parquet"
+    assert not storage.is_abandoned(mine, age=10 * storage.TMP_MAX_AGE)  # this process is alive
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    gone = mine.replace(f".{os.getpid()}.", f".{dead.pid}.", 1)
+    assert storage.is_abandoned(gone, age=0)
+    # the same pid but another start time: the pid was reused by a later process
+    host, pid, start = mine[len(storage.TMP_PREFIX) :].split("-", 1)[0].split(".")
+    assert storage.is_abandoned(f"{storage.TMP_PREFIX}{host}.{pid}.{int(start) + 1}-x", age=0)
+    # another host's writer cannot be checked from here: only a long idle file is abandoned
+    other = f"{storage.TMP_PREFIX}ffffffff.{os.getpid()}.{start}-x"
+    assert not storage.is_abandoned(other, age=60) and storage.is_abandoned(other, age=storage.TMP_MAX_AGE + 1)
 
 
 def test_marker_that_does_not_match_its_file_is_refused_and_redone(tmp_path):
@@ -93,12 +118,12 @@ def test_s3_folder_placeholder_objects_are_not_extra_files(s3_bucket, s3_env):
 
 def test_inputs_must_be_finished_and_are_recorded_with_their_digest(tmp_path, monkeypatch):
     src = str(tmp_path / "src")
-    monkeypatch.setenv("TOY_FAIL_PARTITION", "1")
+    monkeypatch.setenv("WIT_TOY_FAIL_PARTITION", "1")
     with pytest.raises(RuntimeError):
         run_stage(ToySource(), SourceConfig(parts=2), [], src, progress=False)
     with pytest.raises(ManifestError, match="not a finished wit output"):
         run_stage(ToyTag(), TagConfig(), [ManifestRef(src)], str(tmp_path / "tag"), progress=False)
-    monkeypatch.delenv("TOY_FAIL_PARTITION")
+    monkeypatch.delenv("WIT_TOY_FAIL_PARTITION")
     done = run_stage(ToySource(), SourceConfig(parts=2), [], src, progress=False)
     # a bare relative URL is resolved: normalized, with kind and digest from the run record
     monkeypatch.chdir(tmp_path)

@@ -46,12 +46,12 @@ def test_rerun_of_finished_stage_does_nothing(tmp_path):
 def test_failed_partition_keeps_others_and_rerun_redoes_only_it(tmp_path, monkeypatch):
     cfg = SourceConfig(parts=4, rows_per_part=3)
     out = str(tmp_path / "o")
-    monkeypatch.setenv("TOY_FAIL_PARTITION", "2")
+    monkeypatch.setenv("WIT_TOY_FAIL_PARTITION", "2")
     with pytest.raises(RuntimeError, match="planted failure"):
         run_stage(ToySource(), cfg, [], out, progress=False)
     assert committed(out) == {0, 1}
     assert not (tmp_path / "o" / "_run.json").exists()
-    monkeypatch.delenv("TOY_FAIL_PARTITION")
+    monkeypatch.delenv("WIT_TOY_FAIL_PARTITION")
     outcome = run_stage(ToySource(), cfg, [], out, progress=False)
     assert outcome.ran == 2 and outcome.skipped == 2 and outcome.done
     clean = run_stage(ToySource(), cfg, [], str(tmp_path / "clean"), progress=False)
@@ -84,7 +84,7 @@ def test_process_pool_gives_the_same_digest(tmp_path):
 
 def test_another_config_in_the_same_folder_is_refused(tmp_path, monkeypatch):
     out = str(tmp_path / "o")
-    monkeypatch.setenv("TOY_FAIL_PARTITION", "1")
+    monkeypatch.setenv("WIT_TOY_FAIL_PARTITION", "1")
     with pytest.raises(RuntimeError):
         run_stage(ToySource(), SourceConfig(parts=3), [], out, progress=False)
     with pytest.raises(StageError, match="different config"):
@@ -118,7 +118,7 @@ def test_killed_job_rerun_matches_uninterrupted_run(tmp_path):
         run_stage(ToySource(), SourceConfig(parts=4), [], {str(out)!r}, progress=False)
         """
     )
-    env = {**os.environ, "TOY_SLOW_PARTITION": "2"}
+    env = {**os.environ, "WIT_TOY_SLOW_PARTITION": "2"}
     proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True, env=env)
     try:
         deadline = time.monotonic() + 60
@@ -153,3 +153,63 @@ def test_phases_run_in_order_and_slices_complete_them(tmp_path):
     second = run_phases(phases, TagConfig(), [src], str(tmp_path / "sliced"), part=PartSpec(1, 2), progress=False)
     assert second.done and second.ref.digest == whole.ref.digest
     assert verify(str(tmp_path / "sliced")).ok
+
+
+# The old sweep: every temporary in the folder, whoever is writing it.
+_SWEEP_EVERY = """
+from wit.manifests import storage
+def sweep_every(url):
+    names = [n for n in storage.listdir(url, recursive=True) if storage.is_temporary(n)]
+    for n in names:
+        storage.remove(storage.join(url, n))
+    return len(names)
+storage.sweep_temporaries = sweep_every
+"""
+
+
+@pytest.mark.parametrize("sweep", ["abandoned", "every"])
+def test_job_array_slices_started_a_second_apart_into_one_folder(tmp_path, sweep):
+    """Slice 0 is writing partition 0's shard when slice 1 starts and sweeps the folder: with the
+    sweep of abandoned temporaries both finish with a single run's digest; the old sweep deletes
+    slice 0's in-flight temporary and slice 0 fails."""
+    from toy_stages import PackConfig, ToyPack
+
+    src = run_stage(ToySource(), SourceConfig(parts=2), [], str(tmp_path / "src"), progress=False).ref
+    tag = run_stage(ToyTag(), TagConfig(), [src], str(tmp_path / "tag"), progress=False).ref
+    single = run_stage(ToyPack(), PackConfig(), [tag], str(tmp_path / "single"), progress=False)
+    out, hold = tmp_path / "out", tmp_path / "hold"
+    hold.mkdir()
+
+    def slice_(i: int) -> subprocess.Popen:
+        script = textwrap.dedent(
+            f"""
+            import sys
+            sys.path.insert(0, {str(Path(__file__).parents[1])!r})
+            from toy_stages import PackConfig, ToyPack
+            from wit.manifests.manifest import ManifestRef
+            from wit.pipeline.executor import PartSpec, run_stage
+            tag = ManifestRef(url={tag.url!r}, kind={tag.kind!r}, digest={tag.digest!r})
+            run_stage(ToyPack(), PackConfig(), [tag], {str(out)!r}, part=PartSpec({i}, 2), progress=False)
+            """
+        )
+        if sweep == "every":
+            script = _SWEEP_EVERY + script
+        env = {**os.environ, "WIT_TOY_HOLD": f"0:6:{hold}"}  # slice 0 holds its shard's temporary 6 s
+        return subprocess.Popen([sys.executable, "-c", script], env=env, stderr=subprocess.PIPE, text=True)
+
+    first = slice_(0)
+    deadline = time.monotonic() + 60
+    while not (hold / "pid-0").exists():
+        assert time.monotonic() < deadline and first.poll() is None
+        time.sleep(0.05)
+    assert list((out / "shards").glob(".wit-tmp-*"))
+    time.sleep(1)
+    second = slice_(1)
+    errors = [p.communicate(timeout=120)[1] for p in (first, second)]
+    if sweep == "every":
+        assert first.returncode != 0 and "No such file" in errors[0], errors[0][-2000:]
+        assert not (out / "_run.json").exists()
+        return
+    assert first.returncode == 0 and second.returncode == 0, errors
+    assert read_run_record(str(out)).output.digest == single.ref.digest
+    assert verify(str(out)).ok and not list(out.rglob(".wit-tmp-*"))

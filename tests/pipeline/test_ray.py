@@ -1,0 +1,185 @@
+"""The Ray executor on a real one-node Ray cluster (`ray start --head` on 127.0.0.1, see conftest):
+same bytes as the local pool, a SIGKILLed worker retried, a killed driver resumed from the markers,
+a stage error raised once, slices mixed across executors, and the CLI without Ray."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from wit.manifests.runrecord import read_run_record
+from wit.manifests.stage import StageError, committed
+from wit.manifests.verify import verify
+from wit.pipeline.executor import PartSpec, run_stage
+
+from toy_stages import PackConfig, SourceConfig, TagConfig, ToyPack, ToySource, ToyTag, run_chain
+
+TESTS = Path(__file__).parents[1]
+
+
+def _wait_for(path: Path, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def _tagged(root: Path, parts: int = 3):
+    """A finished toy-tag manifest of ``parts`` parts, made by the local executor."""
+    src = run_stage(ToySource(), SourceConfig(parts=parts), [], str(root / "src"), progress=False).ref
+    return run_stage(ToyTag(), TagConfig(), [src], str(root / "tag"), progress=False).ref
+
+
+def test_the_toy_chain_on_ray_gives_the_local_digests(ray_cluster, tmp_path):
+    local = run_chain(str(tmp_path / "local"), workers=2)
+    on_ray = run_chain(str(tmp_path / "ray"), executor="ray")
+    assert {k: r.digest for k, r in on_ray.items()} == {k: r.digest for k, r in local.items()}
+    for name in on_ray:
+        assert verify(str(tmp_path / "ray" / name)).ok
+
+
+def test_a_worker_sigkilled_inside_a_partition_is_retried_and_the_result_is_clean(ray_cluster, tmp_path, monkeypatch):
+    tag = _tagged(tmp_path)
+    clean = run_stage(ToyPack(), PackConfig(), [tag], str(tmp_path / "clean"), progress=False)
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    # partition 1's first attempt writes its pid and waits with its shard's temporary open
+    monkeypatch.setenv("WIT_TOY_HOLD", f"1:60:{hold}")
+    out = tmp_path / "out"
+    result: dict = {}
+
+    def drive():
+        try:
+            result["outcome"] = run_stage(ToyPack(), PackConfig(), [tag], str(out), progress=False, executor="ray")
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            result["error"] = exc
+
+    driver = threading.Thread(target=drive)
+    driver.start()
+    _wait_for(hold / "pid-1")
+    pid = int((hold / "pid-1").read_text())
+    assert pid != os.getpid()  # a Ray worker, not this process
+    assert list((out / "shards").glob(".wit-tmp-*")), "the partition holds a temporary when it is killed"
+    os.kill(pid, signal.SIGKILL)
+    driver.join(timeout=120)
+    assert not driver.is_alive() and "error" not in result, result.get("error")
+    outcome = result["outcome"]
+    assert outcome.done and outcome.ran == 3
+    attempts = (hold / "attempts-1").read_text().split()
+    assert len(attempts) == 2 and attempts[0] == str(pid)  # ran twice: the killed attempt and its retry
+    assert outcome.ref.digest == clean.ref.digest
+    assert not list(out.rglob(".wit-tmp-*")), "the killed attempt's temporary must be swept"
+    assert verify(str(out)).ok
+
+
+def test_a_driver_killed_mid_stage_resumes_from_the_markers(ray_cluster, tmp_path):
+    out = tmp_path / "out"
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {str(TESTS)!r})
+        from toy_stages import SourceConfig, ToySource
+        from wit.pipeline.executor import run_stage
+        run_stage(ToySource(), SourceConfig(parts=6), [], {str(out)!r}, progress=False, executor="ray")
+        """
+    )
+    env = {**os.environ, **ray_cluster, "WIT_TOY_SLOW_PARTITION": "3"}
+    proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True, env=env)
+    try:
+        deadline = time.monotonic() + 90
+        while committed(str(out)) != {0, 1, 2, 4, 5}:
+            assert time.monotonic() < deadline and proc.poll() is None, committed(str(out))
+            time.sleep(0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (out / "_run.json").exists()
+    resumed = run_stage(ToySource(), SourceConfig(parts=6), [], str(out), progress=False, executor="ray")
+    assert resumed.done and resumed.ran == 1 and resumed.skipped == 5
+    clean = run_stage(ToySource(), SourceConfig(parts=6), [], str(tmp_path / "clean"), progress=False)
+    assert resumed.ref.digest == clean.ref.digest
+    assert verify(str(out)).ok
+
+
+def test_a_stage_error_is_raised_once_with_its_message_and_a_rerun_redoes_only_it(ray_cluster, tmp_path, monkeypatch):
+    out = str(tmp_path / "out")
+    cfg = SourceConfig(parts=4)
+    monkeypatch.setenv("WIT_TOY_FAIL_PARTITION", "2")
+    with pytest.raises(RuntimeError) as info:
+        run_stage(ToySource(), cfg, [], out, progress=False, executor="ray")
+    assert str(info.value) == "planted failure in partition 2"  # the stage's own type and message, not Ray's
+    before = committed(out)
+    assert 2 not in before and not (tmp_path / "out" / "_run.json").exists()
+    monkeypatch.delenv("WIT_TOY_FAIL_PARTITION")
+    resumed = run_stage(ToySource(), cfg, [], out, progress=False, executor="ray")
+    assert resumed.ran == 4 - len(before) and resumed.skipped == len(before)
+    clean = run_stage(ToySource(), cfg, [], str(tmp_path / "clean"), progress=False)
+    assert resumed.ref.digest == clean.ref.digest
+
+
+def test_a_slice_on_ray_and_a_slice_run_locally_make_one_run(ray_cluster, tmp_path):
+    cfg = SourceConfig(parts=5, rows_per_part=4)
+    out = str(tmp_path / "out")
+    first = run_stage(ToySource(), cfg, [], out, part=PartSpec(0, 2), progress=False, executor="ray")
+    assert not first.done and first.ran == 3 and committed(out) == {0, 2, 4}
+    second = run_stage(ToySource(), cfg, [], out, part=PartSpec(1, 2), progress=False)
+    assert second.done and second.ran == 2
+    record = read_run_record(out)
+    assert record.partitions == 5 and record.rows == 20
+    whole = run_stage(ToySource(), cfg, [], str(tmp_path / "whole"), progress=False)
+    assert second.ref.digest == whole.ref.digest
+    assert verify(out).ok
+
+
+def test_local_paths_are_refused_on_a_cluster_of_several_nodes(monkeypatch):
+    from wit.pipeline.ray_executor import RayCluster
+
+    many = RayCluster(cpus=8, gpus=0, nodes=2)
+    with pytest.raises(StageError, match="local path.*2 nodes"):
+        many.check_reachable("toy", ["s3://bucket/in", "/data/out"])
+    many.check_reachable("toy", ["s3://bucket/in", "s3://bucket/out"])
+    RayCluster(cpus=2, gpus=0, nodes=1).check_reachable("toy", ["/data/out"])  # one node sees its disk
+    monkeypatch.setenv("WIT_RAY_SHARED_FS", "1")  # the same mount on every node
+    many.check_reachable("toy", ["/data/out"])
+
+
+def test_the_aws_and_wit_variables_reach_the_workers_and_nothing_else(monkeypatch):
+    from wit.pipeline.ray_executor import forwarded_env
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+    monkeypatch.setenv("WIT_FSYNC", "1")
+    monkeypatch.setenv("SECRET_OF_THE_DRIVER", "x")
+    env = forwarded_env()
+    assert env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:1" and env["WIT_FSYNC"] == "1"
+    assert "SECRET_OF_THE_DRIVER" not in env
+
+
+def test_without_ray_the_executor_names_the_extra_and_the_cli_never_imports_ray(tmp_path):
+    script = textwrap.dedent(
+        f"""
+        import sys
+        import wit.pipeline.cli
+        assert "ray" not in sys.modules, "importing the CLI imported ray"
+        sys.modules["ray"] = None  # from here on, as if Ray were not installed
+        sys.path.insert(0, {str(TESTS)!r})
+        from toy_stages import SourceConfig, ToySource
+        from wit.manifests.stage import StageError
+        from wit.pipeline.executor import run_stage
+        try:
+            run_stage(ToySource(), SourceConfig(parts=2), [], {str(tmp_path / "o")!r}, executor="ray")
+        except StageError as exc:
+            print(exc)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "--executor ray needs Ray: pip install 'wit[ray]'"
+    assert not (tmp_path / "o").exists(), "nothing is claimed or written before Ray is found missing"
