@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q $(TORCH_SPEC) 2>&1 | $(QUIET_PIP)
 	$(BIN)/python -c "import torch, torchvision"
-	$(BIN)/pip install -q -c constraints.txt -e ".[test]" 2>&1 | $(QUIET_PIP)
+	$(BIN)/pip install -q -c constraints.txt -e ".[test,ray]" 2>&1 | $(QUIET_PIP)
 	$(BIN)/wit --version
 	touch $@
 
