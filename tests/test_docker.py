@@ -149,3 +149,31 @@ def test_readme_says_docker_does_not_run_here():
     assert "cannot run on the machines this project is developed on" in text
     for command in ("docker build -f docker/Dockerfile ", "docker build -f docker/Dockerfile.cuda", "docker compose"):
         assert command in text
+
+
+def test_the_ray_image_adds_the_ray_extra_to_the_cpu_image_with_the_tested_constraints():
+    ins = dockerfile("Dockerfile.ray")
+    assert [i.args for i in ins if i.keyword == "FROM"] == ["${BASE}"]
+    assert any(i.args == "BASE=wit:cpu" for i in ins if i.keyword == "ARG")
+    assert not copy_sources(ins), "it builds on the CPU image's /opt/wit, copying nothing"
+    runs = [i.args for i in ins if i.keyword == "RUN"]
+    assert any(re.search(r'pip install -c constraints\.txt "\.\[ray\]"', r) for r in runs)
+    assert json.loads(next(i.args for i in ins if i.keyword == "ENTRYPOINT")) == ["wit"]
+
+
+def test_the_rayjob_runs_the_data_stages_on_the_ray_image_with_the_pinned_ray():
+    job = yaml.safe_load((DOCKER / "rayjob.yaml").read_text())
+    assert job["kind"] == "RayJob" and job["apiVersion"] == "ray.io/v1"
+    entry = shlex.split(job["spec"]["entrypoint"])
+    assert entry[:2] == ["wit", "run"] and entry[entry.index("--executor") + 1] == "ray"
+    pinned = re.search(r"^ray==(\S+)$", (REPO / "constraints.txt").read_text(), re.M).group(1)
+    cluster = job["spec"]["rayClusterSpec"]
+    assert cluster["rayVersion"] == pinned  # driver and cluster run the same Ray
+    pods = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    for pod in pods:
+        (container,) = pod["spec"]["containers"]
+        assert container["image"] == "wit:ray"
+        assert {"secretRef": {"name": "wit-s3"}} in container["envFrom"]  # storage credentials on every node
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    mounted = {m["name"]: m["mountPath"] for m in head["containers"][0]["volumeMounts"]}
+    assert entry[2].startswith(mounted["pipeline"] + "/")
