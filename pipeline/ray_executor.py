@@ -67,6 +67,15 @@ def import_ray():
     return ray
 
 
+def _lost_errors() -> tuple[type, ...]:
+    """Ray's exceptions for a task that lost its process or node (as opposed to one that failed)."""
+    import ray.exceptions as rex
+
+    names = ("WorkerCrashedError", "NodeDiedError", "ObjectLostError", "OutOfMemoryError", "ActorDiedError",
+             "ActorUnavailableError", "LocalRayletDiedError")  # fmt: skip
+    return tuple(getattr(rex, n) for n in names if hasattr(rex, n))
+
+
 class _PartitionWorker:
     """A Ray actor that runs partitions in one long-lived process, so a model loaded by the first
     partition (``functools.lru_cache`` in the stage) serves the rest."""
@@ -172,6 +181,8 @@ class RayCluster:
     def _drive(ray, stage: Stage, todo, submit, release, has_room, on_done, retries: int) -> None:
         from ray.exceptions import RayError, RayTaskError
 
+        lost = _lost_errors()
+
         queue = deque(todo)
         pending: dict[Any, Partition] = {}
         error: BaseException | None = None
@@ -188,17 +199,18 @@ class RayCluster:
                     release(ref)
                     try:
                         ray.get(ref)
-                    except RayTaskError as exc:
-                        # the stage's own exception: its type and message, raised once
-                        cause = getattr(exc, "cause", None)
-                        error = error or (cause if isinstance(cause, BaseException) else StageError(str(exc)))
-                        continue
-                    except RayError as exc:  # the worker or node died more often than Ray retries
+                    except RayError as exc:
+                        cause = getattr(exc, "cause", None) if isinstance(exc, RayTaskError) else None
+                        if isinstance(cause, BaseException) and not isinstance(cause, RayError):
+                            error = error or cause  # the stage's own exception: its type and message, once
+                            continue
+                        exc = cause if isinstance(cause, RayError) else exc
                         first = (str(exc).strip().splitlines() or [""])[0]
-                        error = error or StageError(
-                            f"{stage.name}: partition {p.index} ({p.source}) lost its worker {retries + 1} times "
-                            f"({type(exc).__name__}: {first}); run again to redo it"
-                        )
+                        if isinstance(exc, lost):  # the worker or node died more often than Ray retries
+                            why = f"lost its worker {retries + 1} times ({type(exc).__name__}: {first})"
+                        else:  # e.g. a worker that cannot import the stage's or config's module
+                            why = f"failed on Ray ({type(exc).__name__}: {first})"
+                        error = error or StageError(f"{stage.name}: partition {p.index} ({p.source}) {why}")
                         continue
                     on_done()
         except BaseException:

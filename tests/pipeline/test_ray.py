@@ -183,3 +183,41 @@ def test_without_ray_the_executor_names_the_extra_and_the_cli_never_imports_ray(
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "--executor ray needs Ray: pip install 'wit[ray]'"
     assert not (tmp_path / "o").exists(), "nothing is claimed or written before Ray is found missing"
+
+
+def test_a_config_the_workers_cannot_import_is_a_clear_error(ray_cluster, tmp_path):
+    import types
+
+    module = types.ModuleType("only_in_this_driver")
+    sys.modules[module.__name__] = module  # before the class is made: dataclass looks its module up
+    try:
+        code = "from dataclasses import dataclass\n@dataclass(frozen=True)\nclass Cfg:\n    parts: int = 2\n"
+        exec(code, module.__dict__)
+        with pytest.raises(StageError, match=r"partition \d .*failed on Ray .*No module named 'only_in_this_driver'"):
+            run_stage(ToySource(), module.Cfg(), [], str(tmp_path / "o"), progress=False, executor="ray")
+    finally:
+        del sys.modules[module.__name__]
+
+
+def test_a_worker_lost_more_often_than_ray_retries_stops_the_stage(ray_cluster, tmp_path, monkeypatch):
+    tag = _tagged(tmp_path, parts=2)
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    monkeypatch.setenv("WIT_TOY_HOLD", f"0:60:{hold}")
+    monkeypatch.setenv("WIT_RAY_MAX_RETRIES", "0")
+    result: dict = {}
+
+    def drive():
+        try:
+            run_stage(ToyPack(), PackConfig(), [tag], str(tmp_path / "out"), progress=False, executor="ray")
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            result["error"] = exc
+
+    driver = threading.Thread(target=drive)
+    driver.start()
+    _wait_for(hold / "pid-0")
+    os.kill(int((hold / "pid-0").read_text()), signal.SIGKILL)
+    driver.join(timeout=120)
+    assert isinstance(result.get("error"), StageError), result
+    assert "partition 0" in str(result["error"]) and "lost its worker 1 times" in str(result["error"])
+    assert committed(str(tmp_path / "out")) == {1}
