@@ -117,7 +117,7 @@ def ray_head_process(cpus: int = 2, object_store_bytes: int = 100_000_000) -> It
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(timeout=20)
+            proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             pass
         with contextlib.suppress(ProcessLookupError):
