@@ -19,8 +19,10 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -28,6 +30,7 @@ import torch
 
 from wit.manifests import storage
 from wit.manifests.manifest import FileInfo, ManifestError, ManifestRef, read_table
+from wit.manifests.options import Option, check_options, field_default
 from wit.manifests.runrecord import read_run_record
 from wit.manifests.schemas import EVAL_RESULTS
 from wit.manifests.stage import (
@@ -48,7 +51,7 @@ from .errors import EvalError
 from .features import Encoder, FeatureCache, ImageFeatures, split_features
 from .probe import DEFAULT_CS, fewshot, linear_probe
 from .report import build_blocks, render_html, render_markdown, results_json
-from .tasks import Suite, TaskSpec, load_suite
+from .tasks import Suite, TaskSpec, load_suite, parse_suite
 
 
 def default_cache() -> str:
@@ -108,6 +111,105 @@ class EvalConfig:
         if self.precision == "bf16" or cpu:
             return torch.bfloat16
         return torch.float16
+
+
+@dataclass(frozen=True, slots=True)
+class EvalStageConfig:
+    """The eval stage's config (`wit eval`, a pipeline's ``eval:`` section): which suite, and how.
+
+    ``suite`` is a built-in name, a suite YAML URL, or an inline suite as YAML text.
+    """
+
+    suite: str = "default"
+    config: EvalConfig = field(default_factory=EvalConfig)
+
+    OPTIONS: ClassVar[tuple[Option, ...]] = (
+        Option(
+            "suite",
+            "suite",
+            suite,
+            "A built-in suite (default, digits, synthetic-colour, ...) or a suite YAML URL.",
+            metavar="NAME_OR_YAML",
+        ),
+        Option(
+            "model",
+            "str",
+            None,
+            "Architecture of a foreign open_clip checkpoint (wit checkpoints name their own).",
+            metavar="NAME",
+        ),
+        Option("device", "str", field_default(EvalConfig, "device"), "auto, cpu or cuda[:N]."),
+        Option("batch-size", "int", field_default(EvalConfig, "batch_size"), "0: 64 on a CPU, 256 on a GPU.", low=0),
+        Option(
+            "precision",
+            "str",
+            field_default(EvalConfig, "precision"),
+            "auto: amp on a GPU, fp32 on a CPU. bf16 is ~2.5x faster on CPUs with AVX512-BF16 or AMX.",
+            choices=PRECISIONS,
+        ),
+        Option("cache", "path", None, "Image-feature cache (default: ~/.cache/wit).", metavar="URL"),
+        Option("no-cache", "bool", False, "Encode every image again."),
+        Option(
+            "resamples",
+            "int",
+            field_default(EvalConfig, "resamples"),
+            "Bootstrap resamples for the 95% intervals.",
+            low=10,
+        ),
+    )
+
+    @classmethod
+    def from_options(cls, values: Mapping[str, Any], out: str | None = None) -> EvalStageConfig:
+        """A config whose suite is loaded once here, so an unknown or broken suite fails before any stage runs."""
+        v = check_options(cls.OPTIONS, values, "eval")
+        config = EvalConfig(
+            model=v["model"],
+            device=v["device"],
+            batch_size=v["batch_size"],
+            precision=v["precision"],
+            cache=None if v["no_cache"] else (v["cache"] or default_cache()),
+            resamples=v["resamples"],
+            progress=True,
+        )
+        spec = cls(suite=v["suite"], config=config)
+        spec.load_suite()
+        return spec
+
+    def load_suite(self) -> Suite:
+        if "\n" in self.suite:  # inline
+            return parse_suite(self.suite, name="pipeline")
+        return load_suite(self.suite)
+
+    def recorded_config(self, inputs: list[ManifestRef]) -> dict:
+        """What the run record of evaluating the checkpoint of ``inputs[0]`` (a train output) holds
+        of this config: the part of evaluate()'s recorded config that its caller decides."""
+        return decided_config(checkpoint_of(inputs[0].url), self.load_suite(), self.config)
+
+
+def decided_config(checkpoint: str, suite: Suite, config: EvalConfig) -> dict:
+    """The part of eval's recorded config that its caller decides (evaluate() adds what it finds:
+    the model, the checkpoint's and the datasets' digests)."""
+    return {
+        "checkpoint": storage.normalize(checkpoint),
+        "suite": suite.to_dict(),
+        "resamples": config.resamples,
+        "seed": config.seed,
+        "probe_cs": list(config.probe_cs),
+        "fewshot_c": config.fewshot_c,
+    }
+
+
+def checkpoint_of(train_out: str) -> str:
+    """The checkpoint a finished train output names as its last (``extra.checkpoint`` of its run record)."""
+    rec = read_run_record(train_out)
+    if rec is None or not rec.extra.get("checkpoint"):
+        raise StageError(f"{storage.normalize(train_out)}: not a finished train output (no checkpoint in _run.json)")
+    return storage.join(storage.normalize(train_out), rec.extra["checkpoint"])
+
+
+def eval_stage(config: EvalStageConfig, inputs: list[ManifestRef], out: str, progress: bool = True) -> EvalResult:
+    """The eval stage of a pipeline: the checkpoint of ``inputs[0]`` (a finished train output) on the suite."""
+    return evaluate(checkpoint_of(inputs[0].url), out, config.load_suite(), replace(config.config, progress=progress))
 
 
 @dataclass(slots=True)
@@ -421,16 +523,10 @@ def evaluate(checkpoint: str, out: str, suite: str | Suite = "default", config: 
     for url, key in sources.items():
         d = _sha_text(*(f"{k}:{v}" for k, v in sorted(digests[key].items())))
         inputs.append(ManifestRef(url=url, kind="source", digest=d))
-    stage_config = {
-        "checkpoint": session.checkpoint,
+    stage_config = decided_config(session.checkpoint, suite, config) | {
         "checkpoint_digest": session.loaded.digest,
         "model": session.loaded.name,
-        "suite": suite.to_dict(),
         "dataset_digests": digests,
-        "resamples": config.resamples,
-        "seed": config.seed,
-        "probe_cs": list(config.probe_cs),
-        "fewshot_c": config.fewshot_c,
     }
     stage = EvalStage(session)
     inputs = resolve_inputs(inputs)

@@ -42,8 +42,9 @@ import functools
 import hashlib
 import re
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -52,6 +53,7 @@ import pyarrow.parquet as pq
 
 from wit.manifests import storage
 from wit.manifests.manifest import ManifestError, ManifestRef, open_manifest, read_part, write_part
+from wit.manifests.options import Option, check_options
 from wit.manifests.runrecord import RunRecord, read_run_record
 from wit.manifests.schemas import with_kind
 from wit.manifests.stage import Partition, PartitionResult, StageError, input_parts
@@ -118,6 +120,24 @@ class CurateConfig:
     blocklist_sha256: str | None = None
     allow_private_hosts: bool = False
     keep_unmatched: bool = False
+
+    OPTIONS: ClassVar[tuple[Option, ...]] = (
+        Option("queries", "path", None, "Query list, one per line (default: the list wit ships).", metavar="URL"),
+        Option("per-query-cap", "int", per_query_cap, low=1),
+        Option("seed", "int", seed, "Seed of the balancing draw.", low=0),
+        Option("lang", "strs", langs, "Allowed languages, comma-separated; '' = any."),
+        Option("min-chars", "int", min_chars, low=0),
+        Option("max-chars", "int", max_chars, low=1),
+        Option("min-words", "int", min_words, low=0),
+        Option("blocklist", "path", None, "Words or phrases that drop a text, one per line.", metavar="URL"),
+        Option("allow-private-hosts", "bool", False, "Keep 127.0.0.1 and other private hosts (tests, demo)."),
+        Option("keep-unmatched", "bool", False, "Keep texts that match no query."),
+    )
+
+    @classmethod
+    def from_options(cls, values: Mapping[str, Any], out: str | None = None) -> CurateConfig:
+        v = check_options(cls.OPTIONS, values, "curate")
+        return cls.build(queries=v.pop("queries"), blocklist=v.pop("blocklist"), langs=v.pop("lang"), **v)
 
     def __post_init__(self) -> None:
         if not _SHA256_RE.match(self.queries_sha256 or ""):

@@ -25,7 +25,8 @@ Two ways to run img2dataset (``DownloadConfig.distributor``):
   Each call starts img2dataset's process pool and logger process (seconds to tens of seconds),
   its User-Agent is img2dataset's browser string with our token appended, and the bomb guard is
   OpenCV's pixel limit (``OPENCV_IO_MAX_IMAGE_PIXELS``, set before its workers start) plus
-  img2dataset's ``max_image_area``.
+  img2dataset's ``max_image_area``. ``"ray"`` is deprecated: ``--executor ray`` runs the ``"wit"``
+  partitions as Ray tasks instead, with the same bytes out as a local run.
 
 A re-run after a kill redoes only partitions without a marker (the executor's rule); a partition's
 scratch folder is named after the output and the partition, so a re-run removes what a killed
@@ -55,10 +56,13 @@ import tarfile
 import tempfile
 import urllib.error
 import urllib.request
+import warnings
 from collections import Counter, OrderedDict
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 import pyarrow as pa
@@ -67,6 +71,7 @@ import pyarrow.parquet as pq
 from wit.ingest.safety import PRIVATE_HOST, host_problem
 from wit.manifests import storage
 from wit.manifests.manifest import FileInfo, ManifestRef, open_manifest, read_part
+from wit.manifests.options import Option, check_options
 from wit.manifests.schemas import DOWNLOADED
 from wit.manifests.stage import Partition, PartitionResult, StageError
 
@@ -74,6 +79,10 @@ from wit.manifests.stage import Partition, PartitionResult, StageError
 # owners can reach whoever runs it.
 DEFAULT_USER_AGENT = "wit/0.1 (research image-text dataset crawler; honours X-Robots-Tag noai)"
 DISTRIBUTORS = ("wit", "multiprocessing", "pyspark", "ray")
+RAY_DISTRIBUTOR_DEPRECATED = (
+    "--distributor ray (img2dataset's Ray distributor) is deprecated: use --executor ray, which runs "
+    "the download's partitions (and every other stage's) as Ray tasks with the same bytes out"
+)
 RESIZE_MODES = ("no", "keep_ratio", "center_crop", "border", "keep_ratio_largest")
 ENCODE_FORMATS = ("jpg", "png", "webp")
 ROBOTS_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")
@@ -124,6 +133,44 @@ class DownloadConfig:
     min_image_size: int = 0  # min side; the filter stage decides on the original size instead
     max_aspect_ratio: float | None = None  # None: no limit
     retry_classes: tuple[str, ...] = TRANSIENT  # what RETRY re-fetches
+
+    OPTIONS: ClassVar[tuple[Option, ...]] = (
+        Option("image-size", "int", image_size, low=8),
+        Option("resize-mode", "str", resize_mode, choices=RESIZE_MODES),
+        Option("encode-format", "str", encode_format, choices=ENCODE_FORMATS),
+        Option(
+            "encode-quality", "int", encode_quality, "JPEG/WebP quality; PNG: compression level 0-9.", low=0, high=100
+        ),
+        Option("samples-per-shard", "int", samples_per_shard, low=1),
+        Option("threads", "int", threads, "Fetch threads per worker.", low=1),
+        Option("timeout", "float", timeout, "Seconds per image.", low=0.1),
+        Option("retries", "int", retries, low=0),
+        Option(
+            "distributor",
+            "str",
+            distributor,
+            "wit: partitions run by the executor (--workers, --part, --executor); others: passed to "
+            "img2dataset (ray: deprecated, use --executor ray).",
+            choices=DISTRIBUTORS,
+        ),
+        Option(
+            "processes",
+            "int",
+            processes,
+            "img2dataset processes per partition (with --distributor multiprocessing|pyspark|ray).",
+            low=1,
+        ),
+        Option("user-agent", "str", None, "The User-Agent sent (default: wit's); add a contact for crawls at scale."),
+        Option("allow-private-hosts", "bool", False, "Fetch from 127.0.0.1 and private hosts (tests, demo)."),
+    )
+
+    @classmethod
+    def from_options(cls, values: Mapping[str, Any], out: str | None = None) -> DownloadConfig:
+        v = check_options(cls.OPTIONS, values, "download")
+        if v["distributor"] == "ray":
+            # FutureWarning, not DeprecationWarning: it is meant for the person running the command
+            warnings.warn(RAY_DISTRIBUTOR_DEPRECATED, FutureWarning, stacklevel=2)
+        return cls(**(v | {"user_agent": v["user_agent"] or DEFAULT_USER_AGENT}))
 
     def __post_init__(self):
         def need(ok: bool, what: str) -> None:
@@ -795,13 +842,17 @@ class DownloadRetryStage:
 
 
 DOWNLOAD = DownloadStage()
+DOWNLOAD_PHASES: list[tuple[DownloadStage, str]] = [(DOWNLOAD, "")]
 RETRY = DownloadRetryStage()
+RETRY_PHASES: list[tuple[DownloadRetryStage, str]] = [(RETRY, "")]
 
 __all__ = [
     "DOWNLOAD",
+    "DOWNLOAD_PHASES",
     "DOWNLOADED",
     "ERROR_CLASSES",
     "RETRY",
+    "RETRY_PHASES",
     "TRANSIENT",
     "DownloadConfig",
     "DownloadRetryStage",

@@ -28,7 +28,9 @@ from __future__ import annotations
 import functools
 import operator
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from typing import Any, ClassVar
 
 import pyarrow as pa
 
@@ -37,6 +39,7 @@ from wit.ingest.urls import BadURL, absolutize, normalize_url, uid_of_normalized
 from wit.ingest.webpage import ImgTag, ParsedPage, decode_html, parse_page
 from wit.manifests import storage
 from wit.manifests.manifest import ManifestRef
+from wit.manifests.options import Option, check_options
 from wit.manifests.schemas import CANDIDATES
 from wit.manifests.stage import Partition, PartitionResult, StageError
 
@@ -69,6 +72,23 @@ class ExtractConfig:
     # alt texts the full model often answers a neighbour (English as Maltese or Pidgin); naming the
     # languages a crawl can hold makes it far more accurate.
     languages: tuple[str, ...] = ()
+
+    OPTIONS: ClassVar[tuple[Option, ...]] = (
+        Option("max-page-bytes", "int", max_page_bytes, "Skip larger pages (reason page_too_large).", low=1024),
+        Option("no-lang", "bool", False, "Skip language identification (faster; lang stays null)."),
+        Option(
+            "languages",
+            "strs",
+            languages,
+            "Comma-separated ISO 639-1 codes the identifier may answer (default: all it knows).",
+            metavar="CODES",
+        ),
+    )
+
+    @classmethod
+    def from_options(cls, values: Mapping[str, Any], out: str | None = None) -> ExtractConfig:
+        v = check_options(cls.OPTIONS, values, "extract")
+        return cls(max_page_bytes=v["max_page_bytes"], detect_lang=not v["no_lang"], languages=v["languages"])
 
     def __post_init__(self) -> None:
         if isinstance(self.max_page_bytes, bool) or not isinstance(self.max_page_bytes, int):
@@ -271,3 +291,4 @@ class ExtractStage:
 
 
 EXTRACT = ExtractStage()
+EXTRACT_PHASES: list[tuple[ExtractStage, str]] = [(EXTRACT, "")]

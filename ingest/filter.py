@@ -51,12 +51,14 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+import os
 import posixpath
 import re
 import tarfile
 from collections import Counter, deque
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -64,9 +66,10 @@ from xxhash import xxh3_128_hexdigest
 
 from wit.manifests import storage
 from wit.manifests.manifest import ManifestError, ManifestRef, open_manifest, read_part
+from wit.manifests.options import Option, check_options
 from wit.manifests.runrecord import read_run_record
 from wit.manifests.schemas import conform, with_kind
-from wit.manifests.stage import Partition, PartitionResult, StageError, input_parts
+from wit.manifests.stage import Partition, PartitionResult, Resources, StageError, input_parts
 
 from .download import shard_url as locate_shard
 from .imaging import HashIndex, check_image, hash_hex, hash_int
@@ -153,6 +156,81 @@ class FilterConfig:
     clip_batch_size: int = 64
     clip_device: str = "auto"  # auto: cuda when torch sees a GPU
 
+    OPTIONS: ClassVar[tuple[Option, ...]] = (
+        Option("min-side", "int", min_side, "On the original size (img2dataset upsamples small images).", low=1),
+        Option("max-aspect-ratio", "float", max_aspect_ratio, low=1.0),
+        Option("max-pixels", "int", max_pixels, "Checked on the header, before decoding (decompression bombs).", low=1),
+        Option(
+            "near-duplicate-distance",
+            "int",
+            near_duplicate_distance,
+            "Hamming distance of 64-bit perceptual hashes; 0 = identical hashes only.",
+            low=0,
+            high=31,
+        ),
+        Option(
+            "reference-images",
+            "refs",
+            reference_images,
+            "Evaluation images to decontaminate against (CLIP_benchmark wds folder or image folder).",
+            metavar="[TASK=]URL",
+        ),
+        Option(
+            "decontaminate",
+            "name_or_path",
+            None,
+            "Drop near duplicates of a `wit eval` suite's test images (reason eval_overlap:<task>); "
+            "built-in sets are exported to _reference next to OUT.",
+            metavar="SUITE",
+        ),
+        Option(
+            "clip-score",
+            "path",
+            None,
+            "Score image-text pairs with this checkpoint (wit or open_clip).",
+            metavar="CKPT",
+        ),
+        Option("clip-model", "str", None, "Architecture of an open_clip --clip-score file.", metavar="NAME"),
+        Option("min-score", "float", None, "Drop pairs below this cosine.", low=-1, high=1),
+        Option(
+            "keep-top",
+            "float",
+            None,
+            "Keep this fraction of the best-scoring pairs (DataComp's CLIP-score filter).",
+            low=0,
+            high=1,
+            low_open=True,
+            metavar="FRACTION",
+        ),
+        Option("rebalance", "bool", False, "Re-apply the per-query cap after download (MetaCLIP)."),
+        Option("per-query-cap", "int", None, "With --rebalance.", low=1),
+        Option(
+            "curated", "path", None, "The curated manifest (default: found through the run records).", metavar="URL"
+        ),
+    )
+
+    @classmethod
+    def from_options(cls, values: Mapping[str, Any], out: str | None = None) -> FilterConfig:
+        """``out`` is the filter's output folder: ``decontaminate`` exports its suite's built-in
+        test sets under ``reference_root(out)``."""
+        v = check_options(cls.OPTIONS, values, "filter")
+        references = v.pop("reference_images")
+        suite = v.pop("decontaminate")
+        if suite:
+            from wit.evaluate.datasets import reference_sets
+
+            if out is None:
+                raise ValueError("filter.decontaminate exports reference images next to the output: give out")
+            references += reference_sets(suite, reference_root(out))
+        return cls.build(
+            clip_checkpoint=v.pop("clip_score"),
+            clip_model=v.pop("clip_model"),
+            min_clip_score=v.pop("min_score"),
+            keep_top_fraction=v.pop("keep_top"),
+            reference_images=references,
+            **v,
+        )
+
     def __post_init__(self) -> None:
         if not isinstance(self.min_side, int) or self.min_side < 1:
             raise ValueError(f"--min-side must be a positive integer, got {self.min_side!r}")
@@ -233,6 +311,17 @@ class FilterConfig:
 
 
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def reference_root(out: str) -> str:
+    """Where ``--decontaminate`` exports evaluation images: ``_reference`` beside the filter's output.
+
+    Beside, not inside: `wit run` removes a filter folder that holds another config before it runs
+    the stage again, after the config (and so the export) was made; and the exported sets, which
+    depend only on the suite, are reused by every later filter run under the same parent.
+    """
+    out = storage.normalize(out)
+    return storage.join(posixpath.dirname(out) if "://" in out else os.path.dirname(out), "_reference")
 
 
 def _check_clip_options(
@@ -432,6 +521,13 @@ class FilterScan:
             raise StageError("filter takes exactly one input: a downloaded ledger")
         parts = input_parts(inputs, "downloaded")
         return [Partition(index=i, source=u, params=(inputs[0].url,)) for i, u in enumerate(parts)]
+
+    def resources(self, config: FilterConfig) -> Resources:
+        # CLIP scoring loads a model: long-lived workers keep it (one per GPU when there are GPUs);
+        # on CPUs it scores with one thread (clipscore.cpu_threads), so one CPU each
+        if not config.scores_clip:
+            return Resources()
+        return Resources(cpus=1.0, gpus=0.0 if config.clip_device == "cpu" else 1.0, model=True)
 
     def run_partition(self, config: FilterConfig, partition: Partition, out: str) -> PartitionResult:
         (downloaded_url,) = partition.params

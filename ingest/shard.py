@@ -49,10 +49,11 @@ import tarfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -61,6 +62,7 @@ from xxhash import xxh3_128
 
 from wit.manifests import storage
 from wit.manifests.manifest import FileInfo, ManifestError, ManifestRef, open_manifest, read_part, write_part
+from wit.manifests.options import Option, check_options
 from wit.manifests.runrecord import read_run_record
 from wit.manifests.schemas import SAMPLES, SHARDS, conform, with_kind
 from wit.manifests.stage import Partition, PartitionResult, StageError
@@ -119,6 +121,22 @@ class ShardConfig:
     curated: str | None = None  # None: found up the run records of the filtered manifest
     card: bool = True  # write CARD.md and its plots
     grid_samples: int = 16  # images in the card's sample grid
+
+    OPTIONS: ClassVar[tuple[Option, ...]] = (
+        Option("samples-per-shard", "int", samples_per_shard, low=1),
+        Option("seed", "int", seed, "Seed of the shuffled sample order.", low=0),
+        Option(
+            "curated", "path", None, "The curated manifest (default: found through the run records).", metavar="URL"
+        ),
+        Option("no-card", "bool", False, "Skip CARD.md and its plots."),
+    )
+
+    @classmethod
+    def from_options(cls, values: Mapping[str, Any], out: str | None = None) -> ShardConfig:
+        v = check_options(cls.OPTIONS, values, "shard")
+        return cls(
+            samples_per_shard=v["samples_per_shard"], seed=v["seed"], curated=v["curated"], card=not v["no_card"]
+        )
 
     def __post_init__(self) -> None:
         if not isinstance(self.samples_per_shard, int) or self.samples_per_shard < 1:

@@ -110,6 +110,40 @@ class RunRecord:
             raise ManifestError(f"malformed run record: missing or bad field {exc}") from exc
 
 
+def build_run_record(
+    stage: str,
+    config: dict,
+    inputs: list[ManifestRef],
+    output: ManifestRef,
+    files: dict[str, FileInfo],
+    started: str,
+    rows: int = 0,
+    counts: dict[str, int] | None = None,
+    partitions: int = 0,
+    extra: dict | None = None,
+    tallies: dict[str, dict[str, int]] | None = None,
+) -> RunRecord:
+    """The run record of a stage that ends now: what it did, stamped with the end time, the package
+    versions and the host. Every run record is made here: the stage driver's ``finalize`` (every
+    data stage, and eval) and the trainer."""
+    return RunRecord(
+        stage=stage,
+        config=config,
+        inputs=list(inputs),
+        output=output,
+        files=files,
+        rows=rows,
+        counts=dict(counts or {}),
+        partitions=partitions,
+        started=started,
+        ended=now(),
+        versions=package_versions(),
+        host=host_info(),
+        extra=extra or {},
+        tallies=tallies or {},
+    )
+
+
 def _check_types(d: dict) -> None:
     def need(ok: bool, what: str) -> None:
         if not ok:

@@ -33,16 +33,7 @@ import pyarrow as pa
 
 from . import storage
 from .manifest import MARKERS, PART_RE, FileInfo, ManifestError, ManifestRef, digest_of, write_part
-from .runrecord import (
-    RunRecord,
-    finished_ref,
-    host_info,
-    now,
-    package_versions,
-    read_json,
-    read_run_record,
-    write_run_record,
-)
+from .runrecord import build_run_record, finished_ref, now, read_json, read_run_record, write_run_record
 from .schemas import schema_for
 
 STAGE_PIN = "_stage.json"
@@ -204,19 +195,16 @@ def finalize(stage: Stage, config: Any, inputs: list[ManifestRef], out: str, tot
             tallies.setdefault(k, Counter()).update(v)
     digest = digest_of({n: f.sha256 for n, f in files.items()})
     ref = ManifestRef(url=storage.normalize(out), kind=stage.kind, digest=digest)
-    record = RunRecord(
+    record = build_run_record(
         stage=stage.name,
         config=config_dict(config),
         inputs=list(inputs),
         output=ref,
         files=files,
+        started=pinned.get("started", ""),
         rows=rows,
         counts=dict(counts),
         partitions=total,
-        started=pinned.get("started", ""),
-        ended=now(),
-        versions=package_versions(),
-        host=host_info(),
         extra=extra,
         tallies={k: dict(sorted(v.items())) for k, v in sorted(tallies.items())},
     )

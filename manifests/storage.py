@@ -27,6 +27,7 @@ import socket
 import tempfile
 import time
 import uuid
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import IO, BinaryIO
@@ -238,7 +239,7 @@ def _tmp_name(folder: str, path: str) -> str:
 
 
 def _host_tag() -> str:
-    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+    return f"{zlib.crc32(socket.gethostname().encode()):08x}"
 
 
 def _start_ticks(pid: int) -> int | None:

@@ -4,34 +4,15 @@ from __future__ import annotations
 
 import click
 
-from wit.pipeline.clikit import domain_errors, heavy_imports, output_option
+from wit.pipeline.clikit import StageCommand, domain_errors, given_options, heavy_imports, output_option
 
 
-@click.command()
+@click.command(cls=StageCommand, stage="train")
 @click.argument("dataset", metavar="DATASET")
 @output_option
-@click.option("--config", "config_url", metavar="YAML", help="Options as a YAML file (the flags below win).")
-@click.option("--model", default=None, metavar="NAME_OR_JSON", help="open_clip name or JSON config [wit-tiny].")
-@click.option("--batch-size", type=click.IntRange(min=2), default=None, help="Per device [32].")
-@click.option("--steps", type=click.IntRange(min=1), default=None, help="Optimiser steps (or --epochs).")
-@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=None)
-@click.option("--lr", type=float, default=None, help="Peak learning rate [5e-4].")
-@click.option("--warmup", type=click.IntRange(min=0), default=None, help="Warm-up steps [0].")
-@click.option("--weight-decay", type=float, default=None, help="Not on gains, biases, embeddings [0.2].")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "amp"]), default=None, help="[fp32]")
-@click.option("--loss", type=click.Choice(["clip", "siglip"]), default=None, help="[clip]")
-@click.option("--grad-accum", type=click.IntRange(min=1), default=None, help="Micro-batches per step [1].")
-@click.option("--workers", type=click.IntRange(min=0), default=None, help="Data loader workers per rank [2].")
-@click.option("--save-every", type=click.IntRange(min=1), default=None, help="Steps between checkpoints.")
-@click.option("--keep", type=click.IntRange(min=1), default=None, help="Checkpoints kept [3].")
-@click.option("--resume", default=None, metavar="auto|URL", help="Continue from the newest or a given checkpoint.")
-@click.option("--seed", type=int, default=None, help="[0]")
-@click.option("--device", default=None, help="auto, cpu or cuda [auto].")
-@click.option("--grad-checkpointing", is_flag=True, default=None)
-@click.option("--compile", "compile_", is_flag=True, default=None, help="torch.compile the model.")
+@click.option("--config", "config_url", metavar="YAML", help="Options as a YAML file (the flags given win).")
 @domain_errors
-def train(dataset, out, config_url, model, batch_size, steps, epochs, lr, warmup, weight_decay, precision, loss,
-          grad_accum, workers, save_every, keep, resume, seed, device, grad_checkpointing, compile_):  # fmt: skip
+def train(dataset, out, config_url, options):
     """Train a CLIP model on a dataset's shards; torchrun for several processes or machines.
 
     DATASET is a `wit shard` folder, a brace pattern or a list of tar URLs (A::B mixes datasets).
@@ -48,11 +29,8 @@ def train(dataset, out, config_url, model, batch_size, steps, epochs, lr, warmup
         from wit.train.config import TrainConfig
         from wit.train.loop import train as run_training
 
-    options = dict(model=model, batch_size=batch_size, steps=steps, epochs=epochs, lr=lr, warmup=warmup,
-                   weight_decay=weight_decay, precision=precision, loss=loss, grad_accum=grad_accum,
-                   workers=workers, save_every=save_every, keep=keep, resume=resume, seed=seed, device=device,
-                   grad_checkpointing=grad_checkpointing, compile=compile_)  # fmt: skip
-    config = TrainConfig.from_yaml(config_url, **options) if config_url else TrainConfig.from_dict({}, **options)
+    given = given_options(options)  # with --config, a flag's default must not override the file
+    config = TrainConfig.from_yaml(config_url, **given) if config_url else TrainConfig.from_options(given)
     result = run_training(config, dataset, out)
     if result is not None and getattr(result, "checkpoint", None):
         click.echo(f"train: {result.step} steps, final loss {result.loss:.4f} → {result.checkpoint}")
@@ -81,44 +59,11 @@ def eval_():
     """
 
 
-@eval_.command(name="run")
+@eval_.command(name="run", cls=StageCommand, stage="eval")
 @click.argument("checkpoint", metavar="CHECKPOINT")
 @output_option
-@click.option(
-    "--suite",
-    default="default",
-    show_default=True,
-    metavar="NAME_OR_YAML",
-    help="A built-in suite (default, digits, synthetic-colour, ...) or a suite YAML URL.",
-)
-@click.option(
-    "--model",
-    default=None,
-    metavar="NAME",
-    help="Architecture of a foreign open_clip checkpoint (wit checkpoints name their own).",
-)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
-@click.option(
-    "--batch-size", type=click.IntRange(min=0), default=0, show_default=True, help="0: 64 on a CPU, 256 on a GPU."
-)
-@click.option(
-    "--precision",
-    type=click.Choice(["auto", "fp32", "bf16", "amp"]),
-    default="auto",
-    show_default=True,
-    help="auto: amp on a GPU, fp32 on a CPU. bf16 is ~2.5x faster on CPUs with AVX512-BF16 or AMX.",
-)
-@click.option("--cache", default=None, metavar="URL", help="Image-feature cache (default: ~/.cache/wit).")
-@click.option("--no-cache", is_flag=True, help="Encode every image again.")
-@click.option(
-    "--resamples",
-    type=click.IntRange(min=10),
-    default=1000,
-    show_default=True,
-    help="Bootstrap resamples for the 95% intervals.",
-)
 @domain_errors
-def eval_run(checkpoint, out, suite, model, device, batch_size, precision, cache, no_cache, resamples):  # fmt: skip
+def eval_run(checkpoint, out, options):
     """Evaluate CHECKPOINT (a wit checkpoint, or an open_clip file with --model) on a suite.
 
     Writes a results manifest (one row per task and metric, with its 95% interval and n),
@@ -132,22 +77,14 @@ def eval_run(checkpoint, out, suite, model, device, batch_size, precision, cache
     with heavy_imports():
         import pyarrow as pa
 
-        from wit.evaluate.run import EvalConfig, default_cache, evaluate
+        from wit.evaluate.run import EvalStageConfig, evaluate
 
         # pyarrow imports pandas on its first array (to ask whether the input is a pandas object):
         # 0.3 s that belongs with the imports, not in the middle of the first task.
         pa.array([])
 
-    config = EvalConfig(
-        model=model,
-        device=device,
-        batch_size=batch_size,
-        precision=precision,
-        cache=None if no_cache else (cache or default_cache()),
-        resamples=resamples,
-        progress=True,
-    )
-    result = evaluate(checkpoint, out, suite, config)
+    stage = EvalStageConfig.from_options(options, out)
+    result = evaluate(checkpoint, out, stage.load_suite(), stage.config)
     _print_results(result)
 
 

@@ -41,10 +41,9 @@ from wit.manifests.lineage import LineageNode, lineage
 from wit.manifests.manifest import RUN_RECORD, ManifestError
 from wit.manifests.runrecord import RunRecord, read_run_record
 from wit.manifests.storage import StorageError
-from wit.pipeline.runner import FOLDERS, STAGES  # the folder `wit run` gives each stage under the root
+from wit.pipeline import registry  # the stages, and the folder `wit run` gives each under the root
 
 REPORT = "report.html"
-DATASET_STAGES = STAGES[:5]
 SAMPLES_SHOWN = 12
 THUMBNAIL = 128
 TOP_QUERIES = 20
@@ -94,20 +93,21 @@ def find_stages(root: str, stages: dict[str, str] | None = None) -> RunLayout:
     here). Internal phase folders (``curated/_count``: stage ``curate-count``) are never taken.
     """
     layout = RunLayout(root=storage.normalize(root))
+    names = registry.names()
     for stage, url in (stages or {}).items():
-        if stage not in STAGES:
-            raise ValueError(f"unknown stage {stage!r} in stages; known: {', '.join(STAGES)}")
+        if stage not in names:
+            raise ValueError(f"unknown stage {stage!r} in stages; known: {', '.join(names)}")
         run = _read(layout, storage.normalize(url))
         if run is not None and run.stage != stage:
             raise ValueError(f"{url}: holds a {run.stage} output, not {stage}")
         if run is not None:
             layout.runs[stage] = run
-    for stage in STAGES:
-        if stage not in layout.runs:
-            run = _read(layout, storage.join(layout.root, FOLDERS[stage]))
-            if run is not None and run.stage == stage:
-                layout.runs[stage] = run
-    if any(s not in layout.runs for s in STAGES):
+    for spec in registry.specs():
+        if spec.name not in layout.runs:
+            run = _read(layout, storage.join(layout.root, spec.folder))
+            if run is not None and run.stage == spec.name:
+                layout.runs[spec.name] = run
+    if any(s not in layout.runs for s in names):
         newest: dict[str, StageRun] = {}
         for run in _scan(layout):
             # several outputs of one stage under one root (two evals): the newest is the run's
@@ -116,11 +116,11 @@ def find_stages(root: str, stages: dict[str, str] | None = None) -> RunLayout:
             ):
                 newest[run.stage] = run
         layout.runs.update(newest)
-    for stage in reversed(STAGES):
-        if stage in layout.runs and any(s not in layout.runs for s in STAGES):
+    for stage in reversed(names):
+        if stage in layout.runs and any(s not in layout.runs for s in names):
             for node in _lineage(layout, layout.runs[stage].url):
                 rec = node.record
-                if rec is not None and rec.stage in STAGES and rec.stage not in layout.runs:
+                if rec is not None and rec.stage in names and rec.stage not in layout.runs:
                     layout.runs[rec.stage] = StageRun(rec.stage, node.url, rec)
     return layout
 
@@ -147,7 +147,7 @@ def _scan(layout: RunLayout) -> list[StageRun]:
         parts = name.split("/")
         if len(parts) == 2 and parts[1] == RUN_RECORD and not parts[0].startswith(("_", ".")):
             run = _read(layout, storage.join(layout.root, parts[0]))
-            if run is not None and run.stage in STAGES:
+            if run is not None and run.stage in registry.names():
                 found.append(run)
     return sorted(found, key=lambda r: r.url)
 
@@ -251,21 +251,15 @@ def _png(fig) -> bytes:
 # the sections
 
 
-_STAGE_TITLES = {
-    "extract": "extract → candidates",
-    "curate": "curate → curated",
-    "download": "download → downloaded",
-    "filter": "filter → filtered",
-    "shard": "shard → dataset",
-    "train": "train → checkpoint",
-    "eval": "eval → results",
-}
+def _dataset_stages() -> list[registry.StageSpec]:
+    """The stages that build the dataset (extract ... shard), in order."""
+    return [s for s in registry.specs() if s.dataset]
 
 
 def _overview(page: _Page, layout: RunLayout) -> None:
     page.add("<section id='overview'><h2>Stages</h2>")
     rows = []
-    for stage in STAGES:
+    for stage in registry.names():
         run = layout.get(stage)
         if run is None:
             rows.append((_esc(stage), "–", "–", "–", f"<span class='missing'>{_NOT_RUN}</span>"))
@@ -291,7 +285,8 @@ def _dataset(page: _Page, layout: RunLayout) -> None:
     shard = layout.get("shard")
     if shard is not None and storage.exists(shard.file("CARD.md")):
         page.add(f"<p>The dataset's own card: {page.a('CARD.md', shard.file('CARD.md'))}.</p>")
-    if not any(layout.get(s) for s in DATASET_STAGES):
+    dataset_stages = _dataset_stages()
+    if not any(layout.get(s.name) for s in dataset_stages):
         page.missing("No dataset stage")
         page.add("</section>")
         return
@@ -301,11 +296,11 @@ def _dataset(page: _Page, layout: RunLayout) -> None:
         page.figure(_funnel_plot(funnel), "Rows in, then rows kept after each stage", page.a(RUN_RECORD, funnel[-1][2]))
         page.table(("step", "rows"), [(_esc(label), page.n(n, url)) for label, n, url in funnel], "funnel")
     page.add("<div class='stages'>")
-    for stage in DATASET_STAGES:
-        page.add(f"<div class='stage'><h4>{_esc(_STAGE_TITLES[stage])}</h4>")
-        run = layout.get(stage)
+    for spec in dataset_stages:
+        page.add(f"<div class='stage'><h4>{_esc(spec.name)} → {_esc(spec.produces)}</h4>")
+        run = layout.get(spec.name)
         if run is None:
-            page.missing(stage)
+            page.missing(spec.name)
         else:
             _stage_counts(page, run)
         page.add("</div>")
@@ -333,18 +328,20 @@ def _stage_counts(page: _Page, run: StageRun) -> None:
 def _funnel_rows(layout: RunLayout) -> list[tuple[str, int, str]]:
     """(label, rows, source) from the first stage's input to the dataset's samples."""
     rows: list[tuple[str, int, str]] = []
-    for stage in DATASET_STAGES:
-        run = layout.get(stage)
+    for spec in _dataset_stages():
+        run = layout.get(spec.name)
         if run is None:
             continue
         rec, src = run.record, run.record_url
         if not rows:
-            # extract counts every image it saw; a later first stage read its input's rows
-            if stage == "extract" and "images_seen" in rec.counts:
-                rows.append(("extract: images seen", int(rec.counts["images_seen"]), src))
+            # a stage that counts what it saw (extract: every image) starts there; another first
+            # stage starts at its rows
+            if spec.rows_seen and spec.rows_seen in rec.counts:
+                label = spec.rows_seen.replace("_", " ")
+                rows.append((f"{spec.name}: {label}", int(rec.counts[spec.rows_seen]), src))
             else:
-                rows.append((f"{stage}: rows in", int(rec.rows), src))
-        rows.append((f"{stage}: kept", int(rec.counts.get("kept", rec.rows)), src))
+                rows.append((f"{spec.name}: rows in", int(rec.rows), src))
+        rows.append((f"{spec.name}: kept", int(rec.counts.get("kept", rec.rows)), src))
     return rows
 
 
@@ -648,7 +645,7 @@ def _inline_code(text: str) -> str:
 
 def _lineage_section(page: _Page, layout: RunLayout) -> None:
     page.add("<section id='lineage'><h2>Lineage</h2>")
-    leaves = [layout.runs[s] for s in reversed(STAGES) if s in layout.runs]
+    leaves = [layout.runs[s] for s in reversed(registry.names()) if s in layout.runs]
     if not leaves:
         page.missing("No stage")
         page.add("</section>")

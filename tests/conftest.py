@@ -107,7 +107,7 @@ def ray_head_process(cpus: int = 2, object_store_bytes: int = 100_000_000) -> It
             env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 240  # a loaded 2-core machine
         while b"Ray runtime started" not in open(log_path, "rb").read():
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"ray start --head failed:\n{open(log_path).read()[-3000:]}")

@@ -1,18 +1,22 @@
 """The training config: one frozen dataclass, validated once, saved into every checkpoint.
 
-The CLI builds it from options (`wit train --batch-size 32 ...`) or from a YAML file with the same
-keys (`TrainConfig.from_yaml(url, **overrides)`; dashes and underscores are the same).
+The CLI builds it from options (`wit train --batch-size 32 ...`, made from ``TrainConfig.OPTIONS``)
+or from a YAML file with the same keys (`TrainConfig.from_yaml(url, **overrides)`; dashes and
+underscores are the same). A YAML file, or a pipeline file's ``train:`` section, may set every field;
+the command line has the options in ``OPTIONS``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
 from wit.manifests import storage
+from wit.manifests.options import Option, check_options
 
 PRECISIONS = ("fp32", "bf16", "amp")
 LOSSES = ("clip", "siglip")
@@ -50,6 +54,27 @@ class TrainConfig:
     eval_every: int | None = None  # steps between eval_callback calls
     device: str = "auto"  # auto | cpu | cuda
     extra: dict[str, Any] = field(default_factory=dict)  # free-form, kept in the checkpoint
+
+    OPTIONS: ClassVar[tuple[Option, ...]] = (
+        Option("model", "name_or_path", model, "open_clip name or JSON config.", metavar="NAME_OR_JSON"),
+        Option("batch-size", "int", batch_size, "Per device.", low=2),
+        Option("steps", "int", steps, "Optimiser steps (or --epochs).", low=1),
+        Option("epochs", "float", epochs, low=0, low_open=True),
+        Option("lr", "float", lr, "Peak learning rate.", low=0, low_open=True),
+        Option("warmup", "int", warmup, "Warm-up steps.", low=0),
+        Option("weight-decay", "float", weight_decay, "Not on gains, biases, embeddings.", low=0),
+        Option("precision", "str", precision, choices=PRECISIONS),
+        Option("loss", "str", loss, choices=LOSSES),
+        Option("grad-accum", "int", grad_accum, "Micro-batches per step.", low=1),
+        Option("workers", "int", workers, "Data loader workers per rank.", low=0),
+        Option("save-every", "int", save_every, "Steps between checkpoints.", low=1),
+        Option("keep", "int", keep, "Checkpoints kept.", low=1),
+        Option("resume", "str", resume, "Continue from the newest or a given checkpoint.", metavar="auto|URL"),
+        Option("seed", "int", seed),
+        Option("device", "str", device, "auto, cpu or cuda."),
+        Option("grad-checkpointing", "bool", False),
+        Option("compile", "bool", False, "torch.compile the model."),
+    )
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -119,6 +144,16 @@ class TrainConfig:
         elif "epochs" in overrides and overrides["epochs"] is not None:
             merged.pop("steps", None)
         return cls(**merged)
+
+    @classmethod
+    def from_options(cls, values: Mapping[str, Any], out: str | None = None) -> TrainConfig:
+        """The options in ``OPTIONS`` checked as the command line checks them; every other field
+        as :meth:`from_dict` takes it."""
+        checked = check_options(cls.OPTIONS, values, "train", open_keys=True)
+        try:
+            return cls.from_dict(checked)
+        except TypeError as exc:  # a string compared with a number in the checks of a field not in OPTIONS
+            raise ValueError(f"train: an option has the wrong type ({exc})") from exc
 
     @classmethod
     def from_yaml(cls, url: str, **overrides: Any) -> TrainConfig:

@@ -29,14 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from wit.manifests import storage
 from wit.manifests.manifest import FileInfo, ManifestError, ManifestRef, digest_of, write_part
-from wit.manifests.runrecord import (
-    RunRecord,
-    finished_ref,
-    host_info,
-    now,
-    package_versions,
-    write_run_record,
-)
+from wit.manifests.runrecord import build_run_record, finished_ref, now, write_run_record
 from wit.manifests.schemas import with_kind
 
 from . import distributed, optim
@@ -92,6 +85,12 @@ def train(
         return _train(config, dataset_url, storage.normalize(out_url), eval_callback, env)
     finally:
         distributed.shutdown(env)
+
+
+def train_stage(config: TrainConfig, inputs: list[ManifestRef], out: str, progress: bool = True) -> TrainResult:
+    """The train stage of a pipeline: ``inputs[0]`` is the dataset. ``progress`` changes nothing: the
+    loop logs every ``log_every`` steps either way."""
+    return train(config, inputs[0].url, out)
 
 
 def _train(cfg: TrainConfig, dataset_url, out: str, eval_callback, env: distributed.DistEnv) -> TrainResult:
@@ -563,7 +562,7 @@ def _write_record(
         else:
             inputs.append(ManifestRef(url=src.url, kind="shards"))
     reasons = Counter("unreadable_tar" if not s[0] else "corrupt_sample" for s in tallies.skipped)
-    record = RunRecord(
+    record = build_run_record(
         stage="train",
         config={**cfg.to_dict(), "model_resolved": spec.name, "world_size": env.world_size},
         inputs=inputs,
@@ -573,9 +572,6 @@ def _write_record(
         counts=dict(reasons),
         partitions=len(index_rows),
         started=started,
-        ended=now(),
-        versions=package_versions(),
-        host=host_info(),
         extra={
             "checkpoint": f"{CHECKPOINTS}/step-{step:08d}.pt",
             "steps": step,

@@ -308,3 +308,16 @@ def test_threshold_is_a_function_of_the_scores_only():
 
 def test_histogram_buckets_by_lower_edge():
     assert histogram([0.01, 0.049, 0.05, -0.01, 0.31, None]) == {"-0.05": 1, "0.00": 2, "0.05": 1, "0.30": 1}
+
+
+def test_on_ray_the_scan_scores_on_actors_and_gives_the_local_rows(trained, pairs, scored, ray_cluster, tmp_path):
+    from wit.manifests.stage import stage_resources
+    from wit.pipeline.executor import run_phases as run_stage_phases
+
+    config, local_ref, _ = scored
+    assert stage_resources(FILTER_PHASES[0][0], config).model  # the scan keeps its model on actors
+    out = str(tmp_path / "ray")
+    outcome = run_stage_phases(FILTER_PHASES, config, [pairs.downloaded], out, progress=False, executor="ray")
+    assert outcome.done and outcome.ref.digest == local_ref.digest
+    scan = read_run_record(out + "/_scan")
+    assert scan.extra["clip_device"] == ["cpu"] * scan.partitions  # no GPU in this cluster: CPU actors

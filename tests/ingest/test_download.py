@@ -511,6 +511,18 @@ def test_config_is_validated():
     assert DownloadConfig(distributor="ray", processes=4).shards_per_partition == 4
 
 
+def test_img2dataset_ray_distributor_is_deprecated_for_the_ray_executor(tmp_path, run_wit):
+    """Still accepted, with a warning that points at --executor ray, from the library and the command line."""
+    with pytest.warns(FutureWarning, match="--distributor ray .* deprecated: use --executor ray"):
+        config = DownloadConfig.from_options({"distributor": "ray", "processes": 2})
+    assert config.distributor == "ray" and config.processes == 2
+    proc = run_wit("download", tmp_path / "none", "-o", tmp_path / "o", "--distributor", "ray", "--processes", "2")
+    assert "FutureWarning: --distributor ray (img2dataset's Ray distributor) is deprecated: use --executor ray" in (
+        proc.stderr
+    )
+    assert proc.returncode == 1  # the warning does not stop the command: its missing input does
+
+
 def test_shard_url():
     assert shard_url("/data/dl", "shards/000001.tar") == "/data/dl/shards/000001.tar"
     assert shard_url("s3://b/dl", "shards/000001.tar") == "s3://b/dl/shards/000001.tar"

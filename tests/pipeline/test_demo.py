@@ -10,12 +10,14 @@ import pytest
 from wit.manifests import storage
 from wit.manifests.runrecord import read_run_record
 from wit.manifests.verify import verify
+from wit.pipeline import registry
 from wit.pipeline.demo import demo_config, run_demo
-from wit.pipeline.runner import STAGES, PipelineConfig
+from wit.pipeline.runner import PipelineConfig
 from wit.train.models import resolve_model
 
 from conftest import free_port
 
+STAGES = registry.names()
 # A smoke-sized demo: 30 pages, 3 training steps, one evaluation task
 SMOKE = dict(pages=30, steps=3, suite=["synthetic-colour"], overrides=("train.batch-size=16", "eval.resamples=50"))
 

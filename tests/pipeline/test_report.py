@@ -23,14 +23,15 @@ from wit.evaluate.run import EvalConfig, evaluate
 from wit.ingest.synthetic import SyntheticWebServer, generate_web
 from wit.manifests import storage
 from wit.manifests.runrecord import read_run_record
-from wit.pipeline import runner
-from wit.pipeline.report import FOLDERS, STAGES, build_report, find_stages
+from wit.pipeline import registry
+from wit.pipeline.report import build_report, find_stages
 from wit.train.config import TrainConfig
 from wit.train.loop import train
 
 from conftest import free_port
 
 pytestmark = pytest.mark.slow
+STAGES = registry.names()
 
 SECTIONS = (
     "overview",
@@ -277,5 +278,9 @@ def test_report_renders_in_headless_chromium_with_every_image_loaded(run_root, t
         assert f"<h2>{heading}</h2>" in dom
 
 
-def test_default_folders_are_the_runners():
-    assert FOLDERS is runner.FOLDERS and STAGES is runner.STAGES
+def test_stages_are_found_in_the_folders_wit_run_gives_them(run_root):
+    # the report and `wit run` read one registry: each stage is at its entry's folder
+    layout = find_stages(str(run_root))
+    assert {name: run.url for name, run in layout.runs.items()} == {
+        s.name: str(run_root / s.folder) for s in registry.specs()
+    }

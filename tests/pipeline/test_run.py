@@ -12,9 +12,13 @@ import pytest
 from wit.ingest.synthetic import SyntheticWebServer, generate_web
 from wit.manifests import storage
 from wit.manifests.runrecord import read_run_record
-from wit.pipeline.runner import FOLDERS, STAGES, PipelineConfig, PipelineError, run_pipeline
+from wit.pipeline import registry
+from wit.pipeline.runner import PipelineConfig, PipelineError, run_pipeline
 
 from conftest import free_port
+
+STAGES = registry.names()
+FOLDERS = {s.name: s.folder for s in registry.specs()}
 
 PIPELINE = """\
 root: out
@@ -190,15 +194,24 @@ def test_a_pipeline_file_is_validated_before_anything_runs(tmp_path):
 
     base = "root: out\nextract: {sources: [web]}\n"
     cfg = load(base)
-    assert cfg.root == str(tmp_path / "out") and cfg.sources == (str(tmp_path / "web" / "a.warc.gz"),)
+    assert cfg.root == str(tmp_path / "out") and cfg.sources["extract"] == (str(tmp_path / "web" / "a.warc.gz"),)
     assert cfg.url("shard") == str(tmp_path / "out" / "dataset")
     assert load(base, ["root=s3://bucket/run"]).url("train") == "s3://bucket/run/train"
     assert load(base + "curate: {per_query_cap: 7}").config("curate").per_query_cap == 7
     assert load(base, ["curate.per-query-cap=9"]).config("curate").per_query_cap == 9
     assert load(base, ["train.steps=4"]).config("train").steps == 4
     assert load(base, ["train.lr=2e-3"]).config("train").lr == 0.002  # YAML 1.1 reads 2e-3 as a string
-    with pytest.raises(ValueError, match="train: an option has the wrong type"):
+    with pytest.raises(ValueError, match="train.lr: expected a number"):
         load(base + "train: {lr: fast}\n")
+    with pytest.raises(ValueError, match="train: an option has the wrong type"):  # a field with no option
+        load(base + "train: {grad-clip: fast}\n")
+    with pytest.raises(ValueError, match="curate.per-query-cap: must be >= 1"):  # the command line's range
+        load(base + "curate: {per-query-cap: 0}\n")
+    with pytest.raises(ValueError, match="download.resize-mode: expected one of"):
+        load(base + "download: {resize-mode: squash}\n")
+    assert load(base, ["executor=ray", "ray-address=ray://head:10001"]).executor == "ray"
+    with pytest.raises(ValueError, match="executor: expected one of local, ray"):
+        load(base + "executor: slurm\n")
     with pytest.raises(ValueError, match="not valid YAML"):
         load("root: [out\n")
     with pytest.raises(ValueError, match="unknown section.*sharding"):
@@ -223,39 +236,99 @@ def test_a_pipeline_file_is_validated_before_anything_runs(tmp_path):
         load("- a\n- b\n")
 
 
-# Options that belong to one command line and not to a pipeline file: where to write (the file
-# names its folders), which slice of a job array this is, download's second pass over failures.
-CLI_ONLY = {"out", "part", "retry_failed"}
-YAML_ONLY = {"extract": {"sources"}}  # the command's SOURCES argument
+# Options that belong to one command line and not to a pipeline section: where to write (the file
+# names its folders), which slice of a job array this is, download's second pass over failures, and
+# train's own YAML file (the pipeline file is that).
+CLI_ONLY = {"out", "part", "retry_failed", "config_url"}
 
 
-def test_the_pipeline_file_takes_every_option_of_each_stage_command_with_its_default():
-    """The runner keeps its own table of section options (OPTIONS). This holds it to the click
-    commands, so an option added to a command cannot be forgotten in the pipeline file."""
+def _command(stage: str):
+    from wit.pipeline.cli import cli
+
+    return cli.commands["eval"].commands["run"] if stage == "eval" else cli.commands[stage]
+
+
+def test_each_stage_command_has_exactly_the_options_its_config_class_declares():
+    """A stage's command makes its options from the option specs of the registry entry's config class
+    (and the scheduling specs, which a pipeline file has as a section's `workers` and the top-level
+    `executor`, `ray-address`), the same objects the pipeline file is checked against."""
     import click
 
-    from wit.pipeline import ingest_commands, model_commands
-    from wit.pipeline.runner import OPTIONS
+    from wit.pipeline.clikit import SpecOption
+    from wit.pipeline.driver import EXECUTOR, RAY_ADDRESS, WORKERS
 
-    commands = {c.name: c for c in ingest_commands.COMMANDS} | {"eval": model_commands.eval_run}
-    for stage, options in OPTIONS.items():
-        if stage == "train":
-            continue  # every TrainConfig field, checked by TrainConfig.from_dict
-        command = commands[stage]
-        ctx = click.Context(command)
-        cli = {}
-        for p in command.params:
-            if not isinstance(p, click.Option):
-                continue
-            key = max(p.opts, key=len).lstrip("-").replace("-", "_")  # the long flag, as the YAML key
-            default = p.get_default(ctx, call=True)
-            default = None if default is click.core.UNSET else default
-            if p.multiple:
-                default = (default,) if isinstance(default, str) else tuple(default or ())
-            cli[key] = default
-        assert set(cli) - CLI_ONLY == set(options) - YAML_ONLY.get(stage, set()), stage
-        for key in set(cli) - CLI_ONLY:
-            want, default = options[key], cli[key]
-            if want.kind == "strs" and isinstance(default, str):  # the CLI's comma-separated form
-                default = tuple(code for code in default.split(",") if code)
-            assert default == want.default, (stage, key, default, want.default)
+    for spec in registry.specs():
+        command = _command(spec.name)
+        params = command.get_params(click.Context(command))
+        made = {id(p.spec) for p in params if isinstance(p, SpecOption)}
+        scheduling = (WORKERS, EXECUTOR, RAY_ADDRESS) if spec.runs_partitions else ()
+        assert made == {id(o) for o in (*spec.options(), *scheduling)}, spec.name
+        by_hand = {
+            p.name for p in params if isinstance(p, click.Option) and not (isinstance(p, SpecOption) or p.is_eager)
+        }
+        assert by_hand <= CLI_ONLY, (spec.name, by_hand - CLI_ONLY)
+
+
+# (stage, command-line options, the same options as a pipeline section); paths are relative to the
+# working directory on the command line and to the pipeline file's folder in the file: the same here
+SAME_CONFIG = [
+    ("extract", [], {}),
+    ("extract", ["--no-lang", "--languages", "en,de", "--max-page-bytes", "4096"],
+     {"no-lang": True, "languages": ["en", "de"], "max_page_bytes": 4096}),
+    ("curate", [], {}),
+    ("curate", ["--per-query-cap", "7", "--lang", "", "--queries", "q.txt", "--allow-private-hosts"],
+     {"per-query-cap": 7, "lang": "", "queries": "q.txt", "allow-private-hosts": True}),
+    ("download", [], {}),
+    ("download", ["--image-size", "64", "--resize-mode", "center_crop", "--timeout", "2"],
+     {"image_size": 64, "resize-mode": "center_crop", "timeout": 2}),
+    ("filter", [], {}),
+    # --decontaminate exports the suite's images to _reference beside the filter's folder either way
+    ("filter", ["--decontaminate", "digits", "--reference-images", "a=refs", "--max-aspect-ratio", "2"],
+     {"decontaminate": "digits", "reference-images": ["a=refs"], "max-aspect-ratio": 2}),
+    ("shard", [], {}),
+    ("shard", ["--no-card", "--samples-per-shard", "5"], {"no-card": True, "samples-per-shard": 5}),
+    ("eval", [], {}),
+    ("eval", ["--suite", "digits", "--no-cache", "--resamples", "50"], {"suite": "digits", "no-cache": True,
+                                                                       "resamples": 50}),
+    ("train", ["--resume", "auto"], {}),  # a pipeline resumes a killed training by default
+    ("train", ["--resume", "auto", "--steps", "3", "--model", "m.json"], {"steps": 3, "model": "m.json"}),
+]  # fmt: skip
+
+
+class _Captured(Exception):
+    pass
+
+
+@pytest.mark.parametrize("stage,args,section", SAME_CONFIG, ids=lambda v: v if isinstance(v, str) else None)
+def test_a_stage_command_and_a_pipeline_section_build_the_same_config(stage, args, section, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from wit.pipeline import driver
+    from wit.pipeline.cli import cli
+
+    (tmp_path / "web").mkdir()
+    (tmp_path / "web" / "a.warc.gz").write_bytes(b"")
+    (tmp_path / "q.txt").write_text("red box\n")
+    data = {"root": "out", "extract": {"sources": ["web"]}}
+    data[stage] = data.get(stage, {}) | section
+    piped = PipelineConfig.from_dict(data, base=str(tmp_path)).config(stage)
+
+    seen = []
+
+    def capture(*args, **kwargs):
+        seen.append(args)
+        raise _Captured
+
+    target = {"eval": "wit.evaluate.run.evaluate", "train": "wit.train.loop.train"}.get(stage)
+    monkeypatch.setattr(target, capture) if target else monkeypatch.setattr(driver, "run", capture)
+    monkeypatch.chdir(tmp_path)
+    command = {"extract": ["extract", "web"], "eval": ["eval", "ckpt.pt"]}.get(stage, [stage, "input"])
+    out = str(tmp_path / "out" / registry.get(stage).folder)
+    result = CliRunner().invoke(cli, [*command, "-o", out, *args])
+    assert isinstance(result.exception, _Captured), result.output
+    if stage == "eval":  # evaluate(checkpoint, out, suite, config)
+        assert (seen[0][2].to_dict(), seen[0][3]) == (piped.load_suite().to_dict(), piped.config)
+    else:  # train(config, dataset, out); driver.run(stage, config, inputs, out)
+        assert seen[0][0 if stage == "train" else 1] == piped
+    if "--decontaminate" in args:
+        assert f"digits={tmp_path / 'out' / '_reference' / 'wds_digits' / 'test'}" in piped.reference_images
