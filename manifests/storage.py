@@ -18,6 +18,7 @@ Every storage failure is raised as :class:`StorageError` with the URL in its mes
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import posixpath
@@ -48,9 +49,25 @@ _OWNER_RE = re.compile(r"^([0-9a-f]{8})\.(\d+)\.(\d+)-")
 TMP_MAX_AGE = 3600.0
 
 
+def env_flag(name: str) -> bool:
+    """A yes/no environment switch of wit: ``1``, ``true``, ``yes`` or ``on`` (any case) is yes."""
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def env_number(name: str, default: float) -> float:
+    """A number from the environment, or ``default`` when unset; anything else is a clear error."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from None
+
+
 def durable() -> bool:
     """Whether local commits fsync the file before the rename (``WIT_FSYNC=1``)."""
-    return os.environ.get("WIT_FSYNC", "").strip().lower() in ("1", "true", "yes", "on")
+    return env_flag("WIT_FSYNC")
 
 
 def _sync(fh) -> None:
@@ -238,8 +255,21 @@ def _tmp_name(folder: str, path: str) -> str:
     return os.path.join(folder, f"{tmp_prefix()}{uuid.uuid4().hex[:12]}-{os.path.basename(path)}")
 
 
+@functools.lru_cache(maxsize=1)
 def _host_tag() -> str:
-    return f"{zlib.crc32(socket.gethostname().encode()):08x}"
+    """Which process table a pid belongs to: the host name, its boot, and the pid namespace.
+
+    Two containers can share a host name (host networking) with separate pid namespaces, and a
+    host reuses pids after a reboot: a pid means something only where all three are the same.
+    """
+    parts = [socket.gethostname()]
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as fh:
+            parts.append(fh.read().strip())
+        parts.append(str(os.stat("/proc/self/ns/pid").st_ino))
+    except OSError:
+        pass  # no /proc: the host name alone
+    return f"{zlib.crc32(chr(0).join(parts).encode()):08x}"
 
 
 def _start_ticks(pid: int) -> int | None:
@@ -284,7 +314,7 @@ def is_abandoned(name: str, age: float) -> bool:
     m = _OWNER_RE.match(posixpath.basename(name)[len(TMP_PREFIX) :])
     if m and m.group(1) == _host_tag():
         return not _alive(int(m.group(2)), int(m.group(3)))
-    return age > float(os.environ.get("WIT_TMP_MAX_AGE", TMP_MAX_AGE))
+    return age > env_number("WIT_TMP_MAX_AGE", TMP_MAX_AGE)
 
 
 def _umask() -> int:

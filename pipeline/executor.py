@@ -115,13 +115,14 @@ def run_stage(
     if [p.index for p in partitions] != list(range(len(partitions))):
         raise StageError(f"{stage.name}: partitions must be numbered 0..n-1")
     cluster = None
-    if executor == "ray":
+    if executor == "ray" and any(part.owns(p) and p.index not in committed(out) for p in partitions):
         from wit.pipeline import ray_executor
 
         # connect (or say which extra to install) and refuse local paths on a multi-node
-        # cluster before anything is claimed or written
+        # cluster before anything is claimed or written; nothing to run needs no cluster
         cluster = ray_executor.RayCluster.connect(ray_address)
-        cluster.check_reachable(stage.name, [out] + [i.url for i in inputs])
+        urls = [out] + [i.url for i in inputs] + ray_executor.config_paths(config)
+        cluster.check_reachable(stage.name, urls)
     done = open_run(stage, config, inputs, out)
     todo = [p for p in partitions if part.owns(p) and p.index not in done]
     skipped = sum(1 for p in partitions if part.owns(p) and p.index in done)

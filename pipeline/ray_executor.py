@@ -8,18 +8,21 @@ so a driver killed and run again resumes from them (Ray rebuilds lost work only 
 lives).
 
 - Bounded in flight: at most ``WIT_RAY_MAX_IN_FLIGHT`` tasks (default twice the partitions the
-  cluster can run at once) are submitted; the rest wait in the driver, so a stage of a million
-  partitions does not put a million task specs in the cluster.
+  cluster can run at once, read again as the cluster grows) are submitted; the rest wait in the
+  driver, so a stage of a million partitions does not put a million task specs in the cluster.
 - A worker or node that dies is Ray's to retry (``max_retries``, ``WIT_RAY_MAX_RETRIES``, default
   3); the retry redoes the partition from the start (what the dead attempt left is an abandoned
-  temporary). An error raised by the stage itself is not retried: it is raised once, in the
-  driver, with its own type and message, and nothing more is submitted; partitions already
-  running finish and commit (a rerun then redoes only the failed ones).
+  temporary, swept before the run record is written). An error raised by the stage itself is not
+  retried: it is raised once, in the driver, with its own type and message; nothing more is
+  submitted and what was submitted is cancelled (a rerun redoes exactly the partitions without a
+  marker).
 - Each task declares the CPUs (and GPUs) of ``stage.resources(config)``: Ray sets
   ``OMP_NUM_THREADS`` from it. Stages whose partitions load a model (CLIP scoring) run on actors
   that keep it loaded: one per GPU when the cluster has GPUs, else CPU actors.
-- The driver's environment does not reach Ray workers by itself: the ``AWS_*`` and ``WIT_*``
-  variables (storage endpoint and credentials, wit's own switches) go with every task.
+- The driver's environment does not reach Ray workers by itself: the ``AWS_*`` variables (but those
+  naming the driver's own machine: a profile, a credentials file) and ``WIT_*`` go with every task.
+- Before anything is written, a cluster of several nodes refuses local paths: the output, the
+  inputs and the files a config names (a query list, a checkpoint), but wit's own package data.
 
 Ray is imported here only, and this module only when ``--executor ray`` is asked for.
 """
@@ -27,6 +30,8 @@ Ray is imported here only, and this module only when ``--executor ray`` is asked
 from __future__ import annotations
 
 import os
+import sys
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,13 +42,55 @@ from wit.manifests.stage import Partition, Resources, Stage, StageError, stage_r
 from wit.pipeline.executor import run_one
 
 FORWARDED_PREFIXES = ("AWS_", "WIT_")
+# AWS variables that name something of the driver's machine (a profile, a file, its container's
+# credential endpoint): on the nodes they would replace credentials that work there (an instance
+# role) with ones that do not exist
+MACHINE_LOCAL = (
+    "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN", "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", "AWS_CA_BUNDLE",
+)  # fmt: skip
 MAX_RETRIES = 3
 INSTALL_HINT = "--executor ray needs Ray: pip install 'wit[ray]'"
 
 
 def forwarded_env() -> dict[str, str]:
-    """The driver's variables that every task needs (storage endpoint and credentials, WIT_*)."""
-    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_PREFIXES)}
+    """The driver's variables that every task needs: ``AWS_*`` (endpoint, region, keys) but those
+    that name the driver's own machine, and ``WIT_*``.
+
+    ``WIT_RAY_NO_ENV=1`` forwards nothing (nodes with credentials of their own). What is forwarded
+    is part of each task's runtime environment, which Ray's dashboard shows: prefer node credentials
+    (an instance role) to keys on a shared cluster.
+    """
+    if storage.env_flag("WIT_RAY_NO_ENV"):
+        return {}
+    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_PREFIXES) and k not in MACHINE_LOCAL}
+
+
+def config_paths(config: Any) -> list[str]:
+    """The local files a config names (a query list, a checkpoint, reference images), but those
+    shipped inside wit itself: each node has its own copy of the package, at the same place (Ray
+    needs the same environment on every node)."""
+    from wit.manifests.stage import config_dict
+
+    shipped = [os.path.dirname(os.path.abspath(m.__file__)) for n, m in list(sys.modules.items())
+               if n.startswith("wit.") and n.count(".") == 1 and getattr(m, "__file__", None)]  # fmt: skip
+    found: list[str] = []
+
+    def walk(value: Any) -> None:
+        if isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, list):
+            for v in value:
+                walk(v)
+        elif isinstance(value, str) and (value.startswith(("/", "file://"))):
+            path = storage.local_path(value.split("=", 1)[-1] if "=" in value.split("/")[0] else value)
+            if path and os.path.exists(path) and not any(path.startswith(d + os.sep) for d in shipped):
+                found.append(value)
+
+    walk(config_dict(config))
+    return found
 
 
 def _int_env(name: str, default: int) -> int:
@@ -95,7 +142,11 @@ class RayCluster:
     @classmethod
     def connect(cls, address: str | None = None) -> RayCluster:
         ray = import_ray()
-        if not ray.is_initialized():
+        if ray.is_initialized():
+            have = ray.get_runtime_context().gcs_address
+            if address and address.removeprefix("ray://") != have and address != "auto":
+                raise StageError(f"--ray-address {address}: this process is already connected to Ray at {have}")
+        else:
             address = address or os.environ.get("RAY_ADDRESS") or None
             kwargs: dict[str, Any] = {"logging_level": "WARNING", "configure_logging": False}
             if address is None:
@@ -114,7 +165,7 @@ class RayCluster:
         ``WIT_RAY_SHARED_FS=1`` says that local paths are a file system mounted at the same place
         on every node (NFS, Lustre).
         """
-        if self.nodes <= 1 or os.environ.get("WIT_RAY_SHARED_FS", "").strip() in ("1", "true", "yes"):
+        if self.nodes <= 1 or storage.env_flag("WIT_RAY_SHARED_FS"):
             return
         for url in urls:
             if storage.is_local(url):
@@ -129,6 +180,7 @@ class RayCluster:
         ray = import_ray()
         res = stage_resources(stage, config)
         retries = _int_env("WIT_RAY_MAX_RETRIES", MAX_RETRIES)
+        fixed_limit = _int_env("WIT_RAY_MAX_IN_FLIGHT", 0)
         options: dict[str, Any] = {
             "num_cpus": res.cpus,
             "runtime_env": {"env_vars": forwarded_env()},
@@ -141,6 +193,8 @@ class RayCluster:
                 num_gpus=gpus, max_restarts=retries, max_task_retries=retries, **options
             )
             count = self._actor_count(res, gpus, len(todo))
+            if fixed_limit:
+                count = min(count, fixed_limit)
             actors = [actor_cls.remote() for _ in range(count)]
             idle = deque(actors)
             busy: dict[Any, Any] = {}
@@ -154,8 +208,10 @@ class RayCluster:
             def release(ref) -> None:
                 idle.append(busy.pop(ref))
 
+            # an actor's restarts count over its whole life, across the partitions it ran
+            lost = f"lost its model worker, which Ray restarts at most {retries} times a stage"
             try:
-                self._drive(ray, stage, todo, submit, release, lambda: bool(idle), on_done, retries)
+                self._drive(ray, stage, todo, submit, release, lambda: bool(idle), on_done, lost)
             finally:
                 for actor in actors:
                     ray.kill(actor)  # give back their CPUs / GPUs and the model's memory
@@ -163,26 +219,26 @@ class RayCluster:
         task = ray.remote(run_one).options(
             num_gpus=res.gpus if self.gpus else 0.0, max_retries=retries, retry_exceptions=False, **options
         )
-        limit = _int_env("WIT_RAY_MAX_IN_FLIGHT", 0) or max(2, 2 * int(self.cpus // max(res.cpus, 1e-9)))
         in_flight: set = set()
+        limit = _InFlightLimit(ray, res.cpus, fixed_limit)
 
         def submit_task(p: Partition):
             ref = task.remote(stage_ref, config_ref, p, out)
             in_flight.add(ref)
             return ref
 
-        self._drive(ray, stage, todo, submit_task, in_flight.discard, lambda: len(in_flight) < limit, on_done, retries)
+        lost = f"lost its worker {retries + 1} times"
+        self._drive(ray, stage, todo, submit_task, in_flight.discard, lambda: len(in_flight) < limit(), on_done, lost)
 
     def _actor_count(self, res: Resources, gpus: float, partitions: int) -> int:
         per = self.gpus / gpus if gpus else self.cpus / max(res.cpus, 1e-9)
         return max(1, min(partitions, int(per)))
 
     @staticmethod
-    def _drive(ray, stage: Stage, todo, submit, release, has_room, on_done, retries: int) -> None:
+    def _drive(ray, stage: Stage, todo, submit, release, has_room, on_done, lost_why: str) -> None:
         from ray.exceptions import RayError, RayTaskError
 
         lost = _lost_errors()
-
         queue = deque(todo)
         pending: dict[Any, Partition] = {}
         error: BaseException | None = None
@@ -200,25 +256,58 @@ class RayCluster:
                     try:
                         ray.get(ref)
                     except RayError as exc:
+                        if error is not None:
+                            continue  # cancelled after the first error, or failed too: one error is raised
                         cause = getattr(exc, "cause", None) if isinstance(exc, RayTaskError) else None
                         if isinstance(cause, BaseException) and not isinstance(cause, RayError):
-                            error = error or cause  # the stage's own exception: its type and message, once
-                            continue
-                        exc = cause if isinstance(cause, RayError) else exc
-                        first = (str(exc).strip().splitlines() or [""])[0]
-                        if isinstance(exc, lost):  # the worker or node died more often than Ray retries
-                            why = f"lost its worker {retries + 1} times ({type(exc).__name__}: {first})"
-                        else:  # e.g. a worker that cannot import the stage's or config's module
-                            why = f"failed on Ray ({type(exc).__name__}: {first})"
-                        error = error or StageError(f"{stage.name}: partition {p.index} ({p.source}) {why}")
+                            error = cause  # the stage's own exception: its type and message, once
+                        else:
+                            exc = cause if isinstance(cause, RayError) else exc
+                            first = (str(exc).strip().splitlines() or [""])[0]
+                            # lost: the worker or node died more often than Ray retries; otherwise e.g.
+                            # a worker that cannot import the stage's or config's module
+                            why = lost_why if isinstance(exc, lost) else "failed on Ray"
+                            error = StageError(
+                                f"{stage.name}: partition {p.index} ({p.source}) {why} ({type(exc).__name__}: {first})"
+                            )
+                        _cancel(ray, pending)  # what is queued or running stops; a rerun redoes it
                         continue
                     on_done()
         except BaseException:
-            for ref in pending:  # the driver is going away: nothing of this run goes on
-                try:
-                    ray.cancel(ref)
-                except Exception:  # noqa: BLE001 - best effort; a dead driver's tasks end with its job
-                    pass
+            _cancel(ray, pending)  # the driver is going away: nothing of this run goes on
             raise
         if error is not None:
             raise error
+
+
+def _cancel(ray, refs) -> None:
+    """Stop the tasks of ``refs``: a queued one never starts, a running one's worker is killed (a
+    polite cancel does not stop a task that is busy; a partition is idempotent, and what the killed
+    one left is an abandoned temporary). Actor tasks cannot be killed: queued ones are dropped."""
+    for ref in refs:
+        try:
+            ray.cancel(ref, force=True)
+        except Exception:  # noqa: BLE001 - an actor task: cancel what has not started
+            try:
+                ray.cancel(ref)
+            except Exception:  # noqa: BLE001 - best effort: a task that ends anyway, a dead driver's job
+                pass
+
+
+class _InFlightLimit:
+    """How many tasks to keep submitted: ``WIT_RAY_MAX_IN_FLIGHT``, or twice the partitions the
+    cluster can run at once, read again every few seconds (an autoscaling cluster grows)."""
+
+    REFRESH_S = 5.0
+
+    def __init__(self, ray, cpus_per_task: float, fixed: int):
+        self.ray, self.per, self.fixed = ray, max(cpus_per_task, 1e-9), fixed
+        self.value, self.read_at = 2, -self.REFRESH_S
+
+    def __call__(self) -> int:
+        if self.fixed:
+            return self.fixed
+        if time.monotonic() - self.read_at >= self.REFRESH_S:
+            cpus = float(self.ray.cluster_resources().get("CPU", 0))
+            self.value, self.read_at = max(2, 2 * int(cpus // self.per)), time.monotonic()
+        return self.value

@@ -157,9 +157,54 @@ def test_the_aws_and_wit_variables_reach_the_workers_and_nothing_else(monkeypatc
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
     monkeypatch.setenv("WIT_FSYNC", "1")
     monkeypatch.setenv("SECRET_OF_THE_DRIVER", "x")
+    monkeypatch.setenv("AWS_PROFILE", "my-laptop")  # names the driver's machine: nodes have their own
     env = forwarded_env()
     assert env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:1" and env["WIT_FSYNC"] == "1"
-    assert "SECRET_OF_THE_DRIVER" not in env
+    assert "SECRET_OF_THE_DRIVER" not in env and "AWS_PROFILE" not in env
+    monkeypatch.setenv("WIT_RAY_NO_ENV", "yes")
+    assert forwarded_env() == {}
+
+
+def test_the_files_a_config_names_are_checked_but_the_shipped_ones(tmp_path):
+    from wit.ingest.curate import CurateConfig
+    from wit.pipeline.ray_executor import RayCluster, config_paths
+
+    queries = tmp_path / "queries.txt"
+    queries.write_text("red circle\n")
+    assert config_paths(CurateConfig.build(queries=str(queries))) == [str(queries)]
+    assert config_paths(CurateConfig.build()) == []  # the list wit ships: every node has the package
+    many = RayCluster(cpus=8, gpus=0, nodes=2)
+    with pytest.raises(StageError, match="queries.txt is a local path"):
+        many.check_reachable(
+            "curate", ["s3://b/in", "s3://b/out", *config_paths(CurateConfig.build(queries=str(queries)))]
+        )
+
+
+def test_after_a_stage_error_what_was_submitted_is_cancelled(ray_cluster, tmp_path, monkeypatch):
+    monkeypatch.setenv("WIT_TOY_FAIL_PARTITION", "0")
+    monkeypatch.setenv("WIT_TOY_SLOW_PARTITION", "1")  # would sleep a minute
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="planted failure in partition 0"):
+        run_stage(ToySource(), SourceConfig(parts=4), [], str(tmp_path / "o"), progress=False, executor="ray")
+    assert time.monotonic() - t0 < 40, "the slow partition was cancelled, not waited for"
+    assert 1 not in committed(str(tmp_path / "o"))
+
+
+def test_nothing_to_run_needs_no_cluster(tmp_path):
+    out = tmp_path / "o"
+    run_stage(ToySource(), SourceConfig(parts=2), [], str(out), progress=False)
+    (out / "_run.json").unlink()  # every partition committed, the record not yet written
+    # an address nobody listens on: finalizing must not try to reach it
+    outcome = run_stage(ToySource(), SourceConfig(parts=2), [], str(out), executor="ray", ray_address="127.0.0.1:9")
+    assert outcome.done and outcome.ran == 0
+
+
+def test_another_address_than_the_connected_cluster_is_refused(ray_cluster):
+    from wit.pipeline.ray_executor import RayCluster
+
+    with pytest.raises(StageError, match="already connected to Ray at"):
+        RayCluster.connect("127.0.0.1:9")
+    assert RayCluster.connect(ray_cluster["RAY_ADDRESS"]).nodes == 1
 
 
 def test_without_ray_the_executor_names_the_extra_and_the_cli_never_imports_ray(tmp_path):
@@ -220,4 +265,4 @@ def test_a_worker_lost_more_often_than_ray_retries_stops_the_stage(ray_cluster, 
     driver.join(timeout=120)
     assert isinstance(result.get("error"), StageError), result
     assert "partition 0" in str(result["error"]) and "lost its worker 1 times" in str(result["error"])
-    assert committed(str(tmp_path / "out")) == {1}
+    assert 0 not in committed(str(tmp_path / "out"))
