@@ -190,3 +190,26 @@ def run_wit():
         return proc
 
     return run
+
+
+def stage_digests(outs: dict[str, str]) -> dict[str, str]:
+    """Each data stage's output digest (``outs``: name → folder), filter's taken without ``offset``.
+
+    Filter's rows record where each image lies in the downloaded tars, and img2dataset writes a
+    tar's images in the order its threads finish them, so offsets differ between any two downloads
+    (the ledger does not): filter's rows without that column stand in for its digest.
+    """
+    import hashlib
+
+    from wit.manifests.manifest import read_table
+    from wit.manifests.runrecord import read_run_record
+
+    got = {}
+    for name, url in outs.items():
+        record = read_run_record(url)
+        if record.output.kind != "filtered":
+            got[name] = record.output.digest
+            continue
+        rows = read_table(url).drop_columns(["offset"])
+        got[f"{name} (rows without offset)"] = hashlib.sha256(rows.to_pandas().to_json().encode()).hexdigest()
+    return got

@@ -4,7 +4,6 @@ reaches the final shards; the same run on the moto S3 server gives the same data
 
 from __future__ import annotations
 
-import hashlib
 import io
 import tarfile
 
@@ -16,7 +15,7 @@ from wit.manifests.manifest import read_table
 from wit.manifests.runrecord import read_run_record
 from wit.manifests.verify import verify
 
-from conftest import free_port
+from conftest import free_port, stage_digests
 
 # Planted defects that must never reach a shard, and the stage that is expected to catch them.
 NEVER_IN_SHARDS = {
@@ -144,25 +143,14 @@ def stage_prefix(stage: str) -> str:
     return {"curate": "curated:", "download": "downloaded:", "filter": "filtered:"}[stage]
 
 
-def digests(out: dict[str, str]) -> dict[str, str]:
-    """Each stage's output digest, except filter's: its rows record where each image lies in the
-    downloaded tars (``offset``), and img2dataset writes a tar's images in the order its threads
-    finish them, so that differs between any two downloads (the ledger does not). Filter's digest of
-    its rows without that column stands in for it."""
-    got = {name: read_run_record(url).output.digest for name, url in out.items() if name != "filtered"}
-    rows = read_table(out["filtered"]).drop_columns(["offset"])
-    got["filtered rows"] = hashlib.sha256(rows.to_pandas().to_json().encode()).hexdigest()
-    return got
-
-
 def test_every_stage_on_ray_gives_the_digests_of_the_local_executor(web, tmp_path, run_wit, ray_cluster):
     info, port = web
     # the same root for both (filter's rows name the downloaded shards by URL): one run, moved aside
     root = tmp_path / "run"
-    local = digests(build(run_wit, info, port, str(root)))
+    local = stage_digests(build(run_wit, info, port, str(root)))
     root.rename(tmp_path / "run-local")
     on_ray = build(run_wit, info, port, str(root), env=ray_cluster, extra=RAY)
-    assert digests(on_ray) == local
+    assert stage_digests(on_ray) == local
     for name in on_ray:
         assert verify(on_ray[name]).ok, name
 
@@ -177,7 +165,7 @@ def test_the_same_run_on_s3_gives_the_same_digests_with_either_executor(
     assert verify(remote["dataset"]).ok
     # again on Ray into the same prefix: the workers get the AWS variables from the driver, or they
     # could not reach the bucket
-    on_s3 = digests(remote)
+    on_s3 = stage_digests(remote)
     storage.remove(f"{s3_bucket}/run", recursive=True)
     remote_ray = build(run_wit, info, port, f"{s3_bucket}/run", env={**s3_env, **ray_cluster}, extra=RAY)
-    assert digests(remote_ray) == on_s3
+    assert stage_digests(remote_ray) == on_s3
