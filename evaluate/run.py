@@ -117,11 +117,15 @@ class EvalConfig:
 class EvalStageConfig:
     """The eval stage's config (`wit eval`, a pipeline's ``eval:`` section): which suite, and how.
 
-    ``suite`` is a built-in name, a suite YAML URL, or an inline suite as YAML text.
+    ``suite`` is a built-in name, a suite YAML URL, or an inline suite as YAML text. It is loaded
+    once, when the config is made (so an unknown or broken suite fails before any stage runs), and
+    kept: :meth:`load_suite` gives that parse, which the record's config and the run both use.
     """
 
     suite: str = "default"
     config: EvalConfig = field(default_factory=EvalConfig)
+    # the parsed suite (not compared: it follows from `suite`); set in __post_init__
+    parsed: Suite | None = field(default=None, init=False, compare=False, repr=False)
 
     OPTIONS: ClassVar[tuple[Option, ...]] = (
         Option(
@@ -153,14 +157,14 @@ class EvalStageConfig:
             "resamples",
             "int",
             field_default(EvalConfig, "resamples"),
-            "Bootstrap resamples for the 95% intervals.",
-            low=10,
+            "Bootstrap resamples for the 95% intervals (0: no intervals).",
+            low=0,
         ),
     )
 
     @classmethod
     def from_options(cls, values: Mapping[str, Any], out: str | None = None) -> EvalStageConfig:
-        """A config whose suite is loaded once here, so an unknown or broken suite fails before any stage runs."""
+        """The config of these option values (its suite loaded here, once: see the class docstring)."""
         v = check_options(cls.OPTIONS, values, "eval")
         config = EvalConfig(
             model=v["model"],
@@ -171,14 +175,18 @@ class EvalStageConfig:
             resamples=v["resamples"],
             progress=True,
         )
-        spec = cls(suite=v["suite"], config=config)
-        spec.load_suite()
-        return spec
+        return cls(suite=v["suite"], config=config)
+
+    def __post_init__(self) -> None:
+        if "\n" in self.suite:  # inline
+            parsed = parse_suite(self.suite, name="pipeline")
+        else:
+            parsed = load_suite(self.suite)
+        object.__setattr__(self, "parsed", parsed)
 
     def load_suite(self) -> Suite:
-        if "\n" in self.suite:  # inline
-            return parse_suite(self.suite, name="pipeline")
-        return load_suite(self.suite)
+        """The suite, as loaded when this config was made."""
+        return self.parsed
 
     def recorded_config(self, inputs: list[ManifestRef]) -> dict:
         """What the run record of evaluating the checkpoint of ``inputs[0]`` (a train output) holds

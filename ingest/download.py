@@ -26,7 +26,8 @@ Two ways to run img2dataset (``DownloadConfig.distributor``):
   its User-Agent is img2dataset's browser string with our token appended, and the bomb guard is
   OpenCV's pixel limit (``OPENCV_IO_MAX_IMAGE_PIXELS``, set before its workers start) plus
   img2dataset's ``max_image_area``. ``"ray"`` is deprecated: ``--executor ray`` runs the ``"wit"``
-  partitions as Ray tasks instead, with the same bytes out as a local run.
+  partitions as Ray tasks instead, with the same bytes out as a local run. These distributors
+  are refused under ``--executor ray`` (:meth:`DownloadConfig.check_executor`).
 
 A re-run after a kill redoes only partitions without a marker (the executor's rule); a partition's
 scratch folder is named after the output and the partition, so a re-run removes what a killed
@@ -135,7 +136,7 @@ class DownloadConfig:
     retry_classes: tuple[str, ...] = TRANSIENT  # what RETRY re-fetches
 
     OPTIONS: ClassVar[tuple[Option, ...]] = (
-        Option("image-size", "int", image_size, low=8),
+        Option("image-size", "int", image_size, low=1),
         Option("resize-mode", "str", resize_mode, choices=RESIZE_MODES),
         Option("encode-format", "str", encode_format, choices=ENCODE_FORMATS),
         Option(
@@ -143,14 +144,14 @@ class DownloadConfig:
         ),
         Option("samples-per-shard", "int", samples_per_shard, low=1),
         Option("threads", "int", threads, "Fetch threads per worker.", low=1),
-        Option("timeout", "float", timeout, "Seconds per image.", low=0.1),
+        Option("timeout", "float", timeout, "Seconds per image.", low=0, low_open=True),
         Option("retries", "int", retries, low=0),
         Option(
             "distributor",
             "str",
             distributor,
             "wit: partitions run by the executor (--workers, --part, --executor); others: passed to "
-            "img2dataset (ray: deprecated, use --executor ray).",
+            "img2dataset, not with --executor ray (ray: deprecated, use --executor ray).",
             choices=DISTRIBUTORS,
         ),
         Option(
@@ -209,6 +210,17 @@ class DownloadConfig:
         )
         unknown = set(self.retry_classes) - set(ERROR_CLASSES)
         need(not unknown, f"retry_classes has unknown error classes: {', '.join(sorted(unknown))}")
+
+    def check_executor(self, executor: str) -> None:
+        """Refuse img2dataset's own distributors inside ``--executor ray``'s tasks (see
+        :func:`wit.pipeline.driver.check_executor`): each partition would start a multiprocessing
+        pool, a Spark session or a Ray job of its own inside a task that Ray gave one CPU."""
+        if executor == "ray" and self.distributor != "wit":
+            raise ValueError(
+                f"--distributor {self.distributor} cannot run under --executor ray (img2dataset's own "
+                "distributor inside a one-CPU Ray task): with --executor ray keep --distributor wit, "
+                "the default, and Ray runs the download's partitions"
+            )
 
     @property
     def shards_per_partition(self) -> int:

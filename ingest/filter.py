@@ -51,7 +51,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
-import os
 import posixpath
 import re
 import tarfile
@@ -180,8 +179,16 @@ class FilterConfig:
             "name_or_path",
             None,
             "Drop near duplicates of a `wit eval` suite's test images (reason eval_overlap:<task>); "
-            "built-in sets are exported to _reference next to OUT.",
+            "its built-in sets are exported to --reference-root.",
             metavar="SUITE",
+        ),
+        Option(
+            "reference-root",
+            "path",
+            None,
+            "Where --decontaminate exports built-in test sets (default: OUT/_reference; in `wit run`: "
+            "ROOT/_reference). Sets already there are reused.",
+            metavar="URL",
         ),
         Option(
             "clip-score",
@@ -212,16 +219,17 @@ class FilterConfig:
     @classmethod
     def from_options(cls, values: Mapping[str, Any], out: str | None = None) -> FilterConfig:
         """``out`` is the filter's output folder: ``decontaminate`` exports its suite's built-in
-        test sets under ``reference_root(out)``."""
+        test sets under ``reference-root``, by default :func:`reference_root` (``out``/_reference)."""
         v = check_options(cls.OPTIONS, values, "filter")
         references = v.pop("reference_images")
         suite = v.pop("decontaminate")
+        root = v.pop("reference_root")
         if suite:
             from wit.evaluate.datasets import reference_sets
 
-            if out is None:
-                raise ValueError("filter.decontaminate exports reference images next to the output: give out")
-            references += reference_sets(suite, reference_root(out))
+            if root is None and out is None:
+                raise ValueError("filter.decontaminate exports reference images: give out or reference-root")
+            references += reference_sets(suite, root or reference_root(out))
         return cls.build(
             clip_checkpoint=v.pop("clip_score"),
             clip_model=v.pop("clip_model"),
@@ -314,14 +322,13 @@ _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
 def reference_root(out: str) -> str:
-    """Where ``--decontaminate`` exports evaluation images: ``_reference`` beside the filter's output.
-
-    Beside, not inside: `wit run` removes a filter folder that holds another config before it runs
-    the stage again, after the config (and so the export) was made; and the exported sets, which
-    depend only on the suite, are reused by every later filter run under the same parent.
+    """Where ``--decontaminate`` exports evaluation images unless told (``reference-root``):
+    ``OUT/_reference``, inside the folder the command was given, whatever it is (``s3://bucket``
+    too). `wit run` gives ``ROOT/_reference`` instead (the registry's ``pipeline_defaults``): it
+    removes a filter folder that holds another run after building the config, and so after the
+    export. The exported sets depend only on the suite, so a later run finds them and reuses them.
     """
-    out = storage.normalize(out)
-    return storage.join(posixpath.dirname(out) if "://" in out else os.path.dirname(out), "_reference")
+    return storage.join(storage.normalize(out), "_reference")
 
 
 def _check_clip_options(

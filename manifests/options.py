@@ -2,10 +2,12 @@
 
 Each stage's config class declares its options next to its fields (``ExtractConfig.OPTIONS``: name,
 type, default, help) and builds itself from their values (``ExtractConfig.from_options(values, out)``;
-``out`` is the stage's output folder, for an option that writes beside it: filter's
-``decontaminate``). The ``wit`` command line makes its click options from these specs
-(``wit.pipeline.clikit``) and ``wit run`` checks a pipeline file's sections against them, so an
-option, its default and its help are written once. This module knows nothing of click.
+``out`` is the stage's output folder, for an option that writes under it: filter's
+``decontaminate``, into ``OUT/_reference`` unless its ``reference-root`` says where). The ``wit``
+command line makes its click options from these specs (``wit.pipeline.clikit``) and ``wit run``
+checks a pipeline file's sections against them, so an option, its default and its help are written
+once. A number's bounds are the config class's to enforce (:class:`Option`). This module knows
+nothing of click.
 
 Kinds of value, and what :meth:`Option.check` accepts for each (a pipeline file gives YAML values,
 the command line gives what click parsed):
@@ -23,6 +25,7 @@ the command line gives what click parsed):
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,7 +41,11 @@ class Option:
     """One option of a stage: ``name`` as the command line spells it (``per-query-cap``).
 
     A pipeline file takes the same name, with dashes or underscores. ``default`` None means the
-    option may be left unset (null). ``low``/``high`` bound a number (``low_open``: strictly above).
+    option may be left unset (null). ``low``/``high`` bound a number (``low_open``: strictly above):
+    they mirror the config class's own validation, which is where the bound is enforced (its
+    ``__post_init__``, so a config built any way is checked once, with its own message); the
+    command line shows them in the help and click checks them as it parses. :meth:`check` leaves
+    them to the config; :meth:`check_bounds` is for an option that no config class holds (workers).
     """
 
     name: str
@@ -73,6 +80,7 @@ class Option:
     def check(self, value: Any, where: str = "", base: str = ".") -> Any:
         """``value`` type-checked and normalised (lists as tuples, paths resolved against ``base``).
 
+        Bounds are not checked here: the config class checks them (see the class docstring).
         Checking a value that is already checked gives it back unchanged, so a config class may
         check what the command line or a pipeline file checked before.
         """
@@ -91,7 +99,6 @@ class Option:
         if kind in ("str", "path", "name_or_path") and not isinstance(value, str):
             raise ValueError(f"{name}: expected a string, got {value!r}")
         if kind in ("int", "float"):
-            self._check_range(name, value)
             return float(value) if kind == "float" else value
         if self.choices and value not in self.choices:
             raise ValueError(f"{name}: expected one of {', '.join(self.choices)}, got {value!r}")
@@ -109,6 +116,14 @@ class Option:
 
                 return yaml.safe_dump(value, sort_keys=True)
             raise ValueError(f"{name}: expected a suite name, a suite file or a list of tasks, got {value!r}")
+        return value
+
+    def check_bounds(self, value: Any, where: str = "") -> Any:
+        """``value`` (already :meth:`check`-ed) within ``low``/``high``, for an option whose bound no
+        config class enforces (the executor's ``workers``); gives the value back."""
+        name = f"{where}.{self.name}" if where else self.name
+        if value is not None and self.kind in ("int", "float"):
+            self._check_range(name, value)
         return value
 
     def _check_range(self, name: str, value: float) -> None:
@@ -140,6 +155,15 @@ def field_default(cls: type, name: str) -> Any:
     """The default of a dataclass field: for an option whose default lives on another class's field
     (in its own class body, a field's default is simply its name)."""
     return next(f.default for f in dataclasses.fields(cls) if f.name == name)
+
+
+# YAML 1.1 (PyYAML) reads 2e-3 as a string; it needs 2.0e-3. Users write 2e-3.
+_EXP_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+def yaml_number(value: Any) -> Any:
+    """A YAML value, with a string that reads as a number in exponent form (``2e-3``) as that number."""
+    return float(value) if isinstance(value, str) and _EXP_NUMBER.match(value.strip()) else value
 
 
 def option_key(name: Any) -> str:

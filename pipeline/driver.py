@@ -80,6 +80,8 @@ def run(
     out = storage.normalize(out)
     if isinstance(config, Mapping):
         config = spec.build_config(dict(config), out)
+    if spec.runs_partitions:
+        check_executor(config, executor)  # before any work (and before Ray is imported)
     refs = input_refs(spec, inputs)
     if spec.runs_partitions:
         phases = spec.load_phases()
@@ -93,6 +95,18 @@ def run(
             "--executor, --workers, --part and --ray-address are for the data stages"
         )
     return load(spec.entry)(config, resolve_inputs(refs), out, progress)
+
+
+def check_executor(config: Any, executor: str) -> None:
+    """Refuse a config that cannot run on ``executor`` (a ValueError saying why), before any work.
+
+    A config class says so with a ``check_executor(executor)`` method (download: img2dataset's own
+    distributors cannot run inside the one-CPU tasks of ``--executor ray``); `wit <stage>` (through
+    :func:`run`) and `wit run` (when it reads the pipeline file) both ask it.
+    """
+    check = getattr(config, "check_executor", None)
+    if check is not None:
+        check(executor)
 
 
 def input_refs(spec: StageSpec, inputs: Sequence[ManifestRef | str]) -> list[ManifestRef]:

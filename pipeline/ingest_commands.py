@@ -100,8 +100,8 @@ def filter_(downloaded, out, options, scheduling):
 
     Every ledger row gets a filtered row with keep, reason and the scores used; the representative
     of each duplicate group is its smallest uid. --decontaminate exports the suite's built-in test
-    sets into _reference beside OUT (OUT/../_reference, as `wit run` does: a rerun that clears OUT
-    keeps them) and counts the overlap per task, as the CLIP paper's section 5 did.
+    sets into OUT/_reference (or --reference-root; `wit run` uses ROOT/_reference) and counts the
+    overlap per task, as the CLIP paper's section 5 did.
 
     \b
     Example:

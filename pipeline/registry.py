@@ -25,8 +25,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from wit.manifests import storage
 from wit.manifests.manifest import ManifestRef
-from wit.manifests.options import Option
+from wit.manifests.options import Option, option_key
 
 
 def load(ref: Any) -> Any:
@@ -57,8 +58,9 @@ class StageSpec:
     produces: str = ""  # what its output is, in the report's titles ("shard → dataset")
     dataset: bool = False  # builds the dataset: its counts are in the report's dataset section
     optional: bool = False  # in `wit run` only when the pipeline file has its section
-    # the section's options that the pipeline file adds for this stage before its own (train resumes)
-    pipeline_defaults: dict[str, Any] = field(default_factory=dict)
+    # the section's options that the pipeline file adds for this stage before its own (train resumes),
+    # or a function of the pipeline's root that gives them (filter's reference-root)
+    pipeline_defaults: dict[str, Any] | Callable[[str], dict[str, Any]] = field(default_factory=dict)
     # (config, inputs) -> what its run record's config holds of this run, when that is not the
     # config itself (or "module:function")
     recorded_config: Any = None
@@ -93,6 +95,12 @@ class StageSpec:
     def options(self) -> tuple[Option, ...]:
         return tuple(self.config_class().OPTIONS)
 
+    def section_defaults(self, root: str) -> dict[str, Any]:
+        """The options `wit run` adds to this stage's section, before the file's own, for a pipeline
+        whose root is ``root``."""
+        given = self.pipeline_defaults
+        return {option_key(k): v for k, v in (given(root) if callable(given) else given).items()}
+
     def build_config(self, values: dict[str, Any], out: str | None = None) -> Any:
         """The frozen config from option values (dashes or underscores; missing ones take their default)."""
         return self.config_class().from_options(values, out)
@@ -115,6 +123,13 @@ class StageSpec:
 
 # ------------------------------------------------------------------------------------------------
 # the stages of wit, in pipeline order
+
+
+def _pipeline_reference_root(root: str) -> dict[str, Any]:
+    # filter --decontaminate exports the suite's test sets when its config is built; in a pipeline
+    # they go to root/_reference: inside the tree the pipeline file names, but outside
+    # root/filtered, which `wit run` removes (after building the config) when it holds another run
+    return {"reference-root": storage.join(root, "_reference")}
 
 
 BUILTIN = (
@@ -155,6 +170,7 @@ BUILTIN = (
         phases="wit.ingest.filter:FILTER_PHASES",
         produces="filtered",
         dataset=True,
+        pipeline_defaults=_pipeline_reference_root,
     ),
     StageSpec(
         name="shard",

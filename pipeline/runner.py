@@ -37,7 +37,6 @@ input and runs again, while an upstream stage is never touched.
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -47,7 +46,7 @@ import yaml
 
 from wit.manifests import storage
 from wit.manifests.manifest import ManifestError, ManifestRef
-from wit.manifests.options import Option, check_options, option_key, resolve
+from wit.manifests.options import Option, check_options, option_key, resolve, yaml_number
 from wit.manifests.runrecord import read_run_record
 from wit.manifests.stage import StageError, resolve_inputs
 from wit.manifests.storage import StorageError
@@ -63,14 +62,6 @@ TOP_LEVEL = ("root", EXECUTOR.key, RAY_ADDRESS.key)
 
 class PipelineError(StageError):
     """A pipeline file that cannot be run as written, or a stage that failed (its message kept)."""
-
-
-# YAML 1.1 (PyYAML) reads 2e-3 as a string; it needs 2.0e-3. Users write 2e-3.
-_EXP_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
-
-
-def _number(value: Any) -> Any:
-    return float(value) if isinstance(value, str) and _EXP_NUMBER.match(value.strip()) else value
 
 
 # ------------------------------------------------------------------------------------------------
@@ -138,7 +129,7 @@ class PipelineConfig:
             sec = top.get(name) or {}
             if not isinstance(sec, dict):
                 raise ValueError(f"{source}: section {name} must be a mapping of option: value")
-            sections[name] = {option_key(k): _number(v) for k, v in sec.items()}
+            sections[name] = {option_key(k): yaml_number(v) for k, v in sec.items()}
         for item in overrides:
             target, sep, raw = item.partition("=")
             target = target.strip()
@@ -152,7 +143,7 @@ class PipelineConfig:
             stage, dot, key = target.partition(".")
             if not dot or stage not in names:
                 raise ValueError(f"override {item!r}: unknown stage {stage!r}; stages: {', '.join(names)}")
-            sections.setdefault(stage, {})[option_key(key)] = _number(value)
+            sections.setdefault(stage, {})[option_key(key)] = yaml_number(value)
         root = top.get("root")
         if not isinstance(root, str) or not root:
             raise ValueError(f"{source}: 'root' must name the output folder (a path or s3://bucket/prefix)")
@@ -168,10 +159,11 @@ class PipelineConfig:
         workers: dict[str, int] = {}
         for name in stages:
             spec = registry.get(name)
-            section = {**spec.pipeline_defaults, **sections[name]}
+            section = {**spec.section_defaults(root), **sections[name]}
             try:
                 if spec.runs_partitions:
-                    workers[name] = WORKERS.check(section.pop(WORKERS.key, WORKERS.default), name, base)
+                    value = WORKERS.check(section.pop(WORKERS.key, WORKERS.default), name, base)
+                    workers[name] = WORKERS.check_bounds(value, name)
                 if spec.input is None:
                     urls = SOURCES.check(section.pop(SOURCES.key, SOURCES.default), name, base)
                     if not urls:
@@ -185,6 +177,12 @@ class PipelineConfig:
                 raise ValueError(f"{source}: {exc}") from exc
         executor = EXECUTOR.check(top.get(EXECUTOR.key, EXECUTOR.default))
         ray_address = RAY_ADDRESS.check(top.get(RAY_ADDRESS.key, RAY_ADDRESS.default))
+        for name in stages:  # a config that cannot run on this executor is refused before anything runs
+            if registry.get(name).runs_partitions:
+                try:
+                    driver.check_executor(configs[name], executor)
+                except ValueError as exc:
+                    raise ValueError(f"{source}: {name}: {exc}") from exc
         return cls(
             root, base, stages, configs, sources, workers, executor, ray_address, dict(data), tuple(overrides), source
         )

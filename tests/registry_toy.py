@@ -52,6 +52,10 @@ class CaptionStatsConfig:
     def from_options(cls, values: Mapping[str, Any], out: str | None = None) -> CaptionStatsConfig:
         return cls(**check_options(cls.OPTIONS, values, "caption-stats"))
 
+    def __post_init__(self) -> None:  # the bound its option mirrors (Option.low) is enforced here
+        if not isinstance(self.min_words, int) or self.min_words < 1:
+            raise ValueError(f"min_words must be a positive integer, got {self.min_words!r}")
+
 
 class CaptionStats:
     name = "caption-stats"

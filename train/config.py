@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import yaml
 
 from wit.manifests import storage
-from wit.manifests.options import Option, check_options
+from wit.manifests.options import Option, check_options, option_key, yaml_number
 
 PRECISIONS = ("fp32", "bf16", "amp")
 LOSSES = ("clip", "siglip")
@@ -57,7 +57,7 @@ class TrainConfig:
 
     OPTIONS: ClassVar[tuple[Option, ...]] = (
         Option("model", "name_or_path", model, "open_clip name or JSON config.", metavar="NAME_OR_JSON"),
-        Option("batch-size", "int", batch_size, "Per device.", low=2),
+        Option("batch-size", "int", batch_size, "Per device.", low=1),
         Option("steps", "int", steps, "Optimiser steps (or --epochs).", low=1),
         Option("epochs", "float", epochs, low=0, low_open=True),
         Option("lr", "float", lr, "Peak learning rate.", low=0, low_open=True),
@@ -158,7 +158,12 @@ class TrainConfig:
     @classmethod
     def from_yaml(cls, url: str, **overrides: Any) -> TrainConfig:
         """Keys of the YAML file as in this class (``batch-size`` or ``batch_size``); ``overrides``
-        that are not None win (the CLI passes its options here)."""
+        that are not None win (the CLI passes its options here).
+
+        The file's values are checked as `wit run` checks a pipeline file's ``train:`` section (the
+        options' types, a relative ``model`` file resolved against the file's folder, ``2e-3`` read
+        as a number), then built by :meth:`from_options`, so both refuse and accept the same values.
+        """
         try:
             data = yaml.safe_load(storage.read_text(url)) or {}
         except yaml.YAMLError as exc:
@@ -167,7 +172,19 @@ class TrainConfig:
             raise ValueError(f"{url}: a training config is a mapping of option: value")
         if isinstance(data.get("train"), dict):  # a pipeline file's train: section
             data = data["train"]
-        return cls.from_dict(data, **overrides)
+        norm = storage.normalize(url)
+        base = norm.rsplit("/", 1)[0] if "/" in norm else "."
+        values = {option_key(k): yaml_number(v) for k, v in data.items()}
+        try:
+            values = check_options(cls.OPTIONS, values, "train", base, open_keys=True)
+        except ValueError as exc:
+            raise ValueError(f"{url}: {exc}") from exc
+        given = {option_key(k): v for k, v in overrides.items() if v is not None}
+        if "steps" in given:
+            values.pop("epochs", None)  # a command-line --steps wins over the file's epochs
+        elif "epochs" in given:
+            values.pop("steps", None)
+        return cls.from_options(values | given)
 
 
 def _int(v: Any) -> bool:

@@ -22,7 +22,7 @@ from PIL import Image
 
 from wit.evaluate import world
 from wit.ingest.curate import selection_draw
-from wit.ingest.filter import FILTER_PHASES, FilterConfig, group_decisions
+from wit.ingest.filter import FILTER_PHASES, FilterConfig, group_decisions, reference_root
 from wit.ingest.imaging import HashIndex, check_image, hash_hex, phash
 from wit.ingest.synthetic.mess import bomb_png
 from wit.manifests.manifest import read_table
@@ -215,6 +215,26 @@ def test_reference_sets_in_clip_benchmark_layout(downloaded, tmp_path):
     assert cfg.reference_sets() == [("shape", str(wds))]
     ref = run_phases(FILTER_PHASES, cfg, downloaded.downloaded, str(tmp_path / "f"))
     assert read_run_record(ref.url).counts["eval_overlap:shape"] == 1
+
+
+def test_decontaminate_exports_into_the_folder_it_is_given(tmp_path, monkeypatch):
+    """OUT/_reference, or --reference-root: never beside OUT (at a bucket root there is no beside)."""
+    assert reference_root("s3://bucket") == "s3://bucket/_reference"
+    assert reference_root("s3://bucket/") == "s3://bucket/_reference"
+    assert reference_root("s3://bucket/run/filtered") == "s3://bucket/run/filtered/_reference"
+    assert reference_root(str(tmp_path / "filtered")) == str(tmp_path / "filtered" / "_reference")
+    monkeypatch.chdir(tmp_path)
+    assert reference_root("out") == str(tmp_path / "out" / "_reference")
+
+    from wit.evaluate import datasets
+
+    monkeypatch.setattr(datasets, "reference_sets", lambda suite, root: (f"digits={root}/wds_digits/test",))
+    config = FilterConfig.from_options({"decontaminate": "digits"}, "s3://bucket")
+    assert config.reference_images == ("digits=s3://bucket/_reference/wds_digits/test",)
+    config = FilterConfig.from_options({"decontaminate": "digits", "reference-root": "s3://refs/r"}, "s3://bucket")
+    assert config.reference_images == ("digits=s3://refs/r/wds_digits/test",)
+    with pytest.raises(ValueError, match="give out or reference-root"):
+        FilterConfig.from_options({"decontaminate": "digits"})
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ the executor from `wit <stage>` and `wit run`; `import wit.pipeline.cli` imports
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 
@@ -158,6 +159,48 @@ def test_wit_run_takes_the_executor_from_the_file_and_the_command_line_wins(capt
     }
     CliRunner().invoke(cli, ["run", str(tmp_path / "p.yaml"), "--executor", "local", "--ray-address", "other:6379"])
     assert (captured[-1]["executor"], captured[-1]["ray_address"]) == ("local", "other:6379")
+
+
+def test_img2dataset_distributors_are_refused_under_the_ray_executor(tmp_path, monkeypatch):
+    """--executor ray with --distributor multiprocessing|pyspark|ray (img2dataset's own distributor
+    inside a one-CPU Ray task) is refused before any work: by the driver (and so `wit download`) and
+    by `wit run` when it reads the file. No Ray cluster here: the check comes before Ray is imported."""
+    monkeypatch.setattr(driver, "run_phases", lambda *args, **kwargs: pytest.fail("work started"))
+    curated, out = str(tmp_path / "curated"), str(tmp_path / "downloaded")
+    for distributor in ("multiprocessing", "pyspark", "ray"):
+        with (
+            pytest.warns(FutureWarning) if distributor == "ray" else contextlib.nullcontext(),
+            pytest.raises(ValueError, match=f"--distributor {distributor} cannot run under --executor ray"),
+        ):
+            driver.run("download", {"distributor": distributor, "processes": 2}, [curated], out, executor="ray")
+    args = ["download", curated, "-o", out, "--distributor", "pyspark", "--processes", "2"]
+    result = CliRunner().invoke(cli, [*args, "--executor", "ray"])
+    assert result.exit_code == 1 and "cannot run under --executor ray" in result.output, result.output
+
+    (tmp_path / "web").mkdir()
+    (tmp_path / "web" / "a.warc.gz").write_bytes(b"")
+    data = {
+        "root": "out",
+        "extract": {"sources": ["web"]},
+        "curate": {},
+        "download": {"distributor": "multiprocessing", "processes": 2},
+    }
+    with pytest.raises(ValueError, match="download: --distributor multiprocessing cannot run under --executor ray"):
+        PipelineConfig.from_dict(data | {"executor": "ray"}, base=str(tmp_path))
+    with pytest.raises(ValueError, match="cannot run under --executor ray"):
+        PipelineConfig.from_dict(data, base=str(tmp_path), overrides=["executor=ray"])  # wit run --executor ray
+    assert PipelineConfig.from_dict(data, base=str(tmp_path)).executor == "local"  # the local executor runs it
+
+    code = (
+        "import sys\n"
+        "from wit.pipeline import driver\n"
+        "try:\n"
+        "    driver.run('download', {'distributor': 'pyspark', 'processes': 2}, ['c'], 'd', executor='ray')\n"
+        "except ValueError as exc:\n"
+        "    print('refused', 'ray' in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.stdout.strip() == "refused False", proc.stderr
 
 
 def test_importing_the_cli_imports_no_stage_module():

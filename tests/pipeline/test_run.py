@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import replace
 
 import pytest
 
@@ -205,7 +206,7 @@ def test_a_pipeline_file_is_validated_before_anything_runs(tmp_path):
         load(base + "train: {lr: fast}\n")
     with pytest.raises(ValueError, match="train: an option has the wrong type"):  # a field with no option
         load(base + "train: {grad-clip: fast}\n")
-    with pytest.raises(ValueError, match="curate.per-query-cap: must be >= 1"):  # the command line's range
+    with pytest.raises(ValueError, match="per-query-cap must be a positive integer, got 0"):  # the config's bound
         load(base + "curate: {per-query-cap: 0}\n")
     with pytest.raises(ValueError, match="download.resize-mode: expected one of"):
         load(base + "download: {resize-mode: squash}\n")
@@ -282,7 +283,8 @@ SAME_CONFIG = [
     ("download", ["--image-size", "64", "--resize-mode", "center_crop", "--timeout", "2"],
      {"image_size": 64, "resize-mode": "center_crop", "timeout": 2}),
     ("filter", [], {}),
-    # --decontaminate exports the suite's images to _reference beside the filter's folder either way
+    # --decontaminate exports the suite's images to OUT/_reference, a pipeline to ROOT/_reference:
+    # the configs differ in those URLs only (see the test)
     ("filter", ["--decontaminate", "digits", "--reference-images", "a=refs", "--max-aspect-ratio", "2"],
      {"decontaminate": "digits", "reference-images": ["a=refs"], "max-aspect-ratio": 2}),
     ("shard", [], {}),
@@ -328,7 +330,188 @@ def test_a_stage_command_and_a_pipeline_section_build_the_same_config(stage, arg
     assert isinstance(result.exception, _Captured), result.output
     if stage == "eval":  # evaluate(checkpoint, out, suite, config)
         assert (seen[0][2].to_dict(), seen[0][3]) == (piped.load_suite().to_dict(), piped.config)
-    else:  # train(config, dataset, out); driver.run(stage, config, inputs, out)
-        assert seen[0][0 if stage == "train" else 1] == piped
+        return
+    made = seen[0][0 if stage == "train" else 1]  # train(config, dataset, out); driver.run(stage, config, ...)
     if "--decontaminate" in args:
-        assert f"digits={tmp_path / 'out' / '_reference' / 'wds_digits' / 'test'}" in piped.reference_images
+        # the command line exports into its OUT, a pipeline into its root, never outside either
+        in_root = f"digits={tmp_path / 'out' / '_reference' / 'wds_digits' / 'test'}"
+        in_out = f"digits={tmp_path / 'out' / 'filtered' / '_reference' / 'wds_digits' / 'test'}"
+        assert in_root in piped.reference_images and in_out not in piped.reference_images
+        assert in_out in made.reference_images and in_root not in made.reference_images
+        assert replace(made, reference_images=piped.reference_images) == piped
+        # told the pipeline's reference root, the command builds the pipeline's config exactly
+        seen.clear()
+        args = [*args, "--reference-root", str(tmp_path / "out" / "_reference")]
+        result = CliRunner().invoke(cli, [*command, "-o", out, *args])
+        assert isinstance(result.exception, _Captured), result.output
+        made = seen[0][1]
+    assert made == piped
+
+
+def test_decontaminate_exports_inside_the_folder_given_even_at_a_bucket_root(tmp_path, monkeypatch):
+    """A pipeline exports into ROOT/_reference, `wit filter` into OUT/_reference: inside the tree the
+    user named, also when that is a whole bucket (no S3 server: where is decided from the URLs)."""
+    from click.testing import CliRunner
+
+    from wit.evaluate import datasets
+    from wit.pipeline import driver
+    from wit.pipeline.cli import cli
+
+    roots = []
+
+    def fake_reference_sets(suite, root):
+        roots.append(root)
+        return (f"digits={root}/wds_digits/test",)
+
+    monkeypatch.setattr(datasets, "reference_sets", fake_reference_sets)
+    (tmp_path / "web").mkdir()
+    (tmp_path / "web" / "a.warc.gz").write_bytes(b"")
+    data = {"root": "s3://bucket", "extract": {"sources": ["web"]}, "curate": {}, "download": {}}
+    piped = PipelineConfig.from_dict(data | {"filter": {"decontaminate": "digits"}}, base=str(tmp_path))
+    assert roots == ["s3://bucket/_reference"]
+    assert piped.config("filter").reference_images == ("digits=s3://bucket/_reference/wds_digits/test",)
+
+    monkeypatch.setattr(driver, "run", lambda *args, **kwargs: None)
+    monkeypatch.setattr("wit.pipeline.ingest_commands.finish", lambda *args: None)
+    for out, root in (
+        ("s3://bucket", "s3://bucket/_reference"),
+        ("s3://bucket/", "s3://bucket/_reference"),
+        ("s3://bucket/filtered", "s3://bucket/filtered/_reference"),
+    ):
+        result = CliRunner().invoke(cli, ["filter", "s3://bucket/downloaded", "-o", out, "--decontaminate", "digits"])
+        assert result.exit_code == 0, result.output
+        assert roots[-1] == root
+
+
+def _all_sections(stage: str, key: str, value) -> dict:
+    sections = {s: {} for s in ("curate", "download", "filter", "shard", "train", "eval")}
+    sections[stage] = {key: value}
+    return {"root": "out", "extract": {"sources": ["web"]}} | sections
+
+
+@pytest.mark.parametrize(
+    "stage,key,value",
+    [
+        ("eval", "resamples", 0),  # no intervals (EvalConfig)
+        ("train", "batch-size", 1),
+        ("download", "image-size", 4),
+    ],
+)
+def test_wit_run_accepts_what_the_config_class_accepts(stage, key, value, tmp_path):
+    (tmp_path / "web").mkdir()
+    (tmp_path / "web" / "a.warc.gz").write_bytes(b"")
+    config = PipelineConfig.from_dict(_all_sections(stage, key, value), base=str(tmp_path)).config(stage)
+    config = config.config if stage == "eval" else config
+    assert getattr(config, key.replace("-", "_")) == value
+
+
+@pytest.mark.parametrize(
+    "stage,key,value,message",
+    [
+        ("eval", "resamples", -1, r"resamples must be 0 \(no intervals\) or more"),
+        ("train", "batch-size", 0, "batch_size must be >= 1, got 0"),
+        ("download", "image-size", 0, "download config: image_size must be at least 1"),
+        ("curate", "workers", 0, "curate.workers: must be >= 1, got 0"),  # no config class holds workers
+    ],
+)
+def test_wit_run_refuses_what_the_config_class_refuses_with_its_message(stage, key, value, message, tmp_path):
+    (tmp_path / "web").mkdir()
+    (tmp_path / "web" / "a.warc.gz").write_bytes(b"")
+    with pytest.raises(ValueError, match=message):
+        PipelineConfig.from_dict(_all_sections(stage, key, value), base=str(tmp_path))
+
+
+# options that a config can only be built with when another option is given too
+_WITH = {
+    ("curate", "max-chars"): {"min-chars": 0},
+    ("filter", "per-query-cap"): {"rebalance": True},
+    # a score filter needs a CLIP checkpoint, loaded when the config is built: the bounds are checked
+    # before it is loaded, so a missing file shows the refusals (what is accepted needs a real one)
+    ("filter", "min-score"): {"clip-score": "/nonexistent/clip.pt"},
+    ("filter", "keep-top"): {"clip-score": "/nonexistent/clip.pt"},
+}
+
+
+def _at_and_beyond(option) -> tuple[list, list]:
+    """Values at the option's bounds (accepted) and just beyond them (refused)."""
+    step = 1 if option.kind == "int" else 1e-3
+    accept, refuse = [], []
+    if option.low is not None:
+        accept.append(option.low + step if option.low_open else option.low)
+        refuse.append(option.low if option.low_open else option.low - step)
+    if option.high is not None:
+        accept.append(option.high)
+        refuse.append(option.high + step)
+    return accept, refuse
+
+
+def test_every_option_bound_is_the_config_classes_own(tmp_path):
+    """An option's low/high (click's range and its help) are exactly what its config class accepts:
+    the config takes the values at the bounds and refuses, naming the option, those just beyond."""
+    import re
+
+    checked = 0
+    for spec in registry.specs():
+        for option in spec.options():
+            accept, refuse = _at_and_beyond(option)
+            extra = _WITH.get((spec.name, option.name), {})
+            for value in accept if "clip-score" not in extra else ():
+                config = spec.build_config({**extra, option.key: value}, str(tmp_path / spec.folder))
+                assert config is not None
+            for value in refuse:
+                with pytest.raises(ValueError) as info:
+                    spec.build_config({**extra, option.key: value}, str(tmp_path / spec.folder))
+                assert re.search(option.key.replace("_", "[-_]"), str(info.value)), (spec.name, option.name, info.value)
+            checked += bool(refuse)
+    assert checked >= 30
+
+
+def test_wit_train_config_checks_a_train_section_as_wit_run_does(tmp_path, monkeypatch):
+    """`wit train --config FILE` and `wit run FILE` take a train section's values through the same
+    checks (types, bounds, paths against the file's folder, 2e-3 as a number) to the same config."""
+    from click.testing import CliRunner
+
+    from wit.pipeline.cli import cli
+    from wit.train.config import TrainConfig
+
+    (tmp_path / "web").mkdir()
+    (tmp_path / "web" / "a.warc.gz").write_bytes(b"")
+    base = "root: out\nextract: {sources: [web]}\ncurate: {}\ndownload: {}\nfilter: {}\nshard: {}\n"
+    path = tmp_path / "p.yaml"
+    path.write_text(base + "train: {model: m.json, batch-size: 1, lr: 2e-3, resume: auto}\n")
+    config = TrainConfig.from_yaml(str(path))
+    assert config == PipelineConfig.from_yaml(str(path)).config("train")
+    assert (config.model, config.batch_size, config.lr) == (str(tmp_path / "m.json"), 1, 0.002)
+    assert TrainConfig.from_yaml(str(path), batch_size=4, steps=3) == replace(config, batch_size=4, steps=3)
+    for section, message in (
+        ("{batch-size: 0}", "batch_size must be >= 1, got 0"),
+        ("{batch-size: lots}", "train.batch-size: expected an integer"),
+    ):
+        path.write_text(base + f"train: {section}\n")
+        for build in (lambda: TrainConfig.from_yaml(str(path)), lambda: PipelineConfig.from_yaml(str(path))):
+            with pytest.raises(ValueError, match=message):
+                build()
+    # the command refuses it before training
+    monkeypatch.setattr("wit.train.loop.train", lambda *args: pytest.fail("trained"))
+    args = ["train", str(tmp_path / "dataset"), "-o", str(tmp_path / "t"), "--config", str(path)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1 and "train.batch-size: expected an integer" in result.output
+
+
+def test_wit_run_with_the_ray_executor_gives_the_local_digests(copy, ray_cluster, run_wit):
+    """The whole pipeline again through `wit run --executor ray`, into the same root (filter's rows
+    name the downloaded shards by URL): every data stage as the local executor made it, then train
+    and eval."""
+    from conftest import stage_digests
+
+    folder, port = copy
+    data = [s for s in STAGES if registry.get(s).runs_partitions]
+    outs = {s: str(folder / "out" / FOLDERS[s]) for s in data}
+    local = stage_digests(outs)
+    shutil.rmtree(folder / "out")
+    with SyntheticWebServer(folder / "web", port=port):
+        proc = run_wit("run", folder / "pipeline.yaml", "--executor", "ray", env=ray_cluster, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert stage_digests(outs) == local
+    for stage in STAGES:
+        assert f"{stage:<9} done" in proc.stdout, proc.stdout
