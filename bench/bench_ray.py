@@ -98,7 +98,11 @@ def head_memory(head_pid: int) -> tuple[float, list[str]]:
             mb = int(rss) / 1024
             total += mb
             name = args.split()[0].rsplit("/", 1)[-1]
-            if name.startswith("python"):
+            if "ray start" in args:
+                name = "ray start (the head's parent)"
+            elif "default_worker.py" in args:
+                name = "idle worker"
+            elif name.startswith("python"):
                 name = next((a.rsplit("/", 1)[-1] for a in args.split()[1:] if a.endswith(".py")), name)
             parts.append(f"{name} {mb:.0f}")
     return total, parts

@@ -131,6 +131,16 @@ class _PartitionWorker:
         return run_one(stage, config, partition, out)
 
 
+_connected: str | None = None  # the address this module connected with ("local": a local instance)
+
+
+def _gcs_address(ray) -> str | None:
+    try:
+        return ray.get_runtime_context().gcs_address
+    except Exception:  # noqa: BLE001 - e.g. Ray Client mode, which has no GCS address to show
+        return None
+
+
 @dataclass(frozen=True, slots=True)
 class RayCluster:
     """A connection to a Ray cluster (``address``, ``RAY_ADDRESS``, or a local instance)."""
@@ -141,10 +151,12 @@ class RayCluster:
 
     @classmethod
     def connect(cls, address: str | None = None) -> RayCluster:
+        global _connected
         ray = import_ray()
         if ray.is_initialized():
-            have = ray.get_runtime_context().gcs_address
-            if address and address.removeprefix("ray://") != have and address != "auto":
+            # the stages of one `wit run` connect once; a library caller may have connected itself
+            have = _connected if _connected is not None else _gcs_address(ray)
+            if address and have and address not in (have, "auto"):
                 raise StageError(f"--ray-address {address}: this process is already connected to Ray at {have}")
         else:
             address = address or os.environ.get("RAY_ADDRESS") or None
@@ -155,6 +167,7 @@ class RayCluster:
                 ray.init(address=address, **kwargs)
             except ConnectionError as exc:
                 raise StageError(f"cannot reach the Ray cluster at {address}: {exc}") from exc
+            _connected = address or "local"
         resources = ray.cluster_resources()
         nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
         return cls(cpus=float(resources.get("CPU", 0)), gpus=float(resources.get("GPU", 0)), nodes=nodes)

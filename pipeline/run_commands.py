@@ -51,7 +51,7 @@ def run(pipeline_yaml, from_stage, until_stage, overrides, dry_run, executor, ra
     Example:
         wit run pipeline.yaml --dry-run
         wit run pipeline.yaml --set curate.per-query-cap=5000 --until shard
-        RAY_ADDRESS=ray://head:10001 wit run pipeline.yaml --executor ray
+        RAY_ADDRESS=HEAD:6379 wit run pipeline.yaml --executor ray
     """
     from wit.pipeline.runner import PipelineConfig, run_pipeline
 

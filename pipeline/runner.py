@@ -6,7 +6,7 @@ A pipeline file names a root URL and holds one section per stage of the registry
 
     root: out                      # local path (relative to this file) or s3://bucket/run
     executor: local                # or ray (the partitions of the data stages as Ray tasks)
-    ray-address: ray://head:10001  # with executor: ray (default: RAY_ADDRESS)
+    ray-address: HEAD:6379         # with executor: ray (default: RAY_ADDRESS)
     extract: {sources: [crawl/], languages: en,de}
     curate: {per-query-cap: 20000}
     download: {image-size: 256, workers: 4}
