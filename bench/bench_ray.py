@@ -100,7 +100,7 @@ def head_memory(head_pid: int) -> tuple[float, list[str]]:
             name = args.split()[0].rsplit("/", 1)[-1]
             if "ray start" in args:
                 name = "ray start (the head's parent)"
-            elif "default_worker.py" in args:
+            elif "default_worker.py" in args and name.startswith("python"):
                 name = "idle worker"
             elif name.startswith("python"):
                 name = next((a.rsplit("/", 1)[-1] for a in args.split()[1:] if a.endswith(".py")), name)
