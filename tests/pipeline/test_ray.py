@@ -208,6 +208,8 @@ def test_another_address_than_the_connected_cluster_is_refused(ray_cluster):
 
 
 def test_without_ray_the_executor_names_the_extra_and_the_cli_never_imports_ray(tmp_path):
+    page = tmp_path / "page.html"
+    page.write_text('<html><body><img src="http://127.0.0.1/a.png" alt="a red circle"></body></html>')
     script = textwrap.dedent(
         f"""
         import sys
@@ -222,12 +224,18 @@ def test_without_ray_the_executor_names_the_extra_and_the_cli_never_imports_ray(
             run_stage(ToySource(), SourceConfig(parts=2), [], {str(tmp_path / "o")!r}, executor="ray")
         except StageError as exc:
             print(exc)
+        # and the command line: the same words, exit status 1, no traceback
+        try:
+            wit.pipeline.cli.main(["extract", {str(page)!r}, "-o", {str(tmp_path / "c")!r}, "--executor", "ray"])
+        except SystemExit as exc:
+            print("exit", exc.code)
         """
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "--executor ray needs Ray: pip install 'wit[ray]'"
-    assert not (tmp_path / "o").exists(), "nothing is claimed or written before Ray is found missing"
+    assert proc.stdout.split("\n")[:2] == ["--executor ray needs Ray: pip install 'wit[ray]'", "exit 1"]
+    assert proc.stderr.strip() == "Error: --executor ray needs Ray: pip install 'wit[ray]'"
+    assert not (tmp_path / "o").exists() and not (tmp_path / "c").exists(), "nothing is written before that"
 
 
 def test_a_config_the_workers_cannot_import_is_a_clear_error(ray_cluster, tmp_path):
