@@ -635,23 +635,13 @@ def _work_prefix(out: str, index: int) -> str:
     return os.path.join(tempfile.gettempdir(), f"wit-download-{tag}-{index:05d}-")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 @contextmanager
 def _scratch(out: str, index: int):
     """A local scratch folder for one partition; sweeps those of killed earlier attempts."""
     prefix = _work_prefix(out, index)
     for stale in glob.glob(prefix + "*"):
         pid = stale[len(prefix) :].split("-")[0]
-        if not pid.isdigit() or not _pid_alive(int(pid)):
+        if not pid.isdigit() or not storage.pid_alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
     work = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-")
     try:

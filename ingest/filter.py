@@ -65,7 +65,7 @@ from xxhash import xxh3_128_hexdigest
 
 from wit.manifests import storage
 from wit.manifests.manifest import ManifestError, ManifestRef, open_manifest, read_part
-from wit.manifests.options import Option, check_options
+from wit.manifests.options import Option, check_options, split_ref
 from wit.manifests.runrecord import read_run_record
 from wit.manifests.schemas import conform, with_kind
 from wit.manifests.stage import Partition, PartitionResult, Resources, StageError, input_parts
@@ -309,9 +309,9 @@ class FilterConfig:
         """``(task, URL)`` for each reference set, in the order given."""
         sets = []
         for entry in self.reference_images:
-            task, sep, url = entry.partition("=")
-            if not sep or "://" in task:
-                url, task = entry, _task_name(entry)
+            task, url = split_ref(entry)
+            if task is None:
+                task = _task_name(url)
             if not task or any(c in task for c in ":/ "):
                 raise ValueError(f"reference set {entry!r}: task name {task!r} must be a plain word")
             sets.append((task, storage.normalize(url)))

@@ -142,13 +142,20 @@ class Option:
         value = [v.strip() for v in value]
         if self.kind == "paths":
             return tuple(resolve(base, v) for v in value)
-        if self.kind == "refs":  # [TASK=]URL: a task name never holds "://"
+        if self.kind == "refs":
             out = []
             for v in value:
-                task, sep, url = v.partition("=") if "=" in v.split("://")[0] else ("", "", v)
-                out.append(f"{task}{sep}{resolve(base, url)}")
+                task, url = split_ref(v)
+                out.append(resolve(base, url) if task is None else f"{task}={resolve(base, url)}")
             return tuple(out)
         return tuple(value)
+
+
+def split_ref(entry: str) -> tuple[str | None, str]:
+    """``(task, url)`` of a ``[TASK=]URL`` entry; ``task`` is None when none is given (a task name
+    never holds "://", so ``s3://b/k=v`` is a URL)."""
+    task, sep, url = entry.partition("=")
+    return (task, url) if sep and "://" not in task else (None, entry)
 
 
 def field_default(cls: type, name: str) -> Any:

@@ -54,15 +54,19 @@ def env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def env_number(name: str, default: float) -> float:
-    """A number from the environment, or ``default`` when unset; anything else is a clear error."""
+def env_number(name: str, default: float, integer: bool = False) -> float:
+    """A number (``integer``: a whole one) from the environment, not negative, or ``default`` when
+    unset; anything else is a clear error."""
     raw = os.environ.get(name, "").strip()
     if not raw:
         return default
     try:
-        return float(raw)
+        value = int(raw) if integer else float(raw)
     except ValueError:
-        raise ValueError(f"{name} must be a number, got {raw!r}") from None
+        raise ValueError(f"{name} must be {'an integer' if integer else 'a number'}, got {raw!r}") from None
+    if value < 0:
+        raise ValueError(f"{name} must not be negative, got {value}")
+    return value
 
 
 def durable() -> bool:
@@ -288,11 +292,17 @@ def _start_ticks(pid: int) -> int | None:
 
 def tmp_prefix() -> str:
     """The prefix of this process's temporaries: ``.wit-tmp-<host>.<pid>.<start>-``."""
-    pid = os.getpid()
+    return _prefix_of(os.getpid())  # a forked child has its own pid, so its own entry
+
+
+@functools.lru_cache(maxsize=4)
+def _prefix_of(pid: int) -> str:
     return f"{TMP_PREFIX}{_host_tag()}.{pid}.{_start_ticks(pid) or 0}-"
 
 
-def _alive(pid: int, start: int) -> bool:
+def pid_alive(pid: int, start: int = 0) -> bool:
+    """Whether process ``pid`` of this host lives, and (``start`` not 0) is the one that started
+    at ``start`` (:func:`_start_ticks`), not a later process that reuses its pid."""
     ticks = _start_ticks(pid)
     if ticks is not None:
         return start == 0 or ticks == start
@@ -313,7 +323,7 @@ def is_abandoned(name: str, age: float) -> bool:
     """
     m = _OWNER_RE.match(posixpath.basename(name)[len(TMP_PREFIX) :])
     if m and m.group(1) == _host_tag():
-        return not _alive(int(m.group(2)), int(m.group(3)))
+        return not pid_alive(int(m.group(2)), int(m.group(3)))
     return age > env_number("WIT_TMP_MAX_AGE", TMP_MAX_AGE)
 
 

@@ -115,7 +115,8 @@ def run_stage(
     if [p.index for p in partitions] != list(range(len(partitions))):
         raise StageError(f"{stage.name}: partitions must be numbered 0..n-1")
     cluster = None
-    if executor == "ray" and any(part.owns(p) and p.index not in committed(out) for p in partitions):
+    before = committed(out) if executor == "ray" else set()
+    if executor == "ray" and any(part.owns(p) and p.index not in before for p in partitions):
         from wit.pipeline import ray_executor
 
         # connect (or say which extra to install) and refuse local paths on a multi-node

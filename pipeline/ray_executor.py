@@ -71,6 +71,7 @@ def config_paths(config: Any) -> list[str]:
     """The local files a config names (a query list, a checkpoint, reference images), but those
     shipped inside wit itself: each node has its own copy of the package, at the same place (Ray
     needs the same environment on every node)."""
+    from wit.manifests.options import split_ref
     from wit.manifests.stage import config_dict
 
     shipped = [os.path.dirname(os.path.abspath(m.__file__)) for n, m in list(sys.modules.items())
@@ -84,26 +85,14 @@ def config_paths(config: Any) -> list[str]:
         elif isinstance(value, list):
             for v in value:
                 walk(v)
-        elif isinstance(value, str) and (value.startswith(("/", "file://"))):
-            path = storage.local_path(value.split("=", 1)[-1] if "=" in value.split("/")[0] else value)
+        elif isinstance(value, str):
+            url = split_ref(value)[1]  # a reference set is TASK=URL
+            path = storage.local_path(url) if url.startswith(("/", "file://")) else None
             if path and os.path.exists(path) and not any(path.startswith(d + os.sep) for d in shipped):
-                found.append(value)
+                found.append(url)
 
     walk(config_dict(config))
     return found
-
-
-def _int_env(name: str, default: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
-    if value < 0:
-        raise ValueError(f"{name} must not be negative, got {value}")
-    return value
 
 
 def import_ray():
@@ -192,8 +181,8 @@ class RayCluster:
         """Run ``todo`` (each partition commits itself); raise the first stage error once."""
         ray = import_ray()
         res = stage_resources(stage, config)
-        retries = _int_env("WIT_RAY_MAX_RETRIES", MAX_RETRIES)
-        fixed_limit = _int_env("WIT_RAY_MAX_IN_FLIGHT", 0)
+        retries = int(storage.env_number("WIT_RAY_MAX_RETRIES", MAX_RETRIES, integer=True))
+        fixed_limit = int(storage.env_number("WIT_RAY_MAX_IN_FLIGHT", 0, integer=True))
         options: dict[str, Any] = {
             "num_cpus": res.cpus,
             "runtime_env": {"env_vars": forwarded_env()},

@@ -173,6 +173,10 @@ def test_the_files_a_config_names_are_checked_but_the_shipped_ones(tmp_path):
     queries.write_text("red circle\n")
     assert config_paths(CurateConfig.build(queries=str(queries))) == [str(queries)]
     assert config_paths(CurateConfig.build()) == []  # the list wit ships: every node has the package
+    # a reference set is TASK=URL; a URL on object storage is not a local file
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    assert config_paths({"reference_images": [f"digits={refs}", "s3://b/refs"]}) == [str(refs)]
     many = RayCluster(cpus=8, gpus=0, nodes=2)
     with pytest.raises(StageError, match="queries.txt is a local path"):
         many.check_reachable(
