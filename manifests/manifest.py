@@ -34,6 +34,13 @@ if TYPE_CHECKING:
 RUN_RECORD = "_run.json"
 MARKERS = "_parts"
 PART_RE = re.compile(r"^(?:(?P<table>[A-Za-z0-9_\-]+)/)?part-(?P<index>\d{5,})\.parquet$")
+# a partition's rows split into buckets for the next phase (wit.manifests.buckets): Arrow IPC
+BUCKETS_RE = re.compile(r"^(?:(?P<table>[A-Za-z0-9_\-]+)/)?part-(?P<index>\d{5,})\.arrow$")
+
+
+def in_digest(name: str) -> bool:
+    """Whether a file's sha256 counts in its manifest's digest: part files and bucket files."""
+    return bool(PART_RE.match(name) or BUCKETS_RE.match(name))
 
 
 class ManifestError(ValueError):
@@ -82,12 +89,12 @@ def is_part(name: str, table: str | None = None) -> bool:
 def digest_of(files: dict[str, str]) -> str:
     """Manifest digest from ``{relpath: sha256}``: the sha256 of the part files' sha256s in name order.
 
-    Only Parquet part files count (side tables included); other files are covered through the
-    tables that record their sha256 (a dataset's shard index).
+    Only Parquet part files (side tables included) and bucket files count; other files are covered
+    through the tables that record their sha256 (a dataset's shard index).
     """
     h = hashlib.sha256()
     for name in sorted(files):
-        if PART_RE.match(name):
+        if in_digest(name):
             h.update(files[name].encode())
     return h.hexdigest()
 
@@ -267,6 +274,6 @@ def current_digest(url: str) -> str:
     url = storage.normalize(url)
     files = {}
     for name in storage.listdir(url, recursive=True):
-        if PART_RE.match(name):
+        if in_digest(name):
             files[name] = storage.sha256_url(storage.join(url, name))
     return digest_of(files)
