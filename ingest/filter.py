@@ -1,13 +1,16 @@
 """``wit filter``: image-level decisions on a download ledger, one FILTERED row per ledger row.
 
-Three stages run in order, each reading the previous one's finished output (``FILTER_PHASES``)::
+Its phases run in order, each reading the previous one's finished output (``FILTER_PHASES``)::
 
-    downloaded ──SCAN──▶ OUT/_scan ──GROUP──▶ OUT/_group ──DECIDE──▶ OUT (filtered)
-    (ledger parts +      per row: sha256,    (one partition)        (per scan part)
-     webdataset shards)  decoded size,       eval overlap, exact    every ledger row with
-                         phash, or the       and near duplicates,   keep/reason/duplicate_of
-                         first reason        rebalancing over all   and the scores used
-                                             eligible rows
+    downloaded ──SCAN──▶ _scan ──EXACT──▶ _exact ──NODES──▶ _nodes ──EDGES──▶ _edges
+    (ledger parts +      per part:        per sha256       per phash        per key bucket:
+     shards)             sha256, phash,   bucket: eval     bucket: the      node pairs within
+                         size, reason     overlap, exact   distinct         the distance
+                                          duplicates       hashes, keyed
+      ──LINKS──▶ _links ──RESOLVE──▶ _resolve ──GROUP──▶ _group ──DECIDE──▶ OUT (filtered)
+      one partition:    per phash bucket:    one partition:     per scan part: every ledger
+      leader clustering every row's          rebalance, CLIP    row with keep/reason/
+      over the graph    duplicate decision   threshold          duplicate_of
 
 SCAN (one partition per ledger part) reads each successful row's image from its tar shard and
 names the first problem, in this order: ``download_failed:<error>`` (the ledger's failed rows pass
@@ -19,7 +22,7 @@ is decoded once (:mod:`.imaging`); a row with no reason gets its 64-bit perceptu
 ``--clip-score``, its CLIP score (:mod:`.clipscore`: the cosine similarity of the image and caption
 embeddings, in [-1, 1]) from the same decoded pixels, batched, on the GPU when there is one.
 
-GROUP (one partition over all scan parts: duplicates cross partitions) drops, among the rows with
+GROUP (the phases from EXACT to GROUP: duplicates cross partitions) drops, among the rows with
 no reason, in this order and with ``duplicate_of`` naming the kept row:
 
 - ``eval_overlap:<task>``: within ``eval_overlap_distance`` bits of an image of a reference set
@@ -38,7 +41,24 @@ no reason, in this order and with ``duplicate_of`` naming the kept row:
   global, and a function of the scores only, so any partitioning gives the same rows). The
   threshold used is in the group phase's run record (``extra.clip_threshold``).
 
-DECIDE (one partition per scan part) joins GROUP's decisions back and writes FILTERED rows, with
+No phase holds the whole dataset (:mod:`wit.manifests.buckets`): SCAN splits its eligible rows
+by sha256 into ``B`` buckets (``--buckets``, default one per 500,000 ledger rows), EXACT decides
+evaluation overlap (:func:`.neardup.matches` against the reference hashes) and exact duplicates
+per sha256 bucket and passes the rest on by phash bucket. NODES keeps one *node* per distinct
+phash (rows with one hash always share the decision of the smallest uid among them, so a
+placeholder image on millions of pages is one node) and keys each node once per block
+combination of the layout :func:`.neardup.choose_layout` picks for the node count; EDGES compares
+the nodes sharing a key, per key bucket, and keeps the pairs within ``near_duplicate_distance``.
+LINKS runs the leader clustering over that graph (:func:`.neardup.leaders`): it holds only the
+nodes that have a near duplicate, never the rows. RESOLVE turns a row's sha256 representative and
+its node's leader into ``duplicate`` / ``near_duplicate`` and the uid kept. The decisions are
+exactly those of the single-process reference :func:`group_decisions` (tested on planted chains,
+duplicate groups, evaluation overlaps and a skewed band, for several bucket and worker counts).
+``--rebalance`` and the CLIP-score threshold need the rows still kept: GROUP reads them (uid,
+scan part, row and score; no text) in one partition, only when one of them is asked for.
+
+DECIDE (one partition per scan part) reads the drops of its part (one small read per bucket file:
+the phases split their decisions by scan part) and writes FILTERED rows, with
 ``clip_score`` for every scored row; its run record tallies the scores of all scored rows
 (``clip_score``) and of the kept ones (``clip_score_kept``) in buckets of 0.05 keyed by lower edge.
 
@@ -59,17 +79,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from xxhash import xxh3_128_hexdigest
 
-from wit.manifests import storage
+from wit.manifests import buckets, storage
+from wit.manifests.buckets import ROWS_PER_BUCKET
 from wit.manifests.manifest import ManifestError, ManifestRef, open_manifest, read_part
 from wit.manifests.options import Option, check_options, split_ref
 from wit.manifests.runrecord import read_run_record
 from wit.manifests.schemas import conform, with_kind
 from wit.manifests.stage import Partition, PartitionResult, Resources, StageError, input_parts
 
+from . import neardup
 from .download import shard_url as locate_shard
 from .imaging import HashIndex, check_image, hash_hex, hash_int
 
@@ -154,6 +177,7 @@ class FilterConfig:
     keep_top_fraction: float | None = None  # in (0, 1]: keep this share of the rows still kept
     clip_batch_size: int = 64
     clip_device: str = "auto"  # auto: cuda when torch sees a GPU
+    buckets: int | None = None  # of GROUP's bucketed steps; None: one per ROWS_PER_BUCKET ledger rows
 
     OPTIONS: ClassVar[tuple[Option, ...]] = (
         Option("min-side", "int", min_side, "On the original size (img2dataset upsamples small images).", low=1),
@@ -214,6 +238,13 @@ class FilterConfig:
         Option(
             "curated", "path", None, "The curated manifest (default: found through the run records).", metavar="URL"
         ),
+        Option(
+            "buckets",
+            "int",
+            None,
+            "Buckets of the duplicate search (default: one per 500,000 ledger rows); never changes the result.",
+            low=1,
+        ),
     )
 
     @classmethod
@@ -268,6 +299,7 @@ class FilterConfig:
             raise ValueError("clip_checkpoint needs its sha256: build the config with FilterConfig.build")
         if not self.clip_checkpoint and self.clip_checkpoint_sha256 is not None:
             raise ValueError("clip_checkpoint_sha256 without a clip_checkpoint")
+        buckets.bucket_count(0, self.buckets)  # validates --buckets
 
     @classmethod
     def build(cls, clip_checkpoint: str | None = None, clip_model: str | None = None, **options: Any) -> FilterConfig:
@@ -527,7 +559,9 @@ class FilterScan:
         if len(inputs) != 1:
             raise StageError("filter takes exactly one input: a downloaded ledger")
         parts = input_parts(inputs, "downloaded")
-        return [Partition(index=i, source=u, params=(inputs[0].url,)) for i, u in enumerate(parts)]
+        rec = read_run_record(inputs[0].url)
+        count = buckets.bucket_count(rec.rows if rec is not None else 0, config.buckets)
+        return [Partition(index=i, source=u, params=(inputs[0].url, count)) for i, u in enumerate(parts)]
 
     def resources(self, config: FilterConfig) -> Resources:
         # CLIP scoring loads a model: long-lived workers keep it (one per GPU when there are GPUs);
@@ -537,17 +571,29 @@ class FilterScan:
         return Resources(cpus=1.0, gpus=0.0 if config.clip_device == "cpu" else 1.0, model=True)
 
     def run_partition(self, config: FilterConfig, partition: Partition, out: str) -> PartitionResult:
-        (downloaded_url,) = partition.params
+        downloaded_url, count = partition.params
         ledger = read_part(partition.source, columns=_LEDGER_COLUMNS)
+        extra: dict[str, Any] = {}
         if not config.scores_clip:
             table, counts = scan_table(ledger, downloaded_url, config)
-            return PartitionResult(table=table, counts=counts)
-        from .clipscore import cpu_threads
+        else:
+            from .clipscore import cpu_threads
 
-        scorer = clip_scorer(config)
-        with cpu_threads(scorer.device):
-            table, counts = scan_table(ledger, downloaded_url, config, scorer)
-        return PartitionResult(table=table, counts=counts, extra={"clip_device": scorer.device})
+            scorer = clip_scorer(config)
+            with cpu_threads(scorer.device):
+                table, counts = scan_table(ledger, downloaded_url, config, scorer)
+            extra["clip_device"] = scorer.device
+        return scan_result(table, counts, partition.index, count, out, extra)
+
+
+def scan_result(
+    table: pa.Table | None, counts: dict, index: int, count: int, out: str, extra: dict, keys: pa.Table | None = None
+) -> PartitionResult:
+    """A scan partition's result: its rows, and its eligible rows (``keys``: :func:`scan_keys` of
+    them unless given) split by sha256 into ``count`` buckets for GROUP's first step."""
+    keys = scan_keys(table) if keys is None else keys
+    files = [buckets.write(out, index, keys, sha_buckets(keys.column("sha256"), count), count, KEYS_TABLE)]
+    return PartitionResult(table=table, counts=counts, files=files, extra=extra | {"buckets": count})
 
 
 def clip_scorer(config: FilterConfig) -> ClipScorer:
@@ -610,7 +656,9 @@ def group_decisions(
     cap: int | None = None,
     seed: int = 0,
 ) -> dict[str, Decision]:
-    """GROUP's decisions for the eligible rows of ``rows`` (uid, sha256, phash; reason null).
+    """GROUP's decisions for the eligible rows of ``rows`` (uid, sha256, phash; reason null), in one
+    process: the reference the bucketed phases are tested against (it holds every row, and its
+    near-duplicate search grows with the square of the rows: for tests and small data only).
 
     ``references``: ``(task, hashes)`` per reference set. ``queries`` (uid → queries) and ``cap``
     turn on rebalancing. Rows are visited in uid order, so every choice is the smallest uid's.
@@ -661,14 +709,7 @@ def group_decisions(
             decisions[uids[i]].duplicate_of = uids[leader_of[rep]]
 
     if queries is not None and cap is not None:
-        from .curate import selection_draw
-
-        kept = [uids[i] for i in leaders.items]
-        counts = Counter(q for u in kept for q in (queries.get(u) or ()))
-        for u in kept:
-            qs = queries.get(u) or ()
-            if qs and not any(counts[q] <= cap or selection_draw(seed, u, q) < cap / counts[q] for q in qs):
-                decisions[u] = Decision(OVER_CAP)
+        decisions.update(rebalance_decisions([uids[i] for i in leaders.items], queries, cap, seed))
     return decisions
 
 
@@ -703,61 +744,497 @@ def _scan_columns(url: str, clip: bool) -> pa.Table:
     return open_manifest(url, expect_kind=SCAN_KIND).table(columns)
 
 
+# ---------------------------------------------------------------------------------------------
+# GROUP, bucketed: EXACT (sha256 buckets) → NODES (phash buckets) → EDGES (key buckets) → LINKS
+# (the near-duplicate graph) → RESOLVE (phash buckets) → GROUP (rebalance, CLIP threshold)
+
+KEYS_TABLE = "keys"  # SCAN → EXACT: eligible rows by sha256 bucket
+MEMBERS_TABLE = "members"  # EXACT → NODES, RESOLVE: rows left after eval overlap, by phash bucket
+RECORDS_TABLE = "records"  # NODES → EDGES: one record per node and key combination, by key bucket
+LEADERS_TABLE = "leaders"  # LINKS → RESOLVE: the nodes that are near duplicates, by phash bucket
+DECISIONS_TABLE = "decisions"  # EXACT, RESOLVE, GROUP → DECIDE: drops, by scan part
+EXACT_KIND, NODES_KIND, EDGES_KIND, LINKS_KIND, RESOLVE_KIND = (
+    "filter_exact", "filter_nodes", "filter_edges", "filter_links", "filter_resolve",
+)  # fmt: skip
+EDGE_ROWS_PER_BUCKET = 4 * ROWS_PER_BUCKET  # records are 9 bytes: a key bucket holds more of them
+
+KEYS_SCHEMA = pa.schema(
+    [
+        pa.field("uid", pa.string()),
+        pa.field("sha256", pa.string()),
+        pa.field("phash", pa.uint64()),
+        pa.field("row", pa.int32()),
+        pa.field("clip_score", pa.float32()),
+    ]
+)
+MEMBERS_SCHEMA = pa.schema(
+    [
+        pa.field("uid", pa.string()),
+        pa.field("phash", pa.uint64()),
+        pa.field("part", pa.int32()),
+        pa.field("row", pa.int32()),
+        pa.field("rep", pa.string()),  # null: the smallest uid of its sha256; else that uid
+        pa.field("clip_score", pa.float32()),
+    ]
+)
+RECORDS_SCHEMA = pa.schema([pa.field("combo", pa.uint8()), pa.field("phash", pa.uint64())])
+LEADERS_SCHEMA = pa.schema([pa.field("phash", pa.uint64()), pa.field("leader", pa.string())])
+DECISIONS_SCHEMA = pa.schema(
+    [pa.field("row", pa.int32()), pa.field("reason", pa.string()), pa.field("duplicate_of", pa.string())]
+)
+NODES_SCHEMA = with_kind(
+    pa.schema([pa.field("phash", pa.uint64(), nullable=False), pa.field("uid", pa.string(), nullable=False)]),
+    NODES_KIND,
+)
+EDGES_SCHEMA = with_kind(
+    pa.schema([pa.field("a", pa.uint64(), nullable=False), pa.field("b", pa.uint64(), nullable=False)]), EDGES_KIND
+)
+KEPT_SCHEMA = with_kind(
+    pa.schema(
+        [
+            pa.field("uid", pa.string(), nullable=False),
+            pa.field("part", pa.int32(), nullable=False),
+            pa.field("row", pa.int32(), nullable=False),
+            pa.field("clip_score", pa.float32()),
+        ]
+    ),
+    RESOLVE_KIND,
+)
+
+
+def scan_keys(table: pa.Table) -> pa.Table:
+    """What EXACT needs of a scan part's eligible rows (``KEYS_SCHEMA``), with their row numbers."""
+    rows = np.flatnonzero(pc.is_null(table.column("reason")).to_numpy(zero_copy_only=False))
+    take = pa.array(rows, pa.int64())
+    hexes = table.column("phash").take(take).to_pylist()
+    return pa.table(
+        {
+            "uid": table.column("uid").take(take),
+            "sha256": table.column("sha256").take(take),
+            "phash": pa.array([hash_int(h) for h in hexes], pa.uint64()),
+            "row": pa.array(rows.astype(np.int32)),
+            "clip_score": table.column("clip_score").take(take),
+        },
+        schema=KEYS_SCHEMA,
+    )
+
+
+def sha_buckets(sha256: pa.Array | pa.ChunkedArray, count: int) -> np.ndarray:
+    """The EXACT bucket of each sha256 (its first 64 bits): equal images share a bucket."""
+    keys = np.array([int(s[:16], 16) for s in sha256.to_pylist()], dtype=np.uint64)
+    return buckets.of_keys(keys, count)
+
+
+@dataclass(frozen=True, slots=True)
+class Phases:
+    """Where the phases of one filter run are: found by following the run records back to SCAN."""
+
+    urls: dict[str, str]  # kind → finished output URL
+    extra: dict[str, dict]  # kind → its run record's extra
+
+    @classmethod
+    def of(cls, url: str) -> Phases:
+        return _phases(storage.normalize(url))
+
+    def scan_parts(self) -> int:
+        return self.extra[SCAN_KIND]["partitions"]
+
+    def buckets(self) -> int:
+        return self.extra[SCAN_KIND]["buckets"][0]
+
+    def files(self, kind: str, table: str) -> list[str]:
+        """The bucket files ``table`` written by the partitions of phase ``kind``, in order."""
+        return buckets.file_urls(self.urls[kind], table, self.extra[kind]["partitions"])
+
+
+def _phases(url: str) -> Phases:
+    urls: dict[str, str] = {}
+    extra: dict[str, dict] = {}
+    here = url
+    while True:
+        rec = read_run_record(here)
+        if rec is None:
+            raise StageError(f"{here}: not a finished phase of filter (no _run.json)")
+        kind = rec.output.kind
+        urls[kind] = here
+        extra[kind] = dict(rec.extra) | {"partitions": rec.partitions}
+        if kind == SCAN_KIND or len(rec.inputs) != 1:
+            break
+        here = storage.normalize(rec.inputs[0].url)
+    if SCAN_KIND not in urls:
+        raise StageError(f"{url}: no scan phase of filter up its run records")
+    return Phases(urls, extra)
+
+
+def _one_input(inputs: list[ManifestRef], kind: str, phase: str) -> ManifestRef:
+    if len(inputs) != 1 or inputs[0].kind not in (None, kind):
+        raise StageError(f"filter's {phase} phase takes exactly one input: a {kind} output")
+    return inputs[0]
+
+
+def _bucket_partitions(inputs: list[ManifestRef], kind: str, phase: str, count: int | None = None) -> list[Partition]:
+    ref = _one_input(inputs, kind, phase)
+    count = Phases.of(ref.url).buckets() if count is None else count
+    return [Partition(index=b, source=ref.url, params=(b,)) for b in range(count)]
+
+
+@functools.lru_cache(maxsize=4)
+def _reference_table(sets: tuple[tuple[str, str], ...], max_pixels: int) -> tuple[tuple[str, int], ...]:
+    # Once per process: every EXACT bucket checks its rows against the same evaluation images.
+    return tuple((task, code) for task, url in sorted(sets) for code in reference_hashes(url, max_pixels))
+
+
+def eval_overlaps(phashes: np.ndarray, config: FilterConfig) -> list[str | None]:
+    """``eval_overlap:<task>`` for each hash within the distance of a reference image (the task
+    first in name order when several are), else None."""
+    out: list[str | None] = [None] * len(phashes)
+    refs = _reference_table(tuple(config.reference_sets()), config.max_pixels)
+    if not refs or not len(phashes):
+        return out
+    tasks = [t for t, _ in refs]
+    codes = np.array([c for _, c in refs], dtype=np.uint64)
+    for q, s in zip(*neardup.matches(phashes, codes, config.eval_overlap_distance), strict=True):
+        task = tasks[s]
+        if out[q] is None or task < out[q]:
+            out[q] = task
+    return [f"{EVAL_OVERLAP}:{t}" if t is not None else None for t in out]
+
+
+class FilterExact:
+    """GROUP, part 1 (one partition per sha256 bucket): evaluation overlap, exact duplicates."""
+
+    name = "filter-exact"
+    kind = EXACT_KIND
+
+    def partitions(self, config: FilterConfig, inputs: list[ManifestRef]) -> list[Partition]:
+        return _bucket_partitions(inputs, SCAN_KIND, "exact")
+
+    def run_partition(self, config: FilterConfig, partition: Partition, out: str) -> PartitionResult:
+        (b,) = partition.params
+        phases = Phases.of(partition.source)
+        count, parts = phases.buckets(), phases.scan_parts()
+        rows = buckets.read_all(buckets.file_urls(partition.source, KEYS_TABLE, parts), b, KEYS_SCHEMA, "part")
+        phash = rows.column("phash").to_numpy()
+        overlap = eval_overlaps(phash, config)
+        hit = np.array([r is not None for r in overlap], dtype=bool)
+        drops = rows.filter(pa.array(hit)).select(["part", "row"])
+        drop_reasons = [r for r in overlap if r is not None]
+        # Exact duplicates among the rest: the smallest uid of a sha256 represents it (then the
+        # earliest part and row, so even identical rows have one representative).
+        rest = rows.filter(pa.array(~hit)).sort_by(
+            [("sha256", "ascending"), ("uid", "ascending"), ("part", "ascending"), ("row", "ascending")]
+        )
+        sha = rest.column("sha256")
+        first = np.ones(rest.num_rows, dtype=bool)
+        if rest.num_rows > 1:
+            first[1:] = pc.not_equal(sha.slice(1), sha.slice(0, rest.num_rows - 1)).to_numpy(zero_copy_only=False)
+        run_start = np.maximum.accumulate(np.where(first, np.arange(rest.num_rows), 0))
+        uids = rest.column("uid")
+        rep = pc.if_else(pa.array(first), pa.nulls(rest.num_rows, pa.string()), uids.take(pa.array(run_start)))
+        members = pa.table(
+            {
+                "uid": uids,
+                # the representative's hash (equal bytes hash equally; this keeps a group together
+                # even if a scan from another version hashed a copy differently)
+                "phash": rest.column("phash").take(pa.array(run_start)),
+                "part": rest.column("part"),
+                "row": rest.column("row"),
+                "rep": rep,
+                "clip_score": rest.column("clip_score"),
+            },
+            schema=MEMBERS_SCHEMA,
+        )
+        decisions = pa.table(
+            {
+                "row": drops.column("row"),
+                "reason": pa.array(drop_reasons, pa.string()),
+                "duplicate_of": pa.nulls(drops.num_rows, pa.string()),
+            },
+            schema=DECISIONS_SCHEMA,
+        )
+        member_buckets = buckets.of_keys(members.column("phash").to_numpy(), count)
+        files = [
+            buckets.write(out, b, members, member_buckets, count, MEMBERS_TABLE),
+            buckets.write(out, b, decisions, drops.column("part").to_numpy(), parts, DECISIONS_TABLE),
+        ]
+        counts = Counter(drop_reasons)
+        counts[DUPLICATE] = int((~first).sum())
+        counts[KEPT] = int(first.sum())
+        return PartitionResult(counts=dict(sorted(counts.items())), files=files)
+
+
+def _combo_salts(count: int) -> np.ndarray:
+    return buckets.mix64(np.arange(1, count + 1, dtype=np.uint64))
+
+
+class FilterNodes:
+    """GROUP, part 2 (one partition per phash bucket): the distinct perceptual hashes.
+
+    Rows with the same phash always get the decision of the smallest uid among them (if it
+    leads, they join it; if it joins a leader, so do they), so only distinct hashes take part
+    in the near-duplicate search: a placeholder image shared by millions of rows is one node.
+    Each node goes out once per key combination of the layout (:mod:`.neardup`), to the bucket
+    of that key.
+    """
+
+    name = "filter-nodes"
+    kind = NODES_KIND
+    schema = NODES_SCHEMA
+
+    def partitions(self, config: FilterConfig, inputs: list[ManifestRef]) -> list[Partition]:
+        ref = _one_input(inputs, EXACT_KIND, "nodes")
+        phases = Phases.of(ref.url)
+        rec = read_run_record(ref.url)
+        reps = int(rec.counts.get(KEPT, 0)) if rec is not None else 0
+        layout = neardup.choose_layout(config.near_duplicate_distance, reps)
+        keys = reps * len(layout.masks) if config.near_duplicate_distance else 0
+        edge_buckets = buckets.bucket_count(keys, config.buckets, EDGE_ROWS_PER_BUCKET)
+        return [
+            Partition(index=b, source=ref.url, params=(b, layout.blocks, edge_buckets)) for b in range(phases.buckets())
+        ]
+
+    def run_partition(self, config: FilterConfig, partition: Partition, out: str) -> PartitionResult:
+        b, blocks, edge_buckets = partition.params
+        layout = neardup.Layout(config.near_duplicate_distance, blocks)
+        phases = Phases.of(partition.source)
+        members = buckets.read_all(phases.files(EXACT_KIND, MEMBERS_TABLE), b, MEMBERS_SCHEMA)
+        reps = members.filter(pc.is_null(members.column("rep"))).select(["phash", "uid"])
+        reps = reps.sort_by([("phash", "ascending"), ("uid", "ascending")])
+        ph = reps.column("phash").to_numpy()
+        first = np.ones(len(ph), dtype=bool)
+        first[1:] = ph[1:] != ph[:-1]
+        nodes = reps.filter(pa.array(first))
+        node_hashes = nodes.column("phash").to_numpy()
+        if config.near_duplicate_distance:
+            combo, hashes = neardup.keyed(node_hashes, layout)
+        else:  # identical hashes only: the nodes are already distinct, nothing to search
+            combo, hashes = np.empty(0, np.uint8), np.empty(0, np.uint64)
+        keys = neardup.record_keys(combo, hashes, layout) ^ _combo_salts(len(layout.masks))[combo]
+        records = pa.table({"combo": pa.array(combo), "phash": pa.array(hashes)}, schema=RECORDS_SCHEMA)
+        files = [buckets.write(out, b, records, buckets.of_keys(keys, edge_buckets), edge_buckets, RECORDS_TABLE)]
+        return PartitionResult(
+            table=nodes,
+            counts={"nodes": nodes.num_rows, "records": records.num_rows},
+            files=files,
+            extra={"layout": layout.describe(), "blocks": blocks, "edge_buckets": edge_buckets},
+        )
+
+
+class FilterEdges:
+    """GROUP, part 3 (one partition per key bucket): the node pairs within the distance."""
+
+    name = "filter-edges"
+    kind = EDGES_KIND
+    schema = EDGES_SCHEMA
+
+    def partitions(self, config: FilterConfig, inputs: list[ManifestRef]) -> list[Partition]:
+        ref = _one_input(inputs, NODES_KIND, "edges")
+        count = Phases.of(ref.url).extra[NODES_KIND]["edge_buckets"][0]
+        return [Partition(index=b, source=ref.url, params=(b,)) for b in range(count)]
+
+    def run_partition(self, config: FilterConfig, partition: Partition, out: str) -> PartitionResult:
+        (b,) = partition.params
+        phases = Phases.of(partition.source)
+        layout = neardup.Layout(config.near_duplicate_distance, phases.extra[NODES_KIND]["blocks"][0])
+        records = buckets.read_all(phases.files(NODES_KIND, RECORDS_TABLE), b, RECORDS_SCHEMA)
+        a, c = neardup.unique_pairs(
+            neardup.pairs_sharing_keys(records.column("combo").to_numpy(), records.column("phash").to_numpy(), layout)
+        )
+        table = pa.table({"a": pa.array(a, pa.uint64()), "b": pa.array(c, pa.uint64())}, schema=EDGES_SCHEMA)
+        return PartitionResult(table=table, counts={"records": records.num_rows, "edges": table.num_rows})
+
+
+class FilterLinks:
+    """GROUP, part 4 (one partition): leader clustering over the near-duplicate graph.
+
+    Holds the edges and the nodes that have any (a row with no hash within the distance leads
+    and never appears), so its memory follows the near duplicates found, not the rows.
+    """
+
+    name = "filter-links"
+    kind = LINKS_KIND
+
+    def partitions(self, config: FilterConfig, inputs: list[ManifestRef]) -> list[Partition]:
+        ref = _one_input(inputs, EDGES_KIND, "links")
+        return [Partition(index=0, source=ref.url)]
+
+    def run_partition(self, config: FilterConfig, partition: Partition, out: str) -> PartitionResult:
+        phases = Phases.of(partition.source)
+        edges = open_manifest(partition.source, expect_kind=EDGES_KIND).table()
+        a, b = neardup.unique_pairs([(edges.column("a").to_numpy(), edges.column("b").to_numpy())])
+        nodes = np.unique(np.concatenate([a, b]))
+        uids = np.empty(len(nodes), dtype=object)
+        for url in open_manifest(phases.urls[NODES_KIND], expect_kind=NODES_KIND).part_urls():
+            t = read_part(url)
+            ph = t.column("phash").to_numpy()
+            hit = np.flatnonzero(np.isin(ph, nodes))
+            if hit.size:
+                uids[np.searchsorted(nodes, ph[hit])] = t.column("uid").take(pa.array(hit)).to_pylist()
+        leader = neardup.leaders(list(uids), np.searchsorted(nodes, a), np.searchsorted(nodes, b))
+        follow = np.flatnonzero(leader >= 0)
+        table = pa.table(
+            {
+                "phash": pa.array(nodes[follow], pa.uint64()),
+                "leader": pa.array(uids[leader[follow]].tolist(), pa.string()),
+            },
+            schema=LEADERS_SCHEMA,
+        )
+        count = phases.buckets()
+        files = [buckets.write(out, 0, table, buckets.of_keys(table.column("phash").to_numpy(), count), count,
+                               LEADERS_TABLE)]  # fmt: skip
+        return PartitionResult(
+            counts={"edges": len(a), "linked_nodes": len(nodes), "near_duplicate_nodes": len(follow)}, files=files
+        )
+
+
+class FilterResolve:
+    """GROUP, part 5 (one partition per phash bucket): every row's duplicate and near-duplicate
+    decision, from its sha256 representative and its node's leader."""
+
+    name = "filter-resolve"
+    kind = RESOLVE_KIND
+    schema = KEPT_SCHEMA
+
+    def partitions(self, config: FilterConfig, inputs: list[ManifestRef]) -> list[Partition]:
+        return _bucket_partitions(inputs, LINKS_KIND, "resolve")
+
+    def run_partition(self, config: FilterConfig, partition: Partition, out: str) -> PartitionResult:
+        (b,) = partition.params
+        phases = Phases.of(partition.source)
+        members = buckets.read_all(phases.files(EXACT_KIND, MEMBERS_TABLE), b, MEMBERS_SCHEMA)
+        links = buckets.read_all(phases.files(LINKS_KIND, LEADERS_TABLE), b, LEADERS_SCHEMA)
+        phash = members.column("phash").to_numpy()
+        # the node of each row: the smallest uid among the representatives with its hash
+        reps = members.filter(pc.is_null(members.column("rep"))).select(["phash", "uid"])
+        reps = reps.sort_by([("phash", "ascending"), ("uid", "ascending")])
+        rep_hash = reps.column("phash").to_numpy()
+        first = np.ones(len(rep_hash), dtype=bool)
+        first[1:] = rep_hash[1:] != rep_hash[:-1]
+        node = _lookup(rep_hash[first], reps.column("uid").filter(pa.array(first)), phash)
+        # its node's leader when the node is a near duplicate (LINKS lists only those), else null
+        lead = _lookup(links.column("phash").to_numpy(), links.column("leader"), phash)
+        is_rep = pc.is_null(members.column("rep"))
+        uid = members.column("uid")
+        # a representative is kept when it is its node's uid and the node leads; an exact
+        # duplicate points at the row kept for its representative
+        rep_of = pc.coalesce(members.column("rep"), uid)
+        rep_kept = pc.and_(pc.equal(rep_of, node), pc.is_null(lead))
+        kept = pc.and_(is_rep, rep_kept)
+        reason_arr = pc.if_else(kept, pa.scalar(None, pa.string()), pc.if_else(is_rep, NEAR_DUPLICATE, DUPLICATE))
+        target = pc.if_else(rep_kept, rep_of, pc.coalesce(lead, node))
+        target = pc.if_else(kept, pa.scalar(None, pa.string()), target)
+        dropped = pc.is_valid(reason_arr)
+        decisions = pa.table(
+            {
+                "row": members.column("row").filter(dropped),
+                "reason": reason_arr.filter(dropped),
+                "duplicate_of": target.filter(dropped),
+            },
+            schema=DECISIONS_SCHEMA,
+        )
+        parts = phases.scan_parts()
+        part_of = members.column("part").filter(dropped).to_numpy()
+        files = [buckets.write(out, b, decisions, part_of, parts, DECISIONS_TABLE)]
+        table = None
+        if config.rebalance or config.filters_clip:  # GROUP needs the rows still kept
+            table = members.filter(pc.invert(dropped)).select(["uid", "part", "row", "clip_score"])
+        vc = pc.value_counts(reason_arr.drop_null())
+        counts = Counter(dict(zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist(), strict=True)))
+        counts[KEPT] = members.num_rows - int(pc.sum(dropped).as_py() or 0)
+        return PartitionResult(table=table, counts=dict(sorted(counts.items())), files=files)
+
+
+def _lookup(keys: np.ndarray, values: pa.Array | pa.ChunkedArray, wanted: np.ndarray) -> pa.Array:
+    """``values`` at the position of each ``wanted`` key in ``keys`` (distinct); null when absent."""
+    if not len(keys):
+        return pa.nulls(len(wanted), values.type)
+    order = np.argsort(keys)
+    keys = keys[order]
+    at = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
+    found = keys[at] == wanted
+    return pc.if_else(pa.array(found), values.take(pa.array(order[at])), pa.scalar(None, values.type))
+
+
 class FilterGroup:
-    """Phase 2 of filter: one partition over every scan part (module docstring)."""
+    """GROUP, last part (one partition): ``--rebalance`` and the CLIP-score threshold over the
+    rows still kept, and what the run record says about the whole group step."""
 
     name = "filter-group"
     kind = GROUP_KIND
-    schema = GROUP_SCHEMA
 
     def partitions(self, config: FilterConfig, inputs: list[ManifestRef]) -> list[Partition]:
-        if len(inputs) != 1:
-            raise StageError("filter's group phase takes exactly one input: the scan phase's output")
-        input_parts(inputs, SCAN_KIND)
+        ref = _one_input(inputs, RESOLVE_KIND, "group")
         curated = None
         if config.rebalance:
-            ref = (
+            found = (
                 ManifestRef(url=storage.normalize(config.curated), kind="curated")
                 if config.curated
-                else find_upstream(inputs[0].url, "curated")
+                else find_upstream(ref.url, "curated")
             )
-            if ref is None:
+            if found is None:
                 raise StageError(
-                    f"--rebalance needs the curated manifest: none found up the lineage of {inputs[0].url}; "
+                    f"--rebalance needs the curated manifest: none found up the lineage of {ref.url}; "
                     "name it with --curated"
                 )
-            curated = ref.url
-        return [Partition(index=0, source=inputs[0].url, params=(curated,))]
+            curated = found.url
+        return [Partition(index=0, source=ref.url, params=(curated,))]
 
     def run_partition(self, config: FilterConfig, partition: Partition, out: str) -> PartitionResult:
         (curated,) = partition.params
-        rows = _scan_columns(partition.source, config.filters_clip)
-        references = [(task, reference_hashes(url, config.max_pixels)) for task, url in config.reference_sets()]
-        queries, cap, seed, extra = None, None, 0, {}
-        if curated:
+        phases = Phases.of(partition.source)
+        references = _reference_table(tuple(config.reference_sets()), config.max_pixels)
+        extra: dict[str, Any] = {
+            "reference_images": dict(Counter(t for t, _ in references)),
+            "near_duplicate_layout": phases.extra[NODES_KIND]["layout"][0],
+            "buckets": phases.buckets(),
+        }
+        for task, _ in config.reference_sets():
+            extra["reference_images"].setdefault(task, 0)
+        drops: dict[str, Decision] = {}
+        kept = None
+        if config.rebalance or config.filters_clip:
+            kept = open_manifest(partition.source, expect_kind=RESOLVE_KIND).table()
+        if curated and kept is not None:
             queries, cap, seed = _rebalance_inputs(curated, config)
-            extra = {"curated": curated, "per_query_cap": cap, "seed": seed}
-        decisions = group_decisions(rows, references, config, queries, cap, seed)
-        low_score, threshold = clip_score_decisions(rows, decisions, config)
-        decisions.update(low_score)
-        if config.filters_clip:
+            extra |= {"curated": curated, "per_query_cap": cap, "seed": seed}
+            drops |= rebalance_decisions(kept.column("uid").to_pylist(), queries, cap, seed)
+        if config.filters_clip and kept is not None:
+            low, threshold = clip_score_decisions(
+                kept.append_column("reason", pa.nulls(kept.num_rows, pa.string())), drops, config
+            )
+            drops |= low
             extra["clip_threshold"] = threshold
-        ordered = sorted(decisions.items())
-        table = pa.table(
-            {
-                "uid": [u for u, _ in ordered],
-                "reason": [d.reason for _, d in ordered],
-                "duplicate_of": [d.duplicate_of for _, d in ordered],
-            }
-        )
-        counts = Counter(d.reason for d in decisions.values())
-        eligible = rows.column("reason").null_count
-        counts[KEPT] = eligible - len(decisions)
-        overlap = {task: counts.get(f"{EVAL_OVERLAP}:{task}", 0) for task, _ in references}
-        extra["reference_images"] = {task: len(codes) for task, codes in references}
-        return PartitionResult(
-            table=table, counts=dict(sorted(counts.items())), extra=extra, tallies={EVAL_OVERLAP: overlap}
-        )
+        files = []
+        counts = Counter(d.reason for d in drops.values())
+        if kept is not None:
+            hit = np.array([u in drops for u in kept.column("uid").to_pylist()], dtype=bool)
+            chosen = kept.filter(pa.array(hit))
+            decisions = pa.table(
+                {
+                    "row": chosen.column("row"),
+                    "reason": pa.array([drops[u].reason for u in chosen.column("uid").to_pylist()], pa.string()),
+                    "duplicate_of": pa.nulls(chosen.num_rows, pa.string()),
+                },
+                schema=DECISIONS_SCHEMA,
+            )
+            files.append(
+                buckets.write(out, 0, decisions, chosen.column("part").to_numpy(), phases.scan_parts(), DECISIONS_TABLE)
+            )
+            counts[KEPT] = kept.num_rows - len(drops)
+        return PartitionResult(counts=dict(sorted(counts.items())), files=files, extra=extra)
+
+
+def rebalance_decisions(kept: list[str], queries: dict[str, list[str]], cap: int, seed: int) -> dict[str, Decision]:
+    """``over_cap`` for the kept uids that MetaCLIP's rule drops (curate's draw, counts over ``kept``)."""
+    from .curate import selection_draw
+
+    counts = Counter(q for u in kept for q in (queries.get(u) or ()))
+    drops = {}
+    for u in kept:
+        qs = queries.get(u) or ()
+        if qs and not any(counts[q] <= cap or selection_draw(seed, u, q) < cap / counts[q] for q in qs):
+            drops[u] = Decision(OVER_CAP)
+    return drops
 
 
 def _rebalance_inputs(curated: str, config: FilterConfig) -> tuple[dict[str, list[str]], int, int]:
@@ -780,27 +1257,14 @@ def _rebalance_inputs(curated: str, config: FilterConfig) -> tuple[dict[str, lis
 # DECIDE: write the FILTERED rows
 
 
-@functools.lru_cache(maxsize=4)
-def _decisions(group_url: str, digest: str | None) -> dict[str, tuple[str, str | None]]:
-    # Once per worker process: every DECIDE partition joins against the same decisions.
-    t = open_manifest(group_url, expect_kind=GROUP_KIND).table()
-    return {
-        u: (r, d)
-        for u, r, d in zip(
-            t.column("uid").to_pylist(),
-            t.column("reason").to_pylist(),
-            t.column("duplicate_of").to_pylist(),
-            strict=True,
-        )
-    }
-
-
-def decide_table(scan: pa.Table, decisions: dict[str, tuple[str, str | None]]) -> tuple[pa.Table, Counter]:
+def decide_table(scan: pa.Table, decisions: pa.Table) -> tuple[pa.Table, Counter]:
+    """The FILTERED rows of one scan part, given GROUP's drops among its rows (``DECISIONS_SCHEMA``)."""
     reasons = scan.column("reason").to_pylist()
     dup_of: list[str | None] = [None] * len(reasons)
-    for i, uid in enumerate(scan.column("uid").to_pylist()):
-        if reasons[i] is None and uid in decisions:
-            reasons[i], dup_of[i] = decisions[uid]
+    for row, reason, target in zip(*(decisions.column(c).to_pylist() for c in DECISIONS_SCHEMA.names), strict=True):
+        if reasons[row] is not None:
+            raise StageError(f"row {row} of a scan part has a reason ({reasons[row]}) and a group decision")
+        reasons[row], dup_of[row] = reason, target
     keep = [r is None for r in reasons]
     table = pa.table(
         {
@@ -844,21 +1308,24 @@ class FilterDecide:
     kind = "filtered"
 
     def partitions(self, config: FilterConfig, inputs: list[ManifestRef]) -> list[Partition]:
-        if len(inputs) != 1 or (inputs[0].kind not in (None, GROUP_KIND)):
-            raise StageError("filter's decide phase takes exactly one input: the group phase's output")
-        group = inputs[0]
-        record = read_run_record(group.url)
-        if record is None or len(record.inputs) != 1:
-            raise StageError(f"{group.url}: not a finished group phase of filter (no _run.json)")
-        # The scan parts are found through GROUP's run record, so lineage stays one chain.
-        parts = input_parts(record.inputs, SCAN_KIND)
-        return [Partition(index=i, source=u, params=(group.url, group.digest)) for i, u in enumerate(parts)]
+        group = _one_input(inputs, GROUP_KIND, "decide")
+        phases = Phases.of(group.url)
+        # The scan parts are found through the phases' run records, so lineage stays one chain.
+        scan = ManifestRef(url=phases.urls[SCAN_KIND], kind=SCAN_KIND)
+        return [Partition(index=i, source=u, params=(group.url,)) for i, u in enumerate(input_parts([scan], SCAN_KIND))]
 
     def run_partition(self, config: FilterConfig, partition: Partition, out: str) -> PartitionResult:
-        group_url, digest = partition.params
+        (group_url,) = partition.params
+        phases = Phases.of(group_url)
+        p = partition.index
+        # GROUP's drops among this part's rows: one small read of each bucket file that has them
+        files = phases.files(EXACT_KIND, DECISIONS_TABLE) + phases.files(RESOLVE_KIND, DECISIONS_TABLE)
+        if config.rebalance or config.filters_clip:
+            files += phases.files(GROUP_KIND, DECISIONS_TABLE)
+        decisions = buckets.read_all(files, p, DECISIONS_SCHEMA)
         # conform: a scan part from before a column was added (a run resumed across an upgrade)
         scan = conform(read_part(partition.source), SCAN_SCHEMA)
-        table, counts = decide_table(scan, _decisions(group_url, digest))
+        table, counts = decide_table(scan, decisions)
         overlap = Counter()
         for reason, n in counts.items():
             if reason.startswith(EVAL_OVERLAP + ":"):
@@ -869,10 +1336,24 @@ class FilterDecide:
 
 
 SCAN = FilterScan()
+EXACT = FilterExact()
+NODES = FilterNodes()
+EDGES = FilterEdges()
+LINKS = FilterLinks()
+RESOLVE = FilterResolve()
 GROUP = FilterGroup()
 DECIDE = FilterDecide()
 # (stage, subfolder of OUT): run in order, each with the previous phase's finished ref as input.
-FILTER_PHASES: list[tuple[Any, str]] = [(SCAN, "_scan"), (GROUP, "_group"), (DECIDE, "")]
+FILTER_PHASES: list[tuple[Any, str]] = [
+    (SCAN, "_scan"),
+    (EXACT, "_exact"),
+    (NODES, "_nodes"),
+    (EDGES, "_edges"),
+    (LINKS, "_links"),
+    (RESOLVE, "_resolve"),
+    (GROUP, "_group"),
+    (DECIDE, ""),
+]
 
 
 def filter_summary(counts: dict[str, int]) -> str:

@@ -28,7 +28,7 @@ from . import storage
 from .manifest import FileInfo
 
 ROWS_PER_BUCKET = 500_000  # rows one bucketed task holds, by default (a few hundred MB at most)
-MAX_BUCKETS = 65_536
+MAX_BUCKETS = 65_535  # bucket numbers fit 16 bits
 
 
 def bucket_count(rows: int, given: int | None = None, rows_per_bucket: int = ROWS_PER_BUCKET) -> int:
@@ -62,7 +62,8 @@ def mix64(values: np.ndarray) -> np.ndarray:
 
 def of_keys(keys: np.ndarray, count: int) -> np.ndarray:
     """The bucket of each 64-bit key (mixed first, so structured keys spread evenly)."""
-    return (mix64(keys) % np.uint64(count)).astype(np.int64)
+    high = mix64(keys) >> np.uint64(32)  # then scaled to [0, count): a multiply, not a division
+    return ((high * np.uint64(count)) >> np.uint64(32)).astype(np.int64)
 
 
 def of_strings(values: Sequence[str] | pa.Array | pa.ChunkedArray, count: int) -> np.ndarray:
@@ -84,9 +85,10 @@ def encode(table: pa.Table, buckets: np.ndarray, count: int) -> bytes:
         raise ValueError(f"{len(buckets)} buckets for {table.num_rows} rows")
     if len(buckets) and (buckets.min() < 0 or buckets.max() >= count):
         raise ValueError(f"bucket numbers must lie in [0, {count})")
-    order = np.argsort(buckets, kind="stable")
+    # a radix sort: bucket numbers fit 16 bits (MAX_BUCKETS)
+    order = np.argsort(buckets.astype(np.uint16), kind="stable")
     ordered = table.take(pa.array(order)) if table.num_rows else table
-    edges = np.searchsorted(buckets[order], np.arange(count + 1))
+    edges = np.concatenate([[0], np.cumsum(np.bincount(buckets, minlength=count))])
     sink = pa.BufferOutputStream()
     with pa.ipc.new_file(sink, table.schema) as writer:
         for b in range(count):

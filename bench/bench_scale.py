@@ -1,0 +1,318 @@
+"""Every step at any size: the four steps that need the whole dataset, at 1M, 4M and 16M rows.
+
+No network and no images: each step's input is generated as the stage before it would have
+written it (a curated manifest for download planning, curate's MATCH output for COUNT, scan rows
+with random and with clustered perceptual hashes for filter's GROUP, a filtered manifest for
+shard's PLAN), then the step runs in a fresh process, partition after partition (one core), and
+reports its wall time and the peak resident memory of that process: the largest task's peak, since
+the tasks run one after another (plus the interpreter and libraries, ~150 MB, the same at every
+size). Download planning runs in the driver, so its process is the driver.
+
+Side by side, at 1M rows: today's single-process code for the same step (the reference functions
+the tests compare the bucketed steps against): download's plan of every pair in the driver,
+curate's ``count_queries`` over every row, filter's ``group_decisions`` (leader clustering with one
+multi-index table of 5 × 13-bit bands), shard's global ``plan_rows`` sort.
+
+    .venv/bin/python bench/bench_scale.py [--sizes 1M,4M,16M] [--steps download,curate,filter,shard]
+                                          [--no-reference] [--no-write] [--work DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import multiprocessing
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _report import table, write_section  # noqa: E402
+
+ROWS_PER_PART = 250_000  # input part files hold this many rows at every size, as a real run's would
+TARGET_ROWS = 400_000_000  # the CLIP paper's dataset
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs, written as the stage before would have (run in a child process, not measured)
+
+
+def _hex_strings(rng, n: int, nbytes: int):
+    import numpy as np
+
+    table = np.array([f"{i:02x}".encode() for i in range(256)])
+    return table[rng.integers(0, 256, (n, nbytes), dtype=np.uint8)].view(f"S{2 * nbytes}").ravel().astype(str)
+
+
+def filter_input(rows: int, out: str, clustered: bool) -> None:
+    """A finished scan phase: eligible rows with unique sha256s (a share of exact duplicates) and
+    perceptual hashes that are random, or (``clustered``) a third of them in clusters of 8 within
+    3 bits of their centre, plus a placeholder hash shared by 1% of the rows."""
+    import numpy as np
+    import pyarrow as pa
+
+    from wit.ingest.filter import KEYS_SCHEMA, SCAN_KIND, FilterConfig, scan_result
+    from wit.manifests.stage import Partition
+    from wit.pipeline.executor import run_stage
+
+    class Scan:
+        name, kind = "filter-scan", SCAN_KIND
+
+        def partitions(self, config, inputs):
+            return [Partition(index=i, source=f"gen#{i}") for i in range(math.ceil(rows / ROWS_PER_PART))]
+
+        def run_partition(self, config, partition, out):
+            rng = np.random.default_rng(partition.index)
+            n = min(ROWS_PER_PART, rows - partition.index * ROWS_PER_PART)
+            phash = rng.integers(0, 2**64 - 1, n, dtype=np.uint64)
+            sha = _hex_strings(rng, n, 32)
+            if clustered:
+                m = n // 3 // 8 * 8
+                centres = np.repeat(rng.integers(0, 2**64 - 1, m // 8, dtype=np.uint64), 8)
+                flips = np.zeros(m, dtype=np.uint64)
+                for _ in range(3):
+                    bit = rng.integers(0, 64, m).astype(np.uint64)
+                    flips ^= np.where(rng.random(m) < 0.7, np.uint64(1) << bit, np.uint64(0))
+                phash[:m] = centres ^ flips
+                phash[m : m + n // 100] = np.uint64(0x8000000000000000)  # a placeholder image
+            dup = rng.random(n) < 0.02  # exact duplicates (same bytes) of the row before
+            sha[1:][dup[1:]] = sha[:-1][dup[1:]]
+            phash[1:][dup[1:]] = phash[:-1][dup[1:]]
+            keys = pa.table(
+                {
+                    "uid": pa.array(rng.integers(0, 2**63, n, dtype=np.uint64)).cast(pa.string()),
+                    "sha256": pa.array(sha),
+                    "phash": pa.array(phash),
+                    "row": pa.array(np.arange(n, dtype=np.int32)),
+                    "clip_score": pa.nulls(n, pa.float32()),
+                },
+                schema=KEYS_SCHEMA,
+            )
+            from wit.manifests import buckets
+
+            return scan_result(None, {"kept": n}, partition.index, buckets.bucket_count(rows), out, {}, keys=keys)
+
+    run_stage(Scan(), FilterConfig(), [], os.path.join(out, "_scan"), progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# the measured steps (each in a fresh process)
+
+
+def filter_group(rows: int, out: str) -> dict:
+    from wit.ingest.filter import FILTER_PHASES, FilterConfig
+    from wit.manifests.runrecord import read_run_record
+    from wit.pipeline.executor import run_stage
+
+    config = FilterConfig()
+    ref = read_run_record(os.path.join(out, "_scan")).output
+    for stage, sub in FILTER_PHASES[1:-1]:  # EXACT .. GROUP
+        ref = run_stage(stage, config, [ref], os.path.join(out, sub), progress=False).ref
+    rec = read_run_record(ref.url)
+    return {"layout": rec.extra["near_duplicate_layout"][0], "buckets": rec.extra["buckets"][0]}
+
+
+def filter_reference(rows: int, out: str) -> dict:
+    """Today's GROUP: every eligible row in one process, leader clustering over one HashIndex."""
+    import pyarrow as pa
+
+    from wit.ingest.filter import KEYS_SCHEMA, KEYS_TABLE, FilterConfig, group_decisions
+    from wit.ingest.imaging import hash_hex
+    from wit.manifests import buckets
+    from wit.manifests.runrecord import read_run_record
+
+    scan = os.path.join(out, "_scan")
+    rec = read_run_record(scan)
+    count = rec.extra["buckets"][0]
+    urls = buckets.file_urls(scan, KEYS_TABLE, rec.partitions)
+    keys = pa.concat_tables([buckets.read_all(urls, b, KEYS_SCHEMA) for b in range(count)])
+    phash = [hash_hex(h) for h in keys.column("phash").to_pylist()]
+    table_ = pa.table(
+        {
+            "uid": keys.column("uid"),
+            "sha256": keys.column("sha256"),
+            "phash": pa.array(phash, pa.string()),
+            "reason": pa.nulls(keys.num_rows, pa.string()),
+        }
+    )
+    del keys, phash
+    start = time.perf_counter()
+    decisions = group_decisions(table_, [], FilterConfig())
+    return {"seconds": time.perf_counter() - start, "dropped": len(decisions)}
+
+
+STEPS: dict[str, dict] = {
+    "filter-random": {
+        "title": "filter GROUP, random hashes",
+        "input": functools.partial(filter_input, clustered=False),
+        "run": filter_group,
+        "reference": filter_reference,
+    },
+    "filter-clustered": {
+        "title": "filter GROUP, clustered hashes",
+        "input": functools.partial(filter_input, clustered=True),
+        "run": filter_group,
+        "reference": None,
+    },
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# harness
+
+
+def _child(fn: Callable, rows: int, out: str, conn) -> None:
+    try:
+        start = time.perf_counter()
+        facts = fn(rows, out) or {}
+        seconds = facts.pop("seconds", None) or time.perf_counter() - start
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        conn.send({"seconds": seconds, "peak_mb": peak, **facts})
+    except BaseException as exc:  # reported, then raised again in the parent
+        conn.send({"error": f"{type(exc).__name__}: {exc}"})
+        raise
+
+
+def in_child(fn: Callable, rows: int, out: str) -> dict:
+    """Run ``fn(rows, out)`` in a fresh spawned process; its wall time and peak resident memory."""
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_child, args=(fn, rows, out, child))
+    proc.start()
+    child.close()
+    try:
+        result = parent.recv()
+    except EOFError:
+        result = {"error": f"the process died (exit code {proc.join() or proc.exitcode}: killed for memory?)"}
+    proc.join()
+    if "error" in result:
+        raise RuntimeError(f"{fn.__name__} at {rows:,} rows: {result['error']}")
+    return result
+
+
+def parse_size(text: str) -> int:
+    text = text.strip().upper()
+    scale = {"K": 1_000, "M": 1_000_000}.get(text[-1:], 1)
+    return int(float(text.rstrip("KM")) * scale)
+
+
+def _commit() -> str:
+    here = Path(__file__).resolve().parents[1]
+    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True)
+    return rev.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", default="1M,4M,16M")
+    ap.add_argument("--steps", default=",".join(STEPS))
+    ap.add_argument("--no-reference", action="store_true", help="skip today's single-process code at 1M")
+    ap.add_argument("--no-write", action="store_true", help="print the table, leave BENCHMARKS.md alone")
+    ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one, removed)")
+    args = ap.parse_args()
+    sizes = [parse_size(s) for s in args.sizes.split(",")]
+    steps = [s for s in args.steps.split(",") if s]
+    work = args.work or tempfile.mkdtemp(prefix="wit-scale-")
+    results: dict[tuple[str, int], dict] = {}
+    references: dict[str, dict] = {}
+    try:
+        for step in steps:
+            spec = STEPS[step]
+            for rows in sizes:
+                out = os.path.join(work, f"{step}-{rows}")
+                shutil.rmtree(out, ignore_errors=True)
+                os.makedirs(out)
+                in_child(spec["input"], rows, out)
+                results[(step, rows)] = in_child(spec["run"], rows, out)
+                print(step, f"{rows:,}", results[(step, rows)], flush=True)
+                if rows == min(sizes) and spec.get("reference") and not args.no_reference:
+                    references[step] = in_child(spec["reference"], rows, out)
+                    print(step, "reference", references[step], flush=True)
+                shutil.rmtree(out, ignore_errors=True)
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    body = report(steps, sizes, results, references)
+    print(body)
+    if not args.no_write:
+        write_section("scale", "Every step at any size (bench_scale)", body, "bench/bench_scale.py")
+
+
+def report(steps: list[str], sizes: list[int], results: dict, references: dict) -> str:
+    rows = []
+    for step in steps:
+        for n in sizes:
+            r = results[(step, n)]
+            extra = ", ".join(f"{k} {v}" for k, v in r.items() if k not in ("seconds", "peak_mb"))
+            rows.append(
+                [
+                    STEPS[step]["title"],
+                    f"{n / 1e6:g}M",
+                    f"{r['seconds']:.1f}",
+                    f"{r['seconds'] / n * 1e6:.2f}",
+                    f"{r['peak_mb']:,.0f}",
+                    extra,
+                ]
+            )
+    lines = [
+        f"Commit {_commit()}. One process per step, its partitions one after another (one core); "
+        f"input parts of {ROWS_PER_PART:,} rows.",
+        "",
+        table(["step", "rows", "wall s", "µs / row", "peak MB (largest task)", "notes"], rows),
+        "",
+    ]
+    flat = []
+    for step in steps:
+        lo, hi = results[(step, sizes[0])], results[(step, sizes[-1])]
+        t_ratio = (hi["seconds"] / sizes[-1]) / (lo["seconds"] / sizes[0])
+        m_ratio = hi["peak_mb"] / lo["peak_mb"]
+        per_row = hi["seconds"] / sizes[-1]
+        flat.append(
+            [
+                STEPS[step]["title"],
+                f"{t_ratio:.2f}x",
+                f"{m_ratio:.2f}x",
+                f"{per_row * TARGET_ROWS / 3600:,.1f} core-hours",
+            ]
+        )
+    lines += [
+        f"Growth from {sizes[0] / 1e6:g}M to {sizes[-1] / 1e6:g}M rows, and the projection to 400M rows at the "
+        f"largest size's time per row (memory per task stays that of the largest size: the bucket count grows "
+        f"instead):",
+        "",
+        table(["step", "time per row", "peak memory per task", "400M rows"], flat),
+    ]
+    if references:
+        ref_rows = []
+        for step, r in references.items():
+            ours = results[(step, sizes[0])]
+            ref_rows.append(
+                [
+                    STEPS[step]["title"],
+                    f"{sizes[0] / 1e6:g}M",
+                    f"{r['seconds']:.1f}",
+                    f"{r['peak_mb']:,.0f}",
+                    f"{ours['seconds']:.1f}",
+                    f"{ours['peak_mb']:,.0f}",
+                    f"{r['seconds'] / ours['seconds']:.1f}x",
+                ]
+            )
+        lines += [
+            "",
+            "Today's single-process code on the same input, side by side:",
+            "",
+            table(["step", "rows", "today s", "today MB", "bucketed s", "bucketed MB", "speed-up"], ref_rows),
+        ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,224 @@
+"""Near duplicates at any size: every pair of 64-bit hashes within ``d`` bits, found by blocks.
+
+Split the 64 bits into ``k > d`` blocks. Two hashes at most ``d`` bits apart differ in at most ``d``
+blocks, so they agree exactly on at least ``k - d`` of them: on one of the ``C(k, k - d)``
+*combinations* of ``k - d`` blocks. Each hash is keyed once per combination by its bits there
+(``hash & mask``); hashes sharing a key are candidates, and a candidate pair is a pair when the
+Hamming distance says so. Every pair is found (the pigeonhole argument), nothing else is kept.
+
+``k = d + 1`` is classic multi-index hashing with ``d + 1`` bands (each ``64 / (d + 1)`` bits);
+a larger ``k`` makes wider keys (fewer candidates per key) at the price of more keys per hash.
+:func:`choose_layout` picks ``k`` for the number of hashes, so that the candidates per hash stay
+about constant as the dataset grows: this is what keeps the time per row flat instead of growing
+with the row count (13-bit bands at 16M hashes give ~2,000 candidates per hash per band).
+
+The keys are also what spreads the work: a (combination, key) pair is hashed to a bucket, and a
+bucket's task only compares hashes that share a key, so no task holds more than its bucket.
+:func:`leaders` turns the pairs into today's leader-clustering decisions (see its docstring).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+PAIRS_PER_CHUNK = 1 << 22  # candidate pairs compared per numpy step (a few tens of MB)
+# measured on one core (numpy 2.4, 4M hashes): one key (bucket file written and read, sorted), one pair compared
+_KEY_NS, _PAIR_NS = 200.0, 80.0
+MAX_COMBINATIONS = 64
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """``blocks`` blocks of the 64 bits; a key is the bits of ``blocks - distance`` of them."""
+
+    distance: int
+    blocks: int
+
+    @property
+    def masks(self) -> np.ndarray:
+        edges = [round(64 * i / self.blocks) for i in range(self.blocks + 1)]
+        block_masks = [((1 << (hi - lo)) - 1) << lo for lo, hi in zip(edges, edges[1:], strict=False)]
+        combos = itertools.combinations(range(self.blocks), self.blocks - self.distance)
+        return np.array([sum(block_masks[i] for i in c) for c in combos], dtype=np.uint64)
+
+    @property
+    def key_bits(self) -> int:
+        """The width of the narrowest key: what bounds the candidates per key."""
+        return min(int(m).bit_count() for m in self.masks)
+
+    def describe(self) -> str:
+        n = len(self.masks)
+        return f"{self.blocks} blocks, {n} key{'s' if n > 1 else ''} of >= {self.key_bits} bits per hash"
+
+
+def estimated_ns(layout: Layout, hashes: int) -> float:
+    """Rough cost per hash of a layout with ``hashes`` uniformly spread hashes."""
+    keys = len(layout.masks)
+    candidates = keys * hashes / 2.0**layout.key_bits / 2  # pairs per hash
+    return keys * _KEY_NS + candidates * _PAIR_NS
+
+
+def choose_layout(distance: int, hashes: int) -> Layout:
+    """The cheapest exact layout for ``hashes`` hashes at ``distance`` bits (deterministic)."""
+    if not 0 <= distance < 32:
+        raise ValueError(f"Hamming distance must be in [0, 32), got {distance}")
+    best = Layout(distance, distance + 1)
+    for k in range(distance + 2, min(64, distance + 8) + 1):
+        layout = Layout(distance, k)
+        if math.comb(k, k - distance) > MAX_COMBINATIONS:
+            break
+        if estimated_ns(layout, hashes) < estimated_ns(best, hashes):
+            best = layout
+    return best
+
+
+def keyed(hashes: np.ndarray, layout: Layout) -> tuple[np.ndarray, np.ndarray]:
+    """One record per hash and combination: ``(combination, hash)`` arrays, hash-major order."""
+    count = len(layout.masks)
+    hashes = np.asarray(hashes, dtype=np.uint64)
+    return np.tile(np.arange(count, dtype=np.uint8), len(hashes)), np.repeat(hashes, count)
+
+
+def record_keys(combo: np.ndarray, hashes: np.ndarray, layout: Layout) -> np.ndarray:
+    """The key of each record: its hash's bits in its combination's blocks."""
+    return np.asarray(hashes, dtype=np.uint64) & layout.masks[combo]
+
+
+def pairs_sharing_keys(
+    combo: np.ndarray, hashes: np.ndarray, layout: Layout
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(a, b)`` arrays of the distinct hash pairs within the distance among keyed records.
+
+    Each record is one (combination, hash); records with the same combination and key are
+    compared, all pairs of a group, in chunks of :data:`PAIRS_PER_CHUNK` (a huge group costs time,
+    never memory). ``a < b``; a pair found under several keys may be yielded more than once.
+    """
+    hashes = np.asarray(hashes, dtype=np.uint64)
+    combo = np.asarray(combo)
+    masks = layout.masks
+    for c in np.unique(combo).tolist():
+        h = hashes[combo == c] if len(masks) > 1 else hashes
+        keys = h & masks[c]
+        order = np.argsort(keys)
+        yield from _group_pairs(keys[order], h[order], layout.distance)
+
+
+def _group_pairs(keys: np.ndarray, h: np.ndarray, distance: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """All pairs within ``distance`` among records with equal (sorted) ``keys``, chunk by chunk."""
+    n = len(h)
+    if n < 2:
+        return
+    start = np.ones(n, dtype=bool)
+    start[1:] = keys[1:] != keys[:-1]
+    ends = np.flatnonzero(np.append(start[1:], True)) + 1  # one past each group's last record
+    after = ends[np.cumsum(start) - 1] - np.arange(n) - 1  # records after each in its group
+    total = np.cumsum(after)
+    first = 0
+    while first < n:
+        # the records whose forward pairs fit in one chunk (at least one record)
+        base = total[first - 1] if first else 0
+        last = max(first + 1, int(np.searchsorted(total, base + PAIRS_PER_CHUNK, side="right")))
+        counts = after[first:last]
+        m = int(counts.sum())
+        if m:
+            i = np.repeat(np.arange(first, last), counts)
+            j = i + 1 + (np.arange(m) - np.repeat(np.cumsum(counts) - counts, counts))
+            a, b = h[i], h[j]
+            near = (np.bitwise_count(a ^ b) <= distance) & (a != b)
+            if near.any():
+                a, b = a[near], b[near]
+                yield np.minimum(a, b), np.maximum(a, b)
+        first = last
+
+
+def near_pairs(hashes: np.ndarray, layout: Layout) -> tuple[np.ndarray, np.ndarray]:
+    """Every distinct pair of distinct hashes within the distance, once (``a < b``), in one process."""
+    combo, repeated = keyed(np.unique(np.asarray(hashes, dtype=np.uint64)), layout)
+    return unique_pairs(pairs_sharing_keys(combo, repeated, layout))
+
+
+def unique_pairs(chunks) -> tuple[np.ndarray, np.ndarray]:
+    a_parts, b_parts = [], []
+    for a, b in chunks:
+        a_parts.append(a)
+        b_parts.append(b)
+    if not a_parts:
+        return np.empty(0, np.uint64), np.empty(0, np.uint64)
+    pairs = np.unique(np.stack([np.concatenate(a_parts), np.concatenate(b_parts)], axis=1), axis=0)
+    return pairs[:, 0].copy(), pairs[:, 1].copy()
+
+
+def matches(queries: np.ndarray, stored: np.ndarray, distance: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(query position, stored position)`` of every query/stored pair within ``distance`` bits.
+
+    For a small stored set (evaluation images): each band of ``distance + 1`` is looked up in the
+    stored hashes sorted by that band, so the cost is the queries times the candidates per band.
+    """
+    queries = np.asarray(queries, dtype=np.uint64)
+    stored = np.asarray(stored, dtype=np.uint64)
+    if not len(queries) or not len(stored):
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    out_q, out_s = [], []
+    for mask in Layout(distance, distance + 1).masks:
+        skeys = stored & mask
+        order = np.argsort(skeys, kind="stable")
+        sorted_keys = skeys[order]
+        qkeys = queries & mask
+        lo = np.searchsorted(sorted_keys, qkeys, side="left")
+        hi = np.searchsorted(sorted_keys, qkeys, side="right")
+        counts = hi - lo
+        m = int(counts.sum())
+        if not m:
+            continue
+        qi = np.repeat(np.arange(len(queries)), counts)
+        si = order[np.repeat(lo, counts) + (np.arange(m) - np.repeat(np.cumsum(counts) - counts, counts))]
+        near = np.bitwise_count(queries[qi] ^ stored[si]) <= distance
+        out_q.append(qi[near])
+        out_s.append(si[near])
+    if not out_q:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    pairs = np.unique(np.stack([np.concatenate(out_q), np.concatenate(out_s)], axis=1), axis=0)
+    return pairs[:, 0], pairs[:, 1]
+
+
+def leaders(order_keys: list[str], a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Leader clustering over a graph: ``leader[i]`` is ``-1`` for a leader, else the leader it joins.
+
+    Nodes are visited in ``order_keys`` order (smallest uid first); a node becomes a leader unless a
+    leader visited before it is a neighbour, and joins the first such leader. ``a``, ``b``: node
+    positions of the edges (the pairs within the distance). This is exactly today's global leader
+    clustering (a node's decision depends only on the leaders within the distance, which are its
+    neighbours), run on the nodes that have any neighbour at all; a node without one leads.
+    """
+    n = len(order_keys)
+    rank = np.empty(n, dtype=np.int64)
+    rank[np.array(sorted(range(n), key=order_keys.__getitem__), dtype=np.int64)] = np.arange(n)
+    ra, rb = rank[a], rank[b]
+    lo, hi = np.minimum(ra, rb), np.maximum(ra, rb)
+    # for each node (by rank), its neighbours visited before it, ascending
+    order = np.lexsort((lo, hi))
+    hi, lo = hi[order], lo[order]
+    starts = np.searchsorted(hi, np.arange(n + 1))
+    leader_rank = np.full(n, -1, dtype=np.int64)
+    is_leader = np.zeros(n, dtype=bool)
+    for r in range(n):
+        s, e = starts[r], starts[r + 1]
+        joined = -1
+        for q in lo[s:e].tolist():  # ascending rank: the first leader is the smallest uid
+            if is_leader[q]:
+                joined = q
+                break
+        if joined < 0:
+            is_leader[r] = True
+        else:
+            leader_rank[r] = joined
+    by_rank = np.argsort(rank)  # rank -> node
+    out = np.full(n, -1, dtype=np.int64)
+    follower = leader_rank[rank] >= 0
+    out[follower] = by_rank[leader_rank[rank][follower]]
+    return out

@@ -1,0 +1,151 @@
+"""The bucketed GROUP (exact, nodes, edges, links, resolve) decides exactly what the single-process
+leader clustering (``group_decisions``, today's reference) decides, for any bucket and worker count."""
+
+from __future__ import annotations
+
+import io
+import random
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from wit.ingest import neardup
+from wit.ingest.filter import (
+    FILTER_PHASES,
+    SCAN_KIND,
+    SCAN_SCHEMA,
+    FilterConfig,
+    group_decisions,
+    reference_hashes,
+    scan_result,
+)
+from wit.ingest.imaging import hash_hex
+from wit.manifests.manifest import open_manifest
+from wit.manifests.stage import Partition
+from wit.pipeline.executor import run_phases, run_stage
+
+
+class GivenScan:
+    """A scan phase whose rows are given (generated hashes instead of downloaded images)."""
+
+    name = "filter-scan"
+    kind = SCAN_KIND
+    schema = SCAN_SCHEMA
+
+    def __init__(self, parts: list[list[dict]], count: int):
+        self.parts, self.count = parts, count
+
+    def partitions(self, config, inputs):
+        return [Partition(index=i, source=f"given#{i}") for i in range(len(self.parts))]
+
+    def run_partition(self, config, partition, out):
+        table = pa.Table.from_pylist(self.parts[partition.index], schema=SCAN_SCHEMA)
+        counts = {"kept": sum(r["reason"] is None for r in self.parts[partition.index])}
+        return scan_result(table, counts, partition.index, self.count, out, {})
+
+
+def _flip(code: int, bits: list[int]) -> int:
+    for b in bits:
+        code ^= 1 << b
+    return code
+
+
+def planted_rows(rng: random.Random, refs: list[int], n_random: int = 300) -> list[dict]:
+    """Random hashes, chains, exact-duplicate groups, shared placeholders, eval overlaps and a
+    skewed band (many distinct hashes with the same 48 high bits)."""
+    codes: list[tuple[int, str | None]] = []  # (phash, sha256 or None for a fresh one)
+    codes += [(rng.getrandbits(64), None) for _ in range(n_random)]
+    for _ in range(8):  # chains: each step 3 bits from the last, the ends far apart
+        code = rng.getrandbits(64)
+        for _ in range(rng.randint(3, 7)):
+            code = _flip(code, rng.sample(range(64), 3))
+            codes.append((code, None))
+    for g in range(6):  # exact duplicate groups (same bytes: same sha256 and phash), some near others
+        code = rng.getrandbits(64) if g % 2 else codes[rng.randrange(len(codes))][0] ^ (1 << rng.randrange(64))
+        codes += [(code, f"{0xE0 + g:064x}")] * rng.randint(2, 5)
+    placeholder = rng.getrandbits(64)  # the same hash from different bytes
+    codes += [(placeholder, None)] * 25 + [(_flip(placeholder, [1, 9]), None)] * 3
+    for ref in refs:  # near an evaluation image
+        codes.append((_flip(ref, rng.sample(range(64), rng.randint(0, 3))), None))
+    high = rng.getrandbits(48) << 16  # the skewed band
+    codes += [(high | rng.getrandbits(16), None) for _ in range(120)]
+    rows = []
+    for i, (code, sha) in enumerate(codes):
+        rows.append(
+            {
+                "uid": f"{rng.getrandbits(64):016x}",
+                "url": f"http://h/{i}",
+                "sha256": sha or f"{rng.getrandbits(256):064x}",
+                "phash": hash_hex(code),
+                "reason": None,
+            }
+        )
+    rows += [{"uid": f"{rng.getrandbits(64):016x}", "url": "http://h/x", "reason": "too_small"} for _ in range(5)]
+    rng.shuffle(rows)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("refs") / "shape"
+    folder.mkdir()
+    rng = np.random.default_rng(5)
+    for i in range(4):
+        img = Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8))
+        buf = io.BytesIO()
+        img.save(buf, "PNG")
+        (folder / f"{i}.png").write_bytes(buf.getvalue())
+    return str(folder), reference_hashes(str(folder), 10**8)
+
+
+def _outcome(url: str) -> dict[str, tuple]:
+    t = open_manifest(url).table(["uid", "reason", "duplicate_of"])
+    return {u: (r, d) for u, r, d in zip(*(t.column(c).to_pylist() for c in ("uid", "reason", "duplicate_of")))}
+
+
+@pytest.mark.parametrize("distance", [4, 2])
+def test_bucketed_group_decides_as_leader_clustering(references, tmp_path, distance):
+    ref_url, ref_codes = references
+    rows = planted_rows(random.Random(distance), ref_codes)
+    config = FilterConfig(near_duplicate_distance=distance, reference_images=(f"shape={ref_url}",))
+    want = group_decisions(pa.Table.from_pylist(rows), [("shape", ref_codes)], config)
+    assert {d.reason for d in want.values()} >= {"duplicate", "near_duplicate", "eval_overlap:shape"}
+    expected = {r["uid"]: (r["reason"], None) for r in rows}
+    expected |= {u: (d.reason, d.duplicate_of) for u, d in want.items()}
+    parts = [rows[i::3] for i in range(3)]
+    digests = set()
+    for count, workers in ((1, 1), (3, 1), (7, 2)):
+        out = tmp_path / f"b{count}"
+        cfg = FilterConfig(near_duplicate_distance=distance, reference_images=config.reference_images, buckets=count)
+        scan = run_stage(GivenScan(parts, count), cfg, [], str(out / "_scan"), progress=False).ref
+        done = run_phases(FILTER_PHASES[1:], cfg, [scan], str(out), workers=workers, progress=False)
+        assert _outcome(done.ref.url) == expected, (count, workers)
+        digests.add(done.ref.digest)
+    assert len(digests) == 1
+
+
+def test_layouts_find_every_pair():
+    rng = np.random.default_rng(1)
+    base = rng.integers(0, 2**63, 60, dtype=np.uint64)
+    flips = [np.uint64(1) << np.uint64(b) for b in range(64)]
+    near = [int(b) ^ int(flips[i]) ^ int(flips[(i * 7 + 3) % 64]) for i, b in enumerate(base)]
+    hashes = np.array(list(base) + near + list(rng.integers(0, 2**63, 200, dtype=np.uint64)), dtype=np.uint64)
+    u = np.unique(hashes)
+    for distance in (0, 1, 2, 4, 5):
+        brute = {
+            (int(u[i]), int(u[j]))
+            for i in range(len(u))
+            for j in range(i + 1, len(u))
+            if (int(u[i]) ^ int(u[j])).bit_count() <= distance
+        }
+        for blocks in range(distance + 1, distance + 4):
+            a, b = neardup.near_pairs(hashes, neardup.Layout(distance, blocks))
+            assert set(zip(a.tolist(), b.tolist())) == brute, (distance, blocks)
+
+
+def test_layout_widens_keys_as_the_count_grows():
+    small, large = neardup.choose_layout(4, 10**6), neardup.choose_layout(4, 4 * 10**8)
+    assert large.key_bits > small.key_bits
+    assert neardup.estimated_ns(large, 4 * 10**8) < 4 * neardup.estimated_ns(small, 10**6)
