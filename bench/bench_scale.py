@@ -102,8 +102,114 @@ def filter_input(rows: int, out: str, clustered: bool) -> None:
     run_stage(Scan(), FilterConfig(), [], os.path.join(out, "_scan"), progress=False)
 
 
+def _queries(rng, n: int, vocabulary: int = 50_000):
+    """1 to 3 queries per row from a vocabulary with a long tail (a few very common ones)."""
+    import numpy as np
+    import pyarrow as pa
+
+    per_row = rng.integers(1, 4, n)
+    offsets = np.concatenate([[0], np.cumsum(per_row)]).astype(np.int32)
+    picks = np.minimum((rng.pareto(1.2, int(offsets[-1])) * 50).astype(np.int64), vocabulary - 1)
+    words = pa.array([f"q{i}" for i in range(vocabulary)])
+    return pa.ListArray.from_arrays(pa.array(offsets), words.take(pa.array(picks)))
+
+
+def _url_hashes(rng, n: int, part: int):
+    """64-bit URL hashes, 5% of them repeating a URL of an earlier part (the same image on two pages)."""
+    import numpy as np
+
+    hashes = rng.integers(0, 2**64 - 1, n, dtype=np.uint64)
+    if part:
+        seen = np.random.default_rng(part - 1).integers(0, 2**64 - 1, n, dtype=np.uint64)
+        again = rng.random(n) < 0.05
+        hashes[again] = seen[rng.integers(0, n, int(again.sum()))]
+    return hashes
+
+
+def curate_input(rows: int, out: str) -> None:
+    """A finished MATCH phase: every row eligible, its URL hash and queries in the key files."""
+    import numpy as np
+    import pyarrow as pa
+
+    from wit.ingest.curate import KEYS_SCHEMA, MATCH_KIND, MATCH_SCHEMA
+    from wit.manifests import buckets
+    from wit.manifests.stage import Partition, PartitionResult
+    from wit.pipeline.executor import run_stage
+
+    class Match:
+        name, kind, schema = "curate-match", MATCH_KIND, MATCH_SCHEMA
+
+        def partitions(self, config, inputs):
+            return [Partition(index=i, source=f"gen#{i}") for i in range(math.ceil(rows / ROWS_PER_PART))]
+
+        def run_partition(self, config, partition, out):
+            rng = np.random.default_rng(partition.index)
+            n = min(ROWS_PER_PART, rows - partition.index * ROWS_PER_PART)
+            keys = pa.table(
+                {
+                    "url_hash": pa.array(_url_hashes(rng, n, partition.index)),
+                    "uid": pa.array(rng.integers(0, 2**63, n, dtype=np.uint64)).cast(pa.string()),
+                    "row": pa.array(np.arange(n, dtype=np.int32)),
+                    "queries": _queries(rng, n),
+                },
+                schema=KEYS_SCHEMA,
+            )
+            count = buckets.bucket_count(rows)
+            files = [
+                buckets.write(
+                    out,
+                    partition.index,
+                    keys,
+                    buckets.of_keys(keys.column("url_hash").to_numpy(), count),
+                    count,
+                    "keys",
+                )
+            ]
+            # COUNT reads the key files; the main parts (clean text and all) are BALANCE's
+            return PartitionResult(table=MATCH_SCHEMA.empty_table(), counts={"kept": n}, files=files)
+
+    run_stage(Match(), _curate_config(rows), [], os.path.join(out, "_match"), progress=False)
+
+
+def _curate_config(rows: int):
+    from wit.ingest.curate import CurateConfig
+    from wit.manifests import buckets
+
+    # the bucket count MATCH would have chosen from the candidates (which this input has none of)
+    return CurateConfig.build(buckets=buckets.bucket_count(rows))
+
+
 # ---------------------------------------------------------------------------------------------
 # the measured steps (each in a fresh process)
+
+
+def curate_count(rows: int, out: str) -> dict:
+    from wit.ingest.curate import COUNT
+    from wit.manifests.runrecord import read_run_record
+    from wit.pipeline.executor import run_stage
+
+    ref = read_run_record(os.path.join(out, "_match")).output
+    done = run_stage(COUNT, _curate_config(rows), [ref], os.path.join(out, "_count"), progress=False)
+    rec = read_run_record(done.ref.url)
+    return {"buckets": rec.partitions, "duplicates": rec.counts.get("duplicate_url", 0)}
+
+
+def curate_reference(rows: int, out: str) -> dict:
+    """Today's COUNT: every eligible row's URL hash, uid and queries in one process, one sort."""
+    import pyarrow as pa
+
+    from wit.ingest.curate import KEYS_SCHEMA, dedup_urls
+    from wit.manifests import buckets
+    from wit.manifests.runrecord import read_run_record
+
+    match = os.path.join(out, "_match")
+    rec = read_run_record(match)
+    urls = buckets.file_urls(match, "keys", rec.partitions)
+    count = buckets.bucket_count(rows)
+    start = time.perf_counter()
+    keys = pa.concat_tables([buckets.read_all(urls, b, KEYS_SCHEMA, "part") for b in range(count)])
+    _, duplicates = dedup_urls(keys)
+    return {"seconds": time.perf_counter() - start, "duplicates": duplicates.num_rows}
 
 
 def filter_group(rows: int, out: str) -> dict:
@@ -149,6 +255,12 @@ def filter_reference(rows: int, out: str) -> dict:
 
 
 STEPS: dict[str, dict] = {
+    "curate": {
+        "title": "curate COUNT",
+        "input": curate_input,
+        "run": curate_count,
+        "reference": curate_reference,
+    },
     "filter-random": {
         "title": "filter GROUP, random hashes",
         "input": functools.partial(filter_input, clustered=False),

@@ -1037,9 +1037,12 @@ class FilterEdges:
         phases = Phases.of(partition.source)
         layout = neardup.Layout(config.near_duplicate_distance, phases.extra[NODES_KIND]["blocks"][0])
         records = buckets.read_all(phases.files(NODES_KIND, RECORDS_TABLE), b, RECORDS_SCHEMA)
-        a, c = neardup.unique_pairs(
+        # every pair comes out once, in the bucket of the first key the two hashes share
+        found = list(
             neardup.pairs_sharing_keys(records.column("combo").to_numpy(), records.column("phash").to_numpy(), layout)
         )
+        a = np.concatenate([p for p, _ in found]) if found else np.empty(0, np.uint64)
+        c = np.concatenate([q for _, q in found]) if found else np.empty(0, np.uint64)
         table = pa.table({"a": pa.array(a, pa.uint64()), "b": pa.array(c, pa.uint64())}, schema=EDGES_SCHEMA)
         return PartitionResult(table=table, counts={"records": records.num_rows, "edges": table.num_rows})
 
@@ -1060,23 +1063,25 @@ class FilterLinks:
 
     def run_partition(self, config: FilterConfig, partition: Partition, out: str) -> PartitionResult:
         phases = Phases.of(partition.source)
-        edges = open_manifest(partition.source, expect_kind=EDGES_KIND).table()
-        a, b = neardup.unique_pairs([(edges.column("a").to_numpy(), edges.column("b").to_numpy())])
+        edges = open_manifest(partition.source, expect_kind=EDGES_KIND).table()  # each pair once
+        a, b = edges.column("a").to_numpy(), edges.column("b").to_numpy()
+        del edges
         nodes = np.unique(np.concatenate([a, b]))
-        uids = np.empty(len(nodes), dtype=object)
+        # the uid of each linked node, streamed from NODES part by part (the rest is never held)
+        where, found = [], []
         for url in open_manifest(phases.urls[NODES_KIND], expect_kind=NODES_KIND).part_urls():
             t = read_part(url)
             ph = t.column("phash").to_numpy()
             hit = np.flatnonzero(np.isin(ph, nodes))
-            if hit.size:
-                uids[np.searchsorted(nodes, ph[hit])] = t.column("uid").take(pa.array(hit)).to_pylist()
-        leader = neardup.leaders(list(uids), np.searchsorted(nodes, a), np.searchsorted(nodes, b))
+            where.append(np.searchsorted(nodes, ph[hit]))
+            found.append(t.column("uid").take(pa.array(hit)))
+        uids = pa.chunked_array(found, pa.string()).take(pa.array(np.argsort(np.concatenate(where or [[]]))))
+        rank = np.empty(len(nodes), dtype=np.int64)
+        rank[pc.sort_indices(uids).to_numpy()] = np.arange(len(nodes))
+        leader = neardup.leaders(rank, np.searchsorted(nodes, a), np.searchsorted(nodes, b))
         follow = np.flatnonzero(leader >= 0)
         table = pa.table(
-            {
-                "phash": pa.array(nodes[follow], pa.uint64()),
-                "leader": pa.array(uids[leader[follow]].tolist(), pa.string()),
-            },
+            {"phash": pa.array(nodes[follow], pa.uint64()), "leader": uids.take(pa.array(leader[follow]))},
             schema=LEADERS_SCHEMA,
         )
         count = phases.buckets()

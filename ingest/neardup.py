@@ -96,7 +96,8 @@ def pairs_sharing_keys(
 
     Each record is one (combination, hash); records with the same combination and key are
     compared, all pairs of a group, in chunks of :data:`PAIRS_PER_CHUNK` (a huge group costs time,
-    never memory). ``a < b``; a pair found under several keys may be yielded more than once.
+    never memory). ``a < b``. Two hashes may share keys under several combinations; the pair is
+    yielded only under the first of them, so across all buckets every pair comes out exactly once.
     """
     hashes = np.asarray(hashes, dtype=np.uint64)
     combo = np.asarray(combo)
@@ -105,11 +106,14 @@ def pairs_sharing_keys(
         h = hashes[combo == c] if len(masks) > 1 else hashes
         keys = h & masks[c]
         order = np.argsort(keys)
-        yield from _group_pairs(keys[order], h[order], layout.distance)
+        yield from _group_pairs(keys[order], h[order], layout.distance, masks[:c])
 
 
-def _group_pairs(keys: np.ndarray, h: np.ndarray, distance: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """All pairs within ``distance`` among records with equal (sorted) ``keys``, chunk by chunk."""
+def _group_pairs(
+    keys: np.ndarray, h: np.ndarray, distance: int, earlier: np.ndarray
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """All pairs within ``distance`` among records with equal (sorted) ``keys``, chunk by chunk,
+    but those that also agree on an ``earlier`` combination's blocks (found there)."""
     n = len(h)
     if n < 2:
         return
@@ -129,7 +133,10 @@ def _group_pairs(keys: np.ndarray, h: np.ndarray, distance: int) -> Iterator[tup
             i = np.repeat(np.arange(first, last), counts)
             j = i + 1 + (np.arange(m) - np.repeat(np.cumsum(counts) - counts, counts))
             a, b = h[i], h[j]
-            near = (np.bitwise_count(a ^ b) <= distance) & (a != b)
+            diff = a ^ b
+            near = (np.bitwise_count(diff) <= distance) & (diff != 0)
+            for mask in earlier:
+                near &= (diff & mask) != 0
             if near.any():
                 a, b = a[near], b[near]
                 yield np.minimum(a, b), np.maximum(a, b)
@@ -186,39 +193,56 @@ def matches(queries: np.ndarray, stored: np.ndarray, distance: int) -> tuple[np.
     return pairs[:, 0], pairs[:, 1]
 
 
-def leaders(order_keys: list[str], a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def leaders(rank: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Leader clustering over a graph: ``leader[i]`` is ``-1`` for a leader, else the leader it joins.
 
-    Nodes are visited in ``order_keys`` order (smallest uid first); a node becomes a leader unless a
-    leader visited before it is a neighbour, and joins the first such leader. ``a``, ``b``: node
-    positions of the edges (the pairs within the distance). This is exactly today's global leader
-    clustering (a node's decision depends only on the leaders within the distance, which are its
-    neighbours), run on the nodes that have any neighbour at all; a node without one leads.
+    Nodes are visited in ``rank`` order (``rank[i]``: node ``i``'s place, the order of the smallest
+    uids); a node becomes a leader unless a leader visited before it is a neighbour, and joins the
+    first such leader. ``a``, ``b``: node positions of the edges (the pairs within the distance).
+    This is exactly global leader clustering (a node's decision depends only on the leaders within
+    the distance, which are its neighbours), run on the nodes that have any neighbour at all.
+
+    Computed in rounds over the edges, all nodes at once: a node whose earlier neighbours are,
+    in order, followers up to a leader follows that leader; one whose earlier neighbours are all
+    followers leads; the others wait for the next round. A visiting order that is a hash (uids)
+    needs few rounds; a chain needs as many as it is long.
     """
-    n = len(order_keys)
-    rank = np.empty(n, dtype=np.int64)
-    rank[np.array(sorted(range(n), key=order_keys.__getitem__), dtype=np.int64)] = np.arange(n)
-    ra, rb = rank[a], rank[b]
+    rank = np.asarray(rank)
+    n = len(rank)
+    index = np.int32 if n < 2**31 else np.int64
+    ra, rb = rank[a].astype(index), rank[b].astype(index)
     lo, hi = np.minimum(ra, rb), np.maximum(ra, rb)
-    # for each node (by rank), its neighbours visited before it, ascending
-    order = np.lexsort((lo, hi))
-    hi, lo = hi[order], lo[order]
-    starts = np.searchsorted(hi, np.arange(n + 1))
-    leader_rank = np.full(n, -1, dtype=np.int64)
-    is_leader = np.zeros(n, dtype=bool)
-    for r in range(n):
-        s, e = starts[r], starts[r + 1]
-        joined = -1
-        for q in lo[s:e].tolist():  # ascending rank: the first leader is the smallest uid
-            if is_leader[q]:
-                joined = q
-                break
-        if joined < 0:
-            is_leader[r] = True
-        else:
-            leader_rank[r] = joined
-    by_rank = np.argsort(rank)  # rank -> node
-    out = np.full(n, -1, dtype=np.int64)
-    follower = leader_rank[rank] >= 0
-    out[follower] = by_rank[leader_rank[rank][follower]]
-    return out
+    del ra, rb
+    order = np.lexsort((lo, hi))  # by node, its earlier neighbours ascending
+    lo, hi = lo[order], hi[order]
+    del order
+    undecided, leads, follows = 0, 1, 2
+    state = np.zeros(n, dtype=np.int8)  # by rank
+    joins = np.full(n, -1, dtype=index)
+    has_earlier = np.zeros(n, dtype=bool)
+    has_earlier[hi] = True
+    state[~has_earlier] = leads
+    while True:
+        open_ = state[hi] == undecided
+        lo, hi = lo[open_], hi[open_]
+        if not len(hi):
+            break
+        s = state[lo]
+        # the first earlier neighbour of each node that is not (yet) known to follow
+        cand = np.flatnonzero(s != follows)
+        first = cand[np.r_[True, hi[cand][1:] != hi[cand][:-1]]] if len(cand) else cand
+        node, first_state = hi[first], s[first]
+        join = first_state == leads
+        state[node[join]], joins[node[join]] = follows, lo[first][join]
+        has_candidate = np.zeros(n, dtype=bool)
+        has_candidate[node] = True
+        alone = np.zeros(n, dtype=bool)
+        alone[hi] = True  # still undecided, with earlier neighbours
+        lead_now = alone & ~has_candidate  # every earlier neighbour follows
+        state[lead_now] = leads
+        if not join.any() and not lead_now.any():
+            raise RuntimeError("leader clustering made no progress")  # cannot happen: the smallest open node decides
+    by_rank = np.empty(n, dtype=np.int64)
+    by_rank[rank] = np.arange(n)  # rank -> node
+    joined = joins[rank].astype(np.int64)  # per node, the rank of its leader
+    return np.where(joined >= 0, by_rank[np.maximum(joined, 0)], -1)

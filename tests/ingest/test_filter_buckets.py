@@ -149,3 +149,36 @@ def test_layout_widens_keys_as_the_count_grows():
     small, large = neardup.choose_layout(4, 10**6), neardup.choose_layout(4, 4 * 10**8)
     assert large.key_bits > small.key_bits
     assert neardup.estimated_ns(large, 4 * 10**8) < 4 * neardup.estimated_ns(small, 10**6)
+
+
+def _sequential_leaders(rank, a, b):
+    n = len(rank)
+    neighbours = [set() for _ in range(n)]
+    for x, y in zip(a, b):
+        neighbours[x].add(y)
+        neighbours[y].add(x)
+    leader = [-1] * n
+    is_leader = [False] * n
+    for node in sorted(range(n), key=lambda i: rank[i]):
+        earlier = sorted((q for q in neighbours[node] if rank[q] < rank[node] and is_leader[q]), key=lambda q: rank[q])
+        if earlier:
+            leader[node] = earlier[0]
+        else:
+            is_leader[node] = True
+    return leader
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_leader_rounds_match_the_sequential_rule(seed):
+    rng = np.random.default_rng(seed)
+    n = 300
+    a = list(rng.integers(0, n, 700))
+    b = list(rng.integers(0, n, 700))
+    chain = list(range(200, 260))  # a long chain visited in order: one round per link
+    a += chain[:-1]
+    b += chain[1:]
+    pairs = {(min(x, y), max(x, y)) for x, y in zip(a, b) if x != y}
+    a, b = np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
+    rank = rng.permutation(n)
+    rank[200:260] = np.sort(rank[200:260])
+    assert neardup.leaders(rank, a, b).tolist() == _sequential_leaders(rank.tolist(), a.tolist(), b.tolist())
