@@ -3,11 +3,12 @@
 Three stages run in order; each reads the previous one's finished output (``CURATE_PHASES``)::
 
     candidates ──MATCH──▶ OUT/_match ──COUNT──▶ OUT/_count ──BALANCE──▶ OUT (curated)
-    (per part)            every row: clean      (one partition)         (per part)
-                          text, pre-balance     per-query counts,       every row: keep/reason,
-                          reason, queries,      URL-duplicate losers    queries; tallies of
-                          url hash                                      per-query counts before
-                                                                        and after balancing
+    (per part)            every row: clean      (per bucket of          (per MATCH part)
+                          text, pre-balance     URL hashes)             every row: keep/reason,
+                          reason, queries,      the bucket's per-query  queries; tallies of
+                          url hash; keys/:      counts; duplicates/:    per-query counts before
+                          the eligible rows     its URL-duplicate       and after balancing
+                          by URL-hash bucket    losers by MATCH part
 
 MATCH (one partition per candidates part file) cleans the text (:mod:`.text`), then names the
 first problem of each row in this order: the image URL (:mod:`.safety`: ``bad_url``,
@@ -15,11 +16,20 @@ first problem of each row in this order: the image URL (:mod:`.safety`: ``bad_ur
 ``too_long``, ``boilerplate``, ``too_few_words``, ``blocklisted``, ``lang_not_allowed``), and
 ``no_query_match`` for a text that contains no query (unless ``keep_unmatched``). A row with no
 reason is *eligible*; only eligible rows get their queries and a 64-bit hash of their URL.
+MATCH part ``p`` also writes ``keys/part-p.arrow``, a bucket file (:mod:`wit.manifests.buckets`)
+of its eligible rows' (url hash, uid, row, queries), split into ``B`` buckets by the URL hash.
 
-COUNT (one partition over all MATCH parts) keeps one pair per image URL: among the eligible rows
-with the same URL hash, the one with the smallest uid (then the earliest part and row, so even
-identical rows have one winner). The others are ``duplicate_url``; their (part, row) positions
-go into the side table ``duplicates/``. Per-query counts over the winners are the main table.
+COUNT keeps one pair per image URL: among the eligible rows with the same URL hash, the one with
+the smallest uid (then the earliest part and row, so even identical rows have one winner). The
+others are ``duplicate_url``. No task holds every row: COUNT has one partition per bucket, and
+partition ``b`` reads bucket ``b`` of every MATCH part's key file. All rows of one URL share its
+bucket, so each bucket decides its URLs exactly as one pass over all rows would
+(:func:`count_queries`). Partition ``b`` writes the per-query counts of its winners as main part
+``b`` (a query has a row in every bucket where it has winners; BALANCE sums them) and its losers'
+row numbers as ``duplicates/part-b.arrow``, a bucket file keyed by MATCH part, so that BALANCE
+part ``p`` reads batch ``p`` of each. ``B`` follows the data (one bucket per 500,000 candidates,
+or ``--buckets``): it changes where the decisions are made, never what they are, so the curated
+bytes are the same for any ``B``.
 
 BALANCE (one partition per MATCH part) keeps an eligible, non-duplicate row iff for any of its
 queries ``q``: ``u(seed, uid, q) < t / max(count[q], t)``, with ``t`` the per-query cap and ``u``
@@ -31,9 +41,11 @@ workers or ``--part`` slices, and the same seed gives the same bytes. Rows it dr
 
 The URL is hashed as it is: extract already wrote it normalised (``wit.ingest.urls``).
 
-Job arrays: COUNT has one partition, which ``--part i/N`` gives to slice 0 only. A driver should
-run COUNT unsliced in whichever slice finds MATCH finished; two slices racing on it is harmless,
-since both write the same bytes atomically.
+Memory: a MATCH or BALANCE task holds one part (BALANCE also the summed counts: a table of
+queries, not of rows), a COUNT task one bucket (about 500,000 rows by default), however large
+the dataset. Job arrays: ``--part i/N`` slices MATCH; the slice that finishes MATCH runs COUNT and
+BALANCE in full (:func:`wit.pipeline.executor.run_phases`), ``--workers`` buckets at a time. Two
+slices racing on them is harmless, since every partition writes the same bytes atomically.
 """
 
 from __future__ import annotations
@@ -49,10 +61,10 @@ from typing import Any, ClassVar
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from wit.manifests import storage
-from wit.manifests.manifest import ManifestError, ManifestRef, open_manifest, read_part, write_part
+from wit.manifests import buckets, storage
+from wit.manifests.buckets import MAX_BUCKETS, ROWS_PER_BUCKET
+from wit.manifests.manifest import ManifestError, ManifestRef, open_manifest, read_part
 from wit.manifests.options import Option, check_options
 from wit.manifests.runrecord import RunRecord, read_run_record
 from wit.manifests.schemas import with_kind
@@ -69,7 +81,8 @@ KEPT = "kept"
 
 MATCH_KIND = "curate_match"
 COUNT_KIND = "curate_count"
-DUPLICATES_TABLE = "duplicates"
+KEYS_TABLE = "keys"  # MATCH's bucket files: eligible rows by URL-hash bucket
+DUPLICATES_TABLE = "duplicates"  # COUNT's bucket files: URL-duplicate losers by MATCH part
 
 MATCH_SCHEMA = with_kind(
     pa.schema(
@@ -90,10 +103,17 @@ COUNT_SCHEMA = with_kind(
     pa.schema([pa.field("query", pa.string(), nullable=False), pa.field("count", pa.int64(), nullable=False)]),
     COUNT_KIND,
 )
-DUPLICATES_SCHEMA = with_kind(
-    pa.schema([pa.field("part", pa.int32(), nullable=False), pa.field("row", pa.int32(), nullable=False)]),
-    "curate_duplicates",
+# What COUNT needs of an eligible MATCH row; ``row`` is its position in its MATCH part.
+KEYS_SCHEMA = pa.schema(
+    [
+        pa.field("url_hash", pa.uint64(), nullable=False),
+        pa.field("uid", pa.string(), nullable=False),
+        pa.field("row", pa.int32(), nullable=False),
+        pa.field("queries", pa.list_(pa.string())),
+    ]
 )
+# Batch p of a duplicates bucket file: the rows of MATCH part p that lost their URL.
+DUPLICATES_SCHEMA = pa.schema([pa.field("row", pa.int32(), nullable=False)])
 
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _CANDIDATE_COLUMNS = ["uid", "url", "text", "page_url", "lang"]
@@ -120,6 +140,7 @@ class CurateConfig:
     blocklist_sha256: str | None = None
     allow_private_hosts: bool = False
     keep_unmatched: bool = False
+    buckets: int | None = None  # of the URL de-duplication; None: one per ROWS_PER_BUCKET candidates
 
     OPTIONS: ClassVar[tuple[Option, ...]] = (
         Option("queries", "path", None, "Query list, one per line (default: the list wit ships).", metavar="URL"),
@@ -132,6 +153,14 @@ class CurateConfig:
         Option("blocklist", "path", None, "Words or phrases that drop a text, one per line.", metavar="URL"),
         Option("allow-private-hosts", "bool", False, "Keep 127.0.0.1 and other private hosts (tests, demo)."),
         Option("keep-unmatched", "bool", False, "Keep texts that match no query."),
+        Option(
+            "buckets",
+            "int",
+            None,
+            f"Buckets of the URL de-duplication (default: one per {ROWS_PER_BUCKET:,} candidates).",
+            low=1,
+            high=MAX_BUCKETS,
+        ),
     )
 
     @classmethod
@@ -150,6 +179,8 @@ class CurateConfig:
             raise ValueError(f"--per-query-cap must be a positive integer, got {self.per_query_cap!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"--seed must be a non-negative integer, got {self.seed!r}")
+        if self.buckets is not None:
+            buckets.bucket_count(0, self.buckets)  # raises unless an integer in [1, MAX_BUCKETS]
         if not isinstance(self.langs, tuple):
             raise ValueError("langs must be a tuple of language codes")
         self.text_rules(blocklist=None)  # validates the limits and language codes
@@ -271,6 +302,27 @@ def match_table(
     return out, dict(sorted(counts.items()))
 
 
+def candidate_rows(inputs: list[ManifestRef]) -> int:
+    """Rows of the candidates manifests: their run records' ``rows``, else their part footers."""
+    total = 0
+    for ref in inputs:
+        record = read_run_record(ref.url)
+        if record is not None and record.rows > 0:
+            total += record.rows
+        else:
+            total += open_manifest(ref.url, expect_kind="candidates").num_rows
+    return total
+
+
+def key_buckets(config: CurateConfig, candidates: list[ManifestRef]) -> int:
+    """``B``, the buckets of the URL de-duplication: ``--buckets``, or one per 500,000 candidates.
+
+    MATCH and COUNT both compute it from the candidates (COUNT through MATCH's run record), so it
+    is fixed by the config and the inputs, as partitions must be.
+    """
+    return buckets.bucket_count(candidate_rows(candidates), config.buckets)
+
+
 class CurateMatch:
     """Phase 1 of curate: clean, filter and match each candidates part (see the module docstring)."""
 
@@ -281,9 +333,12 @@ class CurateMatch:
     def partitions(self, config: CurateConfig, inputs: list[ManifestRef]) -> list[Partition]:
         if not inputs:
             raise StageError("curate needs at least one candidates manifest")
-        return [Partition(index=i, source=u) for i, u in enumerate(input_parts(inputs, "candidates"))]
+        parts = input_parts(inputs, "candidates")
+        count = key_buckets(config, inputs)
+        return [Partition(index=i, source=u, params=(count,)) for i, u in enumerate(parts)]
 
     def run_partition(self, config: CurateConfig, partition: Partition, out: str) -> PartitionResult:
+        (count,) = partition.params
         table = read_part(partition.source, columns=_CANDIDATE_COLUMNS)
         rows, counts = match_table(
             table,
@@ -292,11 +347,14 @@ class CurateMatch:
             config.allow_private_hosts,
             config.keep_unmatched,
         )
-        return PartitionResult(table=rows, counts=counts)
+        keys = eligible_keys(rows)
+        where = buckets.of_keys(keys.column("url_hash").to_numpy(), count)
+        keys_file = buckets.write(out, partition.index, keys, where, count, KEYS_TABLE)
+        return PartitionResult(table=rows, counts=counts, files=[keys_file])
 
 
 # ---------------------------------------------------------------------------------------------
-# COUNT: dedup by URL, count per query
+# COUNT: dedup by URL, count per query, one bucket of URL hashes at a time
 
 
 def _part_number(url: str) -> int:
@@ -306,39 +364,33 @@ def _part_number(url: str) -> int:
     return int(m.group(1))
 
 
-def count_queries(parts: list[tuple[int, pa.Table]]) -> tuple[pa.Table, pa.Table]:
-    """(per-query counts, duplicate positions) over the MATCH parts ``(part number, table)``.
+def eligible_keys(table: pa.Table) -> pa.Table:
+    """The eligible rows of one MATCH part as ``KEYS_SCHEMA``, in row order.
 
-    Each table needs ``uid``, ``reason``, ``queries`` and ``url_hash``; only eligible rows count.
+    ``table`` needs ``uid``, ``reason``, ``queries`` and ``url_hash``.
     """
-    keys = []
-    for number, t in parts:
-        rows = np.flatnonzero(pc.is_null(t.column("reason")).to_numpy(zero_copy_only=False))
-        keys.append(
-            pa.table(
-                {
-                    "url_hash": t.column("url_hash").take(pa.array(rows)),
-                    "uid": t.column("uid").take(pa.array(rows)),
-                    "part": pa.array(np.full(rows.size, number, dtype=np.int32)),
-                    "row": pa.array(rows.astype(np.int32)),
-                    "queries": t.column("queries").take(pa.array(rows)),
-                }
-            )
-        )
-    if keys:
-        every = pa.concat_tables(keys)
-    else:
-        every = pa.table(
-            {
-                "url_hash": pa.array([], pa.uint64()),
-                "uid": pa.array([], pa.string()),
-                "part": pa.array([], pa.int32()),
-                "row": pa.array([], pa.int32()),
-                "queries": pa.array([], pa.list_(pa.string())),
-            }
-        )
+    rows = np.flatnonzero(pc.is_null(table.column("reason")).to_numpy(zero_copy_only=False))
+    take = pa.array(rows, pa.int64())
+    return pa.Table.from_arrays(
+        [
+            table.column("url_hash").take(take),
+            table.column("uid").take(take),
+            pa.array(rows.astype(np.int32)),
+            table.column("queries").take(take),
+        ],
+        schema=KEYS_SCHEMA,
+    )
+
+
+def dedup_urls(keys: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """(per-query counts over the winners, (part, row) of the losers) of ``keys``.
+
+    ``keys``: ``KEYS_SCHEMA`` plus ``part``, holding every row of each URL hash it holds (all
+    rows, or one bucket of them). The counts are sorted by query, the losers by (part, row).
+    """
     # The winner of a URL is its smallest uid; part and row break ties between identical rows.
-    ordered = every.sort_by(
+    # (part, row) is unique, so the order, and with it every decision, ignores the input order.
+    ordered = keys.sort_by(
         [("url_hash", "ascending"), ("uid", "ascending"), ("part", "ascending"), ("row", "ascending")]
     )
     hashes = ordered.column("url_hash").to_numpy()
@@ -357,8 +409,30 @@ def count_queries(parts: list[tuple[int, pa.Table]]) -> tuple[pa.Table, pa.Table
     return counts, duplicates
 
 
+def count_queries(parts: list[tuple[int, pa.Table]]) -> tuple[pa.Table, pa.Table]:
+    """(per-query counts, duplicate positions) over the MATCH parts ``(part number, table)`` at once.
+
+    The whole-dataset form of COUNT (every eligible row in one table), kept as the reference the
+    bucketed COUNT must agree with. Each table needs ``uid``, ``reason``, ``queries`` and
+    ``url_hash``; only eligible rows count.
+    """
+    keys = [
+        (k := eligible_keys(t)).append_column("part", pa.array(np.full(k.num_rows, number, dtype=np.int32)))
+        for number, t in parts
+    ]
+    part_field = pa.field("part", pa.int32(), nullable=False)
+    every = pa.concat_tables(keys) if keys else KEYS_SCHEMA.append(part_field).empty_table()
+    return dedup_urls(every)
+
+
+def bucket_keys(match_url: str, parts: int, bucket: int) -> pa.Table:
+    """Bucket ``bucket`` of the key files of MATCH parts ``0..parts-1``, with each row's ``part``."""
+    urls = buckets.file_urls(match_url, KEYS_TABLE, parts)
+    return buckets.read_all(urls, bucket, KEYS_SCHEMA, source_column="part")
+
+
 class CurateCount:
-    """Phase 2 of curate: one partition over every MATCH part (see the module docstring)."""
+    """Phase 2 of curate: one partition per bucket of URL hashes (see the module docstring)."""
 
     name = "curate-count"
     kind = COUNT_KIND
@@ -367,25 +441,38 @@ class CurateCount:
     def partitions(self, config: CurateConfig, inputs: list[ManifestRef]) -> list[Partition]:
         if len(inputs) != 1:
             raise StageError("curate's count phase takes exactly one input: the match phase's output")
-        input_parts(inputs, MATCH_KIND)  # checks the kind and that it holds parts
-        return [Partition(index=0, source=inputs[0].url)]
+        match = inputs[0]
+        parts = input_parts(inputs, MATCH_KIND)  # checks the kind and that it holds parts
+        record = read_run_record(match.url)
+        if record is None:
+            raise StageError(f"{match.url}: not a finished match phase of curate (no _run.json)")
+        count = key_buckets(config, record.inputs)
+        return [Partition(index=b, source=match.url, params=(len(parts),)) for b in range(count)]
 
     def run_partition(self, config: CurateConfig, partition: Partition, out: str) -> PartitionResult:
-        urls = open_manifest(partition.source, expect_kind=MATCH_KIND).part_urls()
-        parts = [(_part_number(u), read_part(u, columns=["uid", "reason", "queries", "url_hash"])) for u in urls]
-        counts, duplicates = count_queries(parts)
-        dup_file = write_part(out, 0, duplicates, DUPLICATES_SCHEMA, table_name=DUPLICATES_TABLE)
-        eligible = sum(t.column("reason").null_count for _, t in parts)
+        (parts,) = partition.params
+        keys = bucket_keys(partition.source, parts, partition.index)
+        counts, duplicates = dedup_urls(keys)
+        # batch p: the losers of MATCH part p, which BALANCE part p reads (one small read per bucket)
+        dup_file = buckets.write(
+            out,
+            partition.index,
+            duplicates.select(["row"]),
+            duplicates.column("part").to_numpy(),
+            parts,
+            DUPLICATES_TABLE,
+        )
         return PartitionResult(
             table=counts,
-            counts={KEPT: eligible - duplicates.num_rows, DUPLICATE_URL: duplicates.num_rows},
+            counts={KEPT: keys.num_rows - duplicates.num_rows, DUPLICATE_URL: duplicates.num_rows},
             files=[dup_file],
-            extra={"queries_matched": counts.num_rows},
         )
 
 
 # ---------------------------------------------------------------------------------------------
 # BALANCE: keep at most about t pairs per query
+
+QUERY_SUM_ROWS = 4_000_000  # per-bucket count rows gathered before they are summed by query
 
 
 def selection_draw(seed: int, uid: str, query: str) -> float:
@@ -394,20 +481,32 @@ def selection_draw(seed: int, uid: str, query: str) -> float:
     return int.from_bytes(digest, "big") / 2**64
 
 
+def _sum_by_query(tables: list[pa.Table]) -> pa.Table:
+    summed = pa.concat_tables(tables).group_by("query").aggregate([("count", "sum")])
+    return summed.select(["query", "count_sum"]).rename_columns(["query", "count"])
+
+
 @functools.lru_cache(maxsize=4)
 def _query_counts(count_url: str, digest: str | None) -> dict[str, int]:
     # Once per worker process and COUNT output: BALANCE runs many parts against the same counts.
-    table = open_manifest(count_url, expect_kind=COUNT_KIND).table()
+    # Each COUNT part counts one bucket's winners, so a query's count is its sum over the parts;
+    # summed a few parts at a time, memory stays one table of queries, not one row per bucket.
+    manifest = open_manifest(count_url, expect_kind=COUNT_KIND)
+    held: list[pa.Table] = []
+    rows = 0
+    for url in manifest.part_urls():
+        held.append(read_part(url, columns=["query", "count"]))
+        rows += held[-1].num_rows
+        if rows > QUERY_SUM_ROWS:
+            held = [_sum_by_query(held)]
+            rows = held[0].num_rows
+    table = _sum_by_query(held)
     return dict(zip(table.column("query").to_pylist(), table.column("count").to_pylist(), strict=True))
 
 
-def _duplicate_rows(count_url: str, part: int) -> set[int]:
-    url = storage.join(count_url, DUPLICATES_TABLE, "part-00000.parquet")
-    if storage.is_local(url):
-        t = pq.read_table(storage.local_path(url), filters=[("part", "=", part)], columns=["row"])
-    else:
-        t = read_part(url, columns=["part", "row"])
-        t = t.filter(pc.equal(t.column("part"), part))
+def _duplicate_rows(count_url: str, count: int, part: int) -> set[int]:
+    """The rows of MATCH part ``part`` that lost their URL: batch ``part`` of each COUNT bucket."""
+    t = buckets.read_all(buckets.file_urls(count_url, DUPLICATES_TABLE, count), part, DUPLICATES_SCHEMA)
     return set(t.column("row").to_pylist())
 
 
@@ -480,19 +579,22 @@ class CurateBalance:
         record = read_run_record(count_ref.url)
         if record is None or len(record.inputs) != 1:
             raise StageError(f"{count_ref.url}: not a finished count phase of curate (no _run.json)")
-        # The MATCH parts are found through COUNT's run record, so lineage stays one chain.
+        # The MATCH parts are found through COUNT's run record, so lineage stays one chain; COUNT
+        # had one partition per bucket, so its record also says how many duplicates files it wrote.
         parts = input_parts(record.inputs, MATCH_KIND)
-        return [Partition(index=i, source=u, params=(count_ref.url, count_ref.digest)) for i, u in enumerate(parts)]
+        params = (count_ref.url, count_ref.digest, record.partitions)
+        return [Partition(index=i, source=u, params=params) for i, u in enumerate(parts)]
 
     def run_partition(self, config: CurateConfig, partition: Partition, out: str) -> PartitionResult:
-        count_url, digest = partition.params
+        count_url, digest, count = partition.params
         rows = read_part(partition.source)
-        duplicates = _duplicate_rows(count_url, _part_number(partition.source))
+        duplicates = _duplicate_rows(count_url, count, _part_number(partition.source))
         table, counts, before, after = balance_table(
             rows, duplicates, _query_counts(count_url, digest), config.per_query_cap, config.seed
         )
         # Each part tallies its own eligible, non-duplicate rows: summed over parts in _run.json,
-        # queries_before is exactly COUNT's table, and queries_after the kept pairs per query.
+        # queries_before is exactly COUNT's counts summed by query (so its length is the number of
+        # queries matched), and queries_after the kept pairs per query.
         return PartitionResult(
             table=table,
             counts=counts,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
@@ -21,6 +22,9 @@ from wit.ingest.curate import (
     CURATE_PHASES,
     MATCH,
     CurateConfig,
+    balance_table,
+    candidate_rows,
+    count_queries,
     curate_summary,
     host_problems,
     selection_draw,
@@ -30,9 +34,10 @@ from wit.ingest.safety import host_problem
 from wit.ingest.synthetic import generate_web
 from wit.ingest.text import TextRules, clean_text, clean_texts, text_problem, text_problems
 from wit.ingest.urls import uid_of
-from wit.manifests.manifest import ManifestRef, digest_of, open_manifest, write_part
+from wit.manifests import buckets
+from wit.manifests.manifest import ManifestRef, digest_of, open_manifest, read_part, write_part
 from wit.manifests.runrecord import RunRecord, read_run_record, write_run_record
-from wit.manifests.schemas import CANDIDATES
+from wit.manifests.schemas import CANDIDATES, schema_for
 from wit.pipeline.executor import PartSpec, run_stage
 
 # ---------------------------------------------------------------------------------------------
@@ -422,8 +427,12 @@ def test_balancing_caps_common_queries_and_keeps_rare_ones(tmp_path):
     assert record.tallies["queries_after"] == {"common": kept_common, "rare": n_rare}
     assert record.counts == {"kept": n_rare + kept_common, "over_cap": n_common - kept_common}
     assert record.config["queries_sha256"] == config.queries_sha256 and record.config["per_query_cap"] == cap
+    # COUNT's main table: per bucket of URL hashes, each query it has winners for and how many
     count_rows = open_manifest(str(tmp_path / "a" / "_count")).table().to_pylist()
-    assert count_rows == [{"query": "common", "count": n_common}, {"query": "rare", "count": n_rare}]
+    summed = Counter()
+    for r in count_rows:
+        summed[r["query"]] += r["count"]
+    assert summed == {"common": n_common, "rare": n_rare}
     summary = curate_summary(record)
     assert (
         "before balancing" in summary and f"{n_common:,}  common" in summary and f"{kept_common:,}  common" in summary
@@ -512,3 +521,147 @@ def test_phases_check_their_inputs(tmp_path):
     with pytest.raises(StageError, match="expected curate_count"):
         BALANCE.partitions(config, [cands])
     assert len(MATCH.partitions(config, [cands])) == 1
+
+
+def test_buckets_option_is_checked(tmp_path):
+    rows = [{"url": f"https://e.com/{i}.jpg", "text": "a red star"} for i in range(9)]
+    cands = make_candidates(tmp_path / "cands", rows)
+    assert candidate_rows([cands]) == 9
+    assert {p.params for p in MATCH.partitions(CurateConfig.build(), [cands])} == {(1,)}  # 9 rows: one bucket
+    assert {p.params for p in MATCH.partitions(CurateConfig.build(buckets=5), [cands])} == {(5,)}
+    for bad in (0, -1, buckets.MAX_BUCKETS + 1):
+        with pytest.raises(ValueError, match="--buckets"):
+            CurateConfig.build(buckets=bad)
+    assert CurateConfig.from_options({"buckets": 3}).buckets == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# the bucketed COUNT against the whole-dataset reference
+
+PLANTED_PARTS, PLANTED_ROWS, PLANTED_EMPTY = 8, 40, (3, 6)  # parts, rows a part, parts with no eligible row
+
+
+def ineligible_row(part: int, i: int) -> dict:
+    """Boilerplate text, a private host, or a text that matches no query."""
+    return [
+        {"url": f"https://e.com/b{part}-{i}.jpg", "text": "IMG_1234.jpg"},
+        {"url": f"http://10.0.0.{i}/x.jpg", "text": "a red star on a plain background"},
+        {"url": f"https://e.com/n{part}-{i}.jpg", "text": "a bored cat on a sofa"},
+    ][i % 3]
+
+
+def planted_candidates(root: Path) -> ManifestRef:
+    """Parts of captions whose URLs repeat across parts, identical rows (one uid, so the tie goes to
+    part and row), colour queries far over a small cap, and parts where no row is eligible."""
+    rng = random.Random(15)
+    chunks: list[list[dict]] = []
+    for p in range(PLANTED_PARTS):
+        if p in PLANTED_EMPTY:
+            chunks.append([ineligible_row(p, i) for i in range(PLANTED_ROWS)])
+            continue
+        chunk = []
+        for _ in range(PLANTED_ROWS):
+            url = f"https://img{rng.randrange(3)}.example.com/{rng.randrange(120)}.jpg"
+            chunk.append({"url": url, "text": world.caption(world.sample_concept(rng), rng)})
+        chunks.append(chunk)
+    chunks[1][7] = dict(chunks[1][2])  # identical rows in one part
+    for i in range(5):  # and across parts: the same uid in parts 0, 4 and 7
+        chunks[4][10 + i] = dict(chunks[0][i])
+        chunks[7][30 + i] = dict(chunks[0][i])
+    return make_candidates(root, [r for c in chunks for r in c], parts=PLANTED_PARTS)
+
+
+def reference_curate(config: CurateConfig, match: Path, out: Path) -> tuple[dict[str, str], Counter, dict]:
+    """What curate decided before COUNT was bucketed: :func:`count_queries` over every eligible row
+    of every MATCH part at once, then BALANCE's rule per part. Returns the curated part files'
+    sha256 by name, the counts by reason and the per-query tallies."""
+    parts = [(i, read_part(str(f))) for i, f in enumerate(sorted(match.glob("part-*.parquet")))]
+    counts, duplicates = count_queries(parts)
+    by_query = dict(zip(counts.column("query").to_pylist(), counts.column("count").to_pylist(), strict=True))
+    losers: dict[int, set[int]] = {}
+    for d in duplicates.to_pylist():
+        losers.setdefault(d["part"], set()).add(d["row"])
+    files, reasons, before, after = {}, Counter(), Counter(), Counter()
+    for i, table in parts:
+        rows, c, b, a = balance_table(table, losers.get(i, set()), by_query, config.per_query_cap, config.seed)
+        info = write_part(str(out), i, rows, schema_for("curated"))
+        files[info.name] = info.sha256
+        reasons.update(c)
+        before.update(b)
+        after.update(a)
+    assert dict(before) == by_query  # the tally before balancing is COUNT's table
+    tallies = {"queries_after": dict(sorted(after.items())), "queries_before": dict(sorted(before.items()))}
+    return files, reasons, tallies
+
+
+@pytest.mark.slow
+def test_bucketed_count_gives_the_reference_bytes_for_any_bucket_count(tmp_path):
+    cands = planted_candidates(tmp_path / "cands")
+    qfile = write_lines(tmp_path / "q.txt", list(world.COLOURS) + ["star", "circle"])
+    # (buckets, workers, MATCH slices); worker processes are slow to start, so one run has them
+    runs = [(1, 1, 1), (2, 1, 1), (7, 1, 1), (2, 1, 3), (7, 2, 1)]
+    got = {}
+    for b, workers, slices in runs:
+        config = CurateConfig.build(queries=qfile, per_query_cap=8, seed=3, buckets=b)
+        out = tmp_path / f"b{b}-w{workers}-s{slices}"
+        ref = run_curate(config, cands, out, workers=workers, slices=slices)
+        record = read_run_record(str(out))
+        assert read_run_record(str(out / "_count")).partitions == b
+        files = {n: f.sha256 for n, f in record.files.items()}
+        got[(b, workers, slices)] = (ref.digest, files, record.counts, record.tallies)
+
+    want_files, want_counts, want_tallies = reference_curate(config, out / "_match", tmp_path / "reference")
+    want = (digest_of(want_files), want_files, dict(want_counts), want_tallies)
+    for key, have in got.items():
+        assert have == want, key
+    # the planted cases are all there: URL duplicates (identical rows among them), over-cap queries
+    assert want_counts["duplicate_url"] >= 10 and want_counts["over_cap"] > 0 and want_counts["kept"] > 0
+    assert sum(1 for n in want_tallies["queries_before"].values() if n > 8) >= 3
+    assert len(want_files) == PLANTED_PARTS  # a part without eligible rows has its curated part too
+    # The rule itself, in plain Python: among the eligible rows of one URL the smallest uid wins,
+    # and among identical rows the first (the curated table is in (part, row) order).
+    rows = open_manifest(str(out), expect_kind="curated").table(["uid", "url", "reason"]).to_pylist()
+    by_url: dict[str, list[tuple[str, int]]] = {}
+    for pos, r in enumerate(rows):
+        if r["reason"] in (None, "over_cap", "duplicate_url"):
+            by_url.setdefault(r["url"], []).append((r["uid"], pos))
+    for group in by_url.values():
+        winner = min(group)
+        assert [rows[pos]["reason"] == "duplicate_url" for _, pos in group] == [g != winner for g in group]
+    assert max(Counter(r["uid"] for r in rows).values()) == 3  # the planted identical rows
+
+
+def test_a_count_task_reads_only_its_bucket(tmp_path, monkeypatch):
+    cands = planted_candidates(tmp_path / "cands")
+    qfile = write_lines(tmp_path / "q.txt", list(world.COLOURS))
+    config = CurateConfig.build(queries=qfile, per_query_cap=8, buckets=7)
+    outcome = run_stage(MATCH, config, [cands], str(tmp_path / "_match"), progress=False)
+    match_rows = open_manifest(str(tmp_path / "_match")).table(["reason", "url_hash"])
+    eligible = match_rows.filter(match_rows.column("reason").is_null())
+
+    reads: list[tuple[str, int]] = []
+    seen: list = []
+    real_read = buckets.read
+
+    def spy(url: str, bucket: int):
+        table = real_read(url, bucket)
+        reads.append((url, bucket))
+        seen.append(table)
+        return table
+
+    monkeypatch.setattr(buckets, "read", spy)
+    partitions = COUNT.partitions(config, [outcome.ref])
+    assert [p.index for p in partitions] == list(range(7))
+    hashes_seen = []
+    for p in partitions:
+        reads.clear()
+        seen.clear()
+        result = COUNT.run_partition(config, p, str(tmp_path / "_count"))
+        # one read of batch b per MATCH part, and every row it got is of bucket b
+        assert sorted(reads) == [(u, p.index) for u in buckets.file_urls(str(tmp_path / "_match"), "keys", 8)]
+        held = pa.concat_tables(seen).column("url_hash").to_numpy()
+        assert (buckets.of_keys(held, 7) == p.index).all()
+        assert sum(result.counts.values()) == len(held)
+        hashes_seen.append(held)
+    # the buckets cover every eligible row exactly once
+    assert sorted(h for part in hashes_seen for h in part.tolist()) == sorted(eligible.column("url_hash").to_pylist())
