@@ -2,11 +2,13 @@
 
 What flows where::
 
-    CURATED (keep rows) ──plan──▶ partitions: chunks of ``samples_per_shard`` rows, hosts interleaved
-       │                                   round-robin first so that no shard hammers one host
-       ▼  run_partition, in a local scratch folder
+    CURATED parts ──plan (driver: keep column only)──▶ partitions: ranges (part URL, first, last
+       │          kept row) covering ``samples_per_shard * shards_per_partition`` kept rows each
+       ▼  run_partition (worker), in a local scratch folder
+    its ranges' pairs, read from the parts, hosts interleaved round-robin within the partition
     refused up front (private_host, literal_ip, bad_url: never requested)
     the rest ──img2dataset──▶ NNNNNN.tar + NNNNNN.parquet + NNNNNN_stats.json (scratch)
+       │      each connection refused (private_host) if the address it reached is not global
        ▼
     OUT/shards/NNNNNN.tar      committed atomically (only shards with at least one image)
     OUT/part-NNNNN.parquet     the DOWNLOADED ledger: one row per kept pair, success or failed with an
@@ -18,8 +20,9 @@ Two ways to run img2dataset (``DownloadConfig.distributor``):
   (``Downloader.download_shard``: its thread pool, resizer and webdataset writer) inside the
   executor's worker process. The executor is the distributor (``--workers N``, ``--part i/N`` job
   arrays), so a partition costs no process start-up; the tar ``__key__`` is the uid; requests
-  carry an honest User-Agent; redirects to private hosts are refused; image dimensions are read
-  from the header before decoding, so a decompression bomb is refused without being decoded.
+  carry an honest User-Agent; redirects and connections to private hosts are refused; image
+  dimensions are read from the header before decoding, so a decompression bomb is refused without
+  being decoded.
 - ``"multiprocessing" | "pyspark" | "ray"``: a partition is ``processes`` shards, handed to
   ``img2dataset.download(distributor=...)``, whose tars are then copied with the uid as key.
   Each call starts img2dataset's process pool and logger process (seconds to tens of seconds),
@@ -29,23 +32,41 @@ Two ways to run img2dataset (``DownloadConfig.distributor``):
   partitions as Ray tasks instead, with the same bytes out as a local run. These distributors
   are refused under ``--executor ray`` (:meth:`DownloadConfig.check_executor`).
 
+Planning handles partition descriptors, never rows: the driver reads only the ``keep`` column of
+each curated part, one part at a time, and cuts the kept rows (in part order, then row order) into
+chunks of ``samples_per_shard * shards_per_partition``; a partition's params are the ranges of kept
+rows it covers, a few hundred bytes however many pairs (copying the pairs themselves into the
+params cost ~640 B and 7 µs per pair in the driver: 250 GB for 400M pairs). Each worker reads its
+ranges from the parts and interleaves hosts round-robin within its partition, no longer across
+the whole dataset: which pairs share a shard depends on the curated part layout. The dataset the
+shard stage writes does not depend on this order (it orders samples by a seeded hash of the uid).
+A uid is fetched once per partition (curate keeps one row per URL, so none repeats across them).
+
+Hosts are checked three times in ``"wit"`` mode: up front (:func:`refusals`: the URL, then one
+DNS lookup per host), on each redirect's URL, and at connect time: the address each socket
+reached, first request and redirects alike, must be global before a byte is sent, which catches a
+DNS answer that changed since the up-front lookup and a redirect to a name of a private host.
+Behind an HTTP(S) proxy the peer is the proxy, so the connect-time check leaves it to the proxy.
+
 A re-run after a kill redoes only partitions without a marker (the executor's rule); a partition's
 scratch folder is named after the output and the partition, so a re-run removes what a killed
 attempt left.
 
 ``RETRY`` (``--retry-failed``) reads a finished ledger and writes a NEW folder: it re-fetches only
 rows that failed with a transient class (``DownloadConfig.retry_classes``: timeout, http_5xx,
-http_429, connection) into new shards there, and carries every other row over unchanged except
-that its ``shard`` becomes the absolute URL of the shard in the old folder. The old folder is
-never written, so its run record, digest and shards stay valid, and the new folder's run record
-names the old ledger as its input. Use :func:`shard_url` to open a ledger row's shard: it handles
-both relative (``shards/000001.tar``) and absolute shard values.
+http_429, connection) into new shards there, planned like the download (ranges over the old
+ledger's parts of the rows to retry, never the rows in the driver), and carries every other row
+over unchanged except that its ``shard`` becomes the absolute URL of the shard in the old folder.
+The old folder is never written, so its run record, digest and shards stay valid, and the new
+folder's run record names the old ledger as its input. Use :func:`shard_url` to open a ledger
+row's shard: it handles both relative (``shards/000001.tar``) and absolute shard values.
 """
 
 from __future__ import annotations
 
 import glob
 import hashlib
+import http.client
 import io
 import ipaddress
 import json
@@ -67,6 +88,7 @@ from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from wit.ingest.safety import PRIVATE_HOST, host_problem
@@ -349,38 +371,101 @@ def _chunks(pairs: list[Pair], size: int) -> list[list[Pair]]:
     return [pairs[i : i + size] for i in range(0, len(pairs), size)]
 
 
-def _as_params(chunk: list[Pair]) -> tuple:
-    return tuple((p.uid, p.url, p.text) for p in chunk)
+# A partition's params name the rows it fetches, never the rows themselves: ``("fetch", ranges)``
+# with ``ranges`` a tuple of ``(part URL, start, stop)``: the part's *selected* rows (kept by
+# curate, or failed with a retried class) numbered from 0, ``start`` included, ``stop`` not. A few
+# hundred bytes per partition however many pairs it covers: the driver never holds the pairs.
+Range = tuple[str, int, int]
 
 
-def _from_params(params: tuple) -> list[Pair]:
-    return [Pair(uid, url, text) for uid, url, text in params]
+def _curated_selected(table: pa.Table, config: DownloadConfig) -> pa.ChunkedArray:
+    return pc.fill_null(table.column("keep"), False)
 
 
-def _read_keep_pairs(inputs: list[ManifestRef]) -> list[Pair]:
+def _retry_selected(table: pa.Table, config: DownloadConfig) -> pa.ChunkedArray:
+    failed = pc.equal(table.column("status"), "failed")
+    retried = pc.is_in(table.column("error"), value_set=pa.array(config.retry_classes, pa.string()))
+    return pc.fill_null(pc.and_(failed, retried), False)
+
+
+# What each input kind selects: the columns the selection reads, and the selection.
+_SELECT = {
+    "curated": (["keep"], _curated_selected),
+    "retry": (["status", "error"], _retry_selected),
+}
+
+
+def plan_ranges(part_urls: list[str], config: DownloadConfig, kind: str) -> list[tuple[Range, ...]]:
+    """The selected rows of ``part_urls`` (in part order, then row order) cut into chunks of
+    ``samples_per_shard * shards_per_partition``, each chunk as the ranges it covers.
+
+    Reads only the selection's columns, one part at a time: the driver holds one part's ``keep``
+    column (a bit per row), never the pairs.
+    """
+    columns, selected = _SELECT[kind]
+    size = config.samples_per_shard * config.shards_per_partition
+    chunks: list[tuple[Range, ...]] = []
+    current: list[Range] = []
+    room = size
+    for url in part_urls:
+        n = pc.sum(selected(read_part(url, columns), config)).as_py() or 0
+        start = 0
+        while start < n:
+            take = min(room, n - start)
+            current.append((url, start, start + take))
+            start, room = start + take, room - take
+            if room == 0:
+                chunks.append(tuple(current))
+                current, room = [], size
+    if current:
+        chunks.append(tuple(current))
+    return chunks
+
+
+def read_ranges(ranges: tuple[Range, ...], config: DownloadConfig, kind: str) -> list[Pair]:
+    """The pairs a partition's ranges name, in order; a uid seen before in them is dropped.
+
+    Reads one part at a time, only the columns it needs.
+    """
+    columns, selected = _SELECT[kind]
     pairs: list[Pair] = []
     seen: set[str] = set()
-    for ref in inputs:
-        table = open_manifest(ref.url, expect_kind="curated").table(["uid", "url", "text", "keep"])
-        for uid, url, text, keep in zip(
-            *(table.column(c).to_pylist() for c in ("uid", "url", "text", "keep")), strict=True
-        ):
+    for url, start, stop in ranges:
+        table = read_part(url, ["uid", "url", "text", *columns])
+        rows = table.filter(selected(table, config)).slice(start, stop - start)
+        for uid, img_url, text in zip(*(rows.column(c).to_pylist() for c in ("uid", "url", "text")), strict=True):
             # A uid twice would become two tar members with one __key__; the first one is fetched.
-            if keep and uid not in seen:
+            # (Curate keeps one row per URL, so this does not happen across partitions either.)
+            if uid not in seen:
                 seen.add(uid)
-                pairs.append(Pair(uid, url, text))
+                pairs.append(Pair(uid, img_url, text))
     return pairs
 
 
-def _fetch_partitions(pairs: list[Pair], config: DownloadConfig, source: str) -> list[Partition]:
-    size = config.samples_per_shard * config.shards_per_partition
+def _fetch_partitions(part_urls: list[str], config: DownloadConfig, kind: str) -> list[Partition]:
     return [
-        Partition(index=i, source=f"{source}#{i}", params=("fetch", _as_params(chunk)))
-        for i, chunk in enumerate(_chunks(interleave_hosts(pairs), size))
+        Partition(index=i, source=f"{kind}#{i}", params=("fetch", ranges))
+        for i, ranges in enumerate(plan_ranges(part_urls, config, kind))
     ]
 
 
+def _fetch(config: DownloadConfig, partition: Partition, out: str, kind: str) -> PartitionResult:
+    """Read a fetch partition's pairs, interleave their hosts, download them into its shards."""
+    _, ranges = partition.params
+    pairs = interleave_hosts(read_ranges(ranges, config, kind))
+    first = partition.index * config.shards_per_partition
+    return download_pairs(config, pairs, first, out, partition.index)
+
+
 # -- host safety ---------------------------------------------------------------------------------
+
+
+def _is_global(address: str) -> bool:
+    """Whether an IP address (``fe80::1%eth0`` style scope allowed) is global; IPv4-mapped IPv6
+    addresses are judged by the IPv4 address they map."""
+    ip = ipaddress.ip_address(address.split("%")[0])
+    ip = getattr(ip, "ipv4_mapped", None) or ip
+    return ip.is_global
 
 
 def _resolves_private(host: str) -> bool:
@@ -389,20 +474,16 @@ def _resolves_private(host: str) -> bool:
         infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
     except (OSError, UnicodeError):
         return False  # img2dataset's own lookup fails the same way and the row gets class "dns"
-    for info in infos:
-        ip = ipaddress.ip_address(info[4][0].split("%")[0])
-        ip = getattr(ip, "ipv4_mapped", None) or ip
-        if not ip.is_global:
-            return True
-    return False
+    return any(not _is_global(info[4][0]) for info in infos)
 
 
 def refusals(pairs: list[Pair], allow_private: bool, resolve: bool = True) -> dict[str, str]:
     """uid -> reason for the pairs that must not be requested.
 
     The URL check (``safety.host_problem``) needs no network; a name that passes it is resolved
-    once per host, and a name pointing at a private address is refused too (a DNS answer that
-    changes between this lookup and img2dataset's is not caught).
+    once per host, and a name pointing at a private address is refused too. This spares requests
+    in the obvious cases; it is not the only guard: a DNS answer that changes between this lookup
+    and the connection is caught at connect time (:func:`_peer_allowed`).
     """
     refused: dict[str, str] = {}
     hosts: dict[str, list[str]] = {}
@@ -450,17 +531,66 @@ class _HonestUserAgent(urllib.request.BaseHandler):
     https_request = http_request
 
 
+# -- the connect-time check --------------------------------------------------------------------
+# refusals() and _GuardedRedirects judge names and URLs; urllib then resolves the name again when
+# it connects. A DNS answer that changes in between (rebinding), or a redirect to a *name* of a
+# private host, would reach that host. So every connection is also judged by the address its
+# socket reached, right after connecting and before a byte of the request (or a TLS hello) is sent.
+
+
+def _peer_allowed(peer: tuple) -> bool:
+    """Whether a request may be sent to ``peer``, a connected socket's ``getpeername()``
+    (address, port[, flowinfo, scope]). The connect-time check's one decision (tests redefine it)."""
+    return _is_global(peer[0])
+
+
+class _PeerCheckedHTTPConnection(http.client.HTTPConnection):
+    """An HTTP connection that refuses a non-global peer address once connected, before sending."""
+
+    def connect(self):
+        super().connect()  # for HTTPS (below): the TCP connection only, before the TLS handshake
+        peer = self.sock.getpeername()
+        if not _peer_allowed(peer):
+            self.close()
+            # urllib wraps it as URLError; classify() reads the class back from the message
+            raise OSError(f"{_REFUSED}{PRIVATE_HOST} {self.host} connected to {peer[0]}")
+
+
+class _PeerCheckedHTTPSConnection(http.client.HTTPSConnection, _PeerCheckedHTTPConnection):
+    """HTTPS with the same check: HTTPSConnection.connect's super().connect() runs the check
+    (method order: this, HTTPSConnection, _PeerCheckedHTTPConnection, HTTPConnection)."""
+
+
+def _proxied(req: urllib.request.Request) -> bool:
+    # Through a proxy the socket's peer is the proxy, which resolves and connects itself: the
+    # check would judge the operator's proxy, not the image host, so it is left to the proxy.
+    return req.has_proxy() or bool(getattr(req, "_tunnel_host", None))
+
+
+class _PeerCheckedHTTPHandler(urllib.request.HTTPHandler):
+    def do_open(self, http_class, req, **kwargs):
+        return super().do_open(http_class if _proxied(req) else _PeerCheckedHTTPConnection, req, **kwargs)
+
+
+class _PeerCheckedHTTPSHandler(urllib.request.HTTPSHandler):
+    def do_open(self, http_class, req, **kwargs):
+        return super().do_open(http_class if _proxied(req) else _PeerCheckedHTTPSConnection, req, **kwargs)
+
+
 @contextmanager
 def _guarded_urllib(config: DownloadConfig):
     """Install our opener for img2dataset's ``urllib.request.urlopen`` calls in this process.
 
+    Every request, redirects included (they reuse the opener): our User-Agent, redirects judged
+    by URL, and unless ``allow_private_hosts`` each connection judged by the address it reached.
     urlopen uses the process-wide opener; the previous one is put back afterwards, so a caller
     running the stage in its own process (``--workers 1``) keeps its urllib as it was.
     """
     previous = urllib.request._opener  # noqa: SLF001 - the only way to restore what was installed
-    opener = urllib.request.build_opener(
-        _GuardedRedirects(config.allow_private_hosts), _HonestUserAgent(config.user_agent)
-    )
+    handlers = [_GuardedRedirects(config.allow_private_hosts), _HonestUserAgent(config.user_agent)]
+    if not config.allow_private_hosts:
+        handlers += [_PeerCheckedHTTPHandler(), _PeerCheckedHTTPSHandler()]
+    opener = urllib.request.build_opener(*handlers)
     urllib.request.install_opener(opener)
     try:
         yield
@@ -790,19 +920,14 @@ class DownloadStage:
     def partitions(self, config: DownloadConfig, inputs: list[ManifestRef]) -> list[Partition]:
         if not inputs:
             raise StageError("download needs a curated manifest")
+        parts = [u for ref in inputs for u in open_manifest(ref.url, expect_kind="curated").part_urls()]
         # No kept pair at all still makes one (empty) partition: an empty ledger, not an error.
-        return _fetch_partitions(_read_keep_pairs(inputs), config, "curated") or [
+        return _fetch_partitions(parts, config, "curated") or [
             Partition(index=0, source="curated#0", params=("fetch", ()))
         ]
 
     def run_partition(self, config: DownloadConfig, partition: Partition, out: str) -> PartitionResult:
-        _, params = partition.params
-        first = partition.index * config.shards_per_partition
-        return download_pairs(config, _from_params(params), first, out, partition.index)
-
-
-def _is_retried(row: dict, classes: tuple[str, ...]) -> bool:
-    return row["status"] == "failed" and row["error"] in classes
+        return _fetch(config, partition, out, "curated")
 
 
 class DownloadRetryStage:
@@ -819,9 +944,7 @@ class DownloadRetryStage:
         if len(inputs) != 1:
             raise StageError("--retry-failed takes exactly one downloaded manifest")
         manifest = open_manifest(inputs[0].url, expect_kind="downloaded")
-        table = manifest.table(["uid", "url", "text", "status", "error"])
-        retry = [Pair(r["uid"], r["url"], r["text"]) for r in table.to_pylist() if _is_retried(r, config.retry_classes)]
-        fetch = _fetch_partitions(retry, config, "retry")
+        fetch = _fetch_partitions(manifest.part_urls(), config, "retry")
         carry = [
             Partition(index=len(fetch) + k, source=url, params=("carry", manifest.url))
             for k, url in enumerate(manifest.part_urls())
@@ -831,10 +954,10 @@ class DownloadRetryStage:
     def run_partition(self, config: DownloadConfig, partition: Partition, out: str) -> PartitionResult:
         mode, params = partition.params
         if mode == "fetch":
-            first = partition.index * config.shards_per_partition
-            return download_pairs(config, _from_params(params), first, out, partition.index)
+            return _fetch(config, partition, out, "retry")
         old = params
-        rows = [r for r in read_part(partition.source).to_pylist() if not _is_retried(r, config.retry_classes)]
+        table = read_part(partition.source)
+        rows = table.filter(pc.invert(_retry_selected(table, config))).to_pylist()  # what fetch leaves
         for r in rows:
             if r["shard"] is not None:
                 r["shard"] = shard_url(old, r["shard"])
@@ -864,6 +987,8 @@ __all__ = [
     "classify",
     "download_pairs",
     "interleave_hosts",
+    "plan_ranges",
+    "read_ranges",
     "refusals",
     "shard_url",
 ]

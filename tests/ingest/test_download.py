@@ -13,16 +13,21 @@ only on their first request, behave the same.
 from __future__ import annotations
 
 import hashlib
+import http.server
 import io
 import logging
 import os
+import pickle
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
 import tempfile
 import textwrap
+import threading
 import time
+import tracemalloc
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -32,6 +37,7 @@ import pyarrow as pa
 import pytest
 import webdataset as wds
 
+from wit.ingest import download
 from wit.ingest.download import (
     DOWNLOAD,
     RETRY,
@@ -74,6 +80,7 @@ def config(**kw) -> DownloadConfig:
 @dataclass(frozen=True, slots=True)
 class RowsConfig:
     rows: tuple  # (uid, url, text, page_url, keep)
+    parts: int = 1  # the rows split evenly over this many part files
 
 
 class CuratedRows:
@@ -81,10 +88,12 @@ class CuratedRows:
     kind = "curated"
 
     def partitions(self, config, inputs):
-        return [Partition(index=0, source="rows")]
+        return [Partition(index=k, source="rows") for k in range(config.parts)]
 
     def run_partition(self, config, partition, out):
-        cols = list(zip(*config.rows, strict=True))
+        n, k = len(config.rows), partition.index
+        rows = config.rows[k * n // config.parts : (k + 1) * n // config.parts]
+        cols = list(zip(*rows, strict=True))
         table = pa.table(
             {
                 "uid": list(cols[0]),
@@ -114,9 +123,10 @@ def truth(web):
 
 
 def curated(
-    srv: SyntheticWebServer, truth: list[dict], out: Path, kinds=None, dropped: int = 3, extra=()
+    srv: SyntheticWebServer, truth: list[dict], out: Path, kinds=None, dropped: int = 3, extra=(), parts: int = 1
 ) -> tuple[ManifestRef, dict[str, dict]]:
-    """A curated manifest of the truth rows (``kinds`` only, if given); returns it and uid -> truth row."""
+    """A curated manifest of the truth rows (``kinds`` only, if given) in ``parts`` part files;
+    returns it and uid -> truth row."""
     rows, by_uid = [], {}
     for r in truth:
         if kinds is not None and r["mess"] not in kinds:
@@ -134,7 +144,7 @@ def curated(
         uid = uid_of(url, text)
         rows.insert(k * n // len(extra), (uid, url, text, None, True))  # spread evenly
         by_uid[uid] = {"mess": mess, "img_path": path, "keep": True}
-    ref = run_stage(CuratedRows(), RowsConfig(tuple(rows)), [], str(out), progress=False).ref
+    ref = run_stage(CuratedRows(), RowsConfig(tuple(rows), parts), [], str(out), progress=False).ref
     return ref, by_uid
 
 
@@ -166,7 +176,8 @@ def leftovers(root: Path) -> list[str]:
 
 def test_every_mess_kind_lands_in_the_ledger(web, truth, tmp_path):
     with SyntheticWebServer(web.root, delay_scale=DELAY_SCALE) as srv:
-        ref, by_uid = curated(srv, truth, tmp_path / "curated")
+        # three parts of uneven kept counts: partitions (40 kept rows each) straddle part files
+        ref, by_uid = curated(srv, truth, tmp_path / "curated", parts=3)
         t0 = time.monotonic()
         outcome = run_stage(DOWNLOAD, config(), [ref], str(tmp_path / "dl"), progress=False)
         took = time.monotonic() - t0
@@ -219,10 +230,14 @@ def test_every_mess_kind_lands_in_the_ledger(web, truth, tmp_path):
 
 def test_private_hosts_are_refused_by_default(web, truth, tmp_path):
     requests: list[str] = []
+    # A handler thread of an earlier test's server (a slow image, still sleeping when that test
+    # ended) logs to the same logger when it wakes: count only threads started after this point.
+    earlier = set(threading.enumerate())
 
     class Count(logging.Handler):
         def emit(self, record):
-            requests.append(record.getMessage())
+            if threading.current_thread() not in earlier:
+                requests.append(record.getMessage())
 
     log = logging.getLogger("wit.ingest.synthetic.server")
     handler, level = Count(), log.level
@@ -263,6 +278,100 @@ def test_s3_output_gives_the_same_ledger_as_local(web, truth, tmp_path, s3_bucke
     assert local == remote and local_ref.digest == s3_ref.digest
     assert shard_samples(s3_ref.url, remote).keys() == shard_samples(local_ref.url, local).keys()
     assert verify(s3_ref.url).ok
+
+
+# -- planning: partitions name part ranges, never pairs --------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class GeneratedConfig:
+    parts: int
+    rows: int  # per part
+    hosts: int = 3
+
+
+class GeneratedCurated:
+    """A curated manifest of ``parts`` parts of ``rows`` rows; every fourth row is curated out."""
+
+    name = "test-generated-curated"
+    kind = "curated"
+
+    def partitions(self, config, inputs):
+        return [Partition(index=k, source=f"gen#{k}") for k in range(config.parts)]
+
+    def run_partition(self, config, partition, out):
+        k, n = partition.index, config.rows
+        keep = [i % 4 != 0 for i in range(n)]
+        table = pa.table(
+            {
+                "uid": [f"{k:03d}-{i:06d}" for i in range(n)],
+                "url": [f"http://h{i % config.hosts}.example.com/{k}/{i}.png" for i in range(n)],
+                "text": [f"text {k} {i}" for i in range(n)],
+                "page_url": [None] * n,
+                "keep": keep,
+                "reason": [None if kp else "test_drop" for kp in keep],
+            }
+        )
+        return PartitionResult(table=table, counts={"kept": sum(keep)})
+
+
+def generated(out: Path, parts: int, rows: int) -> ManifestRef:
+    return run_stage(GeneratedCurated(), GeneratedConfig(parts, rows), [], str(out), progress=False).ref
+
+
+def test_partitions_name_part_ranges_not_pairs(tmp_path):
+    ref = generated(tmp_path / "curated", parts=3, rows=1000)  # 750 kept per part
+    table = read_table(ref.url)
+    kept = [u for u, k in zip(table["uid"].to_pylist(), table["keep"].to_pylist(), strict=True) if k]
+    part_urls = download.open_manifest(ref.url).part_urls()
+    cfg = config(samples_per_shard=200)
+    parts = DOWNLOAD.partitions(cfg, [ref])
+
+    assert [p.index for p in parts] == list(range(12))  # 2250 kept rows: 11 chunks of 200, then 50
+    sizes = []
+    for p in parts:
+        mode, ranges = p.params
+        assert mode == "fetch" and ranges
+        for url, start, stop in ranges:  # part URLs and positions, nothing of the pairs
+            assert url in part_urls and isinstance(start, int) and isinstance(stop, int) and start < stop
+        assert b"example.com" not in pickle.dumps(p) and b"text " not in pickle.dumps(p)
+        sizes.append(sum(stop - start for _, start, stop in ranges))
+    assert sizes == [200] * 11 + [50]
+    # the ranges tile each part's kept rows, in part order
+    flat = [r for p in parts for r in p.params[1]]
+    for url in part_urls:
+        spans = [(start, stop) for u, start, stop in flat if u == url]
+        assert spans[0][0] == 0 and spans[-1][1] == 750
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
+    assert [u for u, _, _ in flat] == sorted((u for u, _, _ in flat), key=part_urls.index)
+
+    # what the workers read: exactly the kept rows, each once, in order, hosts interleaved within
+    covered = [q.uid for p in parts for q in download.read_ranges(p.params[1], cfg, "curated")]
+    assert covered == kept
+    first = interleave_hosts(download.read_ranges(parts[0].params[1], cfg, "curated"))
+    assert [download._host(q.url) for q in first[:3]] == ["h1.example.com", "h2.example.com", "h0.example.com"]
+
+
+def test_planning_does_not_grow_with_rows(tmp_path):
+    """The driver's partitions pickle to the same size for 1k and 10k rows per part, and its
+    Python memory while planning stays small (the pairs are never read into the driver)."""
+    cfg = config(samples_per_shard=100_000)  # one partition covering every kept row
+    pickled, peaks = {}, {}
+    for name, rows in (("small", 1_000), ("large", 10_000)):  # same path lengths
+        ref = generated(tmp_path / name / "curated", parts=3, rows=rows)
+        DOWNLOAD.partitions(cfg, [ref])  # warm: imports and caches are not planning
+        tracemalloc.start()
+        try:
+            parts = DOWNLOAD.partitions(cfg, [ref])
+            peaks[name] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert sum(stop - start for _, start, stop in parts[0].params[1]) == 3 * rows * 3 // 4
+        pickled[name] = len(pickle.dumps(parts))
+    assert pickled["small"] == pickled["large"] < 1_000
+    # Reading the 22,500 kept pairs into the driver peaked at ~11 MB here (1.4 MB pickled); what is
+    # left is bounded by the Parquet footer reads of open_manifest (64 KiB each).
+    assert peaks["large"] < 1_000_000, peaks
 
 
 # -- kill and resume -----------------------------------------------------------------------------
@@ -383,6 +492,158 @@ def test_img2dataset_distributor_is_passed_through(web, truth, tmp_path):
             assert r["status"] == "failed" and r["error"] == "too_large"
 
 
+# -- the connect-time check ------------------------------------------------------------------------
+
+PUBLIC = "93.184.216.34"  # what a fooled lookup answers; never connected to in these tests
+
+
+def png_bytes() -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class TinyWeb:
+    """A threaded HTTP server on 127.0.0.1: ``/a.png`` an image, ``/r`` a 302 to ``location``;
+    ``served`` lists the paths it answered."""
+
+    def __init__(self, location: str | None = None):
+        self.served: list[str] = []
+        body, served, where = png_bytes(), self.served, location
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                served.append(self.path)
+                if self.path == "/r" and where:
+                    self.send_response(302)
+                    self.send_header("Location", where)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *a):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+
+    def __enter__(self):
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def fake_dns(monkeypatch, answers: dict[str, list[str]]) -> list[tuple]:
+    """Names of ``answers`` resolve to its addresses in turn (the last one from then on); others
+    resolve as usual. Returns the list of (name, port) lookups made."""
+    real, lookups = socket.getaddrinfo, []
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        if host not in answers:
+            return real(host, port, *args, **kwargs)
+        n = sum(h == host for h, _ in lookups)
+        lookups.append((host, port))
+        ip = answers[host][min(n, len(answers[host]) - 1)]
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (ip, port or 0))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    for var in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)  # a proxy would resolve the names itself
+    return lookups
+
+
+def download_one(url: str, tmp_path: Path, name: str) -> dict:
+    """The ledger row of downloading ``url`` alone, private hosts refused (in this process)."""
+    uid = uid_of(url, name)
+    curated_ref = run_stage(
+        CuratedRows(), RowsConfig(((uid, url, name, None, True),)), [], str(tmp_path / f"c-{name}"), progress=False
+    ).ref
+    out = run_stage(DOWNLOAD, config(allow_private_hosts=False), [curated_ref], str(tmp_path / name), progress=False)
+    (row,) = ledger(out.ref.url)
+    return row
+
+
+def test_a_dns_answer_that_changes_after_the_up_front_check_is_refused_at_connect(tmp_path, monkeypatch):
+    with TinyWeb() as private:
+        url = f"http://rebind.example.com:{private.port}/a.png"
+        # the up-front check is fooled: its lookup answers a public address
+        fake_dns(monkeypatch, {"rebind.example.com": [PUBLIC, "127.0.0.1"]})
+        assert refusals([Pair("x", url, None)], allow_private=False) == {}
+
+        # the hole, had there been no connect-time check: the second lookup reaches the server
+        fake_dns(monkeypatch, {"rebind.example.com": [PUBLIC, "127.0.0.1"]})
+        monkeypatch.setattr(download, "_peer_allowed", lambda peer: True)
+        assert download_one(url, tmp_path, "unchecked")["status"] == "success"
+        assert private.served == ["/a.png"]
+
+        # closed: the address the socket reached is judged (here: this server's port is private)
+        lookups = fake_dns(monkeypatch, {"rebind.example.com": [PUBLIC, "127.0.0.1"]})
+        monkeypatch.setattr(download, "_peer_allowed", lambda peer: peer[1] != private.port)
+        row = download_one(url, tmp_path, "checked")
+        assert (row["status"], row["error"]) == ("failed", "private_host")
+        assert "wit-refused:private_host" in row["error_message"]
+        assert [h for h, _ in lookups] == ["rebind.example.com"] * 2  # up front, then connect
+        assert private.served == ["/a.png"]  # nothing more served
+
+
+def test_a_redirect_to_a_name_of_a_private_host_is_refused_at_connect(tmp_path, monkeypatch):
+    with TinyWeb() as private:
+        with TinyWeb(location=f"http://inside.example.com:{private.port}/a.png") as public:
+            answers = {"outside.example.com": [PUBLIC, "127.0.0.1"], "inside.example.com": ["127.0.0.1"]}
+            monkeypatch.setattr(download, "_peer_allowed", lambda peer: peer[1] == public.port)
+            url = f"http://outside.example.com:{public.port}/r"
+
+            fake_dns(monkeypatch, answers)
+            row = download_one(url, tmp_path, "checked")
+            assert (row["status"], row["error"]) == ("failed", "private_host")
+            assert public.served == ["/r"] and private.served == []
+
+            # the redirect guard alone (it judges the URL) lets the name through
+            fake_dns(monkeypatch, answers)
+            monkeypatch.setattr(download, "_peer_allowed", lambda peer: True)
+            assert download_one(url, tmp_path, "unchecked")["status"] == "success"
+            assert private.served == ["/a.png"]
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_the_connect_time_check_sends_nothing_to_a_refused_peer(scheme):
+    """Refused right after connecting: no request line, no TLS hello reaches the peer."""
+    received: list[bytes] = []
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(5)
+
+        def accept():
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(2)
+                chunks = []
+                try:
+                    while chunk := conn.recv(4096):
+                        chunks.append(chunk)
+                except TimeoutError:
+                    pass
+                received.append(b"".join(chunks))
+
+        t = threading.Thread(target=accept)
+        t.start()
+        url = f"{scheme}://127.0.0.1:{listener.getsockname()[1]}/a.png"
+        with _guarded_urllib(config(allow_private_hosts=False)), pytest.raises(urllib.error.URLError) as err:
+            urllib.request.urlopen(url, timeout=5)
+        t.join()
+    assert classify(str(err.value)) == ("private_host", None)
+    assert received == [b""]
+
+
 # -- units ---------------------------------------------------------------------------------------
 
 
@@ -426,8 +687,6 @@ def test_hosts_are_interleaved_round_robin():
 
 
 def test_refusals_check_urls_and_resolved_addresses(monkeypatch):
-    import socket
-
     def fake(host, *a, **kw):
         ip = {"inside.example.com": "10.1.2.3", "outside.example.com": "93.184.216.34"}.get(host)
         if ip is None:
@@ -468,9 +727,6 @@ def test_redirects_to_private_hosts_are_refused():
 
 
 def test_requests_carry_our_user_agent_and_urllib_is_restored(tmp_path):
-    import http.server
-    import threading
-
     seen = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
