@@ -17,6 +17,8 @@ from wit.manifests.lineage import LineageNode, lineage
 from wit.manifests.runrecord import read_run_record
 from wit.manifests.stage import StageError
 
+from .filter import find_upstream
+
 CARD = "CARD.md"
 QUERY_PLOT = "card/queries.png"
 GRID_PLOT = "card/samples.png"
@@ -46,7 +48,11 @@ def render_card(plan_url: str, rows: list[dict], images: list[bytes]) -> dict[st
     queries = plan.tallies.get("queries", {})
     samples = sum(plan.extra.get("samples", [0]))
     shards = sum(plan.extra.get("shards", [0]))
-    filtered_url = plan.inputs[0].url
+    # the plan's input is shard's split phase, which read the filtered manifest
+    filtered = find_upstream(plan_url, "filtered")
+    if filtered is None:
+        raise StageError(f"{plan_url}: no filtered manifest up its run records")
+    filtered_url = filtered.url
     tree = lineage(filtered_url)
     lines = [
         "# Dataset card",
@@ -57,7 +63,7 @@ def render_card(plan_url: str, rows: list[dict], images: list[bytes]) -> dict[st
         "(uid, url, page_url, queries, sha256, width, height, scores). The sample key is the uid.",
         "",
         f"Built from the filtered manifest `{filtered_url}` "
-        f"(digest `{(plan.inputs[0].digest or '')[:16]}`), seed {plan.config.get('seed')}, "
+        f"(digest `{(filtered.digest or '')[:16]}`), seed {plan.config.get('seed')}, "
         f"{plan.config.get('samples_per_shard')} samples per shard.",
         "",
         "## Counts per stage and reason",

@@ -1,32 +1,54 @@
 """``wit shard``: the kept rows of a filtered manifest into new webdataset shards, plus the dataset manifest.
 
-Two stages run in order (``SHARD_PHASES``)::
+Three stages run in order (``SHARD_PHASES``)::
 
-    filtered ──PLAN──▶ OUT/_plan ──WRITE──▶ OUT (dataset)
-    (+ downloaded      one partition:       one partition per output shard:
-     shards, curated   order, shard of      shards/NNNNNN.tar, SAMPLES rows,
-     queries)          each sample, where   shard_index/ row; partition 0 also
-                       its image bytes are  shards/sizes.json and CARD.md
+    filtered ──SPLIT──▶ OUT/_split ──PLAN──▶ OUT/_plan ──WRITE──▶ OUT (dataset)
+    (+ downloaded       per filtered or      per bucket:          per output shard:
+     shards, curated    curated part: its    its rows in order,   shards/NNNNNN.tar, SAMPLES
+     queries)           kept rows in B       a row group per      rows, shard_index/ row;
+                        ranges of the order  shard piece, the     partition 0 also
+                        key, images located  pieces listed        shards/sizes.json, CARD.md
 
-PLAN reads the kept FILTERED rows, joins curate's ``page_url`` and ``queries`` (the curated
-manifest is ``config.curated`` or found up the run records), and sorts them by a seeded hash of
-the uid, so each shard mixes queries and hosts and the order depends on nothing but seed and
-rows. Chunks of ``samples_per_shard`` (the last may be short) become the output shards: the
-number of shards depends on the global count of kept rows, which is why this is a phase of its
-own. Where each image's bytes are in the downloaded shards comes from filter, which recorded
-the member it read (FILTERED's ``ext``, ``offset``, ``bytes``); only a shard it could not
-locate (compressed) has its tar headers indexed here. So WRITE reads each image with one
-ranged read instead of streaming whole source shards. Each output shard's rows go to a side
-table ``plan/part-NNNNN.parquet``.
+The samples are ordered by a seeded hash of the uid (:func:`order_key`, then the uid), so each
+shard mixes queries and hosts and the order depends on nothing but seed and rows; chunks of
+``samples_per_shard`` of that order (the last may be short) are the output shards.
+:func:`plan_rows` is that order in one pass over every row, the reference the phases reproduce
+without any task holding every row.
 
-WRITE builds shard ``k`` from plan part ``k``: per sample ``{uid}.{ext}`` (the image bytes as
-downloaded, checked against the xxh3-128 filter recorded when it read them, or its sha256 for a
-manifest without one), ``{uid}.txt`` and ``{uid}.json``, in plan order with members sorted, mtime 0
-and uid/gid 0, so the same input and seed give the same bytes. The tar stream is gathered in
-reused 4 MB buffers (:class:`TarStream`): images are read from local source shards straight into
-them (``preadv``, no copy in Python) and checked there while in cache, and each full buffer is
-written with one ``write`` by one thread while another hashes it for the manifest (``O_DIRECT``
-for a durable local commit, ``WIT_FSYNC=1``: to disk while the next buffers fill). The plan's
+SPLIT (one partition per filtered part, and one per curated part; the curated manifest is
+``config.curated`` or found up the run records) cuts the kept rows into ``B`` ranges of the
+order key: bucket ``⌊key · B / 2⁶⁴⌋`` (:func:`order_buckets`), so bucket order is the global
+order. Each part becomes one bucket file (:mod:`wit.manifests.buckets`): a filtered part's kept
+rows with where their image bytes are in the downloaded shards, a curated part's kept ``uid``,
+``page_url`` and ``queries``. The places come from filter, which recorded the member it read
+(FILTERED's ``ext``, ``offset``, ``bytes``); only a source shard it could not locate
+(compressed) has its tar headers indexed here, and a filtered part's rows come from few source
+shards. So WRITE reads each image with one ranged read instead of streaming whole source
+shards. The run record's tally ``bucket_rows`` sums the rows of each bucket over the parts.
+
+PLAN partition ``b`` reads bucket ``b`` of every SPLIT file, joins ``page_url`` and ``queries``
+by uid (the first curated row of it, as :func:`plan_rows` does; null without one) and sorts by
+(order key, uid). The rows of the buckets before it (the prefix sum of ``bucket_rows``) say
+where its rows start in the global order, so which output shards they fall into. It writes them
+as the side table part ``plan/part-b.parquet``, one row group per piece of an output shard (a
+shard across a bucket boundary has a piece in each bucket, an empty bucket none), and lists the
+pieces (shard, samples, part, row group) in its main part; its ``queries`` tally and its
+``samples`` and ``shards`` (the shards that start in it) sum to the whole dataset's. ``B``
+follows the data (:func:`wit.manifests.buckets.bucket_count`: one bucket per 500,000 filtered
+rows, or ``--buckets``), so a task holds one filtered part, one bucket or one shard however large
+the dataset; it changes where the order is computed, never the order: the dataset is the same
+bytes for any ``B``. Job arrays: ``--part i/N`` slices SPLIT; the slice that finishes it runs
+PLAN and WRITE in full.
+
+WRITE builds shard ``k`` from its pieces (a row group of a plan part each): per sample
+``{uid}.{ext}`` (the image bytes as downloaded, checked against the xxh3-128 filter recorded when
+it read them, or its sha256 for a manifest without one), ``{uid}.txt`` and ``{uid}.json``, in
+plan order with members sorted, mtime 0 and uid/gid 0, so the same input and seed give the same
+bytes. The tar stream is gathered in reused 4 MB buffers (:class:`TarStream`): images are read
+from local source shards straight into them (``preadv``, no copy in Python) and checked there
+while in cache, and each full buffer is written with one ``write`` by one thread while another
+hashes it for the manifest (``O_DIRECT`` for a durable local commit, ``WIT_FSYNC=1``: to disk
+while the next buffers fill). The plan's
 order is shuffled, so on a cold page cache each image would be a small random read; a thread
 (:class:`Readahead`) asks the kernel for the shard's images in file order, then the next shard's,
 so the disk sees ascending reads and the writer finds them in cache. The shard is
@@ -49,7 +71,7 @@ import tarfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -58,18 +80,29 @@ from typing import Any, ClassVar, NamedTuple
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from xxhash import xxh3_128
 
-from wit.manifests import storage
-from wit.manifests.manifest import FileInfo, ManifestError, ManifestRef, open_manifest, read_part, write_part
+from wit.manifests import buckets, storage
+from wit.manifests.buckets import MAX_BUCKETS, ROWS_PER_BUCKET
+from wit.manifests.manifest import (
+    FileInfo,
+    Manifest,
+    ManifestError,
+    ManifestRef,
+    open_manifest,
+    part_name,
+    write_part,
+)
 from wit.manifests.options import Option, check_options
 from wit.manifests.runrecord import read_run_record
-from wit.manifests.schemas import SAMPLES, SHARDS, conform, with_kind
+from wit.manifests.schemas import SAMPLES, SHARDS, conform, schema_for, with_kind
 from wit.manifests.stage import Partition, PartitionResult, StageError
 from wit.manifests.tars import BLOCK, BadTar, plain_members, random_access
 
 from .filter import IMAGE_EXTENSIONS, find_upstream
 
+SPLIT_KIND = "shard_split"
 PLAN_KIND = "shard_plan"
 PLAN_TABLE = "plan"
 SHARD_INDEX = "shard_index"
@@ -81,9 +114,12 @@ DELAY_ENV = "WIT_SHARD_TEST_DELAY"
 PLAN_SCHEMA = with_kind(
     pa.schema(
         [
+            # one row per piece of an output shard, in shard order: a shard is one piece, or one
+            # in each bucket it spans
             pa.field("shard", pa.string(), nullable=False),  # the output shard
-            pa.field("samples", pa.int64(), nullable=False),
-            pa.field("plan", pa.string(), nullable=False),  # its rows: plan/part-NNNNN.parquet
+            pa.field("samples", pa.int64(), nullable=False),  # of this piece
+            pa.field("plan", pa.string(), nullable=False),  # the part with its rows: plan/part-NNNNN.parquet
+            pa.field("row_group", pa.int32(), nullable=False),  # and which row group of that part
         ]
     ),
     PLAN_KIND,
@@ -110,6 +146,24 @@ PLAN_ROWS_SCHEMA = with_kind(
     ),
     "shard_plan_rows",
 )
+# SPLIT's bucket files: a filtered part's kept rows as PLAN writes them but for curate's columns,
+# with their order key; a curated part's kept rows' curate columns.
+CURATE_COLUMNS = ("page_url", "queries")
+SPLIT_ROWS_SCHEMA = with_kind(
+    pa.schema(
+        [pa.field("order", pa.uint64(), nullable=False)]  # order_key as a big-endian integer
+        + [f for f in PLAN_ROWS_SCHEMA if f.name not in CURATE_COLUMNS]
+    ),
+    "shard_split_rows",
+)
+SPLIT_CURATED_SCHEMA = with_kind(
+    pa.schema([PLAN_ROWS_SCHEMA.field(n) for n in ("uid", *CURATE_COLUMNS)]),
+    "shard_split_curated",
+)
+FILTERED_TABLE, CURATED_TABLE = "filtered", "curated"  # SPLIT's bucket files: filtered/part-NNNNN.arrow
+# Null in parts of an older filter: located here, checked by sha256.
+FILTERED_COLUMNS = ["uid", "url", "text", "sha256", "width", "height", "shard", "key", "keep", "phash", "clip_score"]
+FILTERED_COLUMNS += ["ext", "offset", "bytes", "xxh3"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +175,7 @@ class ShardConfig:
     curated: str | None = None  # None: found up the run records of the filtered manifest
     card: bool = True  # write CARD.md and its plots
     grid_samples: int = 16  # images in the card's sample grid
+    buckets: int | None = None  # of the shuffle; None: one per ROWS_PER_BUCKET filtered rows
 
     OPTIONS: ClassVar[tuple[Option, ...]] = (
         Option("samples-per-shard", "int", samples_per_shard, low=1),
@@ -129,13 +184,25 @@ class ShardConfig:
             "curated", "path", None, "The curated manifest (default: found through the run records).", metavar="URL"
         ),
         Option("no-card", "bool", False, "Skip CARD.md and its plots."),
+        Option(
+            "buckets",
+            "int",
+            None,
+            f"Buckets of the shuffle (default: one per {ROWS_PER_BUCKET:,} filtered rows).",
+            low=1,
+            high=MAX_BUCKETS,
+        ),
     )
 
     @classmethod
     def from_options(cls, values: Mapping[str, Any], out: str | None = None) -> ShardConfig:
         v = check_options(cls.OPTIONS, values, "shard")
         return cls(
-            samples_per_shard=v["samples_per_shard"], seed=v["seed"], curated=v["curated"], card=not v["no_card"]
+            samples_per_shard=v["samples_per_shard"],
+            seed=v["seed"],
+            curated=v["curated"],
+            card=not v["no_card"],
+            buckets=v["buckets"],
         )
 
     def __post_init__(self) -> None:
@@ -145,6 +212,8 @@ class ShardConfig:
             raise ValueError(f"--seed must be a non-negative integer, got {self.seed!r}")
         if not isinstance(self.grid_samples, int) or not 0 <= self.grid_samples <= 100:
             raise ValueError(f"grid_samples must be in [0, 100], got {self.grid_samples!r}")
+        if self.buckets is not None:
+            buckets.bucket_count(0, self.buckets)  # raises unless an integer in [1, MAX_BUCKETS]
 
 
 def shard_name(index: int) -> str:
@@ -156,8 +225,32 @@ def order_key(seed: int, uid: str) -> bytes:
     return hashlib.blake2b(f"{seed}\x1f{uid}".encode(), digest_size=8).digest()
 
 
+def order_keys(seed: int, uids: Sequence[str]) -> np.ndarray:
+    """:func:`order_key` of each uid as a big-endian 64-bit integer, which sorts as the bytes do."""
+    return np.frombuffer(b"".join(order_key(seed, u) for u in uids), dtype=">u8").astype(np.uint64)
+
+
+_LOW32 = np.uint64(0xFFFFFFFF)
+_32 = np.uint64(32)
+
+
+def order_buckets(keys: np.ndarray, count: int) -> np.ndarray:
+    """``⌊key · count / 2⁶⁴⌋`` of each order key: ``count`` ranges of the key, so every row of
+    bucket ``b`` comes before every row of bucket ``b + 1`` in the shard order, equal keys share
+    a bucket, and the buckets' order is the global order.
+
+    Exact in 64-bit integers: with ``key = hi · 2³² + lo``, it is ``(hi · count + ⌊lo · count /
+    2³²⌋) / 2³²`` rounded down, no term of which passes 2⁴⁸ for ``count`` up to 2¹⁶.
+    """
+    if not 1 <= count <= MAX_BUCKETS:
+        raise ValueError(f"bucket count must be in [1, {MAX_BUCKETS}], got {count}")
+    keys = np.asarray(keys, dtype=np.uint64)
+    n = np.uint64(count)
+    return (((keys >> _32) * n + (((keys & _LOW32) * n) >> _32)) >> _32).astype(np.int64)
+
+
 # ---------------------------------------------------------------------------------------------
-# PLAN
+# SPLIT and PLAN
 
 
 def index_tar(url: str, keys: set[str]) -> dict[str, tuple[str, int, int]]:
@@ -228,28 +321,71 @@ def locate_images(downloaded: str, rows: pa.Table) -> list[tuple[str, int, int]]
     return where
 
 
-def plan_rows(filtered: pa.Table, curated: pa.Table | None, seed: int) -> pa.Table:
-    """Kept FILTERED rows joined with curate's page_url and queries, in the seeded shard order."""
-    rows = filtered.filter(filtered.column("keep"))
+def with_curated(rows: pa.Table, curated: pa.Table | None) -> pa.Table:
+    """``rows`` with curate's ``page_url`` and ``queries`` of each uid: those of the first row of
+    ``curated`` with that uid, null where it has none (or where there is no curated manifest)."""
     if curated is not None:
         # Acero's join cannot carry list columns: look each uid up in the curated uids instead.
         at = pc.index_in(rows.column("uid"), value_set=curated.column("uid"))
         rows = rows.append_column("page_url", curated.column("page_url").take(at))
-        rows = rows.append_column("queries", curated.column("queries").take(at))
-    else:
-        rows = rows.append_column("page_url", pa.nulls(rows.num_rows, pa.string()))
-        rows = rows.append_column("queries", pa.nulls(rows.num_rows, pa.list_(pa.string())))
+        return rows.append_column("queries", curated.column("queries").take(at))
+    rows = rows.append_column("page_url", pa.nulls(rows.num_rows, pa.string()))
+    return rows.append_column("queries", pa.nulls(rows.num_rows, pa.list_(pa.string())))
+
+
+def plan_rows(filtered: pa.Table, curated: pa.Table | None, seed: int) -> pa.Table:
+    """Kept FILTERED rows joined with curate's page_url and queries, in the seeded shard order.
+
+    The whole order in one pass over every row: the reference that SPLIT and PLAN reproduce bucket
+    by bucket (the tests compare them).
+    """
+    rows = with_curated(filtered.filter(filtered.column("keep")), curated)
     keys = [order_key(seed, u) for u in rows.column("uid").to_pylist()]
     rows = rows.append_column("_order", pa.array(keys, pa.binary()))
     return rows.sort_by([("_order", "ascending"), ("uid", "ascending")]).drop_columns(["_order"])
 
 
-class ShardPlan:
-    """Phase 1 of shard: order the kept rows and cut them into shards (module docstring)."""
+def shard_pieces(start: int, count: int, per_shard: int) -> list[tuple[int, int, int]]:
+    """``(shard, first row, rows)`` of each piece of ``count`` rows that start at global position
+    ``start``, cut at every multiple of ``per_shard``: the pieces of output shards they hold."""
+    pieces, at = [], 0
+    while at < count:
+        k = (start + at) // per_shard
+        end = min(count, (k + 1) * per_shard - start)
+        pieces.append((k, at, end - at))
+        at = end
+    return pieces
 
-    name = "shard-plan"
-    kind = PLAN_KIND
-    schema = PLAN_SCHEMA
+
+def located(rows: pa.Table, downloaded: str) -> pa.Table:
+    """Kept FILTERED ``rows`` with PLAN's columns but curate's: where each image's bytes are in
+    its downloaded shard (:func:`locate_images`) as ``ext``, ``source``, ``offset``, ``size``."""
+    where = locate_images(downloaded, rows)
+    return pa.table(
+        {
+            **{n: rows.column(n) for n in ("uid", "url", "text", "sha256", "width", "height", "phash", "clip_score")},
+            "ext": [w[0] for w in where],
+            "source": rows.column("shard"),
+            "offset": pa.array([w[1] for w in where], pa.int64()),
+            "size": pa.array([w[2] for w in where], pa.int64()),
+            "xxh3": rows.column("xxh3"),
+        }
+    )
+
+
+def read_manifest_part(url: str, kind: str, part: str, lacks: Sequence[str], columns: list[str]) -> pa.Table:
+    """``columns`` of one part of the manifest at ``url`` (as :meth:`Manifest.table` reads it:
+    the columns an older part ``lacks`` as nulls), without opening every other part."""
+    older = {part: tuple(lacks)} if lacks else {}
+    return Manifest(url=url, kind=kind, schema=schema_for(kind), parts=[part], older=older).table(columns)
+
+
+class ShardSplit:
+    """Phase 1 of shard: each filtered or curated part's kept rows into buckets of the order
+    (module docstring)."""
+
+    name = "shard-split"
+    kind = SPLIT_KIND
 
     def partitions(self, config: ShardConfig, inputs: list[ManifestRef]) -> list[Partition]:
         if len(inputs) != 1 or inputs[0].kind not in (None, "filtered"):
@@ -258,70 +394,183 @@ class ShardPlan:
         downloaded = find_upstream(url, "downloaded")
         if downloaded is None:
             raise StageError(f"{url}: no downloaded manifest up its lineage; the shards' images live there")
-        curated = storage.normalize(config.curated) if config.curated else None
-        if curated is None:
+        curated_url = storage.normalize(config.curated) if config.curated else None
+        if curated_url is None:
             found = find_upstream(url, "curated")
-            curated = found.url if found else None
-        return [Partition(index=0, source=url, params=(downloaded.url, curated))]
+            curated_url = found.url if found else None
+        record = read_run_record(url)
+        if record is None:
+            raise StageError(f"{url}: not a finished filtered manifest (no _run.json)")
+        count = buckets.bucket_count(record.rows, config.buckets)
+        filtered = open_manifest(url, expect_kind="filtered")
+        curated = open_manifest(curated_url, expect_kind="curated") if curated_url else None
+        tables = [(FILTERED_TABLE, filtered)] + ([(CURATED_TABLE, curated)] if curated else [])
+        sizes = (len(filtered.parts), len(curated.parts) if curated else 0)
+        common = (count, downloaded.url, curated_url, sizes)
+        partitions = []
+        for table, m in tables:
+            for k, part in enumerate(m.parts):
+                params = (table, k, m.url, part, m.older.get(part, ()), *common)
+                partitions.append(Partition(index=len(partitions), source=storage.join(m.url, part), params=params))
+        return partitions
 
     def run_partition(self, config: ShardConfig, partition: Partition, out: str) -> PartitionResult:
-        downloaded, curated_url = partition.params
-        manifest = open_manifest(partition.source, expect_kind="filtered")
-        columns = ["uid", "url", "text", "sha256", "width", "height", "shard", "key", "keep", "phash", "clip_score"]
-        # Null in parts of an older filter: located here, checked by sha256.
-        filtered = manifest.table(columns + ["ext", "offset", "bytes", "xxh3"])
-        curated = None
-        if curated_url:
-            curated = open_manifest(curated_url, expect_kind="curated").table(["uid", "page_url", "queries", "keep"])
-            curated = curated.filter(curated.column("keep"))
-        rows = plan_rows(filtered, curated, config.seed)
-        if rows.num_rows == 0:
-            raise StageError(f"{partition.source}: no kept samples to shard")
-        where = locate_images(downloaded, rows)
-        table = pa.table(
-            {
-                **{
-                    n: rows.column(n)
-                    for n in (
-                        "uid",
-                        "url",
-                        "text",
-                        "page_url",
-                        "queries",
-                        "sha256",
-                        "width",
-                        "height",
-                        "phash",
-                        "clip_score",
-                    )
-                },
-                "ext": [w[0] for w in where],
-                "source": rows.column("shard"),
-                "offset": pa.array([w[1] for w in where], pa.int64()),
-                "size": pa.array([w[2] for w in where], pa.int64()),
-                "xxh3": rows.column("xxh3"),
-            }
-        )
-        n = config.samples_per_shard
-        files, index_rows = [], []
-        for k, start in enumerate(range(0, table.num_rows, n)):
-            chunk = table.slice(start, n)
-            info = write_part(out, k, chunk, PLAN_ROWS_SCHEMA, table_name=PLAN_TABLE)
-            files.append(info)
-            index_rows.append({"shard": shard_name(k), "samples": chunk.num_rows, "plan": info.name})
-        queries = Counter(q for qs in table.column("queries").to_pylist() for q in (qs or ()))
-        return PartitionResult(
-            table=pa.Table.from_pylist(index_rows, schema=PLAN_SCHEMA),
-            counts={"kept": table.num_rows},
-            files=files,
-            extra={
+        table, k, url, part, lacks, count, downloaded, curated_url, sizes = partition.params
+        filtered = table == FILTERED_TABLE
+        columns = FILTERED_COLUMNS if filtered else ["uid", *CURATE_COLUMNS, "keep"]
+        rows = read_manifest_part(url, table, part, lacks, columns)  # the tables are named as their kinds
+        rows = rows.filter(rows.column("keep"))
+        keys = order_keys(config.seed, rows.column("uid").to_pylist())
+        if filtered:
+            split = conform(located(rows, downloaded).append_column("order", pa.array(keys)), SPLIT_ROWS_SCHEMA)
+        else:
+            split = conform(rows.select(["uid", *CURATE_COLUMNS]), SPLIT_CURATED_SCHEMA)
+        which = order_buckets(keys, count)
+        info = buckets.write(out, k, split, which, count, table)
+        counts, tallies, extra = {}, {}, {}
+        if filtered:
+            per_bucket = np.bincount(which, minlength=count)
+            counts = {"kept": rows.num_rows}
+            # summed over the filtered parts in _run.json: each bucket's rows, whence PLAN's positions
+            tallies = {"bucket_rows": {str(b): int(per_bucket[b]) for b in np.flatnonzero(per_bucket)}}
+        if partition.index == 0:  # the facts of the whole run, once
+            extra = {
+                "buckets": count,
                 "downloaded": downloaded,
                 "curated": curated_url,
+                "filtered_parts": sizes[0],
+                "curated_parts": sizes[1],
+            }
+        return PartitionResult(counts=counts, files=[info], extra=extra, tallies=tallies)
+
+
+class ShardPlan:
+    """Phase 2 of shard: one bucket of the order, cut into pieces of output shards (module docstring)."""
+
+    name = "shard-plan"
+    kind = PLAN_KIND
+    schema = PLAN_SCHEMA
+
+    def partitions(self, config: ShardConfig, inputs: list[ManifestRef]) -> list[Partition]:
+        if len(inputs) != 1 or inputs[0].kind not in (None, SPLIT_KIND):
+            raise StageError("shard's plan phase takes exactly one input: the split phase's output")
+        split_url = inputs[0].url
+        record = read_run_record(split_url)
+        if record is None or len(record.inputs) != 1 or not record.extra.get("buckets"):
+            raise StageError(f"{split_url}: not a finished split phase of shard (no _run.json)")
+        facts = {k: v[0] for k, v in record.extra.items()}
+        count = facts["buckets"]
+        rows = [0] * count
+        for b, n in record.tallies.get("bucket_rows", {}).items():
+            rows[int(b)] = n
+        if not sum(rows):
+            raise StageError(f"{record.inputs[0].url}: no kept samples to shard")
+        starts = np.cumsum([0, *rows[:-1]]).tolist()
+        files = (facts["filtered_parts"], facts["curated_parts"] if facts["curated"] else None)
+        return [
+            Partition(
+                index=b,
+                source=split_url,
+                params=(starts[b], rows[b], count, files, facts["downloaded"], facts["curated"]),
+            )
+            for b in range(count)
+        ]
+
+    def run_partition(self, config: ShardConfig, partition: Partition, out: str) -> PartitionResult:
+        start, expected, count, (n_filtered, n_curated), downloaded, curated_url = partition.params
+        b, split_url = partition.index, partition.source
+        extra: dict[str, Any] = {"downloaded": downloaded, "curated": curated_url} if b == 0 else {}
+        if not expected:  # an empty bucket: no rows, no piece
+            return PartitionResult(extra={**extra, "samples": 0, "shards": 0})
+        rows = buckets.read_all(buckets.file_urls(split_url, FILTERED_TABLE, n_filtered), b, SPLIT_ROWS_SCHEMA)
+        if rows.num_rows != expected:
+            raise StageError(f"{split_url}: bucket {b} holds {rows.num_rows} rows, its run record says {expected}")
+        curated = None
+        if n_curated is not None:
+            curated = buckets.read_all(buckets.file_urls(split_url, CURATED_TABLE, n_curated), b, SPLIT_CURATED_SCHEMA)
+        # Equal keys are equal uids (or a 64-bit collision): the sort is stable, and bucket b of
+        # the files in part order holds each part's rows in their order, as the whole table does.
+        rows = with_curated(rows, curated).sort_by([("order", "ascending"), ("uid", "ascending")])
+        table = conform(rows.select(PLAN_ROWS_SCHEMA.names), PLAN_ROWS_SCHEMA)
+        pieces = shard_pieces(start, table.num_rows, config.samples_per_shard)
+        info = write_row_groups(out, b, table, [n for _, _, n in pieces])
+        index = pa.table(
+            {
+                "shard": [shard_name(k) for k, _, _ in pieces],
+                "samples": [n for _, _, n in pieces],
+                "plan": [info.name] * len(pieces),
+                "row_group": pa.array(range(len(pieces)), pa.int32()),
+            }
+        )
+        queries = Counter(q for qs in table.column("queries").to_pylist() for q in (qs or ()))
+        return PartitionResult(
+            table=index,
+            counts={"kept": table.num_rows},
+            files=[info],
+            extra={
+                **extra,
                 "samples": table.num_rows,
-                "shards": len(index_rows),
+                "shards": sum(1 for k, at, _ in pieces if start + at == k * config.samples_per_shard),
             },
             tallies={"queries": dict(queries)},
         )
+
+
+def write_row_groups(out: str, index: int, table: pa.Table, lengths: list[int]) -> FileInfo:
+    """Commit ``table`` (already conformed to PLAN_ROWS_SCHEMA) as plan part ``index``, one row
+    group per stretch of ``lengths`` rows, so a reader of one stretch reads just its row group."""
+    sink = pa.BufferOutputStream()
+    with pq.ParquetWriter(sink, table.schema, compression="zstd", write_statistics=True) as writer:
+        at = 0
+        for n in lengths:
+            writer.write_table(table.slice(at, n).combine_chunks(), row_group_size=n)
+            at += n
+    data = sink.getvalue().to_pybytes()
+    written = pq.ParquetFile(pa.BufferReader(data)).metadata
+    if [written.row_group(g).num_rows for g in range(written.num_row_groups)] != lengths:
+        raise StageError(f"plan part {index}: the Parquet writer did not keep one row group per shard piece")
+    name = part_name(index, PLAN_TABLE)
+    storage.write_bytes(storage.join(out, name), data)
+    return FileInfo(name=name, sha256=hashlib.sha256(data).hexdigest(), bytes=len(data), rows=table.num_rows)
+
+
+def read_pieces(pieces: Sequence[tuple[str, int]]) -> pa.Table:
+    """The rows of an output shard: row group ``g`` of plan part ``url`` for each ``(url, g)``,
+    in order (a ranged read of each when remote)."""
+    tables = []
+    for url, group in pieces:
+        try:
+            if storage.is_local(url):
+                with pq.ParquetFile(storage.local_path(url)) as part:
+                    tables.append(_row_group(url, part, group))
+                continue
+            with storage.open_url(url, "rb") as fh, pq.ParquetFile(fh) as part:
+                tables.append(_row_group(url, part, group))
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise ManifestError(f"{url} is not a readable Parquet file ({exc})") from exc
+    return pa.concat_tables(tables) if len(tables) != 1 else tables[0]
+
+
+def shard_pieces_of(plan_url: str) -> list[tuple[tuple[str, int], ...]]:
+    """Each output shard's pieces ``(plan part URL, row group)``, shard by shard, from the plan's
+    main table (one row per piece, in shard order)."""
+    plan = open_manifest(plan_url, expect_kind=PLAN_KIND).table(["shard", "plan", "row_group"])
+    names: list[str] = []
+    pieces: list[list[tuple[str, int]]] = []
+    for shard, part, group in zip(*(plan.column(c).to_pylist() for c in plan.column_names), strict=True):
+        if not names or names[-1] != shard:
+            names.append(shard)
+            pieces.append([])
+        pieces[-1].append((storage.join(plan_url, part), group))
+    if names != [shard_name(k) for k in range(len(names))]:
+        raise StageError(f"{plan_url}: its pieces do not list shards 0, 1, 2... in order (a plan of another wit?)")
+    return [tuple(p) for p in pieces]
+
+
+def _row_group(url: str, part: pq.ParquetFile, group: int) -> pa.Table:
+    if not 0 <= group < part.num_row_groups:
+        raise ManifestError(f"{url}: has {part.num_row_groups} row groups, the plan names row group {group}")
+    return part.read_row_group(group)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -493,11 +742,12 @@ class Readahead:
             self.thread.join()
 
 
-def following_images(downloaded: str, part: str, stack: ExitStack) -> list:
-    """The next shard's local images, for :class:`Readahead` only: any trouble with them is the
-    next partition's to report, so here it just means no hint."""
+def following_images(downloaded: str, pieces: Sequence[tuple[str, int]], stack: ExitStack) -> list:
+    """The next shard's local images (its plan ``pieces``, :func:`read_pieces`), for
+    :class:`Readahead` only: any trouble with them is the next partition's to report, so here it
+    just means no hint."""
     try:
-        return load_images(downloaded, read_part(part), stack, remote=False)
+        return load_images(downloaded, read_pieces(pieces), stack, remote=False)
     except (StageError, ManifestError, OSError, pa.ArrowException, KeyError):
         return []
 
@@ -730,7 +980,7 @@ SAMPLE_META = ("uid", "url", "page_url", "queries", "sha256", "width", "height",
 
 
 class ShardWrite:
-    """Phase 2 of shard: one output shard per partition (module docstring)."""
+    """Phase 3 of shard: one output shard per partition (module docstring)."""
 
     name = "shard"
     kind = "samples"
@@ -743,20 +993,22 @@ class ShardWrite:
         if record is None:
             raise StageError(f"{plan_url}: not a finished plan phase of shard (no _run.json)")
         downloaded = record.extra["downloaded"][0]
-        plan = open_manifest(plan_url, expect_kind=PLAN_KIND).table()
-        names = plan.column("plan").to_pylist()
-        parts = [storage.join(plan_url, name) for name in names]
+        shards = shard_pieces_of(plan_url)
         return [
-            Partition(index=k, source=part, params=(downloaded, plan_url, parts[k + 1] if k + 1 < len(parts) else None))
-            for k, part in enumerate(parts)
+            Partition(
+                index=k,
+                source=pieces[0][0],
+                params=(downloaded, plan_url, pieces, shards[k + 1] if k + 1 < len(shards) else ()),
+            )
+            for k, pieces in enumerate(shards)
         ]
 
     def run_partition(self, config: ShardConfig, partition: Partition, out: str) -> PartitionResult:
         delay = os.environ.get(DELAY_ENV)
         if delay and partition.index > 0:
             time.sleep(float(delay))
-        downloaded, plan_url, following = partition.params
-        rows = conform(read_part(partition.source), PLAN_ROWS_SCHEMA)  # a plan part from before xxh3: nulls
+        downloaded, plan_url, pieces, following = partition.params
+        rows = conform(read_pieces(pieces), PLAN_ROWS_SCHEMA)  # a plan part from before xxh3: nulls
         name = shard_name(partition.index)
         with ExitStack() as stack:
             images = load_images(downloaded, rows, stack)
@@ -794,11 +1046,10 @@ def dataset_files(
     config: ShardConfig, plan_url: str, out: str, rows: list[dict], images: list[bytes]
 ) -> list[FileInfo]:
     """``shards/sizes.json`` and the card: everything they say follows from the plan."""
-    plan = open_manifest(plan_url, expect_kind=PLAN_KIND).table()
-    sizes = {
-        storage.basename(s): n
-        for s, n in zip(plan.column("shard").to_pylist(), plan.column("samples").to_pylist(), strict=True)
-    }
+    plan = open_manifest(plan_url, expect_kind=PLAN_KIND).table(["shard", "samples"])
+    sizes: dict[str, int] = {}
+    for s, n in zip(plan.column("shard").to_pylist(), plan.column("samples").to_pylist(), strict=True):
+        sizes[storage.basename(s)] = sizes.get(storage.basename(s), 0) + n  # a shard's pieces
     files = [_commit(out, SIZES, (json.dumps(sizes, indent=1, sort_keys=True) + "\n").encode())]
     if config.card:
         from .card import render_card
@@ -813,7 +1064,8 @@ def _commit(out: str, name: str, data: bytes) -> FileInfo:
     return FileInfo(name=name, sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
 
 
+SPLIT = ShardSplit()
 PLAN = ShardPlan()
 WRITE = ShardWrite()
 # (stage, subfolder of OUT): run in order, each with the previous phase's finished ref as input.
-SHARD_PHASES: list[tuple[Any, str]] = [(PLAN, "_plan"), (WRITE, "")]
+SHARD_PHASES: list[tuple[Any, str]] = [(SPLIT, "_split"), (PLAN, "_plan"), (WRITE, "")]

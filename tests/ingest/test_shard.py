@@ -22,6 +22,7 @@ from PIL import Image
 from wit.ingest.filter import FILTER_PHASES, FilterConfig
 from wit.ingest.shard import DELAY_ENV, SHARD_PHASES, ShardConfig
 from wit.manifests import storage
+from wit.manifests.buckets import MAX_BUCKETS
 from wit.manifests.manifest import ManifestRef, open_manifest, read_table
 from wit.manifests.stage import committed
 from wit.manifests.verify import verify
@@ -90,9 +91,9 @@ def test_same_input_and_seed_give_identical_bytes_with_workers_and_slices(filter
     for p in sorted((out / "shards").iterdir()):
         assert (tmp_path / "w2" / "shards" / p.name).read_bytes() == p.read_bytes()
     sliced = tmp_path / "sliced"
-    plan = run_phases(SHARD_PHASES[:1], CONFIG, filtered[1], str(sliced))
+    plan = run_phases(SHARD_PHASES[:-1], CONFIG, filtered[1], str(sliced))
     for i in range(3):
-        outcome = run_stage(SHARD_PHASES[1][0], CONFIG, [plan], str(sliced), part=PartSpec(i, 3), progress=False)
+        outcome = run_stage(SHARD_PHASES[-1][0], CONFIG, [plan], str(sliced), part=PartSpec(i, 3), progress=False)
     assert outcome.ref.digest == ref.digest
     other = run_phases(SHARD_PHASES, ShardConfig(samples_per_shard=5, seed=4), filtered[1], str(tmp_path / "s4"))
     assert other.digest != ref.digest  # another seed, another order
@@ -177,7 +178,9 @@ def test_output_on_s3_gives_the_same_digest(filtered, dataset, s3_bucket):
     assert sum(sizes.values()) == 24
 
 
-@pytest.mark.parametrize("kw", [{"samples_per_shard": 0}, {"seed": -1}, {"grid_samples": 1000}])
+@pytest.mark.parametrize(
+    "kw", [{"samples_per_shard": 0}, {"seed": -1}, {"grid_samples": 1000}, {"buckets": 0}, {"buckets": MAX_BUCKETS + 1}]
+)
 def test_bad_config_is_a_clear_error(kw):
     with pytest.raises(ValueError):
         ShardConfig(**kw)
@@ -278,6 +281,275 @@ def test_a_filtered_manifest_from_an_older_filter_gives_the_same_dataset(filtere
     index = {r["shard"]: r["sha256"] for r in read_table(str(tmp_path / "ds" / "shard_index")).to_pylist()}
     expected = {r["shard"]: r["sha256"] for r in read_table(str(dataset[1] / "shard_index")).to_pylist()}
     assert index == expected and again.digest == dataset[0].digest
+
+
+# ---------------------------------------------------------------------------------------------
+# The bucketed plan: the same dataset for any bucket count, and the one-pass reference order
+
+
+def _reference_shards(filtered_url: str, curated_url: str, config: ShardConfig, folder: Path) -> list[dict]:
+    """The dataset as the one-pass reference makes it: :func:`plan_rows` over every filtered and
+    curated row, images located in that order, cut into chunks of ``samples_per_shard``, each
+    written with ``write_shard``. Per shard: its samples (uid, text, page_url, queries) and sha256."""
+    from contextlib import ExitStack
+
+    import pyarrow as pa
+
+    from wit.ingest import shard
+    from wit.ingest.filter import find_upstream
+    from wit.manifests.schemas import conform
+
+    downloaded = find_upstream(filtered_url, "downloaded").url
+    curated = open_manifest(curated_url, expect_kind="curated").table(["uid", "page_url", "queries", "keep"])
+    rows = shard.plan_rows(read_table(filtered_url), curated.filter(curated.column("keep")), config.seed)
+    where = shard.locate_images(downloaded, rows)
+    table = pa.table(
+        {
+            **{n: rows.column(n) for n in shard.PLAN_ROWS_SCHEMA.names if n in rows.column_names},
+            "ext": [w[0] for w in where],
+            "source": rows.column("shard"),
+            "offset": [w[1] for w in where],
+            "size": [w[2] for w in where],
+        }
+    )
+    table = conform(table, shard.PLAN_ROWS_SCHEMA)
+    shards = []
+    n = config.samples_per_shard
+    for k, start in enumerate(range(0, table.num_rows, n)):
+        chunk = table.slice(start, n)
+        with ExitStack() as stack:
+            info = shard.write_shard(str(folder / f"{k:06d}.tar"), chunk, shard.load_images(downloaded, chunk, stack))
+        samples = chunk.select(["uid", "text", "page_url", "queries"]).to_pylist()
+        shards.append({"shard": f"shards/{k:06d}.tar", "samples": samples, "sha256": info.sha256})
+    return shards
+
+
+def _dataset_shards(out: Path) -> list[dict]:
+    """Per shard of a written dataset, as :func:`_reference_shards` gives them."""
+    index = read_table(str(out / "shard_index")).to_pylist()
+    samples = read_table(str(out), expect_kind="samples").to_pylist()
+    return [
+        {
+            "shard": r["shard"],
+            "samples": [
+                {k: s[k] for k in ("uid", "text", "page_url", "queries")} for s in samples if s["shard"] == r["shard"]
+            ],
+            "sha256": r["sha256"],
+        }
+        for r in index
+    ]
+
+
+def _published(out: Path) -> dict[str, bytes]:
+    """Every file of a dataset but its run record, markers and phase folders: what a reader gets."""
+    return {
+        str(p.relative_to(out)): p.read_bytes()
+        for p in sorted(out.rglob("*"))
+        if p.is_file() and not str(p.relative_to(out)).startswith("_")
+    }
+
+
+def _pieces_per_shard(out: Path) -> dict[str, int]:
+    plan = read_table(str(out / "_plan"), expect_kind="shard_plan").column("shard").to_pylist()
+    return {s: plan.count(s) for s in plan}
+
+
+def test_the_dataset_is_the_one_pass_reference_order(filtered, dataset, tmp_path):
+    """Shard by shard, the dataset holds exactly the samples of plan_rows' global order cut into
+    chunks (the last one short), with the bytes write_shard gives them in that order."""
+    d, ref = filtered
+    _, out = dataset
+    expected = _reference_shards(ref.url, d.curated.url, CONFIG, tmp_path)
+    assert [len(s["samples"]) for s in expected] == [5, 5, 5, 5, 4]
+    assert _dataset_shards(out) == expected
+
+
+@pytest.mark.parametrize(("buckets", "workers"), [(1, 1), (3, 1), (8, 1), (8, 2)])
+def test_the_dataset_is_the_same_bytes_for_any_bucket_count(filtered, dataset, tmp_path, buckets, workers):
+    """PLAN runs one partition per bucket of the order key; the shards, the samples manifest (so
+    the digest), sizes.json and the card are the same bytes for any bucket count and worker count,
+    and with more than one bucket some shard is cut across a bucket boundary (two pieces)."""
+    ref, out = dataset
+    config = ShardConfig(samples_per_shard=5, seed=3, buckets=buckets)
+    got = run_phases(SHARD_PHASES, config, filtered[1], str(tmp_path / "ds"), workers=workers)
+    assert got.digest == ref.digest
+    assert _published(tmp_path / "ds") == _published(out)
+    plan = read_table(str(tmp_path / "ds" / "_plan"), expect_kind="shard_plan")
+    assert plan.column("plan").to_pylist()[-1] <= f"plan/part-{buckets - 1:05d}.parquet"
+    pieces = _pieces_per_shard(tmp_path / "ds")
+    assert list(pieces) == [f"shards/{k:06d}.tar" for k in range(5)]
+    assert (max(pieces.values()) > 1) == (buckets > 1)
+    assert verify(str(tmp_path / "ds")).ok
+
+
+def test_job_array_slices_of_the_split_give_the_same_dataset(filtered, dataset, tmp_path):
+    """``--part i/N`` slices SPLIT; the slice that completes it runs PLAN and WRITE in full."""
+    from wit.pipeline.executor import run_phases as run_sliced
+
+    ref, _ = dataset
+    config = ShardConfig(samples_per_shard=5, seed=3, buckets=3)
+    first = run_sliced(SHARD_PHASES, config, [filtered[1]], str(tmp_path / "ds"), part=PartSpec(0, 2), progress=False)
+    assert not first.done and first.remaining
+    last = run_sliced(SHARD_PHASES, config, [filtered[1]], str(tmp_path / "ds"), part=PartSpec(1, 2), progress=False)
+    assert last.ref.digest == ref.digest
+
+
+def _rewrite(folder: Path, edit) -> None:
+    """Rewrite each part file of a copied manifest folder with ``edit(index, table)``."""
+    import pyarrow.parquet as pq
+
+    for k, part in enumerate(sorted(folder.glob("part-*.parquet"))):
+        pq.write_table(edit(k, pq.read_table(part)), part)
+
+
+@pytest.mark.parametrize("buckets", [1, 3, 4, 8, 16])
+def test_ties_duplicates_and_empty_buckets_keep_the_reference_order(filtered, tmp_path, monkeypatch, buckets):
+    """The order key made coarse (four values, each exactly at the start of a bucket when there
+    are four buckets; buckets left empty when there are eight or sixteen): samples tie on it and
+    go by uid. A uid kept three times (twice in one filtered part, once in another, with other
+    texts) keeps part-then-row order, and a uid curated several times takes its first kept
+    curated row, as in plan_rows. The dataset is the reference's, shard for shard, for any bucket
+    count, with shards cut across buckets and a short last shard."""
+    import hashlib
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from wit.ingest import shard
+
+    def coarse(seed: int, uid: str) -> bytes:
+        return bytes([hashlib.blake2b(f"{seed}{uid}".encode()).digest()[0] % 4 * 64]) + bytes(7)
+
+    monkeypatch.setattr(shard, "order_key", coarse)  # workers=1: PLAN runs in this process
+    d, ref = filtered
+    flt, cur = tmp_path / "filtered", tmp_path / "curated"
+    shutil.copytree(ref.url, flt)
+    shutil.copytree(d.curated.url, cur)
+    twice = pq.read_table(flt / "part-00000.parquet")
+    twice = twice.filter(twice.column("keep")).slice(0, 2)
+
+    def with_values(t: pa.Table, **values) -> pa.Table:
+        for name, value in values.items():
+            column = pa.array([value] * t.num_rows, t.schema.field(name).type)
+            t = t.set_column(t.schema.get_field_index(name), t.schema.field(name), column)
+        return t
+
+    # each filtered part ends with another copy of the two rows, under another text
+    _rewrite(flt, lambda k, t: pa.concat_tables([t, with_values(twice, text=f"copy in part {k}")]))
+    curated = read_table(str(cur))
+    first_page = {r["uid"]: r["page_url"] for r in curated.to_pylist() if r["keep"]}
+    twins = curated.filter(pc.is_in(curated.column("uid"), value_set=twice.column("uid")))
+    # curated: a dropped twin before each kept row, a kept one after, and one in a second part
+    dropped = with_values(twins, page_url="http://dropped/", keep=False)
+    later = with_values(twins, page_url="http://later/")
+    _rewrite(cur, lambda k, t: pa.concat_tables([dropped, t, later]))
+    pq.write_table(with_values(twins, page_url="http://second-part/"), cur / "part-00001.parquet")
+
+    config = ShardConfig(samples_per_shard=3, seed=5, curated=str(cur), card=False, buckets=buckets)
+    out = tmp_path / "ds"
+    run_phases(SHARD_PHASES, config, ManifestRef(url=str(flt), kind="filtered"), str(out))
+    expected = _reference_shards(str(flt), str(cur), config, tmp_path / "reference")
+    assert _dataset_shards(out) == expected
+    samples = [s for sh in expected for s in sh["samples"]]
+    for uid in twice.column("uid").to_pylist():
+        copies = [s for s in samples if s["uid"] == uid]
+        assert [s["text"] for s in copies][1:] == ["copy in part 0", "copy in part 1"]
+        assert {s["page_url"] for s in copies} == {first_page[uid]}
+    assert len(expected[-1]["samples"]) < 3
+    assert (max(_pieces_per_shard(out).values()) > 1) == (buckets > 1)
+    # the four key values fill min(buckets, 4) buckets; an empty bucket writes no plan part
+    assert len(set(read_table(str(out / "_plan")).column("plan").to_pylist())) == min(buckets, 4)
+
+
+def test_a_plan_partition_reads_only_its_bucket(filtered, tmp_path, monkeypatch):
+    """PLAN partition ``b`` reads batch ``b`` of each split file and nothing else, holds exactly
+    the kept samples whose order key lies in the ``b``-th of ``B`` equal ranges, and starts at
+    the number of samples in the buckets before it."""
+    import pyarrow.parquet as pq
+
+    from wit.ingest import shard
+    from wit.manifests import buckets
+
+    _, ref = filtered
+    config = ShardConfig(samples_per_shard=5, seed=3, buckets=4)
+    split = run_phases(SHARD_PHASES[:1], config, ref, str(tmp_path / "_split"))
+    rows = read_table(ref.url)
+    kept = rows.filter(rows.column("keep")).column("uid").to_pylist()
+    files = [f"{split.url}/filtered/part-{k:05d}.arrow" for k in range(len(open_manifest(ref.url).parts))]
+    files.append(f"{split.url}/curated/part-00000.arrow")
+    in_bucket = {b: [u for u in kept if int.from_bytes(shard.order_key(3, u), "big") * 4 >> 64 == b] for b in range(4)}
+    assert all(in_bucket.values())
+    reads = []
+    real = buckets.read
+    monkeypatch.setattr(buckets, "read", lambda url, b: reads.append((url, b)) or real(url, b))
+    partitions = shard.PLAN.partitions(config, [split])
+    assert [p.params[:2] for p in partitions] == [
+        (sum(len(in_bucket[c]) for c in range(b)), len(in_bucket[b])) for b in range(4)
+    ]
+    for p in partitions:
+        reads.clear()
+        result = shard.PLAN.run_partition(config, p, str(tmp_path / "_plan"))
+        assert sorted(u for u, _ in reads) == sorted(files)
+        assert {b for _, b in reads} == {p.index}
+        part = pq.read_table(tmp_path / "_plan" / "plan" / f"part-{p.index:05d}.parquet")
+        assert sorted(part.column("uid").to_pylist()) == sorted(in_bucket[p.index])
+        assert result.extra["samples"] == sum(result.table.column("samples").to_pylist()) == part.num_rows
+
+
+def test_no_kept_sample_is_a_clear_error(filtered, tmp_path):
+    """A filtered manifest that keeps nothing: shard stops with a StageError that says so, before
+    any plan or shard is written."""
+    import shutil
+
+    import pyarrow as pa
+
+    from wit.manifests.stage import StageError
+
+    _, ref = filtered
+    flt = tmp_path / "filtered"
+    shutil.copytree(ref.url, flt)
+    _rewrite(flt, lambda k, t: t.set_column(t.schema.get_field_index("keep"), "keep", pa.array([False] * t.num_rows)))
+    out = tmp_path / "ds"
+    with pytest.raises(StageError, match=f"{flt}: no kept samples to shard"):
+        run_phases(SHARD_PHASES, CONFIG, ManifestRef(url=str(flt), kind="filtered"), str(out))
+    assert not (out / "_plan").exists() and not (out / "shards").exists()
+
+
+def test_order_buckets_are_equal_ranges_of_the_key():
+    """``⌊key · B / 2⁶⁴⌋`` in numpy's 64-bit integers is Python's exact big-integer value, at the
+    edges of each range too, for any bucket count up to the most there may be."""
+    import random
+
+    import numpy as np
+
+    from wit.ingest.shard import order_buckets
+
+    rng = random.Random(7)
+    for count in (1, 2, 3, 7, 8, 1000, 65_521, MAX_BUCKETS):
+        edges = [-(-b * 2**64 // count) for b in range(1, count)][:50]  # the first key of each bucket
+        keys = [0, 2**64 - 1] + [rng.getrandbits(64) for _ in range(500)] + edges + [e - 1 for e in edges]
+        got = order_buckets(np.array(keys, dtype=np.uint64), count)
+        assert got.tolist() == [k * count >> 64 for k in keys]
+    with pytest.raises(ValueError):
+        order_buckets(np.zeros(1, np.uint64), MAX_BUCKETS + 1)
+
+
+@pytest.mark.parametrize(
+    ("start", "count", "pieces"),
+    [
+        (0, 5, [(0, 0, 5)]),  # exactly one shard
+        (0, 12, [(0, 0, 5), (1, 5, 5), (2, 10, 2)]),
+        (3, 9, [(0, 0, 2), (1, 2, 5), (2, 7, 2)]),  # ends of shards begun and ended elsewhere
+        (7, 2, [(1, 0, 2)]),  # inside one shard
+        (10, 0, []),
+    ],
+)
+def test_a_bucket_is_cut_at_the_global_shard_boundaries(start, count, pieces):
+    from wit.ingest.shard import shard_pieces
+
+    assert shard_pieces(start, count, 5) == pieces
 
 
 def test_headers_read_back_with_tarfile():
@@ -559,27 +831,28 @@ def test_readahead_hints_the_kernel_and_stops_before_the_files_close(tmp_path, m
 
 
 def test_a_broken_next_shard_costs_the_readahead_hint_not_this_shard(tmp_path):
-    """The next shard's images are only hinted; a plan part that is missing, or whose source
-    shard is gone, gives no hint and no error (its own partition reports it)."""
+    """The next shard's images (its pieces, in order) are only hinted; a plan part or row group
+    that is missing, or whose source shard is gone, gives no hint and no error (its own
+    partition reports it)."""
     from contextlib import ExitStack
 
     import pyarrow as pa
 
     from wit.ingest import shard
-    from wit.ingest.shard import PLAN_ROWS_SCHEMA
-    from wit.manifests.manifest import write_part
 
-    images = [os.urandom(700), os.urandom(300)]
+    images = [os.urandom(700), os.urandom(300), os.urandom(500)]
     (tmp_path / "src.bin").write_bytes(b"".join(images))
     rows = _plan_rows(images, xxh3=True)
-    good = write_part(str(tmp_path / "plan"), 0, rows, PLAN_ROWS_SCHEMA).name
-    gone = rows.set_column(rows.schema.get_field_index("source"), "source", pa.array(["gone.bin"] * 2))
-    broken = write_part(str(tmp_path / "plan"), 1, gone, PLAN_ROWS_SCHEMA).name
+    plan = str(tmp_path / "plan")
+    good = shard.write_row_groups(plan, 0, rows, [2, 1]).name  # a shard's piece in each row group
+    gone = rows.set_column(rows.schema.get_field_index("source"), "source", pa.array(["gone.bin"] * 3))
+    broken = shard.write_row_groups(plan, 1, gone, [3]).name
     with ExitStack() as stack:
-        found = shard.following_images(str(tmp_path), str(tmp_path / "plan" / good), stack)
-        assert [(s.offset, s.size) for s in found] == [(0, 700), (700, 300)]
-        assert shard.following_images(str(tmp_path), str(tmp_path / "plan" / broken), stack) == []
-        assert shard.following_images(str(tmp_path), str(tmp_path / "plan" / "part-00009.parquet"), stack) == []
+        found = shard.following_images(str(tmp_path), [(f"{plan}/{good}", 1), (f"{plan}/{good}", 0)], stack)
+        assert [(s.offset, s.size) for s in found] == [(1000, 500), (0, 700), (700, 300)]  # pieces in order
+        assert shard.following_images(str(tmp_path), [(f"{plan}/{broken}", 0)], stack) == []
+        assert shard.following_images(str(tmp_path), [(f"{plan}/{good}", 2)], stack) == []  # no such row group
+        assert shard.following_images(str(tmp_path), [(f"{plan}/part-00009.parquet", 0)], stack) == []
 
 
 # O_DIRECT, and /proc/self/fd to tell which file a write goes to
