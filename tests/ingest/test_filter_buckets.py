@@ -102,7 +102,9 @@ def references(tmp_path_factory):
 
 def _outcome(url: str) -> dict[str, tuple]:
     t = open_manifest(url).table(["uid", "reason", "duplicate_of"])
-    return {u: (r, d) for u, r, d in zip(*(t.column(c).to_pylist() for c in ("uid", "reason", "duplicate_of")))}
+    return {
+        u: (r, d) for u, r, d in zip(*(t.column(c).to_pylist() for c in ("uid", "reason", "duplicate_of")), strict=True)
+    }
 
 
 @pytest.mark.parametrize("distance", [4, 2])
@@ -142,7 +144,7 @@ def test_layouts_find_every_pair():
         }
         for blocks in range(distance + 1, distance + 4):
             a, b = neardup.near_pairs(hashes, neardup.Layout(distance, blocks))
-            assert set(zip(a.tolist(), b.tolist())) == brute, (distance, blocks)
+            assert set(zip(a.tolist(), b.tolist(), strict=True)) == brute, (distance, blocks)
 
 
 def test_layout_widens_keys_as_the_count_grows():
@@ -154,7 +156,7 @@ def test_layout_widens_keys_as_the_count_grows():
 def _sequential_leaders(rank, a, b):
     n = len(rank)
     neighbours = [set() for _ in range(n)]
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         neighbours[x].add(y)
         neighbours[y].add(x)
     leader = [-1] * n
@@ -177,7 +179,7 @@ def test_leader_rounds_match_the_sequential_rule(seed):
     chain = list(range(200, 260))  # a long chain visited in order: one round per link
     a += chain[:-1]
     b += chain[1:]
-    pairs = {(min(x, y), max(x, y)) for x, y in zip(a, b) if x != y}
+    pairs = {(min(x, y), max(x, y)) for x, y in zip(a, b, strict=True) if x != y}
     a, b = np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
     rank = rng.permutation(n)
     rank[200:260] = np.sort(rank[200:260])
