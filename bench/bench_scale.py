@@ -171,6 +171,109 @@ def curate_input(rows: int, out: str) -> None:
     run_stage(Match(), _curate_config(rows), [], os.path.join(out, "_match"), progress=False)
 
 
+def download_input(rows: int, out: str) -> None:
+    """A finished curated manifest: uid, url (10,000 hosts), text and queries; 80% kept."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from wit.manifests.stage import Partition, PartitionResult
+    from wit.pipeline.executor import run_stage
+
+    class Curated:
+        name, kind = "curate", "curated"
+
+        def partitions(self, config, inputs):
+            return [Partition(index=i, source=f"gen#{i}") for i in range(math.ceil(rows / ROWS_PER_PART))]
+
+        def run_partition(self, config, partition, out):
+            rng = np.random.default_rng(partition.index)
+            n = min(ROWS_PER_PART, rows - partition.index * ROWS_PER_PART)
+            ids = pa.array(rng.integers(0, 2**63, n, dtype=np.uint64)).cast(pa.string())
+            hosts = pa.array(rng.integers(0, 10_000, n)).cast(pa.string())
+            url = pc.binary_join_element_wise("http://img", hosts, ".example/", ids, ".jpg", "")
+            text = pc.binary_join_element_wise("a photo of a thing number ", ids, "")
+            keep = rng.random(n) < 0.8
+            table = pa.table(
+                {
+                    "uid": ids,
+                    "url": url,
+                    "text": text,
+                    "page_url": pc.binary_join_element_wise("http://page", hosts, ".example/", ""),
+                    "lang": pa.array(["en"] * n),
+                    "queries": _queries(rng, n),
+                    "keep": pa.array(keep),
+                    "reason": pa.array(np.where(keep, None, "over_cap").tolist(), pa.string()),
+                }
+            )
+            return PartitionResult(table=table, counts={"kept": int(keep.sum())})
+
+    run_stage(Curated(), None, [], os.path.join(out, "curated"), progress=False)
+
+
+def shard_input(rows: int, out: str) -> None:
+    """A curated manifest (as for download), an empty downloaded ledger after it (the lineage
+    shard follows to find the images), and a filtered manifest of the kept rows with where each
+    image is (ext, offset, bytes), as filter writes it."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from wit.manifests.manifest import open_manifest, read_part
+    from wit.manifests.runrecord import read_run_record
+    from wit.manifests.schemas import DOWNLOADED
+    from wit.manifests.stage import Partition, PartitionResult
+    from wit.pipeline.executor import run_stage
+
+    download_input(rows, out)
+    curated = read_run_record(os.path.join(out, "curated")).output
+    parts = open_manifest(curated.url).part_urls()
+
+    class Downloaded:
+        name, kind = "download", "downloaded"
+
+        def partitions(self, config, inputs):
+            return [Partition(index=0, source="gen")]
+
+        def run_partition(self, config, partition, out):
+            return PartitionResult(table=DOWNLOADED.empty_table())
+
+    class Filtered:
+        name, kind = "filter", "filtered"
+
+        def partitions(self, config, inputs):
+            return [Partition(index=i, source=u) for i, u in enumerate(parts)]
+
+        def run_partition(self, config, partition, out):
+            rng = np.random.default_rng(partition.index)
+            t = read_part(partition.source, ["uid", "url", "text", "keep"])
+            t = t.filter(t.column("keep"))
+            n = t.num_rows
+            size = rng.integers(5_000, 60_000, n)
+            table = pa.table(
+                {
+                    "uid": t.column("uid"),
+                    "url": t.column("url"),
+                    "text": t.column("text"),
+                    "sha256": pa.array(_hex_strings(rng, n, 32)),
+                    "width": pa.array(np.full(n, 256, np.int32)),
+                    "height": pa.array(np.full(n, 256, np.int32)),
+                    "shard": pa.array([f"shards/{partition.index:06d}.tar"] * n),
+                    "key": t.column("uid"),
+                    "ext": pa.array(["jpg"] * n),
+                    "offset": pa.array(np.cumsum(size + 1024) - size),
+                    "bytes": pa.array(size),
+                    "xxh3": pa.array(_hex_strings(rng, n, 16)),
+                    "keep": pa.array(np.ones(n, dtype=bool)),
+                    "phash": pc.cast(pa.array(rng.integers(0, 2**63, n, dtype=np.uint64)), pa.string()),
+                }
+            )
+            return PartitionResult(table=table, counts={"kept": n})
+
+    downloaded = run_stage(Downloaded(), None, [curated], os.path.join(out, "downloaded"), progress=False).ref
+    run_stage(Filtered(), None, [downloaded], os.path.join(out, "filtered"), progress=False)
+
+
 def _curate_config(rows: int):
     from wit.ingest.curate import CurateConfig
     from wit.manifests import buckets
@@ -181,6 +284,48 @@ def _curate_config(rows: int):
 
 # ---------------------------------------------------------------------------------------------
 # the measured steps (each in a fresh process)
+
+
+def download_plan(rows: int, out: str) -> dict:
+    """The driver's part of `wit download`: planning the partitions."""
+    import pickle
+
+    from wit.ingest.download import DOWNLOAD, DownloadConfig
+    from wit.manifests.runrecord import read_run_record
+
+    ref = read_run_record(os.path.join(out, "curated")).output
+    partitions = DOWNLOAD.partitions(DownloadConfig(), [ref])
+    return {"partitions": len(partitions), "params KB": round(len(pickle.dumps(partitions)) / 1024)}
+
+
+def download_reference(rows: int, out: str) -> dict:
+    """Today's planning: every kept (uid, url, text) as Python objects in the driver, hosts
+    interleaved across the whole dataset, chunks pickled into the partitions' params."""
+    import pickle
+
+    from wit.ingest.download import DownloadConfig, Pair, interleave_hosts
+    from wit.manifests.manifest import open_manifest
+    from wit.manifests.stage import Partition
+
+    config = DownloadConfig()
+    table = open_manifest(os.path.join(out, "curated"), expect_kind="curated").table(["uid", "url", "text", "keep"])
+    pairs, seen = [], set()
+    for uid, url, text, keep in zip(
+        *(table.column(c).to_pylist() for c in ("uid", "url", "text", "keep")), strict=True
+    ):
+        if keep and uid not in seen:
+            seen.add(uid)
+            pairs.append(Pair(uid, url, text))
+    del table
+    pairs = interleave_hosts(pairs)
+    size = config.samples_per_shard
+    partitions = [
+        Partition(
+            index=i, source=f"curated#{i}", params=("fetch", tuple((p.uid, p.url, p.text) for p in pairs[j : j + size]))
+        )
+        for i, j in enumerate(range(0, len(pairs), size))
+    ]
+    return {"partitions": len(partitions), "params KB": round(len(pickle.dumps(partitions)) / 1024)}
 
 
 def curate_count(rows: int, out: str) -> dict:
@@ -206,10 +351,42 @@ def curate_reference(rows: int, out: str) -> dict:
     rec = read_run_record(match)
     urls = buckets.file_urls(match, "keys", rec.partitions)
     count = buckets.bucket_count(rows)
-    start = time.perf_counter()
+    start = time.perf_counter()  # today's COUNT read every eligible row too
     keys = pa.concat_tables([buckets.read_all(urls, b, KEYS_SCHEMA, "part") for b in range(count)])
     _, duplicates = dedup_urls(keys)
     return {"seconds": time.perf_counter() - start, "duplicates": duplicates.num_rows}
+
+
+def shard_plan(rows: int, out: str) -> dict:
+    """Shard's phases before WRITE: SPLIT (per filtered and curated part) and PLAN (per bucket)."""
+    from wit.ingest.shard import SHARD_PHASES, ShardConfig
+    from wit.manifests.runrecord import read_run_record
+    from wit.pipeline.executor import run_stage
+
+    config = ShardConfig(card=False)
+    ref = read_run_record(os.path.join(out, "filtered")).output
+    for stage, sub in SHARD_PHASES[:-1]:
+        ref = run_stage(stage, config, [ref], os.path.join(out, "dataset", sub), progress=False).ref
+    rec = read_run_record(ref.url)
+    return {"buckets": rec.partitions, "samples": rec.counts.get("kept", rec.rows)}
+
+
+def shard_reference(rows: int, out: str) -> dict:
+    """Today's PLAN: every kept filtered row and curated row in one process, one global sort."""
+    from wit.ingest.shard import plan_rows
+    from wit.manifests.manifest import open_manifest
+
+    start = time.perf_counter()
+    columns = ["uid", "url", "text", "sha256", "width", "height", "shard", "key", "keep", "phash", "clip_score"]
+    filtered = open_manifest(os.path.join(out, "filtered"), expect_kind="filtered").table(
+        columns + ["ext", "offset", "bytes", "xxh3"]
+    )
+    curated = open_manifest(os.path.join(out, "curated"), expect_kind="curated").table(
+        ["uid", "page_url", "queries", "keep"]
+    )
+    curated = curated.filter(curated.column("keep"))
+    ordered = plan_rows(filtered, curated, 0)
+    return {"seconds": time.perf_counter() - start, "samples": ordered.num_rows}
 
 
 def filter_group(rows: int, out: str) -> dict:
@@ -255,11 +432,23 @@ def filter_reference(rows: int, out: str) -> dict:
 
 
 STEPS: dict[str, dict] = {
+    "download": {
+        "title": "download planning (driver)",
+        "input": download_input,
+        "run": download_plan,
+        "reference": download_reference,
+    },
     "curate": {
         "title": "curate COUNT",
         "input": curate_input,
         "run": curate_count,
         "reference": curate_reference,
+    },
+    "shard": {
+        "title": "shard PLAN",
+        "input": shard_input,
+        "run": shard_plan,
+        "reference": shard_reference,
     },
     "filter-random": {
         "title": "filter GROUP, random hashes",

@@ -460,12 +460,23 @@ def _fetch(config: DownloadConfig, partition: Partition, out: str, kind: str) ->
 # -- host safety ---------------------------------------------------------------------------------
 
 
+_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+
+
 def _is_global(address: str) -> bool:
-    """Whether an IP address (``fe80::1%eth0`` style scope allowed) is global; IPv4-mapped IPv6
-    addresses are judged by the IPv4 address they map."""
+    """Whether an IP address (``fe80::1%eth0`` style scope allowed) is global. IPv6 addresses that
+    carry an IPv4 address (IPv4-mapped, 6to4, Teredo's client, NAT64's last 32 bits) are judged by
+    it too: on a DNS64/NAT64 network ``64:ff9b::a00:1`` reaches 10.0.0.1."""
     ip = ipaddress.ip_address(address.split("%")[0])
-    ip = getattr(ip, "ipv4_mapped", None) or ip
-    return ip.is_global
+    if not ip.is_global:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address):
+        inner = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
+        if inner is None and any(ip in net for net in _NAT64):
+            inner = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if inner is not None:
+            return inner.is_global
+    return True
 
 
 def _resolves_private(host: str) -> bool:

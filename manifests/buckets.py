@@ -85,8 +85,9 @@ def encode(table: pa.Table, buckets: np.ndarray, count: int) -> bytes:
         raise ValueError(f"{len(buckets)} buckets for {table.num_rows} rows")
     if len(buckets) and (buckets.min() < 0 or buckets.max() >= count):
         raise ValueError(f"bucket numbers must lie in [0, {count})")
-    # a radix sort: bucket numbers fit 16 bits (MAX_BUCKETS)
-    order = np.argsort(buckets.astype(np.uint16), kind="stable")
+    # a radix sort when bucket numbers fit 16 bits (files split by input part may have more)
+    keys = buckets.astype(np.uint16) if count <= 1 << 16 else buckets
+    order = np.argsort(keys, kind="stable")
     ordered = table.take(pa.array(order)) if table.num_rows else table
     edges = np.concatenate([[0], np.cumsum(np.bincount(buckets, minlength=count))])
     sink = pa.BufferOutputStream()
@@ -113,9 +114,10 @@ def read(url: str, bucket: int) -> pa.Table:
         with pa.memory_map(path) as source:
             reader = pa.ipc.open_file(source)
             _check(url, reader, bucket)
-            # copied out of the map: the table outlives the file handle
+            # the table keeps the mapping alive after the file handle closes
             return pa.Table.from_batches([reader.get_batch(bucket)]).combine_chunks()
-    with storage.open_url(url, "rb") as fh:
+    # no read-ahead: each read is one ranged request for what the reader asks (the footer, the batch)
+    with storage.open_url(url, "rb", cache_type="none") as fh:
         reader = pa.ipc.open_file(pa.PythonFile(fh, mode="r"))
         _check(url, reader, bucket)
         return pa.Table.from_batches([reader.get_batch(bucket)])

@@ -31,7 +31,7 @@ import uuid
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import IO, BinaryIO
+from typing import IO, Any, BinaryIO
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -201,13 +201,14 @@ def makedirs(url: str) -> None:
 
 
 @contextmanager
-def open_url(url: str, mode: str = "rb") -> Iterator[IO]:
-    """Open a URL for reading; for writing, prefer :func:`atomic_writer`."""
+def open_url(url: str, mode: str = "rb", **options: Any) -> Iterator[IO]:
+    """Open a URL for reading; for writing, prefer :func:`atomic_writer`. ``options`` go to
+    fsspec's ``open`` (``cache_type="none"``: every read is one ranged request, no read-ahead)."""
     fs, path = _fs(url)
     # Only opening and closing are guarded: an error raised by the caller's own code in the
     # block (a Parquet decoder's, say) is theirs, not a storage error.
     with _errors(url):
-        fh = fs.open(path, mode)
+        fh = fs.open(path, mode, **options) if options and not is_local(url) else fs.open(path, mode)
     try:
         yield fh
     finally:

@@ -783,3 +783,19 @@ def test_shard_url():
     assert shard_url("/data/dl", "shards/000001.tar") == "/data/dl/shards/000001.tar"
     assert shard_url("s3://b/dl", "shards/000001.tar") == "s3://b/dl/shards/000001.tar"
     assert shard_url("s3://b/dl2", "s3://b/dl/shards/000001.tar") == "s3://b/dl/shards/000001.tar"
+
+
+def test_addresses_that_carry_a_private_ipv4_address_are_not_global():
+    from wit.ingest.download import _is_global
+
+    for private in (
+        "10.0.0.1",
+        "169.254.169.254",
+        "::ffff:10.0.0.1",
+        "64:ff9b::a00:1",
+        "2002:a00:1::1",
+        "fe80::1%eth0",
+    ):
+        assert not _is_global(private), private
+    for public in ("8.8.8.8", "64:ff9b::808:808", "2002:808:808::1", "2001:4860:4860::8888"):
+        assert _is_global(public), public

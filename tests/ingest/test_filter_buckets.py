@@ -107,18 +107,21 @@ def _outcome(url: str) -> dict[str, tuple]:
     }
 
 
-@pytest.mark.parametrize("distance", [4, 2])
+@pytest.mark.parametrize("distance", [4, 2, 0])
 def test_bucketed_group_decides_as_leader_clustering(references, tmp_path, distance):
     ref_url, ref_codes = references
     rows = planted_rows(random.Random(distance), ref_codes)
     config = FilterConfig(near_duplicate_distance=distance, reference_images=(f"shape={ref_url}",))
     want = group_decisions(pa.Table.from_pylist(rows), [("shape", ref_codes)], config)
-    assert {d.reason for d in want.values()} >= {"duplicate", "near_duplicate", "eval_overlap:shape"}
+    planted = {"duplicate", "near_duplicate", "eval_overlap:shape"} if distance else {"duplicate", "eval_overlap:shape"}
+    assert {d.reason for d in want.values()} >= planted
     expected = {r["uid"]: (r["reason"], None) for r in rows}
     expected |= {u: (d.reason, d.duplicate_of) for u, d in want.items()}
-    parts = [rows[i::3] for i in range(3)]
+    # the last part has no eligible row; 50 buckets are more than some phases have rows
+    eligible, ineligible = [r for r in rows if r["reason"] is None], [r for r in rows if r["reason"]]
+    parts = [eligible[i::3] for i in range(3)] + [ineligible]
     digests = set()
-    for count, workers in ((1, 1), (3, 1), (7, 2)):
+    for count, workers in ((1, 1), (3, 1), (7, 2), (50, 1)):
         out = tmp_path / f"b{count}"
         cfg = FilterConfig(near_duplicate_distance=distance, reference_images=config.reference_images, buckets=count)
         scan = run_stage(GivenScan(parts, count), cfg, [], str(out / "_scan"), progress=False).ref
