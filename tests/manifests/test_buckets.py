@@ -47,12 +47,8 @@ def test_remote_bucket_files_read_the_same(s3_bucket):
     _check(f"{s3_bucket}/{info.name}", table, which, 5, list(range(5)))
 
 
-def test_bucket_numbers_are_stable_and_spread():
+def test_bucket_numbers_spread_structured_keys():
     keys = np.arange(50_000, dtype=np.uint64)  # structured keys (perceptual hashes cluster)
     spread = np.bincount(buckets.of_keys(keys, 8), minlength=8)
     assert spread.min() > 5_800 and spread.max() < 6_700
-    assert (
-        buckets.of_keys(np.array([12345], dtype=np.uint64), 1000)[0]
-        == buckets.of_keys(np.array([12345], dtype=np.uint64), 1000)[0]
-    )
     assert buckets.bucket_count(1_000_001) == 3 and buckets.bucket_count(0) == 1 and buckets.bucket_count(5, 7) == 7
