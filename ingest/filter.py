@@ -41,7 +41,7 @@ no reason, in this order and with ``duplicate_of`` naming the kept row:
   global, and a function of the scores only, so any partitioning gives the same rows). The
   threshold used is in the group phase's run record (``extra.clip_threshold``).
 
-No phase holds the whole dataset (:mod:`wit.manifests.buckets`): SCAN splits its eligible rows
+No phase holds the rows of the whole dataset (:mod:`wit.manifests.buckets`): SCAN splits its eligible rows
 by sha256 into ``B`` buckets (``--buckets``, default one per 500,000 ledger rows), EXACT decides
 evaluation overlap (:func:`.neardup.matches` against the reference hashes) and exact duplicates
 per sha256 bucket and passes the rest on by phash bucket. NODES keeps one *node* per distinct
@@ -49,8 +49,9 @@ phash (rows with one hash always share the decision of the smallest uid among th
 placeholder image on millions of pages is one node) and keys each node once per block
 combination of the layout :func:`.neardup.choose_layout` picks for the node count; EDGES compares
 the nodes sharing a key, per key bucket, and keeps the pairs within ``near_duplicate_distance``.
-LINKS runs the leader clustering over that graph (:func:`.neardup.leaders`): it holds only the
-nodes that have a near duplicate, never the rows. RESOLVE turns a row's sha256 representative and
+LINKS runs the leader clustering over that graph (:func:`.neardup.leaders`): it holds the pairs
+found and the nodes that have one, never the rows (a cluster of ``m`` near-identical distinct
+hashes is up to ``m²/2`` pairs: bucketing by connected component first is the next step). RESOLVE turns a row's sha256 representative and
 its node's leader into ``duplicate`` / ``near_duplicate`` and the uid kept. The decisions are
 exactly those of the single-process reference :func:`group_decisions` (tested on planted chains,
 duplicate groups, evaluation overlaps and a skewed band, for several bucket and worker counts).
