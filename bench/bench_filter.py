@@ -2,7 +2,7 @@
 
 Rows: imagehash.phash on a decoded image (the reference), wit's ``phash`` on the same image,
 wit's ``check_image`` (header guard + full decode + phash: what filter's scan does per image),
-and the whole ``wit filter`` (three phases, one process) on a downloaded folder of the same images.
+and the whole ``wit filter`` (all its phases, one process) on a downloaded folder of the same images.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def main() -> None:
         for stage, sub in FILTER_PHASES:
             out = str(root / "filtered" / sub) if sub else str(root / "filtered")
             ref = run_stage(stage, FilterConfig(), [ref], out, progress=False).ref
-        rows.append(["`wit filter`, all three phases (read tar, decode, hash, dedup, write)",
+        rows.append(["`wit filter`, all phases (read tar, decode, hash, dedup, write)",
                      f"{N / (time.perf_counter() - start):,.0f}"])  # fmt: skip
     finally:
         shutil.rmtree(root, ignore_errors=True)

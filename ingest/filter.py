@@ -51,10 +51,11 @@ combination of the layout :func:`.neardup.choose_layout` picks for the node coun
 the nodes sharing a key, per key bucket, and keeps the pairs within ``near_duplicate_distance``.
 LINKS runs the leader clustering over that graph (:func:`.neardup.leaders`): it holds the pairs
 found and the nodes that have one, never the rows (a cluster of ``m`` near-identical distinct
-hashes is up to ``m²/2`` pairs: bucketing by connected component first is the next step). RESOLVE turns a row's sha256 representative and
-its node's leader into ``duplicate`` / ``near_duplicate`` and the uid kept. The decisions are
-exactly those of the single-process reference :func:`group_decisions` (tested on planted chains,
-duplicate groups, evaluation overlaps and a skewed band, for several bucket and worker counts).
+hashes is up to ``m²/2`` pairs: bucketing by connected component first is the next step).
+RESOLVE turns a row's sha256 representative and its node's leader into ``duplicate`` /
+``near_duplicate`` and the uid kept. The decisions are exactly those of the single-process
+reference :func:`group_decisions` (tested on planted chains, duplicate groups, evaluation
+overlaps and a skewed band, for several bucket and worker counts).
 ``--rebalance`` and the CLIP-score threshold need the rows still kept: GROUP reads them (uid,
 scan part, row and score; no text) in one partition, only when one of them is asked for.
 

@@ -111,11 +111,12 @@ def read(url: str, bucket: int) -> pa.Table:
     """Batch ``bucket`` of one bucket file (a memory map when local, ranged reads otherwise)."""
     path = storage.local_path(url)
     if path is not None:
-        with pa.memory_map(path) as source:
+        # read, not mapped: a task's memory is then the rows it asked for (mapped pages of many
+        # files count in its resident size as the page cache around them is faulted in)
+        with pa.OSFile(path) as source:
             reader = pa.ipc.open_file(source)
             _check(url, reader, bucket)
-            # the table keeps the mapping alive after the file handle closes
-            return pa.Table.from_batches([reader.get_batch(bucket)]).combine_chunks()
+            return pa.Table.from_batches([reader.get_batch(bucket)])
     # no read-ahead: each read is one ranged request for what the reader asks (the footer, the batch)
     with storage.open_url(url, "rb", cache_type="none") as fh:
         reader = pa.ipc.open_file(pa.PythonFile(fh, mode="r"))
