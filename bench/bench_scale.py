@@ -59,7 +59,7 @@ def filter_input(rows: int, out: str, clustered: bool) -> None:
     import numpy as np
     import pyarrow as pa
 
-    from wit.ingest.filter import KEYS_SCHEMA, SCAN_KIND, FilterConfig, scan_result
+    from wit.ingest.filter import KEYS_SCHEMA, SCAN_KIND, FilterConfig, group_plan, scan_result
     from wit.manifests.stage import Partition
     from wit.pipeline.executor import run_stage
 
@@ -96,9 +96,7 @@ def filter_input(rows: int, out: str, clustered: bool) -> None:
                 },
                 schema=KEYS_SCHEMA,
             )
-            from wit.manifests import buckets
-
-            return scan_result(None, {"kept": n}, partition.index, buckets.bucket_count(rows), out, {}, keys=keys)
+            return scan_result(None, {"kept": n}, partition.index, group_plan(rows, config), out, {}, keys=keys)
 
     run_stage(Scan(), FilterConfig(), [], os.path.join(out, "_scan"), progress=False)
 
@@ -400,7 +398,11 @@ def filter_group(rows: int, out: str) -> dict:
     for stage, sub in FILTER_PHASES[1:-1]:  # EXACT .. GROUP
         ref = run_stage(Measured(stage), config, [ref], os.path.join(out, sub), progress=False).ref
     rec = read_run_record(ref.url)
-    return {"layout": rec.extra["near_duplicate_layout"][0], "buckets": rec.extra["buckets"][0]}
+    nodes = read_run_record(os.path.join(out, "_nodes"))
+    return {
+        "layout": rec.extra["near_duplicate_layout"][0],
+        "buckets": f"{rec.extra['buckets'][0]} / {nodes.partitions} / {nodes.extra['edge_buckets'][0]}",
+    }
 
 
 def filter_reference(rows: int, out: str) -> dict:

@@ -562,8 +562,8 @@ class FilterScan:
             raise StageError("filter takes exactly one input: a downloaded ledger")
         parts = input_parts(inputs, "downloaded")
         rec = read_run_record(inputs[0].url)
-        count = buckets.bucket_count(rec.rows if rec is not None else 0, config.buckets)
-        return [Partition(index=i, source=u, params=(inputs[0].url, count)) for i, u in enumerate(parts)]
+        plan = group_plan(rec.rows if rec is not None else 0, config)
+        return [Partition(index=i, source=u, params=(inputs[0].url, plan)) for i, u in enumerate(parts)]
 
     def resources(self, config: FilterConfig) -> Resources:
         # CLIP scoring loads a model: long-lived workers keep it (one per GPU when there are GPUs);
@@ -573,7 +573,7 @@ class FilterScan:
         return Resources(cpus=1.0, gpus=0.0 if config.clip_device == "cpu" else 1.0, model=True)
 
     def run_partition(self, config: FilterConfig, partition: Partition, out: str) -> PartitionResult:
-        downloaded_url, count = partition.params
+        downloaded_url, plan = partition.params
         ledger = read_part(partition.source, columns=_LEDGER_COLUMNS)
         extra: dict[str, Any] = {}
         if not config.scores_clip:
@@ -585,17 +585,49 @@ class FilterScan:
             with cpu_threads(scorer.device):
                 table, counts = scan_table(ledger, downloaded_url, config, scorer)
             extra["clip_device"] = scorer.device
-        return scan_result(table, counts, partition.index, count, out, extra)
+        return scan_result(table, counts, partition.index, plan, out, extra)
+
+
+@dataclass(frozen=True, slots=True)
+class GroupPlan:
+    """How GROUP splits its work, fixed from the ledger's row count (and ``--buckets``)."""
+
+    buckets: int  # sha256 buckets of EXACT
+    node_buckets: int  # phash buckets of NODES and RESOLVE
+    blocks: int  # the near-duplicate layout (:class:`.neardup.Layout`)
+
+
+NODE_RECORDS_PER_BUCKET = 15 * ROWS_PER_BUCKET  # keys a NODES task emits: 15 per node at most sizes
+
+
+def group_plan(rows: int, config: FilterConfig) -> GroupPlan:
+    """The buckets and layout of GROUP for a ledger of ``rows`` rows (an upper bound of the nodes).
+
+    A wider layout emits more keys per node, so NODES gets more buckets: a task's keys, and with
+    them its memory, stay the same at any size.
+    """
+    layout = neardup.choose_layout(config.near_duplicate_distance, rows)
+    keys = len(layout.masks) if config.near_duplicate_distance else 1
+    nodes = buckets.bucket_count(rows * keys, config.buckets, NODE_RECORDS_PER_BUCKET)
+    return GroupPlan(buckets.bucket_count(rows, config.buckets), nodes, layout.blocks)
 
 
 def scan_result(
-    table: pa.Table | None, counts: dict, index: int, count: int, out: str, extra: dict, keys: pa.Table | None = None
+    table: pa.Table | None,
+    counts: dict,
+    index: int,
+    plan: GroupPlan,
+    out: str,
+    extra: dict,
+    keys: pa.Table | None = None,
 ) -> PartitionResult:
     """A scan partition's result: its rows, and its eligible rows (``keys``: :func:`scan_keys` of
-    them unless given) split by sha256 into ``count`` buckets for GROUP's first step."""
+    them unless given) split by sha256 into ``plan.buckets`` buckets for GROUP's first step."""
     keys = scan_keys(table) if keys is None else keys
+    count = plan.buckets
     files = [buckets.write(out, index, keys, sha_buckets(keys.column("sha256"), count), count, KEYS_TABLE)]
-    return PartitionResult(table=table, counts=counts, files=files, extra=extra | {"buckets": count})
+    facts = {"buckets": count, "node_buckets": plan.node_buckets, "blocks": plan.blocks}
+    return PartitionResult(table=table, counts=counts, files=files, extra=extra | facts)
 
 
 def clip_scorer(config: FilterConfig) -> ClipScorer:
@@ -842,7 +874,12 @@ class Phases:
         return self.extra[SCAN_KIND]["partitions"]
 
     def buckets(self) -> int:
+        """EXACT's sha256 buckets."""
         return self.extra[SCAN_KIND]["buckets"][0]
+
+    def node_buckets(self) -> int:
+        """The phash buckets of NODES and RESOLVE."""
+        return self.extra[SCAN_KIND]["node_buckets"][0]
 
     def files(self, kind: str, table: str) -> list[str]:
         """The bucket files ``table`` written by the partitions of phase ``kind``, in order."""
@@ -914,7 +951,7 @@ class FilterExact:
     def run_partition(self, config: FilterConfig, partition: Partition, out: str) -> PartitionResult:
         (b,) = partition.params
         phases = Phases.of(partition.source)
-        count, parts = phases.buckets(), phases.scan_parts()
+        count, parts = phases.node_buckets(), phases.scan_parts()
         rows = buckets.read_all(buckets.file_urls(partition.source, KEYS_TABLE, parts), b, KEYS_SCHEMA, "part")
         phash = rows.column("phash").to_numpy()
         overlap = eval_overlaps(phash, config)
@@ -988,11 +1025,13 @@ class FilterNodes:
         phases = Phases.of(ref.url)
         rec = read_run_record(ref.url)
         reps = int(rec.counts.get(KEPT, 0)) if rec is not None else 0
-        layout = neardup.choose_layout(config.near_duplicate_distance, reps)
-        keys = reps * len(layout.masks) if config.near_duplicate_distance else 0
-        edge_buckets = buckets.bucket_count(keys, config.buckets, EDGE_ROWS_PER_BUCKET)
+        blocks = phases.extra[SCAN_KIND]["blocks"][0]
+        keys = reps * len(neardup.Layout(config.near_duplicate_distance, blocks).masks)
+        edge_buckets = buckets.bucket_count(
+            keys if config.near_duplicate_distance else 0, config.buckets, EDGE_ROWS_PER_BUCKET
+        )
         return [
-            Partition(index=b, source=ref.url, params=(b, layout.blocks, edge_buckets)) for b in range(phases.buckets())
+            Partition(index=b, source=ref.url, params=(b, blocks, edge_buckets)) for b in range(phases.node_buckets())
         ]
 
     def run_partition(self, config: FilterConfig, partition: Partition, out: str) -> PartitionResult:
@@ -1086,7 +1125,7 @@ class FilterLinks:
             {"phash": pa.array(nodes[follow], pa.uint64()), "leader": uids.take(pa.array(leader[follow]))},
             schema=LEADERS_SCHEMA,
         )
-        count = phases.buckets()
+        count = phases.node_buckets()
         files = [buckets.write(out, 0, table, buckets.of_keys(table.column("phash").to_numpy(), count), count,
                                LEADERS_TABLE)]  # fmt: skip
         return PartitionResult(
@@ -1103,7 +1142,8 @@ class FilterResolve:
     schema = KEPT_SCHEMA
 
     def partitions(self, config: FilterConfig, inputs: list[ManifestRef]) -> list[Partition]:
-        return _bucket_partitions(inputs, LINKS_KIND, "resolve")
+        ref = _one_input(inputs, LINKS_KIND, "resolve")
+        return _bucket_partitions(inputs, LINKS_KIND, "resolve", Phases.of(ref.url).node_buckets())
 
     def run_partition(self, config: FilterConfig, partition: Partition, out: str) -> PartitionResult:
         (b,) = partition.params

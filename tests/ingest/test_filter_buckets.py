@@ -18,6 +18,7 @@ from wit.ingest.filter import (
     SCAN_SCHEMA,
     FilterConfig,
     group_decisions,
+    group_plan,
     reference_hashes,
     scan_result,
 )
@@ -43,7 +44,8 @@ class GivenScan:
     def run_partition(self, config, partition, out):
         table = pa.Table.from_pylist(self.parts[partition.index], schema=SCAN_SCHEMA)
         counts = {"kept": sum(r["reason"] is None for r in self.parts[partition.index])}
-        return scan_result(table, counts, partition.index, self.count, out, {})
+        plan = group_plan(sum(len(p) for p in self.parts), config)
+        return scan_result(table, counts, partition.index, plan, out, {})
 
 
 def _flip(code: int, bits: list[int]) -> int:
