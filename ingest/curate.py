@@ -63,7 +63,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from wit.manifests import buckets, storage
-from wit.manifests.buckets import MAX_BUCKETS, ROWS_PER_BUCKET
+from wit.manifests.buckets import option as buckets_option  # the config field is `buckets`
 from wit.manifests.manifest import ManifestError, ManifestRef, open_manifest, read_part
 from wit.manifests.options import Option, check_options
 from wit.manifests.runrecord import RunRecord, read_run_record
@@ -153,14 +153,7 @@ class CurateConfig:
         Option("blocklist", "path", None, "Words or phrases that drop a text, one per line.", metavar="URL"),
         Option("allow-private-hosts", "bool", False, "Keep 127.0.0.1 and other private hosts (tests, demo)."),
         Option("keep-unmatched", "bool", False, "Keep texts that match no query."),
-        Option(
-            "buckets",
-            "int",
-            None,
-            f"Buckets of the URL de-duplication (default: one per {ROWS_PER_BUCKET:,} candidates).",
-            low=1,
-            high=MAX_BUCKETS,
-        ),
+        buckets_option("the URL de-duplication", "candidates"),
     )
 
     @classmethod

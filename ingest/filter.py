@@ -88,6 +88,7 @@ from xxhash import xxh3_128_hexdigest
 
 from wit.manifests import buckets, storage
 from wit.manifests.buckets import ROWS_PER_BUCKET
+from wit.manifests.buckets import option as buckets_option  # the config field is `buckets`
 from wit.manifests.manifest import ManifestError, ManifestRef, open_manifest, read_part
 from wit.manifests.options import Option, check_options, split_ref
 from wit.manifests.runrecord import read_run_record
@@ -240,13 +241,7 @@ class FilterConfig:
         Option(
             "curated", "path", None, "The curated manifest (default: found through the run records).", metavar="URL"
         ),
-        Option(
-            "buckets",
-            "int",
-            None,
-            "Buckets of the duplicate search (default: one per 500,000 ledger rows); never changes the result.",
-            low=1,
-        ),
+        buckets_option("the duplicate search", "ledger rows"),
     )
 
     @classmethod
@@ -911,10 +906,20 @@ def _one_input(inputs: list[ManifestRef], kind: str, phase: str) -> ManifestRef:
     return inputs[0]
 
 
-def _bucket_partitions(inputs: list[ManifestRef], kind: str, phase: str, count: int | None = None) -> list[Partition]:
-    ref = _one_input(inputs, kind, phase)
-    count = Phases.of(ref.url).buckets() if count is None else count
+def _bucket_partitions(ref: ManifestRef, count: int) -> list[Partition]:
+    """One partition per bucket, reading the phase before (``ref``)."""
     return [Partition(index=b, source=ref.url, params=(b,)) for b in range(count)]
+
+
+def node_table(members: pa.Table) -> pa.Table:
+    """The nodes among ``members``: each distinct phash with the smallest uid of the
+    representatives having it (sorted by phash)."""
+    reps = members.filter(pc.is_null(members.column("rep"))).select(["phash", "uid"])
+    reps = reps.sort_by([("phash", "ascending"), ("uid", "ascending")])
+    ph = reps.column("phash").to_numpy()
+    first = np.ones(len(ph), dtype=bool)
+    first[1:] = ph[1:] != ph[:-1]
+    return reps.filter(pa.array(first))
 
 
 @functools.lru_cache(maxsize=4)
@@ -946,7 +951,8 @@ class FilterExact:
     kind = EXACT_KIND
 
     def partitions(self, config: FilterConfig, inputs: list[ManifestRef]) -> list[Partition]:
-        return _bucket_partitions(inputs, SCAN_KIND, "exact")
+        ref = _one_input(inputs, SCAN_KIND, "exact")
+        return _bucket_partitions(ref, Phases.of(ref.url).buckets())
 
     def run_partition(self, config: FilterConfig, partition: Partition, out: str) -> PartitionResult:
         (b,) = partition.params
@@ -1039,12 +1045,7 @@ class FilterNodes:
         layout = neardup.Layout(config.near_duplicate_distance, blocks)
         phases = Phases.of(partition.source)
         members = buckets.read_all(phases.files(EXACT_KIND, MEMBERS_TABLE), b, MEMBERS_SCHEMA)
-        reps = members.filter(pc.is_null(members.column("rep"))).select(["phash", "uid"])
-        reps = reps.sort_by([("phash", "ascending"), ("uid", "ascending")])
-        ph = reps.column("phash").to_numpy()
-        first = np.ones(len(ph), dtype=bool)
-        first[1:] = ph[1:] != ph[:-1]
-        nodes = reps.filter(pa.array(first))
+        nodes = node_table(members)
         node_hashes = nodes.column("phash").to_numpy()
         if config.near_duplicate_distance:
             combo, hashes = neardup.keyed(node_hashes, layout)
@@ -1070,8 +1071,7 @@ class FilterEdges:
 
     def partitions(self, config: FilterConfig, inputs: list[ManifestRef]) -> list[Partition]:
         ref = _one_input(inputs, NODES_KIND, "edges")
-        count = Phases.of(ref.url).extra[NODES_KIND]["edge_buckets"][0]
-        return [Partition(index=b, source=ref.url, params=(b,)) for b in range(count)]
+        return _bucket_partitions(ref, Phases.of(ref.url).extra[NODES_KIND]["edge_buckets"][0])
 
     def run_partition(self, config: FilterConfig, partition: Partition, out: str) -> PartitionResult:
         (b,) = partition.params
@@ -1143,7 +1143,7 @@ class FilterResolve:
 
     def partitions(self, config: FilterConfig, inputs: list[ManifestRef]) -> list[Partition]:
         ref = _one_input(inputs, LINKS_KIND, "resolve")
-        return _bucket_partitions(inputs, LINKS_KIND, "resolve", Phases.of(ref.url).node_buckets())
+        return _bucket_partitions(ref, Phases.of(ref.url).node_buckets())
 
     def run_partition(self, config: FilterConfig, partition: Partition, out: str) -> PartitionResult:
         (b,) = partition.params
@@ -1152,12 +1152,8 @@ class FilterResolve:
         links = buckets.read_all(phases.files(LINKS_KIND, LEADERS_TABLE), b, LEADERS_SCHEMA)
         phash = members.column("phash").to_numpy()
         # the node of each row: the smallest uid among the representatives with its hash
-        reps = members.filter(pc.is_null(members.column("rep"))).select(["phash", "uid"])
-        reps = reps.sort_by([("phash", "ascending"), ("uid", "ascending")])
-        rep_hash = reps.column("phash").to_numpy()
-        first = np.ones(len(rep_hash), dtype=bool)
-        first[1:] = rep_hash[1:] != rep_hash[:-1]
-        node = _lookup(rep_hash[first], reps.column("uid").filter(pa.array(first)), phash)
+        nodes = node_table(members)
+        node = _lookup(nodes.column("phash").to_numpy(), nodes.column("uid"), phash)
         # its node's leader when the node is a near duplicate (LINKS lists only those), else null
         lead = _lookup(links.column("phash").to_numpy(), links.column("leader"), phash)
         is_rep = pc.is_null(members.column("rep"))

@@ -84,7 +84,8 @@ import pyarrow.parquet as pq
 from xxhash import xxh3_128
 
 from wit.manifests import buckets, storage
-from wit.manifests.buckets import MAX_BUCKETS, ROWS_PER_BUCKET
+from wit.manifests.buckets import MAX_BUCKETS
+from wit.manifests.buckets import option as buckets_option  # the config field is `buckets`
 from wit.manifests.manifest import (
     FileInfo,
     Manifest,
@@ -184,14 +185,7 @@ class ShardConfig:
             "curated", "path", None, "The curated manifest (default: found through the run records).", metavar="URL"
         ),
         Option("no-card", "bool", False, "Skip CARD.md and its plots."),
-        Option(
-            "buckets",
-            "int",
-            None,
-            f"Buckets of the shuffle (default: one per {ROWS_PER_BUCKET:,} filtered rows).",
-            low=1,
-            high=MAX_BUCKETS,
-        ),
+        buckets_option("the shuffle", "filtered rows"),
     )
 
     @classmethod

@@ -26,6 +26,7 @@ import pyarrow as pa
 
 from . import storage
 from .manifest import FileInfo
+from .options import Option
 
 ROWS_PER_BUCKET = 500_000  # rows one bucketed task holds, by default (a few hundred MB at most)
 MAX_BUCKETS = 65_535  # bucket numbers fit 16 bits
@@ -38,6 +39,18 @@ def bucket_count(rows: int, given: int | None = None, rows_per_bucket: int = ROW
             raise ValueError(f"--buckets must be an integer in [1, {MAX_BUCKETS}], got {given!r}")
         return given
     return max(1, min(MAX_BUCKETS, math.ceil(rows / rows_per_bucket)))
+
+
+def option(what: str, rows: str) -> Option:
+    """The ``--buckets`` option of a stage whose ``what`` is bucketed by its count of ``rows``."""
+    return Option(
+        "buckets",
+        "int",
+        None,
+        f"Buckets of {what} (default: one per {ROWS_PER_BUCKET:,} {rows}); never changes the result.",
+        low=1,
+        high=MAX_BUCKETS,
+    )
 
 
 def bucket_name(index: int, table: str) -> str:
