@@ -391,17 +391,25 @@ def shard_reference(rows: int, out: str) -> dict:
 def filter_group(rows: int, out: str) -> dict:
     from wit.ingest.filter import FILTER_PHASES, FilterConfig
     from wit.manifests.runrecord import read_run_record
-    from wit.pipeline.executor import run_stage
+    from wit.pipeline.executor import run_phases
 
     config = FilterConfig()
     ref = read_run_record(os.path.join(out, "_scan")).output
-    for stage, sub in FILTER_PHASES[1:-1]:  # EXACT .. GROUP
-        ref = run_stage(Measured(stage), config, [ref], os.path.join(out, sub), progress=False).ref
+    phases = [(Measured(stage), sub) for stage, sub in FILTER_PHASES[1:-1]]  # EXACT .. GROUP
+    ref = run_phases(phases, config, [ref], out, progress=False).ref
     rec = read_run_record(ref.url)
     nodes = read_run_record(os.path.join(out, "_nodes"))
+    links = read_run_record(os.path.join(out, "_links"))
+    seconds = ", ".join(f"{name.removeprefix('filter-')} {t:.0f}" for name, t in PHASE_SECONDS.items())
     return {
         "layout": rec.extra["near_duplicate_layout"][0],
-        "buckets": f"{rec.extra['buckets'][0]} / {nodes.partitions} / {nodes.extra['edge_buckets'][0]}",
+        "buckets sha256/phash/key/component": " / ".join(
+            str(n)
+            for n in (rec.extra["buckets"][0], nodes.partitions, nodes.extra["edge_buckets"][0], links.partitions)
+        ),
+        "star rounds": rec.extra["component_rounds"][0],
+        "edges": links.counts.get("edges", 0),
+        "phase s": seconds,
     }
 
 
@@ -494,6 +502,7 @@ def _reset_peak() -> None:
 
 
 PEAKS: list[float] = []  # the measured peaks of this process: every task, and what ran between
+PHASE_SECONDS: dict[str, float] = {}  # stage name -> the time its partitions took
 
 
 class Measured:
@@ -511,9 +520,12 @@ class Measured:
     def run_partition(self, config, partition, out):
         PEAKS.append(_peak_mb())
         _reset_peak()
+        start = time.perf_counter()
         try:
             return self._stage.run_partition(config, partition, out)
         finally:
+            name = self._stage.name
+            PHASE_SECONDS[name] = PHASE_SECONDS.get(name, 0.0) + time.perf_counter() - start
             PEAKS.append(_peak_mb())
             _reset_peak()
 

@@ -7,10 +7,18 @@ Its phases run in order, each reading the previous one's finished output (``FILT
      shards)             sha256, phash,   bucket: eval     bucket: the      node pairs within
                          size, reason     overlap, exact   distinct         the distance
                                           duplicates       hashes, keyed
-      ──LINKS──▶ _links ──RESOLVE──▶ _resolve ──GROUP──▶ _group ──DECIDE──▶ OUT (filtered)
-      one partition:    per phash bucket:    one partition:     per scan part: every ledger
-      leader clustering every row's          rebalance, CLIP    row with keep/reason/
-      over the graph    duplicate decision   threshold          duplicate_of
+      ──STAR──▶ _star/r000, r001… ──COMPONENTS──▶ _components ──LINKS──▶ _links
+      per phash bucket, in rounds    per phash bucket: nodes     per component bucket:
+      until every component is a     and edges to their          leader clustering
+      star: connected components     component's bucket
+      ──RESOLVE──▶ _resolve ──QUERIES──▶ _queries ──JOIN──▶ _join ──CAPS──▶ _caps
+      per phash bucket:     --rebalance: per     per uid bucket:   per query bucket:
+      every row's           curated part, its    kept rows and     the queries over
+      duplicate decision    queries by uid       their queries     the cap
+      ──OVERCAP──▶ _overcap ──THRESHOLD──▶ _threshold ──GROUP──▶ _group ──DECIDE──▶ OUT (filtered)
+      per uid bucket:         --keep-top: per uid     one partition,   per scan part: every
+      over_cap; score         bucket, the quantile    no rows: the     ledger row with keep/
+      histogram (high bits)   bin's low bits          CLIP threshold   reason/duplicate_of
 
 SCAN (one partition per ledger part) reads each successful row's image from its tar shard and
 names the first problem, in this order: ``download_failed:<error>`` (the ledger's failed rows pass
@@ -49,15 +57,26 @@ phash (rows with one hash always share the decision of the smallest uid among th
 placeholder image on millions of pages is one node) and keys each node once per block
 combination of the layout :func:`.neardup.choose_layout` picks for the node count; EDGES compares
 the nodes sharing a key, per key bucket, and keeps the pairs within ``near_duplicate_distance``.
-LINKS runs the leader clustering over that graph (:func:`.neardup.leaders`): it holds the pairs
-found and the nodes that have one, never the rows (a cluster of ``m`` near-identical distinct
-hashes is up to ``m²/2`` pairs: bucketing by connected component first is the next step).
+STAR finds the connected components of that graph in rounds of large-star and small-star
+(:func:`.neardup.star_round`, one pass over the edges per round, grouped by node bucket; a chain
+of ``n`` hashes needs O(log² n) rounds, the run stops at the first round that finds only stars),
+COMPONENTS sends each linked node (with its uid) and each edge to the bucket of its component,
+and LINKS runs the leader clustering there (:func:`.neardup.leaders`), component bucket by
+component bucket: a node's decision depends only on its component, so this is exactly one pass
+over the whole graph. No task holds more than its bucket's edges (a single component of near
+duplicates of *distinct* hashes is one task's: identical hashes are already one node).
 RESOLVE turns a row's sha256 representative and its node's leader into ``duplicate`` /
 ``near_duplicate`` and the uid kept. The decisions are exactly those of the single-process
 reference :func:`group_decisions` (tested on planted chains, duplicate groups, evaluation
 overlaps and a skewed band, for several bucket and worker counts).
-``--rebalance`` and the CLIP-score threshold need the rows still kept: GROUP reads them (uid,
-scan part, row and score; no text) in one partition, only when one of them is asked for.
+``--rebalance`` and the CLIP-score threshold need the rows still kept: RESOLVE sends them (uid,
+scan part, row, score) on by uid bucket. QUERIES splits the curated queries by uid bucket, JOIN
+joins the two per bucket and counts the kept rows of each query, CAPS sums those counts per query
+bucket (the queries over the cap: a table of queries, not rows), OVERCAP applies MetaCLIP's rule
+per uid bucket and histograms the scores still kept by the high 16 bits of their order key, and
+THRESHOLD histograms the low 16 bits within the bin that holds the ``--keep-top`` quantile: GROUP
+reads the exact quantile off the merged histograms, and DECIDE drops the kept rows below it.
+Phases that are not asked for run one empty partition.
 
 DECIDE (one partition per scan part) reads the drops of its part (one small read per bucket file:
 the phases split their decisions by scan part) and writes FILTERED rows, with
@@ -89,7 +108,7 @@ from xxhash import xxh3_128_hexdigest
 from wit.manifests import buckets, storage
 from wit.manifests.buckets import ROWS_PER_BUCKET
 from wit.manifests.buckets import option as buckets_option  # the config field is `buckets`
-from wit.manifests.manifest import ManifestError, ManifestRef, open_manifest, read_part
+from wit.manifests.manifest import ManifestError, ManifestRef, open_manifest, part_name, read_part
 from wit.manifests.options import Option, check_options, split_ref
 from wit.manifests.runrecord import read_run_record
 from wit.manifests.schemas import conform, with_kind
@@ -742,32 +761,6 @@ def group_decisions(
     return decisions
 
 
-def clip_score_decisions(
-    rows: pa.Table, decisions: dict[str, Decision], config: FilterConfig
-) -> tuple[dict[str, Decision], float | None]:
-    """``low_clip_score`` drops among the eligible rows that ``decisions`` keeps, and the threshold.
-
-    ``rows``: uid, reason and clip_score (SCAN's float32 scores, compared as stored).
-    """
-    if not config.filters_clip:
-        return {}, None
-    eligible = rows.filter(pc.is_null(rows.column("reason")))
-    kept = [
-        (u, s)
-        for u, s in zip(eligible.column("uid").to_pylist(), eligible.column("clip_score").to_pylist(), strict=True)
-        if u not in decisions
-    ]
-    unscored = [u for u, s in kept if s is None]
-    if unscored:
-        raise StageError(f"{len(unscored)} eligible rows have no CLIP score (e.g. {unscored[0]}): rerun the scan")
-    from .clipscore import score_threshold
-
-    threshold = score_threshold((s for _, s in kept), config.min_clip_score, config.keep_top_fraction)
-    if threshold is None:
-        return {}, None
-    return {u: Decision(LOW_CLIP_SCORE) for u, s in kept if s < threshold}, threshold
-
-
 def _scan_columns(url: str, clip: bool) -> pa.Table:
     columns = ["uid", "sha256", "phash", "reason"] + (["clip_score"] if clip else [])
     return open_manifest(url, expect_kind=SCAN_KIND).table(columns)
@@ -780,10 +773,20 @@ def _scan_columns(url: str, clip: bool) -> pa.Table:
 KEYS_TABLE = "keys"  # SCAN → EXACT: eligible rows by sha256 bucket
 MEMBERS_TABLE = "members"  # EXACT → NODES, RESOLVE: rows left after eval overlap, by phash bucket
 RECORDS_TABLE = "records"  # NODES → EDGES: one record per node and key combination, by key bucket
+ARCS_TABLE = "arcs"  # EDGES → STAR → STAR … → COMPONENTS: the graph's arcs, by node (phash) bucket
+COMPONENT_NODES_TABLE = "component_nodes"  # COMPONENTS → LINKS: linked nodes, by component bucket
+COMPONENT_EDGES_TABLE = "component_edges"  # COMPONENTS → LINKS: edges, by component bucket
 LEADERS_TABLE = "leaders"  # LINKS → RESOLVE: the nodes that are near duplicates, by phash bucket
+KEPT_TABLE = "kept"  # RESOLVE → JOIN, OVERCAP: the rows still kept, by uid bucket (--rebalance, CLIP)
+QUERIES_TABLE = "queries"  # QUERIES → JOIN: the curated queries of the curated kept rows, by uid bucket
+COUNTS_TABLE = "counts"  # JOIN → CAPS: kept rows per query, by query bucket
 DECISIONS_TABLE = "decisions"  # EXACT, RESOLVE, GROUP → DECIDE: drops, by scan part
-EXACT_KIND, NODES_KIND, EDGES_KIND, LINKS_KIND, RESOLVE_KIND = (
-    "filter_exact", "filter_nodes", "filter_edges", "filter_links", "filter_resolve",
+EXACT_KIND, NODES_KIND, EDGES_KIND, STAR_KIND, COMPONENTS_KIND, LINKS_KIND, RESOLVE_KIND = (
+    "filter_exact", "filter_nodes", "filter_edges", "filter_star", "filter_components", "filter_links",
+    "filter_resolve",
+)  # fmt: skip
+QUERIES_KIND, JOIN_KIND, CAPS_KIND, OVERCAP_KIND, THRESHOLD_KIND = (
+    "filter_queries", "filter_join", "filter_caps", "filter_overcap", "filter_threshold",
 )  # fmt: skip
 EDGE_ROWS_PER_BUCKET = 4 * ROWS_PER_BUCKET  # records are 9 bytes: a key bucket holds more of them
 
@@ -815,20 +818,19 @@ NODES_SCHEMA = with_kind(
     pa.schema([pa.field("phash", pa.uint64(), nullable=False), pa.field("uid", pa.string(), nullable=False)]),
     NODES_KIND,
 )
-EDGES_SCHEMA = with_kind(
-    pa.schema([pa.field("a", pa.uint64(), nullable=False), pa.field("b", pa.uint64(), nullable=False)]), EDGES_KIND
+ARCS_SCHEMA = pa.schema([pa.field("u", pa.uint64()), pa.field("v", pa.uint64())])
+KEPT_SCHEMA = pa.schema(
+    [
+        pa.field("uid", pa.string(), nullable=False),
+        pa.field("part", pa.int32(), nullable=False),
+        pa.field("row", pa.int32(), nullable=False),
+        pa.field("clip_score", pa.float32()),
+    ]
 )
-KEPT_SCHEMA = with_kind(
-    pa.schema(
-        [
-            pa.field("uid", pa.string(), nullable=False),
-            pa.field("part", pa.int32(), nullable=False),
-            pa.field("row", pa.int32(), nullable=False),
-            pa.field("clip_score", pa.float32()),
-        ]
-    ),
-    RESOLVE_KIND,
-)
+QUERIES_SCHEMA = pa.schema([pa.field("uid", pa.string()), pa.field("queries", pa.list_(pa.string()))])
+JOIN_SCHEMA = with_kind(pa.schema(list(KEPT_SCHEMA) + [pa.field("queries", pa.list_(pa.string()))]), JOIN_KIND)
+COUNTS_SCHEMA = pa.schema([pa.field("query", pa.string()), pa.field("count", pa.int64())])
+CAPS_SCHEMA = with_kind(COUNTS_SCHEMA, CAPS_KIND)
 
 
 def scan_keys(table: pa.Table) -> pa.Table:
@@ -890,8 +892,9 @@ def _phases(url: str) -> Phases:
         if rec is None:
             raise StageError(f"{here}: not a finished phase of filter (no _run.json)")
         kind = rec.output.kind
-        urls[kind] = here
-        extra[kind] = dict(rec.extra) | {"partitions": rec.partitions}
+        # the latest of a repeating phase's rounds (met first, walking back)
+        urls.setdefault(kind, here)
+        extra.setdefault(kind, dict(rec.extra) | {"partitions": rec.partitions})
         if kind == SCAN_KIND or len(rec.inputs) != 1:
             break
         here = storage.normalize(rec.inputs[0].url)
@@ -1063,11 +1066,11 @@ class FilterNodes:
 
 
 class FilterEdges:
-    """GROUP, part 3 (one partition per key bucket): the node pairs within the distance."""
+    """GROUP, part 3 (one partition per key bucket): the node pairs within the distance, sent on as
+    arcs (both directions) by the node bucket of their first end, for the component rounds."""
 
     name = "filter-edges"
     kind = EDGES_KIND
-    schema = EDGES_SCHEMA
 
     def partitions(self, config: FilterConfig, inputs: list[ManifestRef]) -> list[Partition]:
         ref = _one_input(inputs, NODES_KIND, "edges")
@@ -1084,52 +1087,147 @@ class FilterEdges:
         )
         a = np.concatenate([p for p, _ in found]) if found else np.empty(0, np.uint64)
         c = np.concatenate([q for _, q in found]) if found else np.empty(0, np.uint64)
-        table = pa.table({"a": pa.array(a, pa.uint64()), "b": pa.array(c, pa.uint64())}, schema=EDGES_SCHEMA)
-        return PartitionResult(table=table, counts={"records": records.num_rows, "edges": table.num_rows})
+        files = [_write_arcs(out, b, a, c, phases.node_buckets(), ARCS_TABLE)]
+        return PartitionResult(counts={"records": records.num_rows, "edges": len(a)}, files=files)
+
+
+def _write_arcs(out: str, index: int, x: np.ndarray, y: np.ndarray, count: int, table: str):
+    """The edges ``(x, y)`` as arcs both ways, each in the node bucket of its first end."""
+    u, v = np.concatenate([x, y]), np.concatenate([y, x])
+    arcs = pa.table({"u": pa.array(u, pa.uint64()), "v": pa.array(v, pa.uint64())}, schema=ARCS_SCHEMA)
+    return buckets.write(out, index, arcs, buckets.of_keys(u, count), count, table)
+
+
+class FilterStar:
+    """GROUP, part 4, in rounds (one partition per phash bucket): the connected components of the
+    near-duplicate graph, by large-star and small-star rounds (:func:`.neardup.star_round`).
+
+    A round reads the arcs of its bucket's nodes and sends each edge it makes to the buckets of
+    both ends; it repeats (``_star/r000``, ``r001``…) until a round finds every node a centre or a
+    leaf. A task holds its bucket's arcs only: at most the edges of its nodes, never the rows.
+    """
+
+    name = "filter-star"
+    kind = STAR_KIND
+    repeats = True
+
+    def partitions(self, config: FilterConfig, inputs: list[ManifestRef]) -> list[Partition]:
+        rec = read_run_record(inputs[0].url) if len(inputs) == 1 else None
+        if rec is None or rec.output.kind not in (EDGES_KIND, STAR_KIND):
+            raise StageError("filter's star phase takes exactly one input: a filter_edges or filter_star output")
+        ref = inputs[0]
+        step = 0 if rec.output.kind == EDGES_KIND else rec.extra["round"][0] + 1
+        count = Phases.of(ref.url).node_buckets()
+        return [Partition(index=b, source=ref.url, params=(b, step, rec.partitions)) for b in range(count)]
+
+    def another_round(self, url: str) -> bool:
+        rec = read_run_record(url)
+        return rec is not None and rec.counts.get("open_nodes", 0) > 0
+
+    def run_partition(self, config: FilterConfig, partition: Partition, out: str) -> PartitionResult:
+        b, step, parts = partition.params
+        arcs = buckets.read_all(buckets.file_urls(partition.source, ARCS_TABLE, parts), b, ARCS_SCHEMA)
+        u, v = arcs.column("u").to_numpy(), arcs.column("v").to_numpy()
+        del arcs
+        x, y, open_ = neardup.star_round(u, v, large=step % 2 == 0)
+        count = Phases.of(partition.source).node_buckets()
+        files = [_write_arcs(out, b, x, y, count, ARCS_TABLE)]
+        return PartitionResult(
+            counts={"arcs_in": len(u), "edges_out": len(x), "open_nodes": open_},
+            files=files,
+            extra={"round": step, "step": "large star" if step % 2 == 0 else "small star"},
+        )
+
+
+class FilterComponents:
+    """GROUP, part 5 (one partition per phash bucket): each linked node, and each edge of the
+    near-duplicate graph, sent to the bucket of its connected component (its star's centre), with
+    the node's uid from NODES: what LINKS needs, one component bucket at a time."""
+
+    name = "filter-components"
+    kind = COMPONENTS_KIND
+
+    def partitions(self, config: FilterConfig, inputs: list[ManifestRef]) -> list[Partition]:
+        ref = _one_input(inputs, STAR_KIND, "components")
+        phases = Phases.of(ref.url)
+        edges = read_run_record(phases.urls[EDGES_KIND]).counts.get("edges", 0)
+        rec = read_run_record(ref.url)
+        # a component bucket holds its nodes (at most one per edge end) and edges
+        count = buckets.bucket_count(3 * edges, config.buckets)
+        return [
+            Partition(index=b, source=ref.url, params=(b, rec.partitions, count)) for b in range(phases.node_buckets())
+        ]
+
+    def run_partition(self, config: FilterConfig, partition: Partition, out: str) -> PartitionResult:
+        b, parts, count = partition.params
+        phases = Phases.of(partition.source)
+        stars = buckets.read_all(buckets.file_urls(partition.source, ARCS_TABLE, parts), b, ARCS_SCHEMA)
+        node, label = neardup.star_labels(stars.column("u").to_numpy(), stars.column("v").to_numpy())
+        del stars
+        arcs = buckets.read_all(phases.files(EDGES_KIND, ARCS_TABLE), b, ARCS_SCHEMA)
+        u, v = arcs.column("u").to_numpy(), arcs.column("v").to_numpy()
+        one = u < v  # each edge once, from its smaller end (in this bucket)
+        a, c = u[one], v[one]
+        edge_label = label[np.searchsorted(node, a)]
+        nodes = read_part(storage.join(phases.urls[NODES_KIND], part_name(b)))  # this bucket's nodes
+        ph = nodes.column("phash").to_numpy()
+        at = np.minimum(np.searchsorted(node, ph), max(len(node) - 1, 0))
+        linked = (node[at] == ph) if len(node) else np.zeros(len(ph), dtype=bool)
+        linked_nodes = nodes.filter(pa.array(linked))
+        node_label = label[at[linked]]
+        edges = pa.table({"u": pa.array(a, pa.uint64()), "v": pa.array(c, pa.uint64())}, schema=ARCS_SCHEMA)
+        files = [
+            buckets.write(out, b, linked_nodes, buckets.of_keys(node_label, count), count, COMPONENT_NODES_TABLE),
+            buckets.write(out, b, edges, buckets.of_keys(edge_label, count), count, COMPONENT_EDGES_TABLE),
+        ]
+        return PartitionResult(
+            counts={"linked_nodes": linked_nodes.num_rows, "components": int((node == label).sum())},
+            files=files,
+            extra={"component_buckets": count},
+        )
 
 
 class FilterLinks:
-    """GROUP, part 4 (one partition): leader clustering over the near-duplicate graph.
+    """GROUP, part 6 (one partition per component bucket): leader clustering over the
+    near-duplicate graph, component by component (a node's decision depends only on nodes of its
+    component, so each bucket decides alone, exactly as one pass over the whole graph would).
 
-    Holds the edges and the nodes that have any (a row with no hash within the distance leads
-    and never appears), so its memory follows the near duplicates found, not the rows.
+    Holds the edges and nodes of its components; a row with no hash within the distance leads and
+    never appears here.
     """
 
     name = "filter-links"
     kind = LINKS_KIND
 
     def partitions(self, config: FilterConfig, inputs: list[ManifestRef]) -> list[Partition]:
-        ref = _one_input(inputs, EDGES_KIND, "links")
-        return [Partition(index=0, source=ref.url)]
+        ref = _one_input(inputs, COMPONENTS_KIND, "links")
+        rec = read_run_record(ref.url)
+        count = rec.extra["component_buckets"][0]
+        return [Partition(index=c, source=ref.url, params=(c, rec.partitions)) for c in range(count)]
 
     def run_partition(self, config: FilterConfig, partition: Partition, out: str) -> PartitionResult:
+        c, parts = partition.params
         phases = Phases.of(partition.source)
-        edges = open_manifest(partition.source, expect_kind=EDGES_KIND).table()  # each pair once
-        a, b = edges.column("a").to_numpy(), edges.column("b").to_numpy()
+        nodes = buckets.read_all(buckets.file_urls(partition.source, COMPONENT_NODES_TABLE, parts), c, NODES_SCHEMA)
+        edges = buckets.read_all(buckets.file_urls(partition.source, COMPONENT_EDGES_TABLE, parts), c, ARCS_SCHEMA)
+        nodes = nodes.sort_by("phash")
+        ph = nodes.column("phash").to_numpy()
+        uids = nodes.column("uid")
+        a, b = edges.column("u").to_numpy(), edges.column("v").to_numpy()
         del edges
-        nodes = np.unique(np.concatenate([a, b]))
-        # the uid of each linked node, streamed from NODES part by part (the rest is never held)
-        where, found = [], []
-        for url in open_manifest(phases.urls[NODES_KIND], expect_kind=NODES_KIND).part_urls():
-            t = read_part(url)
-            ph = t.column("phash").to_numpy()
-            hit = np.flatnonzero(np.isin(ph, nodes))
-            where.append(np.searchsorted(nodes, ph[hit]))
-            found.append(t.column("uid").take(pa.array(hit)))
-        uids = pa.chunked_array(found, pa.string()).take(pa.array(np.argsort(np.concatenate(where or [[]]))))
-        rank = np.empty(len(nodes), dtype=np.int64)
-        rank[pc.sort_indices(uids).to_numpy()] = np.arange(len(nodes))
-        leader = neardup.leaders(rank, np.searchsorted(nodes, a), np.searchsorted(nodes, b))
+        rank = np.empty(len(ph), dtype=np.int64)
+        rank[pc.sort_indices(uids).to_numpy()] = np.arange(len(ph))
+        leader = neardup.leaders(rank, np.searchsorted(ph, a), np.searchsorted(ph, b))
         follow = np.flatnonzero(leader >= 0)
         table = pa.table(
-            {"phash": pa.array(nodes[follow], pa.uint64()), "leader": uids.take(pa.array(leader[follow]))},
+            {"phash": pa.array(ph[follow], pa.uint64()), "leader": uids.take(pa.array(leader[follow]))},
             schema=LEADERS_SCHEMA,
         )
         count = phases.node_buckets()
-        files = [buckets.write(out, 0, table, buckets.of_keys(table.column("phash").to_numpy(), count), count,
+        files = [buckets.write(out, c, table, buckets.of_keys(table.column("phash").to_numpy(), count), count,
                                LEADERS_TABLE)]  # fmt: skip
         return PartitionResult(
-            counts={"edges": len(a), "linked_nodes": len(nodes), "near_duplicate_nodes": len(follow)}, files=files
+            counts={"edges": len(a), "linked_nodes": len(ph), "near_duplicate_nodes": len(follow)}, files=files
         )
 
 
@@ -1139,7 +1237,6 @@ class FilterResolve:
 
     name = "filter-resolve"
     kind = RESOLVE_KIND
-    schema = KEPT_SCHEMA
 
     def partitions(self, config: FilterConfig, inputs: list[ManifestRef]) -> list[Partition]:
         ref = _one_input(inputs, LINKS_KIND, "resolve")
@@ -1178,13 +1275,15 @@ class FilterResolve:
         parts = phases.scan_parts()
         part_of = members.column("part").filter(dropped).to_numpy()
         files = [buckets.write(out, b, decisions, part_of, parts, DECISIONS_TABLE)]
-        table = None
-        if config.rebalance or config.filters_clip:  # GROUP needs the rows still kept
-            table = members.filter(pc.invert(dropped)).select(["uid", "part", "row", "clip_score"])
+        if config.rebalance or config.filters_clip:  # the rest of GROUP needs the rows still kept
+            kept_rows = members.filter(pc.invert(dropped)).select(["uid", "part", "row", "clip_score"])
+            count = phases.buckets()
+            uid_buckets = buckets.of_strings(kept_rows.column("uid"), count)
+            files.append(buckets.write(out, b, kept_rows.cast(KEPT_SCHEMA), uid_buckets, count, KEPT_TABLE))
         vc = pc.value_counts(reason_arr.drop_null())
         counts = Counter(dict(zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist(), strict=True)))
         counts[KEPT] = members.num_rows - int(pc.sum(dropped).as_py() or 0)
-        return PartitionResult(table=table, counts=dict(sorted(counts.items())), files=files)
+        return PartitionResult(counts=dict(sorted(counts.items())), files=files)
 
 
 def _lookup(keys: np.ndarray, values: pa.Array | pa.ChunkedArray, wanted: np.ndarray) -> pa.Array:
@@ -1198,73 +1297,332 @@ def _lookup(keys: np.ndarray, values: pa.Array | pa.ChunkedArray, wanted: np.nda
     return pc.if_else(pa.array(found), values.take(pa.array(order[at])), pa.scalar(None, values.type))
 
 
+def _curated_for(config: FilterConfig, url: str) -> str:
+    found = (
+        ManifestRef(url=storage.normalize(config.curated), kind="curated")
+        if config.curated
+        else find_upstream(url, "curated")
+    )
+    if found is None:
+        raise StageError(
+            f"--rebalance needs the curated manifest: none found up the lineage of {url}; name it with --curated"
+        )
+    return found.url
+
+
+def _rebalance_settings(curated: str, config: FilterConfig) -> tuple[int, int]:
+    """``(per-query cap, seed)``: the options, else curate's own (from its run record)."""
+    rec = read_run_record(curated)
+    cur_config = rec.config if rec is not None else {}
+    cap = config.per_query_cap if config.per_query_cap is not None else cur_config.get("per_query_cap")
+    seed = config.seed if config.seed is not None else cur_config.get("seed", 0)
+    if cap is None:
+        raise StageError(f"{curated}: its run record names no per_query_cap; give --per-query-cap")
+    return int(cap), int(seed)
+
+
+def _idle(ref: ManifestRef) -> list[Partition]:
+    """One partition that does nothing: the phase is not asked for (no --rebalance, no CLIP filter)."""
+    return [Partition(index=0, source=ref.url, params=(None,))]
+
+
+def _uid_partitions(ref: ManifestRef, wanted: bool) -> list[Partition]:
+    return _bucket_partitions(ref, Phases.of(ref.url).buckets()) if wanted else _idle(ref)
+
+
+class FilterQueries:
+    """GROUP, rebalance 1 (one partition per curated part, only with ``--rebalance``): the curated
+    queries of the kept curated rows, by uid bucket."""
+
+    name = "filter-queries"
+    kind = QUERIES_KIND
+
+    def partitions(self, config: FilterConfig, inputs: list[ManifestRef]) -> list[Partition]:
+        ref = _one_input(inputs, RESOLVE_KIND, "queries")
+        if not config.rebalance:
+            return _idle(ref)
+        curated = _curated_for(config, ref.url)
+        cap, seed = _rebalance_settings(curated, config)
+        parts = open_manifest(curated, expect_kind="curated").part_urls()
+        return [Partition(index=i, source=ref.url, params=(u, curated, cap, seed)) for i, u in enumerate(parts)]
+
+    def run_partition(self, config: FilterConfig, partition: Partition, out: str) -> PartitionResult:
+        if partition.params[0] is None:
+            return PartitionResult()
+        part, curated, cap, seed = partition.params
+        table = read_part(part).select(["uid", "queries", "keep"])
+        table = table.filter(table.column("keep")).select(["uid", "queries"])
+        table = pa.table({"uid": table.column("uid"), "queries": table.column("queries")}, schema=QUERIES_SCHEMA)
+        count = Phases.of(partition.source).buckets()
+        files = [buckets.write(out, partition.index, table, buckets.of_strings(table.column("uid"), count), count,
+                               QUERIES_TABLE)]  # fmt: skip
+        return PartitionResult(
+            counts={"curated_kept": table.num_rows},
+            files=files,
+            extra={"curated": curated, "per_query_cap": cap, "seed": seed},
+        )
+
+
+def _kept_rows(phases: Phases, bucket: int) -> pa.Table:
+    """The rows RESOLVE kept, of one uid bucket, in (part, row) order."""
+    kept = buckets.read_all(phases.files(RESOLVE_KIND, KEPT_TABLE), bucket, KEPT_SCHEMA)
+    return kept.sort_by([("part", "ascending"), ("row", "ascending")])
+
+
+class FilterJoin:
+    """GROUP, rebalance 2 (one partition per uid bucket): the kept rows with their curated
+    queries, and how many kept rows each query has here (by query bucket)."""
+
+    name = "filter-join"
+    kind = JOIN_KIND
+    schema = JOIN_SCHEMA
+
+    def partitions(self, config: FilterConfig, inputs: list[ManifestRef]) -> list[Partition]:
+        return _uid_partitions(_one_input(inputs, QUERIES_KIND, "join"), config.rebalance)
+
+    def run_partition(self, config: FilterConfig, partition: Partition, out: str) -> PartitionResult:
+        (b,) = partition.params
+        if b is None:
+            return PartitionResult()
+        phases = Phases.of(partition.source)
+        kept = _kept_rows(phases, b)
+        queries = buckets.read_all(phases.files(QUERIES_KIND, QUERIES_TABLE), b, QUERIES_SCHEMA)
+        wanted = _lookup_strings(queries.column("uid"), queries.column("queries"), kept.column("uid"))
+        rows = pa.table(
+            {
+                "uid": kept.column("uid"),
+                "part": kept.column("part"),
+                "row": kept.column("row"),
+                "clip_score": kept.column("clip_score"),
+                "queries": wanted,
+            },
+            schema=JOIN_SCHEMA,
+        )
+        flat = pc.list_flatten(wanted)
+        vc = pc.value_counts(flat) if len(flat) else pa.StructArray.from_arrays(
+            [pa.array([], pa.string()), pa.array([], pa.int64())], names=["values", "counts"]
+        )  # fmt: skip
+        counts = pa.table({"query": vc.field("values"), "count": vc.field("counts")}, schema=COUNTS_SCHEMA)
+        count = phases.buckets()
+        files = [buckets.write(out, b, counts, buckets.of_strings(counts.column("query"), count), count, COUNTS_TABLE)]
+        return PartitionResult(table=rows, counts={"kept": rows.num_rows}, files=files)
+
+
+def _lookup_strings(keys: pa.Array | pa.ChunkedArray, values, wanted: pa.Array | pa.ChunkedArray):
+    """``values`` at each ``wanted`` key's first place in ``keys``; null where absent."""
+    if isinstance(keys, pa.ChunkedArray):
+        keys, values = keys.combine_chunks(), values.combine_chunks()
+    return values.take(pc.index_in(wanted, value_set=keys))
+
+
+class FilterCaps:
+    """GROUP, rebalance 3 (one partition per query bucket): each query's kept rows, summed over
+    the uid buckets; the queries over the cap (a table of queries, not rows)."""
+
+    name = "filter-caps"
+    kind = CAPS_KIND
+    schema = CAPS_SCHEMA
+
+    def partitions(self, config: FilterConfig, inputs: list[ManifestRef]) -> list[Partition]:
+        return _uid_partitions(_one_input(inputs, JOIN_KIND, "caps"), config.rebalance)
+
+    def run_partition(self, config: FilterConfig, partition: Partition, out: str) -> PartitionResult:
+        (b,) = partition.params
+        if b is None:
+            return PartitionResult()
+        phases = Phases.of(partition.source)
+        cap = phases.extra[QUERIES_KIND]["per_query_cap"][0]
+        counts = buckets.read_all(phases.files(JOIN_KIND, COUNTS_TABLE), b, COUNTS_SCHEMA)
+        summed = counts.group_by("query").aggregate([("count", "sum")]).rename_columns(["query", "count"])
+        over = summed.filter(pc.greater(summed.column("count"), cap)).sort_by("query")
+        return PartitionResult(
+            table=over.cast(CAPS_SCHEMA), counts={"queries": summed.num_rows, "over_cap": over.num_rows}
+        )
+
+
+def score_keys(scores: np.ndarray) -> np.ndarray:
+    """Each float32 score as a uint32 in the same order (the sign flipped in, negatives reversed)."""
+    bits = np.asarray(scores, dtype=np.float32).view(np.uint32)
+    return np.where(bits >> 31, ~bits, bits | np.uint32(1 << 31)).astype(np.uint32)
+
+
+def score_of_key(key: int) -> float:
+    bits = key & 0x7FFFFFFF if key >> 31 else ~key & 0xFFFFFFFF
+    return float(np.array([bits], dtype=np.uint32).view(np.float32)[0])
+
+
+def _bins(keys: np.ndarray) -> dict[str, int]:
+    values, counts = np.unique(keys, return_counts=True)
+    return {str(int(v)): int(c) for v, c in zip(values, counts, strict=True)}
+
+
+def _merged(parts: list[dict]) -> Counter:
+    total: Counter = Counter()
+    for bins in parts:
+        total.update({int(k): v for k, v in (bins or {}).items()})
+    return total
+
+
+def _from_top(bins: Counter, k: int) -> tuple[int, int]:
+    """The bin holding the ``k``-th highest value, and that value's rank from the top within it."""
+    for b in sorted(bins, reverse=True):
+        if k <= bins[b]:
+            return b, k
+        k -= bins[b]
+    raise AssertionError("k is more than the values")
+
+
+class FilterOverCap:
+    """GROUP, rebalance 4 and CLIP 1 (one partition per uid bucket): ``over_cap`` (MetaCLIP's rule,
+    :func:`rebalance_decisions`, with the merged counts of the queries over the cap), and the
+    histogram of the scores still kept, by the high 16 bits of their order key (exact quantiles
+    in two passes of fixed-size histograms, never a sort of every score)."""
+
+    name = "filter-overcap"
+    kind = OVERCAP_KIND
+    schema = KEPT_SCHEMA
+
+    def partitions(self, config: FilterConfig, inputs: list[ManifestRef]) -> list[Partition]:
+        return _uid_partitions(_one_input(inputs, CAPS_KIND, "overcap"), config.rebalance or config.filters_clip)
+
+    def run_partition(self, config: FilterConfig, partition: Partition, out: str) -> PartitionResult:
+        (b,) = partition.params
+        if b is None:
+            return PartitionResult()
+        phases = Phases.of(partition.source)
+        drops: dict[str, Decision] = {}
+        if config.rebalance:
+            rows = read_part(storage.join(phases.urls[JOIN_KIND], part_name(b)))
+            over = pa.concat_tables(
+                [read_part(u) for u in open_manifest(phases.urls[CAPS_KIND], expect_kind=CAPS_KIND).part_urls()]
+            )
+            counts = dict(zip(over.column("query").to_pylist(), over.column("count").to_pylist(), strict=True))
+            cap, seed = (phases.extra[QUERIES_KIND][k][0] for k in ("per_query_cap", "seed"))
+            drops = over_cap_decisions(rows.column("uid").to_pylist(), rows.column("queries").to_pylist(), counts,
+                                       cap, seed)  # fmt: skip
+            rows = rows.select(["uid", "part", "row", "clip_score"])
+        else:
+            rows = _kept_rows(phases, b)
+        hit = np.array([u in drops for u in rows.column("uid").to_pylist()], dtype=bool)
+        chosen = rows.filter(pa.array(hit))
+        decisions = pa.table(
+            {
+                "row": chosen.column("row"),
+                "reason": pa.array([OVER_CAP] * chosen.num_rows, pa.string()),
+                "duplicate_of": pa.nulls(chosen.num_rows, pa.string()),
+            },
+            schema=DECISIONS_SCHEMA,
+        )
+        files = [buckets.write(out, b, decisions, chosen.column("part").to_numpy(), phases.scan_parts(),
+                               DECISIONS_TABLE)]  # fmt: skip
+        kept = rows.filter(pa.array(~hit))
+        extra: dict[str, Any] = {}
+        if config.filters_clip:
+            scores = kept.column("clip_score")
+            if scores.null_count:
+                missing = kept.filter(pc.is_null(scores)).column("uid")[0].as_py()
+                raise StageError(
+                    f"{scores.null_count} eligible rows have no CLIP score (e.g. {missing}): rerun the scan"
+                )
+            keys = score_keys(_ranked_scores(scores, config))
+            extra["score_bins"] = _bins(keys >> 16)
+        return PartitionResult(
+            table=kept.cast(KEPT_SCHEMA), counts={OVER_CAP: int(hit.sum()), KEPT: kept.num_rows}, files=files,
+            extra=extra,
+        )  # fmt: skip
+
+
+def _ranked_scores(scores: pa.Array | pa.ChunkedArray, config: FilterConfig) -> np.ndarray:
+    """The scores that take part in the ``--keep-top`` quantile: those at least ``--min-score``."""
+    s = scores.to_numpy().astype(np.float32) if isinstance(scores, pa.Array) else np.asarray(
+        scores.to_numpy(), dtype=np.float32
+    )  # fmt: skip
+    return s[s >= np.float32(config.min_clip_score)] if config.min_clip_score is not None else s
+
+
+def _quantile_target(phases: Phases, config: FilterConfig) -> tuple[int, int] | None:
+    """``(high 16 bits, rank within)`` of the ``1 - keep_top_fraction`` quantile of the kept
+    scores (the ``ceil(fraction × n)``-th highest, as :func:`.clipscore.score_threshold`)."""
+    if config.keep_top_fraction is None:
+        return None
+    bins = _merged(phases.extra.get(OVERCAP_KIND, {}).get("score_bins", []))
+    n = sum(bins.values())
+    if not n:
+        return None
+    k = max(1, math.ceil(config.keep_top_fraction * n - 1e-9))
+    return _from_top(bins, min(k, n))
+
+
+class FilterThreshold:
+    """GROUP, CLIP 2 (one partition per uid bucket, only with ``--keep-top``): the histogram of the
+    low 16 bits of the scores in the bin that holds the quantile."""
+
+    name = "filter-threshold"
+    kind = THRESHOLD_KIND
+
+    def partitions(self, config: FilterConfig, inputs: list[ManifestRef]) -> list[Partition]:
+        ref = _one_input(inputs, OVERCAP_KIND, "threshold")
+        target = _quantile_target(Phases.of(ref.url), config)
+        if target is None:
+            return _idle(ref)
+        return [Partition(index=b, source=ref.url, params=(b, target[0])) for b in range(Phases.of(ref.url).buckets())]
+
+    def run_partition(self, config: FilterConfig, partition: Partition, out: str) -> PartitionResult:
+        if partition.params[0] is None:
+            return PartitionResult()
+        b, high = partition.params
+        kept = read_part(storage.join(partition.source, part_name(b)))
+        keys = score_keys(_ranked_scores(kept.column("clip_score"), config))
+        return PartitionResult(extra={"score_bins": _bins(keys[(keys >> 16) == high] & 0xFFFF)})
+
+
 class FilterGroup:
-    """GROUP, last part (one partition): ``--rebalance`` and the CLIP-score threshold over the
-    rows still kept, and what the run record says about the whole group step."""
+    """GROUP, last part (one partition, no rows): the CLIP-score threshold from the merged
+    histograms, and what the run record says about the whole group step."""
 
     name = "filter-group"
     kind = GROUP_KIND
 
     def partitions(self, config: FilterConfig, inputs: list[ManifestRef]) -> list[Partition]:
-        ref = _one_input(inputs, RESOLVE_KIND, "group")
-        curated = None
-        if config.rebalance:
-            found = (
-                ManifestRef(url=storage.normalize(config.curated), kind="curated")
-                if config.curated
-                else find_upstream(ref.url, "curated")
-            )
-            if found is None:
-                raise StageError(
-                    f"--rebalance needs the curated manifest: none found up the lineage of {ref.url}; "
-                    "name it with --curated"
-                )
-            curated = found.url
-        return [Partition(index=0, source=ref.url, params=(curated,))]
+        return [Partition(index=0, source=_one_input(inputs, THRESHOLD_KIND, "group").url)]
 
     def run_partition(self, config: FilterConfig, partition: Partition, out: str) -> PartitionResult:
-        (curated,) = partition.params
         phases = Phases.of(partition.source)
         references = _reference_table(tuple(config.reference_sets()), config.max_pixels)
         extra: dict[str, Any] = {
             "reference_images": dict(Counter(t for t, _ in references)),
             "near_duplicate_layout": phases.extra[NODES_KIND]["layout"][0],
+            "component_rounds": phases.extra[STAR_KIND]["round"][0] + 1,
             "buckets": phases.buckets(),
         }
         for task, _ in config.reference_sets():
             extra["reference_images"].setdefault(task, 0)
-        drops: dict[str, Decision] = {}
-        kept = None
-        if config.rebalance or config.filters_clip:
-            kept = open_manifest(partition.source, expect_kind=RESOLVE_KIND).table()
-        if curated and kept is not None:
-            queries, cap, seed = _rebalance_inputs(curated, config)
-            extra |= {"curated": curated, "per_query_cap": cap, "seed": seed}
-            drops |= rebalance_decisions(kept.column("uid").to_pylist(), queries, cap, seed)
-        if config.filters_clip and kept is not None:
-            low, threshold = clip_score_decisions(
-                kept.append_column("reason", pa.nulls(kept.num_rows, pa.string())), drops, config
-            )
-            drops |= low
+        if config.rebalance:
+            extra |= {k: phases.extra[QUERIES_KIND][k][0] for k in ("curated", "per_query_cap", "seed")}
+        if config.filters_clip:
+            threshold = config.min_clip_score
+            target = _quantile_target(phases, config)
+            if target is not None:
+                high, k = target
+                low, _ = _from_top(_merged(phases.extra[THRESHOLD_KIND]["score_bins"]), k)
+                quantile = score_of_key((high << 16) | low)
+                threshold = quantile if threshold is None else max(threshold, quantile)
             extra["clip_threshold"] = threshold
-        files = []
-        counts = Counter(d.reason for d in drops.values())
-        if kept is not None:
-            hit = np.array([u in drops for u in kept.column("uid").to_pylist()], dtype=bool)
-            chosen = kept.filter(pa.array(hit))
-            decisions = pa.table(
-                {
-                    "row": chosen.column("row"),
-                    "reason": pa.array([drops[u].reason for u in chosen.column("uid").to_pylist()], pa.string()),
-                    "duplicate_of": pa.nulls(chosen.num_rows, pa.string()),
-                },
-                schema=DECISIONS_SCHEMA,
-            )
-            files.append(
-                buckets.write(out, 0, decisions, chosen.column("part").to_numpy(), phases.scan_parts(), DECISIONS_TABLE)
-            )
-            counts[KEPT] = kept.num_rows - len(drops)
-        return PartitionResult(counts=dict(sorted(counts.items())), files=files, extra=extra)
+        return PartitionResult(extra=extra)
+
+
+def over_cap_decisions(
+    uids: list[str], queries: list[list[str] | None], over: Mapping[str, int], cap: int, seed: int
+) -> dict[str, Decision]:
+    """``over_cap`` for the rows whose every query is over the cap (``over``: the kept count of
+    each such query) and loses curate's draw for each (:func:`wit.ingest.curate.selection_draw`)."""
+    from .curate import selection_draw
+
+    drops = {}
+    for u, qs in zip(uids, queries, strict=True):
+        if qs and all(q in over for q in qs) and not any(selection_draw(seed, u, q) < cap / over[q] for q in qs):
+            drops[u] = Decision(OVER_CAP)
+    return drops
 
 
 def rebalance_decisions(kept: list[str], queries: dict[str, list[str]], cap: int, seed: int) -> dict[str, Decision]:
@@ -1278,22 +1636,6 @@ def rebalance_decisions(kept: list[str], queries: dict[str, list[str]], cap: int
         if qs and not any(counts[q] <= cap or selection_draw(seed, u, q) < cap / counts[q] for q in qs):
             drops[u] = Decision(OVER_CAP)
     return drops
-
-
-def _rebalance_inputs(curated: str, config: FilterConfig) -> tuple[dict[str, list[str]], int, int]:
-    rec = read_run_record(curated)
-    cur_config = rec.config if rec is not None else {}
-    cap = config.per_query_cap if config.per_query_cap is not None else cur_config.get("per_query_cap")
-    seed = config.seed if config.seed is not None else cur_config.get("seed", 0)
-    if cap is None:
-        raise StageError(f"{curated}: its run record names no per_query_cap; give --per-query-cap")
-    table = open_manifest(curated, expect_kind="curated").table(["uid", "queries", "keep"])
-    table = table.filter(table.column("keep"))
-    return (
-        dict(zip(table.column("uid").to_pylist(), table.column("queries").to_pylist(), strict=True)),
-        int(cap),
-        int(seed),
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1333,6 +1675,23 @@ def decide_table(scan: pa.Table, decisions: pa.Table) -> tuple[pa.Table, Counter
     return table, Counter(r or KEPT for r in reasons)
 
 
+def low_score_decisions(scan: pa.Table, decisions: pa.Table, threshold: float) -> pa.Table:
+    """``low_clip_score`` for the rows of a scan part still kept after ``decisions`` whose score
+    (float32, compared as stored) is below ``threshold``."""
+    kept = pc.is_null(scan.column("reason")).to_numpy(zero_copy_only=False).copy()
+    kept[decisions.column("row").to_numpy()] = False
+    scores = scan.column("clip_score").to_numpy(zero_copy_only=False)
+    rows = np.flatnonzero(kept & (np.nan_to_num(scores.astype(np.float64), nan=np.inf) < threshold))
+    return pa.table(
+        {
+            "row": pa.array(rows.astype(np.int32)),
+            "reason": pa.array([LOW_CLIP_SCORE] * len(rows), pa.string()),
+            "duplicate_of": pa.nulls(len(rows), pa.string()),
+        },
+        schema=DECISIONS_SCHEMA,
+    )
+
+
 def score_tallies(table: pa.Table) -> dict[str, dict[str, int]]:
     """Histograms of the CLIP scores of one FILTERED part: all scored rows, and the kept ones."""
     scores = table.column("clip_score")
@@ -1355,19 +1714,23 @@ class FilterDecide:
         phases = Phases.of(group.url)
         # The scan parts are found through the phases' run records, so lineage stays one chain.
         scan = ManifestRef(url=phases.urls[SCAN_KIND], kind=SCAN_KIND)
-        return [Partition(index=i, source=u, params=(group.url,)) for i, u in enumerate(input_parts([scan], SCAN_KIND))]
+        threshold = (read_run_record(group.url).extra.get("clip_threshold") or [None])[0]
+        parts = input_parts([scan], SCAN_KIND)
+        return [Partition(index=i, source=u, params=(group.url, threshold)) for i, u in enumerate(parts)]
 
     def run_partition(self, config: FilterConfig, partition: Partition, out: str) -> PartitionResult:
-        (group_url,) = partition.params
+        group_url, threshold = partition.params
         phases = Phases.of(group_url)
         p = partition.index
         # GROUP's drops among this part's rows: one small read of each bucket file that has them
         files = phases.files(EXACT_KIND, DECISIONS_TABLE) + phases.files(RESOLVE_KIND, DECISIONS_TABLE)
         if config.rebalance or config.filters_clip:
-            files += phases.files(GROUP_KIND, DECISIONS_TABLE)
+            files += phases.files(OVERCAP_KIND, DECISIONS_TABLE)
         decisions = buckets.read_all(files, p, DECISIONS_SCHEMA)
         # conform: a scan part from before a column was added (a run resumed across an upgrade)
         scan = conform(read_part(partition.source), SCAN_SCHEMA)
+        if threshold is not None:
+            decisions = pa.concat_tables([decisions, low_score_decisions(scan, decisions, threshold)])
         table, counts = decide_table(scan, decisions)
         overlap = Counter()
         for reason, n in counts.items():
@@ -1382,8 +1745,15 @@ SCAN = FilterScan()
 EXACT = FilterExact()
 NODES = FilterNodes()
 EDGES = FilterEdges()
+STAR = FilterStar()
+COMPONENTS = FilterComponents()
 LINKS = FilterLinks()
 RESOLVE = FilterResolve()
+QUERIES = FilterQueries()
+JOIN = FilterJoin()
+CAPS = FilterCaps()
+OVERCAP = FilterOverCap()
+THRESHOLD = FilterThreshold()
 GROUP = FilterGroup()
 DECIDE = FilterDecide()
 # (stage, subfolder of OUT): run in order, each with the previous phase's finished ref as input.
@@ -1392,8 +1762,15 @@ FILTER_PHASES: list[tuple[Any, str]] = [
     (EXACT, "_exact"),
     (NODES, "_nodes"),
     (EDGES, "_edges"),
+    (STAR, "_star"),  # repeats: _star/r000, r001… until the components are stars
+    (COMPONENTS, "_components"),
     (LINKS, "_links"),
     (RESOLVE, "_resolve"),
+    (QUERIES, "_queries"),  # --rebalance: QUERIES, JOIN, CAPS, OVERCAP
+    (JOIN, "_join"),
+    (CAPS, "_caps"),
+    (OVERCAP, "_overcap"),  # and the CLIP threshold: OVERCAP, THRESHOLD, GROUP
+    (THRESHOLD, "_threshold"),
     (GROUP, "_group"),
     (DECIDE, ""),
 ]

@@ -246,3 +246,76 @@ def leaders(rank: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     by_rank[rank] = np.arange(n)  # rank -> node
     joined = joins[rank].astype(np.int64)  # per node, the rank of its leader
     return np.where(joined >= 0, by_rank[np.maximum(joined, 0)], -1)
+
+
+# ---------------------------------------------------------------------------------------------
+# connected components at any size: large-star and small-star rounds (Kiveris et al., 2014)
+
+
+def star_round(u: np.ndarray, v: np.ndarray, large: bool) -> tuple[np.ndarray, np.ndarray, int]:
+    """One round of the alternating large-star / small-star algorithm on the arcs ``(u, v)`` of the
+    nodes at hand (both directions of every edge that touches them; repeats are fine).
+
+    Returns the round's edges ``(x, y)`` (undirected: the caller sends each to both ends) and how
+    many of the nodes at hand are *open*: neither a centre (every neighbour larger) nor a leaf
+    (one neighbour, smaller). With no open node anywhere every component is a star around its
+    smallest node, and a round gives back the edges it was given: that is convergence.
+
+    - large star: each node ``u`` links its larger neighbours to ``m``, the smallest of ``u`` and
+      its neighbours;
+    - small star: each node ``u`` links itself and its smaller neighbours to the smallest of them.
+
+    Both keep the components; alternated, every component becomes a star in O(log² n) rounds
+    (each round is one pass over the edges, grouped by node, so it splits into node buckets).
+    """
+    u = np.asarray(u, dtype=np.uint64)
+    v = np.asarray(v, dtype=np.uint64)
+    order = np.lexsort((v, u))
+    u, v = u[order], v[order]
+    keep = np.ones(len(u), dtype=bool)
+    keep[1:] = (u[1:] != u[:-1]) | (v[1:] != v[:-1])
+    u, v = u[keep], v[keep]
+    first = np.ones(len(u), dtype=bool)
+    first[1:] = u[1:] != u[:-1]
+    group = np.cumsum(first) - 1
+    smaller = v < u
+    n_small = np.bincount(group, weights=smaller, minlength=int(first.sum()))
+    n_all = np.bincount(group, minlength=int(first.sum()))
+    open_ = int((~((n_small == 0) | ((n_small == 1) & (n_all == 1)))).sum())
+    if large:
+        # sorted by (u, v): a node's smallest neighbour is its first arc's
+        m = np.minimum(u[first], v[first])[group]
+        sel = v > u
+        return v[sel], m[sel], open_
+    us, vs = u[smaller], v[smaller]
+    if not len(us):
+        return us, vs, open_
+    head = np.ones(len(us), dtype=bool)
+    head[1:] = us[1:] != us[:-1]
+    m = vs[head][np.cumsum(head) - 1]  # the smallest smaller neighbour of each arc's node
+    sel = vs != m
+    return np.concatenate([vs[sel], us[head]]), np.concatenate([m[sel], vs[head]]), open_
+
+
+def star_labels(u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(node, label)`` for the nodes of converged (star) arcs: each node's component is named by
+    its centre, the smallest node (a leaf's one neighbour; a centre's own value)."""
+    u = np.asarray(u, dtype=np.uint64)
+    v = np.asarray(v, dtype=np.uint64)
+    order = np.lexsort((v, u))
+    u, v = u[order], v[order]
+    first = np.ones(len(u), dtype=bool)
+    first[1:] = u[1:] != u[:-1]
+    return u[first], np.minimum(u[first], v[first])
+
+
+def components(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(node, label)`` of every node of the edges ``(a, b)``, in one process: the star rounds
+    run to convergence (the reference the bucketed rounds are tested against)."""
+    x, y = np.asarray(a, dtype=np.uint64), np.asarray(b, dtype=np.uint64)
+    for r in itertools.count():
+        u, v = np.concatenate([x, y]), np.concatenate([y, x])
+        x, y, open_ = star_round(u, v, large=r % 2 == 0)
+        if not open_:
+            return star_labels(u, v)
+    raise AssertionError("unreachable")

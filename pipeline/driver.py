@@ -29,7 +29,7 @@ from wit.manifests.options import Option
 from wit.manifests.runrecord import read_json
 from wit.manifests.stage import STAGE_PIN, config_dict, resolve_inputs
 from wit.pipeline import registry
-from wit.pipeline.executor import EXECUTORS, PartSpec, run_phases
+from wit.pipeline.executor import EXECUTORS, PartSpec, phase_folders, run_phases
 from wit.pipeline.registry import StageSpec, load
 
 # Scheduling options: how the executor runs a stage's partitions (the same bytes out whichever).
@@ -152,24 +152,27 @@ def decide(
     want_inputs = [i.to_dict() for i in inputs]
     prev_out: dict | None = None  # the output of the phase before, which the next one reads
     finished_all, partial = True, False
-    for k, (phase, sub) in enumerate(spec.phase_names()):
-        url = storage.join(out, sub) if sub else out
-        # a later phase of a partial run: its input is not known yet, so it is not compared
-        expect_inputs = want_inputs if k == 0 else ([prev_out] if prev_out else None)
-        rec = _read_json_or_none(storage.join(url, "_run.json"))
-        if rec is not None:
-            why = _compare(spec, phase, want_config, expect_inputs, rec, url)
-            if why:
-                return Decision("run", why, clear=True)
-            prev_out, partial = rec.get("output"), True
-            continue
-        finished_all, prev_out = False, None
-        pinned = _read_json_or_none(storage.join(url, _PIN))
-        if pinned is not None:
-            why = _compare(spec, phase, want_config, expect_inputs, pinned, url)
-            if why:
-                return Decision("run", why, clear=True)
-            partial = True
+    first = True
+    for phase, sub, stage in spec.phase_names():
+        # a phase's folder, or a repeating phase's rounds (as far as they have gone)
+        for url in phase_folders(stage, sub, out) if stage is not None else [out]:
+            # a later phase of a partial run: its input is not known yet, so it is not compared
+            expect_inputs = want_inputs if first else ([prev_out] if prev_out else None)
+            first = False
+            rec = _read_json_or_none(storage.join(url, "_run.json"))
+            if rec is not None:
+                why = _compare(spec, phase, want_config, expect_inputs, rec, url)
+                if why:
+                    return Decision("run", why, clear=True)
+                prev_out, partial = rec.get("output"), True
+                continue
+            finished_all, prev_out = False, None
+            pinned = _read_json_or_none(storage.join(url, _PIN))
+            if pinned is not None:
+                why = _compare(spec, phase, want_config, expect_inputs, pinned, url)
+                if why:
+                    return Decision("run", why, clear=True)
+                partial = True
     if finished_all:
         return Decision("skip", "finished")
     if partial:

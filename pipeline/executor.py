@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import multiprocessing
 import sys
+from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,7 @@ from tqdm import tqdm
 
 from wit.manifests import storage
 from wit.manifests.manifest import ManifestRef
+from wit.manifests.runrecord import read_run_record
 from wit.manifests.stage import (
     Partition,
     Stage,
@@ -174,6 +176,28 @@ def _run_pool(stage: Stage, config: Any, todo: list[Partition], out: str, worker
             raise
 
 
+MAX_ROUNDS = 1000  # a repeating phase that has not converged by then is a bug, not a big input
+
+
+def phase_folders(stage: Stage, sub: str, out: str) -> Iterator[str]:
+    """The folders of one phase: ``out/sub`` (``out`` for ``""``), or, for a phase that repeats
+    (``stage.repeats``, e.g. filter's connected-component rounds), its rounds ``out/sub/r000``,
+    ``r001``…: the next round comes once a round has finished and ``stage.another_round(url)``
+    says its output has not converged. The generator stops at the first unfinished round (after
+    yielding it), so a caller that runs each folder it gets, and one that only reads the run
+    records (the driver's skip-or-resume decision), see the same rounds.
+    """
+    if not getattr(stage, "repeats", False):
+        yield storage.join(out, sub) if sub else out
+        return
+    for r in range(MAX_ROUNDS):
+        url = storage.join(out, sub, f"r{r:03d}")
+        yield url
+        if read_run_record(url) is None or not stage.another_round(url):
+            return
+    raise StageError(f"{stage.name}: no convergence after {MAX_ROUNDS} rounds in {storage.join(out, sub)}")
+
+
 def run_phases(
     phases: list[tuple[Stage, str]],
     config: Any,
@@ -188,18 +212,19 @@ def run_phases(
     """Run a stage made of phases in order, each reading the previous one's output.
 
     ``phases`` pairs each stage with its subfolder of ``out`` (``""`` for the final output;
-    intermediates go to ``_name`` folders, which verify leaves to their own run records). Only the
-    first phase is sliced by ``part``: later phases need the whole of the phase before, so the
-    slice that completes it runs them in full (they are idempotent, so two slices finishing at
-    once only repeat identical work).
+    intermediates go to ``_name`` folders, which verify leaves to their own run records). A
+    repeating phase runs round after round, each reading the round before (:func:`phase_folders`).
+    Only the first phase is sliced by ``part``: later phases need the whole of the phase before,
+    so the slice that completes it runs them in full (they are idempotent, so two slices
+    finishing at once only repeat identical work).
     """
     outcome = None
     for k, (stage, sub) in enumerate(phases):
-        phase_out = storage.join(out, sub) if sub else out
-        slice_ = part if k == 0 else PartSpec()
-        outcome = run_stage(stage, config, inputs, phase_out, workers, slice_, progress, executor, ray_address)
-        if not outcome.done:
-            return outcome
-        inputs = [outcome.ref]
+        for phase_out in phase_folders(stage, sub, out):
+            slice_ = part if k == 0 else PartSpec()
+            outcome = run_stage(stage, config, inputs, phase_out, workers, slice_, progress, executor, ray_address)
+            if not outcome.done:
+                return outcome
+            inputs = [outcome.ref]
     assert outcome is not None, "a stage needs at least one phase"
     return outcome

@@ -108,11 +108,12 @@ class StageSpec:
     def load_phases(self) -> list[tuple[Any, str]]:
         return list(load(self.phases))
 
-    def phase_names(self) -> list[tuple[str, str]]:
-        """(stage name in its run records, subfolder) of each phase; an entry stage is one phase."""
+    def phase_names(self) -> list[tuple[str, str, Any]]:
+        """(stage name in its run records, subfolder, stage) of each phase; an entry stage is one
+        phase (stage None)."""
         if self.phases is None:
-            return [(self.name, "")]
-        return [(stage.name, sub) for stage, sub in self.load_phases()]
+            return [(self.name, "", None)]
+        return [(stage.name, sub, stage) for stage, sub in self.load_phases()]
 
     def output_kind(self) -> str:
         return self.kind or self.load_phases()[-1][0].kind

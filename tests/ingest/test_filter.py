@@ -186,22 +186,23 @@ def test_rebalance_reapplies_the_per_query_cap(downloaded, filtered, tmp_path):
 
 
 def test_rebalance_without_a_curated_manifest_is_a_clear_error(downloaded, tmp_path):
-    from wit.ingest.filter import GROUP
+    from wit.ingest.filter import QUERIES
     from wit.manifests.manifest import ManifestRef
 
-    # the phases before GROUP, then GROUP's planning alone
-    run_phases(FILTER_PHASES[:-2], _config(downloaded), downloaded.downloaded, str(tmp_path / "f"))
+    # the phases up to RESOLVE, then the planning of the rebalance's first phase alone
+    upto = [i for i, (stage, _) in enumerate(FILTER_PHASES) if stage is QUERIES][0]
+    run_phases(FILTER_PHASES[:upto], _config(downloaded), downloaded.downloaded, str(tmp_path / "f"))
     resolved = ManifestRef(url=str(tmp_path / "f" / "_resolve"), kind="filter_resolve")
     cfg = _config(downloaded, rebalance=True)
-    parts = GROUP.partitions(cfg, [resolved])
-    assert parts[0].params[0] == downloaded.curated.url  # found up the lineage
+    parts = QUERIES.partitions(cfg, [resolved])
+    assert parts[0].params[1] == downloaded.curated.url  # found up the lineage
     # a scan output whose lineage is lost (its run record names no inputs)
     scan = tmp_path / "f" / "_scan"
     rec = json.loads((scan / "_run.json").read_text())
     rec["inputs"] = []
     (scan / "_run.json").write_text(json.dumps(rec))
     with pytest.raises(StageError, match="--curated"):
-        GROUP.partitions(cfg, [resolved])
+        QUERIES.partitions(cfg, [resolved])
 
 
 def test_reference_sets_in_clip_benchmark_layout(downloaded, tmp_path):

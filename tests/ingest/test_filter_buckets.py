@@ -189,3 +189,113 @@ def test_leader_rounds_match_the_sequential_rule(seed):
     rank = rng.permutation(n)
     rank[200:260] = np.sort(rank[200:260])
     assert neardup.leaders(rank, a, b).tolist() == _sequential_leaders(rank.tolist(), a.tolist(), b.tolist())
+
+
+def _union_find_labels(a, b) -> dict[int, int]:
+    parent: dict[int, int] = {}
+
+    def find(x):
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for x, y in zip(a, b, strict=True):
+        rx, ry = find(x), find(y)
+        if rx != ry:
+            parent[max(rx, ry)] = min(rx, ry)
+    smallest: dict[int, int] = {}
+    for x in parent:
+        smallest[find(x)] = min(smallest.get(find(x), x), x)
+    return {x: smallest[find(x)] for x in parent}
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_star_rounds_find_the_components(seed):
+    rng = np.random.default_rng(seed)
+    n = 400
+    a, b = rng.integers(0, n, 300), rng.integers(0, n, 300)
+    chain = rng.permutation(np.arange(1000, 1300))  # a long path in random node order: many rounds
+    a, b = np.concatenate([a, chain[:-1]]), np.concatenate([b, chain[1:]])
+    keep = a != b
+    a, b = a[keep].astype(np.uint64), b[keep].astype(np.uint64)
+    node, label = neardup.components(a, b)
+    assert dict(zip(node.tolist(), label.tolist(), strict=True)) == _union_find_labels(a.tolist(), b.tolist())
+
+
+def chain_rows(rng: random.Random, length: int) -> list[dict]:
+    """One chain of ``length`` hashes, each 3 bits from the one before (the ends far apart), in
+    random uid order, and a few random rows."""
+    code, codes = rng.getrandbits(64), []
+    for _ in range(length):
+        code = _flip(code, rng.sample(range(64), 3))
+        codes.append(code)
+    codes += [rng.getrandbits(64) for _ in range(20)]
+    return [
+        {"uid": f"{rng.getrandbits(64):016x}", "url": f"http://h/{i}", "sha256": f"{rng.getrandbits(256):064x}",
+         "phash": hash_hex(c), "reason": None}
+        for i, c in enumerate(codes)
+    ]  # fmt: skip
+
+
+def test_a_long_chain_takes_many_rounds_and_a_killed_round_resumes(tmp_path, monkeypatch):
+    from wit.ingest.filter import STAR
+    from wit.manifests.stage import StageError
+
+    rows = chain_rows(random.Random(7), 150)
+    config = FilterConfig(near_duplicate_distance=4, buckets=4)
+    want = group_decisions(pa.Table.from_pylist(rows), [], config)
+    assert sum(d.reason == "near_duplicate" for d in want.values()) > 40
+    expected = {r["uid"]: (None, None) for r in rows} | {u: (d.reason, d.duplicate_of) for u, d in want.items()}
+    parts = [rows[i::2] for i in range(2)]
+
+    clean = run_stage(GivenScan(parts, 4), config, [], str(tmp_path / "clean" / "_scan"), progress=False).ref
+    done = run_phases(FILTER_PHASES[1:], config, [clean], str(tmp_path / "clean"), progress=False)
+    assert _outcome(done.ref.url) == expected
+    rounds = sorted(p.name for p in (tmp_path / "clean" / "_star").iterdir())
+    assert len(rounds) >= 6 and rounds[0] == "r000"
+
+    # a kill in the fourth round: the run again resumes there and ends with the same bytes
+    real = type(STAR).run_partition
+
+    def dies_in_round_3(self, cfg, partition, out):
+        if partition.params[1] == 3 and partition.index == 2:
+            raise StageError("killed")
+        return real(self, cfg, partition, out)
+
+    scan = run_stage(GivenScan(parts, 4), config, [], str(tmp_path / "killed" / "_scan"), progress=False).ref
+    monkeypatch.setattr(type(STAR), "run_partition", dies_in_round_3)
+    with pytest.raises(StageError, match="killed"):
+        run_phases(FILTER_PHASES[1:], config, [scan], str(tmp_path / "killed"), progress=False)
+    assert not (tmp_path / "killed" / "_star" / "r004").exists()
+    monkeypatch.undo()
+    again = run_phases(FILTER_PHASES[1:], config, [scan], str(tmp_path / "killed"), workers=2, progress=False)
+    assert again.ref.digest == done.ref.digest
+
+
+@pytest.mark.parametrize("fraction,min_score", [(0.3, None), (0.55, -0.25), (None, 0.0), (1.0, None)])
+def test_the_clip_threshold_from_bucket_histograms_is_the_exact_quantile(tmp_path, fraction, min_score):
+    from wit.ingest.clipscore import score_threshold
+    from wit.manifests.runrecord import read_run_record
+
+    rng = random.Random(11)
+    rows = planted_rows(rng, [], n_random=200)
+    values = np.float32([-0.5, -0.25, -0.0, 0.0, 0.125, 0.3, 0.3, 0.3])  # ties, signed zeros, negatives
+    for i, r in enumerate(rows):
+        if r["reason"] is None:
+            r["clip_score"] = float(values[i % len(values)] if i % 3 == 0 else np.float32(rng.uniform(-1, 1)))
+    options = {"clip_checkpoint": "ckpt.pt", "clip_checkpoint_sha256": "0" * 64}
+    config = FilterConfig(**options, keep_top_fraction=fraction, min_clip_score=min_score)
+    dups = group_decisions(pa.Table.from_pylist(rows), [], config)
+    kept = [r for r in rows if r["reason"] is None and r["uid"] not in dups]
+    threshold = score_threshold([r["clip_score"] for r in kept], min_score, fraction)
+    low = {r["uid"] for r in kept if r["clip_score"] < threshold}
+    assert len(low) < len(kept) and (low or fraction == 1.0)  # 1.0: everything stays
+    parts = [rows[i::3] for i in range(3)]
+    for count in (1, 4):
+        cfg = FilterConfig(**options, keep_top_fraction=fraction, min_clip_score=min_score, buckets=count)
+        scan = run_stage(GivenScan(parts, count), cfg, [], str(tmp_path / f"b{count}" / "_scan"), progress=False).ref
+        done = run_phases(FILTER_PHASES[1:], cfg, [scan], str(tmp_path / f"b{count}"), progress=False)
+        got = {u for u, (reason, _) in _outcome(done.ref.url).items() if reason == "low_clip_score"}
+        assert got == low, count
+        assert read_run_record(str(tmp_path / f"b{count}" / "_group")).extra["clip_threshold"] == [threshold]
