@@ -1087,15 +1087,15 @@ class FilterEdges:
         )
         a = np.concatenate([p for p, _ in found]) if found else np.empty(0, np.uint64)
         c = np.concatenate([q for _, q in found]) if found else np.empty(0, np.uint64)
-        files = [_write_arcs(out, b, a, c, phases.node_buckets(), ARCS_TABLE)]
+        files = [_write_arcs(out, b, a, c, phases.node_buckets())]
         return PartitionResult(counts={"records": records.num_rows, "edges": len(a)}, files=files)
 
 
-def _write_arcs(out: str, index: int, x: np.ndarray, y: np.ndarray, count: int, table: str):
-    """The edges ``(x, y)`` as arcs both ways, each in the node bucket of its first end."""
+def _write_arcs(out: str, index: int, x: np.ndarray, y: np.ndarray, count: int):
+    """The edges ``(x, y)`` as arcs both ways (``ARCS_TABLE``), each in the node bucket of its first end."""
     u, v = np.concatenate([x, y]), np.concatenate([y, x])
     arcs = pa.table({"u": pa.array(u, pa.uint64()), "v": pa.array(v, pa.uint64())}, schema=ARCS_SCHEMA)
-    return buckets.write(out, index, arcs, buckets.of_keys(u, count), count, table)
+    return buckets.write(out, index, arcs, buckets.of_keys(u, count), count, ARCS_TABLE)
 
 
 class FilterStar:
@@ -1118,20 +1118,19 @@ class FilterStar:
         ref = inputs[0]
         step = 0 if rec.output.kind == EDGES_KIND else rec.extra["round"][0] + 1
         count = Phases.of(ref.url).node_buckets()
-        return [Partition(index=b, source=ref.url, params=(b, step, rec.partitions)) for b in range(count)]
+        return [Partition(index=b, source=ref.url, params=(b, step, rec.partitions, count)) for b in range(count)]
 
     def another_round(self, url: str) -> bool:
         rec = read_run_record(url)
         return rec is not None and rec.counts.get("open_nodes", 0) > 0
 
     def run_partition(self, config: FilterConfig, partition: Partition, out: str) -> PartitionResult:
-        b, step, parts = partition.params
+        b, step, parts, count = partition.params
         arcs = buckets.read_all(buckets.file_urls(partition.source, ARCS_TABLE, parts), b, ARCS_SCHEMA)
         u, v = arcs.column("u").to_numpy(), arcs.column("v").to_numpy()
         del arcs
         x, y, open_ = neardup.star_round(u, v, large=step % 2 == 0)
-        count = Phases.of(partition.source).node_buckets()
-        files = [_write_arcs(out, b, x, y, count, ARCS_TABLE)]
+        files = [_write_arcs(out, b, x, y, count)]
         return PartitionResult(
             counts={"arcs_in": len(u), "edges_out": len(x), "open_nodes": open_},
             files=files,
@@ -1170,11 +1169,10 @@ class FilterComponents:
         a, c = u[one], v[one]
         edge_label = label[np.searchsorted(node, a)]
         nodes = read_part(storage.join(phases.urls[NODES_KIND], part_name(b)))  # this bucket's nodes
-        ph = nodes.column("phash").to_numpy()
-        at = np.minimum(np.searchsorted(node, ph), max(len(node) - 1, 0))
-        linked = (node[at] == ph) if len(node) else np.zeros(len(ph), dtype=bool)
-        linked_nodes = nodes.filter(pa.array(linked))
-        node_label = label[at[linked]]
+        labels = _lookup(node, pa.array(label, pa.uint64()), nodes.column("phash").to_numpy())
+        linked = pc.is_valid(labels)
+        linked_nodes = nodes.filter(linked)
+        node_label = labels.filter(linked).to_numpy()
         edges = pa.table({"u": pa.array(a, pa.uint64()), "v": pa.array(c, pa.uint64())}, schema=ARCS_SCHEMA)
         files = [
             buckets.write(out, b, linked_nodes, buckets.of_keys(node_label, count), count, COMPONENT_NODES_TABLE),
@@ -1534,9 +1532,7 @@ class FilterOverCap:
 
 def _ranked_scores(scores: pa.Array | pa.ChunkedArray, config: FilterConfig) -> np.ndarray:
     """The scores that take part in the ``--keep-top`` quantile: those at least ``--min-score``."""
-    s = scores.to_numpy().astype(np.float32) if isinstance(scores, pa.Array) else np.asarray(
-        scores.to_numpy(), dtype=np.float32
-    )  # fmt: skip
+    s = np.asarray(scores.to_numpy(), dtype=np.float32)
     return s[s >= np.float32(config.min_clip_score)] if config.min_clip_score is not None else s
 
 
@@ -1562,10 +1558,11 @@ class FilterThreshold:
 
     def partitions(self, config: FilterConfig, inputs: list[ManifestRef]) -> list[Partition]:
         ref = _one_input(inputs, OVERCAP_KIND, "threshold")
-        target = _quantile_target(Phases.of(ref.url), config)
+        phases = Phases.of(ref.url)
+        target = _quantile_target(phases, config)
         if target is None:
             return _idle(ref)
-        return [Partition(index=b, source=ref.url, params=(b, target[0])) for b in range(Phases.of(ref.url).buckets())]
+        return [Partition(index=b, source=ref.url, params=(b, target[0])) for b in range(phases.buckets())]
 
     def run_partition(self, config: FilterConfig, partition: Partition, out: str) -> PartitionResult:
         if partition.params[0] is None:
@@ -1626,16 +1623,11 @@ def over_cap_decisions(
 
 
 def rebalance_decisions(kept: list[str], queries: dict[str, list[str]], cap: int, seed: int) -> dict[str, Decision]:
-    """``over_cap`` for the kept uids that MetaCLIP's rule drops (curate's draw, counts over ``kept``)."""
-    from .curate import selection_draw
-
+    """``over_cap`` for the kept uids that MetaCLIP's rule drops (curate's draw, counts over ``kept``),
+    in one process: the reference of the bucketed JOIN, CAPS and OVERCAP."""
     counts = Counter(q for u in kept for q in (queries.get(u) or ()))
-    drops = {}
-    for u in kept:
-        qs = queries.get(u) or ()
-        if qs and not any(counts[q] <= cap or selection_draw(seed, u, q) < cap / counts[q] for q in qs):
-            drops[u] = Decision(OVER_CAP)
-    return drops
+    over = {q: n for q, n in counts.items() if n > cap}
+    return over_cap_decisions(kept, [queries.get(u) for u in kept], over, cap, seed)
 
 
 # ---------------------------------------------------------------------------------------------
