@@ -7,6 +7,7 @@ package versions and times. Lineage walks these records; verify recomputes what 
 
 from __future__ import annotations
 
+import functools
 import getpass
 import json
 import platform
@@ -38,13 +39,20 @@ def now() -> str:
 
 
 def package_versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
+    return dict(_package_versions(extra))
+
+
+@functools.lru_cache(maxsize=8)
+def _package_versions(extra: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    # Once per process: reading the installed metadata costs ~20 ms, and every phase's run
+    # record (a filter run writes a dozen and more) names the same versions.
     versions = {"python": platform.python_version()}
     for name in _VERSIONED + extra:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             continue
-    return versions
+    return tuple(versions.items())
 
 
 @dataclass(slots=True)
