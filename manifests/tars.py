@@ -1,5 +1,6 @@
-"""Fast reading of plain tar shards, shared by ``wit shard`` (which indexes downloaded shards) and
-``wit eval`` (which reads CLIP_benchmark-layout shards).
+"""Reading tar shards: fast header parsing for plain shards, shared by ``wit shard`` (which indexes
+downloaded shards) and ``wit eval`` (which reads CLIP_benchmark-layout shards), and a forward
+reader with byte offsets for ``wit train`` (:func:`stream_members`, which resumes mid-shard).
 
 tarfile's header parser costs ~80 µs a member, most of the time spent on a shard of small images.
 img2dataset, webdataset's writers and ``wit`` itself write plain ustar/GNU members, whose headers
@@ -11,9 +12,10 @@ from __future__ import annotations
 
 import io
 import mmap
+import tarfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from typing import Any, NamedTuple
+from typing import IO, Any, NamedTuple
 
 from . import storage
 
@@ -24,6 +26,40 @@ Read = Callable[[int, int], Any]  # (offset, size) -> a bytes-like of at most si
 
 class BadTar(ValueError):
     """A header that does not parse, or a member whose data the file ends inside."""
+
+
+class Item(NamedTuple):
+    """A file member read forward by :func:`stream_members`, with where it lies in the file."""
+
+    name: str
+    data: bytes
+    offset: int  # of its first header (a pax or GNU long-name header included)
+    end: int  # just past its data's padding: where the next member's header starts
+
+
+def stream_members(fh: IO[bytes], start: int = 0, compressed: bool = False) -> Iterator[Item]:
+    """The file members of the tar ``fh`` from byte ``start`` on (a header boundary a previous read
+    gave as ``offset`` or ``end``), read forward through tarfile's stream mode, so every header kind
+    tarfile knows works. A seekable handle seeks (an fsspec file then reads only from there); a
+    compressed archive has no byte to seek to and is read from its start, members before
+    ``start`` (offsets in the uncompressed stream) passed over. Raises ``tarfile.TarError`` on a
+    header that does not parse or a member cut short."""
+    base = 0
+    if start and not compressed:
+        fh.seek(start)
+        base = start
+    tar = tarfile.open(fileobj=fh, mode="r|*" if compressed else "r|")
+    for member in tar:
+        if member.offset + base < start:
+            continue
+        if not member.isfile():
+            continue
+        got = tar.extractfile(member)
+        data = got.read() if got is not None else b""
+        if len(data) != member.size:
+            raise tarfile.ReadError(f"unexpected end of data in {member.name}")
+        end = member.offset_data + member.size + (-member.size % BLOCK)
+        yield Item(member.name, data, base + member.offset, base + end)
 
 
 class Member(NamedTuple):

@@ -10,6 +10,11 @@ pretrained=path)`` loads it. Beside it, ``wit`` holds what makes the file self-d
      "optimizer": ..., "scaler": ..., "rng": ..., "stream": ...}   # training state, for resume
 
 Only tensors, numbers, strings, lists, tuples and dicts go in, so ``weights_only=True`` can load it.
+
+The trainer writes ``step-N.pt`` and then, once it is committed, a sidecar ``step-N.pt.json`` =
+``{"sha256": ..., "bytes": ...}`` (the digest computed from the bytes while they were in memory): a
+sidecar implies its checkpoint is complete, and the run record takes the digest from it instead of
+reading the checkpoint back. :class:`CheckpointWriter` does that upload on a background thread.
 """
 
 from __future__ import annotations
@@ -17,8 +22,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import pickle
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,13 +42,126 @@ class CheckpointError(ValueError):
     """Not a loadable checkpoint: unreadable, another format, or another architecture."""
 
 
-def save_checkpoint(url: str, payload: dict[str, Any]) -> str:
-    """Write atomically (never a half-written checkpoint visible); returns its sha256."""
+SIDECAR = ".json"  # step-N.pt -> step-N.pt.json
+
+
+def serialize_checkpoint(payload: dict[str, Any]) -> tuple[bytes, str]:
+    """The bytes of the checkpoint file and their sha256: a snapshot, the payload may change after."""
     buf = io.BytesIO()
     torch.save(payload, buf)
     data = buf.getvalue()
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def save_checkpoint(url: str, payload: dict[str, Any]) -> str:
+    """Write atomically (never a half-written checkpoint visible); returns its sha256."""
+    data, sha = serialize_checkpoint(payload)
     storage.write_bytes(url, data)
-    return hashlib.sha256(data).hexdigest()
+    return sha
+
+
+def sidecar_url(url: str) -> str:
+    return url + SIDECAR
+
+
+def sidecar_bytes(sha256: str, size: int) -> bytes:
+    return json.dumps({"sha256": sha256, "bytes": size}, sort_keys=True).encode()
+
+
+def read_sidecar(url: str) -> tuple[dict | None, bytes | None]:
+    """The checkpoint ``url``'s sidecar, parsed (None if absent or malformed), and its raw bytes
+    (None if absent)."""
+    try:
+        raw = storage.read_bytes(sidecar_url(url))
+    except storage.StorageError:
+        return None, None
+    try:
+        info = json.loads(raw)
+        ok = isinstance(info, dict) and isinstance(info.get("sha256"), str) and isinstance(info.get("bytes"), int)
+    except ValueError:
+        ok = False
+    return (info if ok else None), raw
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointDigest:
+    sha256: str  # of the checkpoint file
+    bytes: int
+    sidecar_sha256: str  # of its sidecar file, which is a file of the output too
+    sidecar_bytes: int
+
+
+def checkpoint_digest(url: str) -> CheckpointDigest:
+    """The sha256 and size of the committed checkpoint ``url``, from its sidecar: the checkpoint is
+    not read. One without a usable sidecar (written by an older wit) is read and hashed once, and
+    gets its sidecar."""
+    info, raw = read_sidecar(url)
+    if info is None:
+        sha, size = storage.sha256_url(url), storage.size(url)
+        raw = sidecar_bytes(sha, size)
+        storage.write_bytes(sidecar_url(url), raw)
+        info = {"sha256": sha, "bytes": size}
+    return CheckpointDigest(info["sha256"], info["bytes"], hashlib.sha256(raw).hexdigest(), len(raw))
+
+
+def write_checkpoint(url: str, data: bytes, sha256: str) -> None:
+    """Commit serialised checkpoint bytes, then their sidecar. A sidecar left by an earlier file of
+    the same name goes first: it must never vouch for other bytes, even if this write is killed."""
+    side = sidecar_url(url)
+    if storage.exists(side):
+        storage.remove(side)
+    storage.write_bytes(url, data)
+    storage.write_bytes(side, sidecar_bytes(sha256, len(data)))
+
+
+class CheckpointWriter:
+    """Uploads checkpoints on one background thread, so the ranks keep training while rank 0 uploads.
+
+    At most one upload is in flight: :meth:`submit` first waits for the previous one. An upload's
+    error is raised again by the next :meth:`submit` or :meth:`wait` (never lost); call
+    :meth:`wait` before relying on the files (the run record). ``then`` runs on the same thread
+    after a successful upload (pruning old checkpoints).
+    """
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._url = ""
+
+    def submit(self, url: str, data: bytes, sha256: str, then: Callable[[], None] | None = None) -> None:
+        self.wait()
+        self._url = url
+        self._thread = threading.Thread(
+            target=self._run, args=(url, data, sha256, then), name="wit-checkpoint-writer", daemon=False
+        )  # not a daemon: an exception on the training thread still lets the upload finish
+        self._thread.start()
+
+    def _run(self, url: str, data: bytes, sha256: str, then: Callable[[], None] | None) -> None:
+        try:
+            write_checkpoint(url, data, sha256)
+            if then is not None:
+                then()
+        except BaseException as exc:  # noqa: BLE001 - handed to the training thread by wait()
+            self._error = exc
+
+    def check(self) -> None:
+        """Raise the error of an upload that has finished and failed; never waits."""
+        if self._thread is not None and not self._thread.is_alive():
+            self.wait()
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def wait(self) -> None:
+        """Block until the upload in flight (if any) is done; raise its error if it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            exc, self._error = self._error, None
+            exc.add_note(f"while writing checkpoint {self._url} in the background")
+            raise exc
 
 
 def load_checkpoint(url: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -30,7 +30,7 @@ class TrainConfig:
     epochs: float | None = None  # passes over the dataset (needs known shard sizes); default 1 epoch
     lr: float = 5e-4
     warmup: int = 0  # linear warm-up steps, then cosine decay to 0
-    weight_decay: float = 0.2  # not on gains, biases, embeddings, logit_scale
+    weight_decay: float = 0.2  # open_clip_train's rule: not on ndim < 2, *bn*, *ln*, *bias*, logit_scale
     beta1: float = 0.9
     beta2: float = 0.98
     eps: float = 1e-6
@@ -62,7 +62,7 @@ class TrainConfig:
         Option("epochs", "float", epochs, low=0, low_open=True),
         Option("lr", "float", lr, "Peak learning rate.", low=0, low_open=True),
         Option("warmup", "int", warmup, "Warm-up steps.", low=0),
-        Option("weight-decay", "float", weight_decay, "Not on gains, biases, embeddings.", low=0),
+        Option("weight-decay", "float", weight_decay, "Not on gains, biases, norms, logit_scale (open_clip).", low=0),
         Option("precision", "str", precision, choices=PRECISIONS),
         Option("loss", "str", loss, choices=LOSSES),
         Option("grad-accum", "int", grad_accum, "Micro-batches per step.", low=1),

@@ -13,13 +13,20 @@ Shards are opened through fsspec (``wit.manifests.storage.open_url``), never ``p
 Determinism is what makes exact resume possible. The order of raw samples that a DataLoader
 worker sees is a pure function of (seed, epoch, shard list, rank, world size, worker id):
 
-    epoch e:  shards --seeded shuffle(seed, e)--> every (R*W)-th shard for global worker g
-              --> tar --> samples --seeded buffer(seed, e, rank, worker)--> raw sample order
+    epoch e:  shards --seeded order(seed, e), computed once--> every (R*W)-th shard for global worker g
+              --> tar members read forward (byte offsets known) --> samples
+              --> chunks of `buffer` samples, each shuffled by a seed of where it starts --> raw order
 
-A stream position is therefore just ``(epoch, samples consumed in that epoch)`` per worker, and a
-resumed worker skips that many *undecoded* samples (cheap: no JPEG decode, no augmentation).
-Augmentation is seeded per sample by ``hash(seed, epoch, uid)``, so it does not depend on how
-many samples were skipped, on the worker, or on the rank.
+A worker's position is therefore (epoch, the item and byte its chunk starts at, samples of the
+chunk handed out, where the chunk's reading stopped). A resumed worker seeks to the chunk's start
+(an fsspec range read) and re-reads one chunk, never the epoch so far; a resampled worker's n-th
+shard draw is keyed by n, so it seeks too. Augmentation is seeded per sample by
+``hash(seed, epoch, uid)`` (resampled: by the draw), so it does not depend on the worker or rank.
+
+Resume with another world size or worker count (:func:`carry_over`): what the old workers had not
+read of the epochs in progress (whole shards, and shard tails from a byte offset) is split again
+over the new workers; the rest of an interrupted chunk is dropped, so each sample is still seen at
+most once per epoch.
 
 Workers form whole batches themselves (the last partial batch of a worker's epoch is dropped) and
 the DataLoader hands batches out round-robin, worker 0 first. After ``n`` batches the next one
@@ -27,32 +34,36 @@ comes from worker ``n % W``; on resume the physical worker ``p`` plays logical w
 ``(p + n) % W`` so the round-robin continues where it stopped.
 
 A sample whose image or text does not decode is skipped, counted, and travels to the trainer
-with the next batch as ``(uid, shard, reason)``; a tar that cannot be read past some point is
-recorded the same way (``uid`` empty) and the worker goes on with its next shard.
+with the next batch as ``(uid, shard, reason)``. A shard read that fails (storage, network) is
+retried from its last whole sample with back-off (``WIT_READ_TRIES``, ``WIT_READ_BACKOFF_S``);
+after the last try, and at once for a tar that does not parse, the rest of the shard is recorded
+the same way (``uid`` empty) and the worker goes on with its next shard: one bad shard never ends
+a run.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import io
 import itertools
 import json
 import random
 import tarfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import braceexpand
 import torch
-import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from wit.manifests import storage
 from wit.manifests.manifest import ManifestError, open_manifest
 from wit.manifests.runrecord import read_run_record
+from wit.manifests.tars import stream_members
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 TEXT_KEYS = ("txt", "text")
@@ -86,6 +97,15 @@ class Source:
         counts = [s.samples for s in self.shards]
         return None if any(c is None for c in counts) else sum(counts)
 
+    def __reduce__(self):
+        # broadcast to every rank: two plain lists pickle ~10x faster than 100k slotted dataclasses
+        urls, sizes = [s.url for s in self.shards], [s.samples for s in self.shards]
+        return _source, (self.url, urls, sizes, self.digest, self.is_wit_dataset)
+
+
+def _source(url: str, urls: list[str], sizes: list[int | None], digest: str | None, is_wit: bool) -> Source:
+    return Source(url, tuple(map(Shard, urls, sizes)), digest, is_wit)
+
 
 def resolve_sources(dataset: str | Sequence[str]) -> list[Source]:
     """``A::B`` or a list of shard URLs -> the sources, each with its shards in a fixed order."""
@@ -101,7 +121,7 @@ def resolve_source(url: str) -> Source:
     if "{" in url or url.endswith(".tar") or url.endswith(".tar.gz"):
         shards = tuple(Shard(u) for u in _expand(url))
         sizes = _sizes_json(storage.join(_parent(shards[0].url), "sizes.json")) if shards else {}
-        return Source(url=url, shards=tuple(Shard(s.url, sizes.get(storage.basename(s.url))) for s in shards))
+        return Source(url=url, shards=tuple(Shard(s.url, sizes.get(s.url.rsplit("/", 1)[-1])) for s in shards))
     url = storage.normalize(url)
     if not storage.isdir(url):
         raise StreamError(f"{url}: no such dataset folder (give a folder, a brace pattern or .tar URLs)")
@@ -169,10 +189,26 @@ def dataset_digest(sources: Sequence[Source]) -> str | None:
 # -------------------------------------------------------------------------------------------------
 # the order of samples: a pure function of the plan, the epoch and the worker
 
+Item = tuple[int, int]  # (index into the plan's shards, byte offset in that shard where reading starts)
+
+
+@functools.lru_cache(maxsize=4)
+def _shard_order(seed: int, epoch: int, n: int, shuffle: bool) -> tuple[int, ...]:
+    """The shards' order in one epoch: computed once per process and epoch, O(shards)."""
+    order = list(range(n))
+    if shuffle:
+        random.Random(f"{seed}:shards:{epoch}").shuffle(order)
+    return tuple(order)
+
 
 @dataclass(frozen=True, slots=True)
 class StreamPlan:
-    """Everything the order of samples depends on."""
+    """Everything the order of samples depends on.
+
+    ``carry`` holds, for the epochs a resume with another world size or worker count was in the
+    middle of, the items left unread then, which the new layout splits among its workers in
+    place of the epoch's usual shards; ``generation`` counts such resumes (resampled draws and
+    chunk shuffles are keyed by it, so a new layout never replays an old one's draws)."""
 
     sources: tuple[Source, ...]
     seed: int = 0
@@ -183,6 +219,8 @@ class StreamPlan:
     buffer: int = 1000
     resampled: bool = False
     weights: tuple[float, ...] | None = None
+    carry: dict[int, tuple[Item, ...]] = field(default_factory=dict)
+    generation: int = 0
 
     def __post_init__(self) -> None:
         if self.weights is not None and len(self.weights) != len(self.sources):
@@ -201,30 +239,41 @@ class StreamPlan:
     def shards(self) -> tuple[Shard, ...]:
         return tuple(s for src in self.sources for s in src.shards)
 
+    @property
+    def workers_total(self) -> int:
+        return self.world_size * self.workers
+
     def global_worker(self, worker: int) -> int:
         return self.rank * self.workers + worker
 
-    def epoch_shards(self, epoch: int, worker: int) -> list[Shard]:
-        """The shards one worker reads in one epoch (not resampled)."""
-        shards = list(self.shards)
-        if self.shuffle:
-            random.Random(f"{self.seed}:shards:{epoch}").shuffle(shards)
-        return shards[self.global_worker(worker) :: self.world_size * self.workers]
+    def schedule(self, epoch: int, worker: int, shards: int | None = None) -> list[Item]:
+        """The items one worker reads in one epoch (not resampled): every (R*W)-th shard of the
+        epoch's seeded order, or its share of the epoch's carried-over items."""
+        g, total = self.global_worker(worker), self.workers_total
+        if epoch in self.carry:
+            return list(self.carry[epoch][g::total])
+        n = shards if shards is not None else sum(len(s.shards) for s in self.sources)
+        return [(i, 0) for i in _shard_order(self.seed, epoch, n, self.shuffle)[g::total]]
 
-    def resampled_shards(self, worker: int) -> Iterator[Shard]:
-        """An endless weighted draw of shards (with replacement) for one worker."""
-        rng = random.Random(f"{self.seed}:resample:{self.global_worker(worker)}")
+    def epoch_shards(self, epoch: int, worker: int) -> list[Shard]:
+        shards = self.shards
+        return [shards[i] for i, _ in self.schedule(epoch, worker, len(shards))]
+
+    def draw(self, worker: int, n: int) -> int:
+        """The shard index of a worker's ``n``-th draw when resampled (with replacement, weighted):
+        keyed by (seed, generation, global worker, n), so a resumed worker seeks to any draw."""
+        rng = random.Random(f"{self.seed}:resample:{self.generation}:{self.global_worker(worker)}:{n}")
         weights = self.weights or tuple(float(s.samples or len(s.shards)) for s in self.sources)
         if all(s.samples for s in self.sources):
             # weights are shares of *samples*: a source of big shards is drawn less often per shard
             weights = tuple(w * len(s.shards) / s.samples for w, s in zip(weights, self.sources, strict=True))
-        while True:
-            src = rng.choices(self.sources, weights=weights)[0]
-            yield rng.choice(src.shards)
+        k = rng.choices(range(len(self.sources)), weights=weights)[0]
+        return sum(len(s.shards) for s in self.sources[:k]) + rng.randrange(len(self.sources[k].shards))
 
-    def samples_per_epoch(self, worker: int, epoch: int = 0) -> int | None:
-        counts = [s.samples for s in self.epoch_shards(epoch, worker)]
-        return None if any(c is None for c in counts) else sum(counts)
+    def chunk_rng(self, epoch: int, worker: int, item: int, offset: int) -> random.Random:
+        """The shuffle of the chunk that starts at (item, offset): a pure function of where it starts."""
+        g = self.global_worker(worker)
+        return random.Random(f"{self.seed}:chunk:{self.generation}:{epoch}:{g}:{item}:{offset}")
 
 
 @dataclass(slots=True)
@@ -234,74 +283,198 @@ class Skipped:
     reason: str
 
 
-class _ErrorLog:
-    """webdataset's ``handler=``: a tar that breaks off is recorded and the stream goes on; any other
-    error (storage, network) is raised, never swallowed — a silently shorter epoch breaks resume."""
-
-    def __init__(self) -> None:
-        self.items: list[Skipped] = []
-
-    def __call__(self, exn: BaseException) -> bool:
-        if isinstance(exn, tarfile.TarError):
-            # tar_file_expander appends (stream, url) to the exception's args
-            url = exn.args[-1] if exn.args and isinstance(exn.args[-1], str) else ""
-            why = str(exn.args[0]).split(" @ ")[0] if exn.args else type(exn).__name__
-            self.items.append(Skipped(uid="", shard=url, reason=f"unreadable tar: {why}"))
-            return True
-        raise exn
-
-    def drain(self) -> list[Skipped]:
-        items, self.items = self.items, []
-        return items
+def _retries() -> tuple[int, float]:
+    """(tries, first back-off in seconds) for a shard read that fails: ``WIT_READ_TRIES`` (default 4)
+    and ``WIT_READ_BACKOFF_S`` (default 0.5, doubled each try)."""
+    return int(storage.env_number("WIT_READ_TRIES", 4, integer=True)), storage.env_number("WIT_READ_BACKOFF_S", 0.5)
 
 
-def _open_shards(shards: Iterator[Shard], opened: list[str]) -> Iterator[dict]:
-    for shard in shards:
-        opened.append(shard.url)
-        with storage.open_url(shard.url, "rb") as fh:
-            yield {"url": shard.url, "stream": fh}
+# what a failed read of a shard can raise (s3fs and fsspec turn their errors into OSError)
+READ_ERRORS = (OSError, EOFError, storage.StorageError)
 
 
-def _shuffled(samples: Iterator[dict], rng: random.Random | None, size: int) -> Iterator[dict]:
-    """A seeded shuffle buffer: a pure function of (input order, rng seed, size)."""
-    if rng is None or size <= 1:
-        yield from samples
-        return
-    buf: list[dict] = []
-    for sample in samples:
-        if len(buf) < size:
-            buf.append(sample)
-            continue
-        i = rng.randrange(size)
-        buf[i], sample = sample, buf[i]
-        yield sample
-    rng.shuffle(buf)
-    yield from buf
+def _split_name(name: str) -> tuple[str, str]:
+    """webdataset's key and extension of a member name: ``a/b.c.jpg`` -> (``a/b``, ``c.jpg``)."""
+    folder, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
-def raw_samples(
+def _shard_samples(url: str, start: int, skipped: list[Skipped]) -> Iterator[dict]:
+    """The samples of one shard from byte ``start``: ``{__key__, __url__, ext: bytes..., _offset,
+    _end}``. A read error (storage, network) is retried from the last whole sample, with back-off;
+    after the last try, and on a tar that does not parse, the rest of the shard is recorded in
+    ``skipped`` and the reader goes on with the next shard. A sample with a repeated member name
+    is recorded and left out."""
+    tries, backoff = _retries()
+    resume_at, attempt = start, 0
+    compressed = url.endswith((".gz", ".tgz", ".bz2", ".xz"))
+    while True:
+        current: dict | None = None
+        try:
+            with storage.open_url(url, "rb") as fh:
+                for item in stream_members(fh, resume_at, compressed):
+                    key, ext = _split_name(item.name)
+                    if key.startswith("__") or not ext:
+                        continue  # webdataset's meta members
+                    if current is not None and key != current["__key__"]:
+                        yield _finish(current, skipped)
+                        resume_at, attempt = current["_end"], 0
+                        current = None
+                    if current is None:
+                        current = {"__key__": key, "__url__": url, "_offset": item.offset, "_dup": None}
+                    if ext in current:
+                        current["_dup"] = current["_dup"] or ext
+                    current[ext] = item.data
+                    current["_end"] = item.end
+            if current is not None:
+                yield _finish(current, skipped)
+            return
+        except tarfile.TarError as exc:
+            if current is not None:
+                resume_at = current["_offset"]  # the sample being read is lost with the rest
+            skipped.append(Skipped("", url, f"unreadable tar from byte {resume_at}: {exc}"))
+            return
+        except READ_ERRORS as exc:
+            attempt += 1
+            if attempt >= tries:
+                why = f"{type(exc).__name__}: {str(exc)[:200]}"
+                skipped.append(Skipped("", url, f"unreadable shard from byte {resume_at} after {tries} tries: {why}"))
+                return
+            time.sleep(backoff * 2 ** (attempt - 1))
+
+
+def _finish(sample: dict, skipped: list[Skipped]) -> dict:
+    dup = sample.pop("_dup")
+    if dup:
+        skipped.append(Skipped(sample["__key__"], sample["__url__"], f"duplicate member {dup!r} in the sample"))
+        sample["_bad"] = True
+    return sample
+
+
+@dataclass(slots=True)
+class Position:
+    """Where one logical worker stands: the chunk it is in (the item and byte it starts at), how
+    many of the chunk's samples it has handed out, and where reading the chunk stopped (None
+    before the chunk is read). A resumed worker seeks to the chunk's start and re-reads one chunk."""
+
+    epoch: int = 0
+    item: int = 0
+    offset: int | None = None  # None: the item's own start
+    taken: int = 0
+    end: tuple[int, int] | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "item": self.item,
+            "offset": self.offset,
+            "taken": self.taken,
+            "end": list(self.end) if self.end else None,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Position:
+        if not isinstance(d, dict):
+            raise StreamError("the checkpoint's stream position is from an older wit; it cannot resume exactly")
+        end = d.get("end")
+        return cls(int(d["epoch"]), int(d["item"]), d.get("offset"), int(d["taken"]), tuple(end) if end else None)
+
+
+def _worker_samples(
     plan: StreamPlan,
-    epoch: int,
     worker: int,
-    errors: _ErrorLog | None = None,
-    opened: list[str] | None = None,
-) -> Iterator[dict]:
+    pos: Position,
+    skipped: list[Skipped],
+    opened: list[str],
+) -> Iterator[tuple[dict, Position]]:
+    """(undecoded sample, the position after it) for one worker from ``pos`` on, through epochs
+    (endless when resampled). Samples are read forward and shuffled in chunks of ``buffer``
+    samples, each chunk by a seed of where it starts, so a position is (chunk start, taken)."""
+    shards = plan.shards
+    size = max(1, plan.buffer)
+    epoch, item, offset, taken = pos.epoch, pos.item, pos.offset, pos.taken
+    while True:
+        sched = None if plan.resampled else plan.schedule(epoch, worker, len(shards))
+
+        def at(i: int, sched=sched) -> Item | None:
+            if sched is None:
+                return plan.draw(worker, i), 0
+            return sched[i] if i < len(sched) else None
+
+        def read(i: int, off: int | None) -> Iterator[dict]:
+            while (it := at(i)) is not None:
+                shard = shards[it[0]]
+                opened.append(shard.url)
+                for sample in _shard_samples(shard.url, it[1] if off is None else off, skipped):
+                    sample["_item"] = i
+                    yield sample
+                i, off = i + 1, None
+
+        reader = read(item, offset)
+        while True:
+            chunk = list(itertools.islice(reader, size))
+            if not chunk:
+                break
+            last = chunk[-1]
+            end = (last["_item"], last["_end"])
+            if plan.shuffle:
+                start = offset if offset is not None else (at(item) or (0, 0))[1]
+                plan.chunk_rng(epoch, worker, item, start).shuffle(chunk)
+            for k in range(taken, len(chunk)):
+                if k + 1 == len(chunk):
+                    after = Position(epoch, end[0], end[1], 0, None)
+                else:
+                    after = Position(epoch, item, offset, k + 1, end)
+                yield chunk[k], after
+            item, offset, taken = end[0], end[1], 0
+            if len(chunk) < size:
+                break
+        if plan.resampled:
+            raise StreamError("resampled stream ended")  # unreachable: draws are endless
+        epoch, item, offset, taken = epoch + 1, 0, None, 0
+
+
+def raw_samples(plan: StreamPlan, epoch: int, worker: int) -> Iterator[dict]:
     """The undecoded samples of one worker's epoch (endless when resampled), in their final order."""
-    errors = errors if errors is not None else _ErrorLog()
-    opened = opened if opened is not None else []
-    shards = plan.resampled_shards(worker) if plan.resampled else iter(plan.epoch_shards(epoch, worker))
-    rng = random.Random(f"{plan.seed}:buffer:{epoch}:{plan.rank}:{worker}") if plan.shuffle else None
-    return wds.DataPipeline(
-        # the shards of this worker for this epoch, in their seeded order
-        lambda: _open_shards(shards, opened),
-        # -> {url, stream}: open file handles through fsspec
-        lambda src: tar_file_expander(src, handler=errors),
-        # -> {fname, data}: tar members, an EOF marker between shards
-        lambda src: group_by_keys(src, handler=errors),
-        # -> {__key__, __url__, jpg, txt, json}: one undecoded sample
-        lambda src: _shuffled(src, rng, plan.buffer),
-        # -> the same samples in the seeded buffer's order: the order positions count in
-    ).iterator()
+    for sample, after in _worker_samples(plan, worker, Position(epoch), [], []):
+        if after.epoch != epoch:
+            return
+        if not sample.get("_bad"):
+            yield sample
+
+
+# -------------------------------------------------------------------------------------------------
+# a resume with another layout: the items left unread, split again
+
+
+def carry_over(old: StreamPlan, positions: Sequence[Position]) -> dict[int, tuple[Item, ...]]:
+    """The items the workers of ``old`` (``positions`` in global-worker order) had not read, per
+    epoch from the earliest any worker was in to the latest: a worker in an earlier epoch left
+    all of this one; the one in it, what follows its chunk (the chunk's samples it had not handed
+    out yet are dropped: at most ``buffer`` per worker, so each sample is still seen at most once
+    per epoch). A new layout splits these among its workers (``StreamPlan.carry``)."""
+    if len(positions) != old.workers_total:
+        raise StreamError(f"{len(positions)} positions for {old.workers_total} workers")
+    n = sum(len(s.shards) for s in old.sources)
+    first, last = min(p.epoch for p in positions), max(p.epoch for p in positions)
+    carry: dict[int, tuple[Item, ...]] = {}
+    for epoch in range(first, last + 1):
+        items: list[Item] = []
+        for g, p in enumerate(positions):
+            rank, worker = divmod(g, old.workers)
+            sched = dataclasses.replace(old, rank=rank).schedule(epoch, worker, n)
+            if p.epoch > epoch:
+                continue
+            if p.epoch < epoch:
+                items.extend(sched)
+                continue
+            i, off = p.end if p.end is not None else (p.item, p.offset)
+            if i < len(sched):
+                items.append((sched[i][0], sched[i][1] if off is None else off))
+                items.extend(sched[i + 1 :])
+        carry[epoch] = tuple(items)
+    return carry
 
 
 # -------------------------------------------------------------------------------------------------
@@ -312,9 +485,10 @@ class CorruptSample(ValueError):
     pass
 
 
-def sample_seed(seed: int, epoch: int, uid: str) -> int:
-    """The augmentation seed of one sample in one epoch: independent of worker, rank and skips."""
-    return int.from_bytes(hashlib.blake2b(f"{seed}:{epoch}:{uid}".encode(), digest_size=8).digest(), "little") >> 1
+def sample_seed(seed: int, draw: int | str, uid: str) -> int:
+    """The augmentation seed of one sample: by (epoch, uid), so independent of worker, rank and
+    skips; when resampled by the draw that brought it (a uid drawn twice gets two crops)."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{draw}:{uid}".encode(), digest_size=8).digest(), "little") >> 1
 
 
 @dataclass(slots=True)
@@ -336,7 +510,7 @@ class Decoder:
                 pass  # metadata is optional; the tar key is the uid then
         return sample["__key__"]
 
-    def __call__(self, sample: dict, epoch: int) -> tuple[str, torch.Tensor, str]:
+    def __call__(self, sample: dict, draw: int | str) -> tuple[str, torch.Tensor, str]:
         uid = self.uid(sample)
         img_key = next((k for k in IMAGE_KEYS if k in sample), None)
         txt_key = next((k for k in TEXT_KEYS if k in sample), None)
@@ -356,7 +530,7 @@ class Decoder:
             img = img.convert("RGB")
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             raise CorruptSample(f"image does not decode ({type(exc).__name__}: {str(exc)[:120]})") from exc
-        torch.manual_seed(sample_seed(self.seed, epoch, uid))
+        torch.manual_seed(sample_seed(self.seed, draw, uid))
         return uid, self.transform(img), text
 
 
@@ -366,34 +540,34 @@ class Decoder:
 
 @dataclass(slots=True)
 class StreamState:
-    """Where one rank's stream stands: per logical worker ``[epoch, raw samples consumed]``, and
-    how many batches this rank has taken (which fixes whose turn the next batch is)."""
+    """Where one rank's stream stands: a :class:`Position` per logical worker, and how many
+    batches this rank has taken (which fixes whose turn the next batch is)."""
 
-    positions: list[list[int]]
+    positions: list[Position]
     batches: int = 0
 
     @classmethod
-    def start(cls, workers: int) -> StreamState:
-        return cls(positions=[[0, 0] for _ in range(workers)])
+    def start(cls, workers: int, epoch: int = 0) -> StreamState:
+        return cls(positions=[Position(epoch) for _ in range(workers)])
 
     def advance(self, batch: dict) -> None:
-        self.positions[batch["worker"]] = [batch["epoch"], batch["consumed"]]
+        self.positions[batch["worker"]] = Position.from_dict(batch["position"])
         self.batches += 1
 
     @property
     def epoch(self) -> int:
-        return min(e for e, _ in self.positions)
+        return min(p.epoch for p in self.positions)
 
     def to_dict(self) -> dict:
-        return {"positions": [list(p) for p in self.positions], "batches": self.batches}
+        return {"positions": [p.to_dict() for p in self.positions], "batches": self.batches}
 
     @classmethod
     def from_dict(cls, d: dict) -> StreamState:
-        return cls(positions=[[int(e), int(c)] for e, c in d["positions"]], batches=int(d["batches"]))
+        return cls(positions=[Position.from_dict(p) for p in d["positions"]], batches=int(d["batches"]))
 
 
 class BatchStream(IterableDataset):
-    """Endless batches for one rank: ``{"images", "texts", "uids", "worker", "epoch", "consumed",
+    """Endless batches for one rank: ``{"images", "texts", "uids", "worker", "epoch", "position",
     "skipped", "opened"}``; starts at ``state`` (a fresh run: every worker at epoch 0, sample 0)."""
 
     def __init__(
@@ -419,53 +593,52 @@ class BatchStream(IterableDataset):
         if n != self.plan.workers:
             raise StreamError(f"DataLoader has {n} workers, the stream plan {self.plan.workers}")
         worker = (physical + self.state.batches) % n  # continue the round-robin where it stopped
-        epoch, skip = self.state.positions[worker]
-        while True:
-            yield from self._epoch(worker, epoch, skip)
-            if self.plan.resampled:
-                raise StreamError("resampled stream ended")  # unreachable: it is endless
-            epoch, skip = epoch + 1, 0
-
-    def _epoch(self, worker: int, epoch: int, skip: int) -> Iterator[dict]:
-        errors, opened = _ErrorLog(), []
-        raw = raw_samples(self.plan, epoch, worker, errors, opened)
-        consumed = 0
-        for _ in itertools.islice(raw, skip):  # resume: skip undecoded samples
-            consumed += 1
-        uids, images, texts, skipped = [], [], [], []
-        batches = 0
-        for sample in raw:
-            consumed += 1
+        pos = self.state.positions[worker]
+        skipped: list[Skipped] = []
+        opened: list[str] = []
+        samples = _worker_samples(self.plan, worker, pos, skipped, opened)
+        uids, images, texts = [], [], []
+        epoch, batches, fresh = pos.epoch, 0, pos == Position(pos.epoch)
+        for sample, after in samples:
+            if after.epoch != epoch:
+                # the partial batch at the end of this worker's epoch is dropped
+                if batches == 0 and fresh and epoch not in self.plan.carry:
+                    raise StreamError(
+                        f"worker {worker} of rank {self.plan.rank} got no full batch of {self.batch_size} in "
+                        f"epoch {epoch}: too few samples per worker; use a smaller batch or fewer workers"
+                    )
+                uids, images, texts = [], [], []
+                epoch, batches, fresh = after.epoch, 0, True
+            if sample.get("_bad"):
+                continue
+            draw = (
+                f"{self.plan.generation}:{self.plan.global_worker(worker)}:{sample['_item']}"
+                if self.plan.resampled
+                else epoch
+            )
             try:
-                uid, image, text = self.decoder(sample, epoch)
+                uid, image, text = self.decoder(sample, draw)
             except CorruptSample as exc:
-                skipped.append(Skipped(self.decoder.uid(sample), sample.get("__url__", ""), str(exc)))
+                skipped.append(Skipped(self.decoder.uid(sample), sample["__url__"], str(exc)))
                 continue
             uids.append(uid)
             images.append(image)
             texts.append(text)
             if len(uids) == self.batch_size:
-                skipped.extend(errors.drain())
                 yield {
                     "images": torch.stack(images),
                     "texts": self.tokenizer(texts),
                     "uids": uids,
                     "worker": worker,
                     "epoch": epoch,
-                    "consumed": consumed,
+                    "position": after.to_dict(),
                     "skipped": [(s.uid, s.shard, s.reason) for s in skipped],
                     "opened": list(opened),
                 }
-                uids, images, texts, skipped = [], [], [], []
+                uids, images, texts = [], [], []
+                skipped.clear()
                 opened.clear()
                 batches += 1
-        # the partial batch at the end of this worker's epoch is dropped (its skips are lost with
-        # it only if no batch follows; they are re-found on the next epoch's pass)
-        if batches == 0 and skip == 0:
-            raise StreamError(
-                f"worker {worker} of rank {self.plan.rank} got no full batch of {self.batch_size} in "
-                f"epoch {epoch}: too few samples per worker; use a smaller batch or fewer workers"
-            )
 
 
 def _worker_init(_: int) -> None:
@@ -498,7 +671,7 @@ class StreamInfo:
 
 
 def plan_stream(
-    dataset: str | Sequence[str],
+    dataset: str | Sequence[str] | None,
     *,
     seed: int,
     rank: int,
@@ -509,9 +682,11 @@ def plan_stream(
     buffer: int = 1000,
     resampled: bool = False,
     weights: Sequence[float] | None = None,
+    sources: Sequence[Source] | None = None,
 ) -> StreamInfo:
-    """Resolve the shards and check, before any worker starts, that every worker can fill a batch."""
-    sources = resolve_sources(dataset)
+    """Check, before any worker starts, that every worker can fill a batch. ``sources`` (resolved
+    once, by rank 0, and broadcast) saves resolving ``dataset`` again; the work is O(shards)."""
+    sources = list(sources) if sources is not None else resolve_sources(dataset)
     plan = StreamPlan(
         sources=tuple(sources),
         seed=seed,
@@ -526,24 +701,21 @@ def plan_stream(
     samples = None if any(s.samples is None for s in sources) else sum(s.samples for s in sources)
     steps = None
     if samples is not None and not plan.resampled:
-        per_rank = []
-        for r in range(world_size):
-            p = StreamPlan(**{**_plan_kwargs(plan), "rank": r})
-            counts = [p.samples_per_epoch(w) for w in range(p.workers)]
-            short = [c for c in counts if c < batch_size]
-            if short:
-                raise StreamError(
-                    f"a worker of rank {r} has {min(short)} samples per epoch, fewer than one batch of "
-                    f"{batch_size}: use a smaller batch, fewer workers or more shards"
-                )
-            per_rank.append(sum(c // batch_size for c in counts))
-        steps = min(per_rank)
+        sizes = [s.samples for s in plan.shards]
+        order = _shard_order(seed, 0, len(sizes), shuffle)
+        total = plan.workers_total
+        counts = [sum(sizes[i] for i in order[g::total]) for g in range(total)]
+        if min(counts) < batch_size:
+            g = counts.index(min(counts))
+            raise StreamError(
+                f"a worker of rank {g // plan.workers} has {min(counts)} samples per epoch, fewer than one "
+                f"batch of {batch_size}: use a smaller batch, fewer workers or more shards"
+            )
+        steps = min(
+            sum(c // batch_size for c in counts[r * plan.workers : (r + 1) * plan.workers]) for r in range(world_size)
+        )
     elif samples is not None:
         steps = samples // (batch_size * world_size)
     return StreamInfo(
         sources=sources, plan=plan, samples=samples, steps_per_epoch=steps, digest=dataset_digest(sources)
     )
-
-
-def _plan_kwargs(plan: StreamPlan) -> dict[str, Any]:
-    return {name: getattr(plan, name) for name in StreamPlan.__dataclass_fields__}

@@ -4,15 +4,26 @@ torchrun sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MA
 ``srun`` without torchrun, the SLURM variables (``SLURM_PROCID``, ``SLURM_NTASKS``,
 ``SLURM_LOCALID``) give rank and size; the rendezvous address still comes from ``MASTER_ADDR`` and
 ``MASTER_PORT`` (export them in the batch script; see train/README.md).
+
+Every collective gives up after ``WIT_DIST_TIMEOUT_S`` seconds (default 1800, 30 minutes) instead
+of the backend's own default (10 minutes for NCCL in some torch versions, 30 for gloo): a rank that
+died or hangs fails the others with a timeout error rather than holding them forever, and a slow but
+live step (a long first ``torch.compile``, a slow shard) is not mistaken for a dead rank.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
+import pickle
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from wit.manifests import storage
+
+TIMEOUT_S = 1800.0  # default of WIT_DIST_TIMEOUT_S
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,8 +75,17 @@ def init(device: str = "auto") -> DistEnv:
             rank=rank,
             world_size=world,
             device_id=dev if use_cuda else None,
+            timeout=timeout(),
         )
     return DistEnv(rank=rank, world_size=world, local_rank=local, device=dev, backend=backend)
+
+
+def timeout() -> datetime.timedelta:
+    """How long a collective may wait for the other ranks: ``WIT_DIST_TIMEOUT_S`` seconds, 30 minutes by default."""
+    seconds = storage.env_number("WIT_DIST_TIMEOUT_S", TIMEOUT_S)
+    if seconds <= 0:
+        raise ValueError(f"WIT_DIST_TIMEOUT_S must be positive, got {seconds}")
+    return datetime.timedelta(seconds=seconds)
 
 
 def shutdown(env: DistEnv) -> None:
@@ -102,3 +122,41 @@ def broadcast_object(env: DistEnv, obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+class RemoteError(RuntimeError):
+    """Raised on every rank when the work rank 0 did for all of them failed there."""
+
+
+def on_main(env: DistEnv, fn):
+    """``fn()`` run on rank 0 only and its result broadcast: one decision (which shards, which
+    checkpoint) instead of one per rank, and one read of storage. An error on rank 0 is raised on
+    every rank, with rank 0's type where it pickles, so none waits for a broadcast that never comes."""
+    if not env.distributed:
+        return fn()
+    box: list = [None]
+    error: Exception | None = None
+    if env.is_main:
+        try:
+            box[0] = ("ok", fn())
+        except Exception as exc:  # sent to every rank, raised below on each (rank 0's own included)
+            error = exc
+            try:
+                pickle.dumps(exc)
+                box[0] = ("error", exc)
+            except Exception:  # an exception that does not pickle goes as its text
+                box[0] = ("error", RemoteError(f"on rank 0: {type(exc).__name__}: {exc}"))
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise error if error is not None else value  # rank 0 raises its own, with its traceback
+    return value
+
+
+def agree(env: DistEnv, error: str | None, kind: type[Exception] = RemoteError) -> None:
+    """Every rank says whether its part went well; if one failed, every rank raises the same error
+    (``kind``) naming it, so no rank goes on into a collective that a failed one never joins."""
+    errors = gather_objects(env, error)
+    failed = [(r, e) for r, e in enumerate(errors) if e]
+    if failed:
+        raise kind("; ".join(f"rank {r}: {e}" if env.distributed else e for r, e in failed))

@@ -1,6 +1,7 @@
 """The training loop: ``train(config, dataset_url, out_url) -> TrainResult``. Read it top to bottom.
 
     OUT/checkpoints/step-00000100.pt   every save_every steps and at the end, the last `keep` kept
+    OUT/checkpoints/step-00000100.pt.json   its sha256 and size, written once the .pt is committed
     OUT/checkpoint_index/part-00000.parquet   name, step, sha256 of each kept checkpoint (the digest)
     OUT/metrics.parquet                step, loss, lr, logit_scale, samples/s, data wait, MFU
     OUT/skipped.parquet                uid, shard, reason of every sample the stream skipped
@@ -13,6 +14,7 @@ resume, the step (with the feature-cache gradient accumulation), logging, checkp
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import random
@@ -35,17 +37,25 @@ from wit.manifests.schemas import with_kind
 from . import distributed, optim
 from . import loss as losses
 from . import metrics as mx
-from .checkpoint import FORMAT, CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    FORMAT,
+    SIDECAR,
+    CheckpointError,
+    CheckpointWriter,
+    checkpoint_digest,
+    load_checkpoint,
+    serialize_checkpoint,
+)
 from .config import TrainConfig
-from .data import BatchStream, Decoder, StreamState, make_loader, plan_stream
+from .data import BatchStream, Decoder, Position, StreamState, carry_over, make_loader, plan_stream, resolve_sources
 from .models import ModelSpec, register, resolve_model
 
 CHECKPOINTS = "checkpoints"
 # Settings that fix the order of samples: a run resumes exactly only when they are unchanged.
+# (The worker count and the world size may change: the rest of the epoch is split again.)
 STREAM_KEYS = (
     "batch_size",
     "seed",
-    "workers",
     "shuffle",
     "shuffle_buffer",
     "resampled",
@@ -102,6 +112,8 @@ def _train(cfg: TrainConfig, dataset_url, out: str, eval_callback, env: distribu
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     model = open_clip.create_model(spec.name, device=env.device, output_dict=True)
+    # then a seed per rank (open_clip's random_seed(seed, rank)): dropout and patch dropout differ by rank
+    _seed_rank(cfg.seed, env.rank)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     pp = model.visual.preprocess_cfg
@@ -116,9 +128,12 @@ def _train(cfg: TrainConfig, dataset_url, out: str, eval_callback, env: distribu
     )
     tokenizer = open_clip.get_tokenizer(spec.name)
 
-    # ---- data: resolve shards and check every worker can fill a batch, before any worker starts ----
+    # ---- data: rank 0 resolves the shards (listing, shard index) once, every rank gets them; then
+    # every rank checks in O(shards) that each worker can fill a batch, before any worker starts ----
+    sources = distributed.on_main(env, lambda: resolve_sources(dataset_url))
     info = plan_stream(
-        dataset_url,
+        None,
+        sources=sources,
         seed=cfg.seed,
         rank=env.rank,
         world_size=env.world_size,
@@ -129,31 +144,49 @@ def _train(cfg: TrainConfig, dataset_url, out: str, eval_callback, env: distribu
         resampled=cfg.resampled,
         weights=cfg.weights,
     )
+    per_step = cfg.batch_size * cfg.grad_accum * env.world_size  # samples per optimiser step, all ranks
     total_steps = _total_steps(cfg, info.steps_per_epoch)
 
     optimizer = optim.make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
     # fp16 needs loss scaling (its range is small); bf16 has fp32's range and does not
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "amp" and env.device.type == "cuda")
 
-    # ---- resume: weights, optimiser, scaler, RNG and this rank's stream position ----
-    step, state, tallies = 0, StreamState.start(info.plan.workers), _Tallies()
-    resumed_from, ckpt = _find_resume(cfg.resume, out)
+    # ---- resume: rank 0 chooses the checkpoint, every rank loads that one (or every rank stops) ----
+    step, samples_seen, plan, state, tallies = 0, 0, info.plan, StreamState.start(info.plan.workers), _Tallies()
+    chosen: dict = {}
+    resumed_from = distributed.on_main(env, lambda: _choose_resume(cfg.resume, out, chosen))
     log = mx.MetricsLog(out, tensorboard=env.is_main)
-    if ckpt is not None:
-        _check_resumable(ckpt, cfg, env, info.digest, resumed_from)
+    if resumed_from is not None:
+        ckpt, error = chosen.get("ckpt"), None
+        try:
+            ckpt = ckpt if ckpt is not None else load_checkpoint(resumed_from)
+            _check_resumable(ckpt, cfg, info.digest, resumed_from)
+        except (CheckpointError, ValueError) as exc:
+            error = str(exc)
+        distributed.agree(env, error, CheckpointError)
         model.load_state_dict(ckpt["state_dict"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         step = int(ckpt["wit"]["step"])
-        mine = ckpt["ranks"][env.rank]
-        state = StreamState.from_dict(mine["stream"])
-        tallies = _Tallies.from_dict(mine["tallies"])
-        _set_rng(mine["rng"])
+        plan, state, tallies, total_steps, samples_seen, note = _resume_stream(ckpt, cfg, info, env, per_step)
         if env.is_main:
             log = mx.MetricsLog.resume(out, step)
-            mx.log(f"resumed from {resumed_from} at step {step}")
-        del ckpt
+            mx.log(f"resumed from {resumed_from} at step {step}{note}")
+        del ckpt, chosen
+
+    def save() -> str:
+        stream = {
+            "world_size": env.world_size,
+            "workers": plan.workers,
+            "carry": plan.carry,
+            "generation": plan.generation,
+            "total_steps": total_steps,
+            "samples_seen": samples_seen,
+        }
+        return _save(
+            out, step, raw, optimizer, scaler, cfg, spec, info.digest, state, tallies, env, dataset_url, writer, stream
+        )
 
     # ---- wrap: DDP averages gradients across ranks during backward; compile last ----
     raw = model
@@ -165,16 +198,16 @@ def _train(cfg: TrainConfig, dataset_url, out: str, eval_callback, env: distribu
     autocast = _autocast(cfg.precision, env.device)
 
     size = pp["size"][0] if isinstance(pp["size"], (tuple, list)) else pp["size"]  # an int for ResNets
-    stream = BatchStream(info.plan, Decoder(transform, size, cfg.seed), tokenizer, cfg.batch_size, state)
+    stream = BatchStream(plan, Decoder(transform, size, cfg.seed), tokenizer, cfg.batch_size, state)
     loader = make_loader(stream, cfg.workers, pin_memory=env.device.type == "cuda")
     batches = iter(loader)
-    per_step = cfg.batch_size * cfg.grad_accum * env.world_size  # samples per optimiser step, all ranks
     flops = mx.flops_per_sample(raw, spec.config)
     peak = mx.peak_flops(env.device, cfg.precision)
     timer = mx.Timer()
     last_loss: float | None = None
     evals: list[dict] = []
     ckpt_url = ""
+    writer = CheckpointWriter()  # rank 0 uploads checkpoints on a background thread
     model.train()
     if env.is_main:
         mx.log(
@@ -197,6 +230,7 @@ def _train(cfg: TrainConfig, dataset_url, out: str, eval_callback, env: distribu
         optim.set_lr(optimizer, optim.lr_at(step, cfg.lr, cfg.warmup, total_steps))
         loss = _step(model, raw, loss_fn, optimizer, scaler, images, texts, cfg, autocast, env)
         step += 1
+        samples_seen += per_step
         timer.samples += per_step
 
         # -- log. .item() waits for the device to finish: only on logging steps, never every step.
@@ -214,31 +248,33 @@ def _train(cfg: TrainConfig, dataset_url, out: str, eval_callback, env: distribu
                 samples_per_s_per_device=rate / env.world_size,
                 data_wait_frac=wait / span if span > 0 else 0.0,
                 mfu=(rate / env.world_size * flops / peak) if peak else None,
-                samples_seen=step * per_step,
+                samples_seen=samples_seen,
                 elapsed_s=time.perf_counter() - t_start,
             )
             if env.is_main:
                 log.add(m)
                 mx.log(m.line())
+                # every log interval, not only at checkpoints: a resume keeps the rows up to its
+                # checkpoint's step, and every row up to a save step was written at a log step before it
+                log.write()
 
         # -- checkpoint (every rank takes part: positions and RNG states are gathered to rank 0)
         if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-            if env.is_main:
-                log.write()  # first: a resume keeps the rows up to its checkpoint's step, never fewer
-            ckpt_url = _save(
-                out, step, raw, optimizer, scaler, cfg, spec, info.digest, state, tallies, env, dataset_url
-            )
+            ckpt_url = save()
 
         # -- optional zero-shot evaluation, handed in by the caller (train/ never imports evaluate/)
         if eval_callback and cfg.eval_every and step % cfg.eval_every == 0:
-            if env.is_main:
+
+            def evaluate(step: int = step) -> dict:
                 raw.eval()
                 with torch.no_grad(), autocast():
                     result = eval_callback(raw, step) or {}
                 raw.train()
-                evals.append({"step": step, **result})
                 mx.log(f"eval at step {step}: {result}")
-            distributed.barrier(env)  # the other ranks wait rather than run ahead into a timeout
+                return result
+
+            # on rank 0; the others wait for its result (or its error) rather than run ahead
+            evals.append({"step": step, **distributed.on_main(env, evaluate)})
 
     # ---- the end: final checkpoint, metrics, skipped samples, and the run record last ----
     del batches  # stops the workers
@@ -246,34 +282,38 @@ def _train(cfg: TrainConfig, dataset_url, out: str, eval_callback, env: distribu
     if env.is_main:
         log.write()
     if ckpt_url != final and not (resumed_from == final):
-        ckpt_url = _save(out, step, raw, optimizer, scaler, cfg, spec, info.digest, state, tallies, env, dataset_url)
+        ckpt_url = save()
     all_tallies = distributed.gather_objects(env, tallies.to_dict())
-    if env.is_main:
+
+    def finish() -> None:
         log.close()
-        merged = _Tallies.merge(all_tallies)
+        writer.wait()  # the checkpoints are committed (or their upload's error raised) before the record
         _write_record(
             out,
             cfg,
             spec,
             dataset_url,
             info,
-            merged,
+            _Tallies.merge(all_tallies),
             step,
-            per_step,
+            samples_seen,
             last_loss,
             evals,
             resumed_from,
             started,
             env,
+            optim.decay_summary(raw),
         )
-    distributed.barrier(env)
+
+    # rank 0's work; an error there (an upload, the record) is raised on every rank, never a wait
+    distributed.on_main(env, finish)
     skipped = len(_Tallies.merge(all_tallies).skipped)
     return TrainResult(
         out=out,
         checkpoint=final,
         step=step,
         loss=last_loss,
-        samples_seen=step * per_step,
+        samples_seen=samples_seen,
         skipped=skipped,
         resumed_from=resumed_from,
         elapsed_s=time.perf_counter() - t_start,
@@ -287,33 +327,7 @@ def _train(cfg: TrainConfig, dataset_url, out: str, eval_callback, env: distribu
 
 def _step(model, raw, loss_fn, optimizer, scaler, images, texts, cfg: TrainConfig, autocast, env) -> torch.Tensor:
     optimizer.zero_grad(set_to_none=True)
-    if len(images) == 1:
-        with autocast():
-            loss = losses.contrastive_loss(loss_fn, model(images[0], texts[0]))
-        scaler.scale(loss).backward()
-    else:
-        # Gradient accumulation that keeps the contrastive batch whole (open_clip's feature cache):
-        # 1) features of every micro-batch without grad; 2) recompute each micro-batch with grad and
-        # score it against the cached features of all the others. Each backward gives that
-        # micro-batch's share of the full-batch loss's gradient; their sum is the full gradient.
-        with torch.no_grad(), autocast():
-            cache = [model(i, t) for i, t in zip(images, texts, strict=False)]
-        for j, (i, t) in enumerate(zip(images, texts, strict=False)):
-            last = j == len(images) - 1
-            # DDP: all-reduce the gradients once, after the last micro-batch
-            sync = contextlib.nullcontext() if last or not env.distributed else model.no_sync()
-            with sync:
-                with autocast():
-                    out = model(i, t)
-                    feats = {
-                        k: torch.cat([out[k] if n == j else c[k] for n, c in enumerate(cache)])
-                        for k in ("image_features", "text_features")
-                    }
-                    loss = losses.contrastive_loss(
-                        loss_fn,
-                        {**feats, "logit_scale": out["logit_scale"], "logit_bias": out.get("logit_bias")},
-                    )
-                scaler.scale(loss).backward()
+    loss = _backward(model, loss_fn, images, texts, autocast, env, scaler)
     if cfg.grad_clip is not None:
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
@@ -321,7 +335,54 @@ def _step(model, raw, loss_fn, optimizer, scaler, images, texts, cfg: TrainConfi
     scaler.update()
     # The temperature is learnable; unbounded, it grows until the softmax saturates (CLIP paper: clip at 100)
     losses.clamp_logit_scale(raw)
+    return loss
+
+
+def _backward(model, loss_fn, images, texts, autocast, env, scaler) -> torch.Tensor:
+    """Accumulate into ``.grad`` the (scaled) gradient of the loss of the whole contrastive batch,
+    ``images`` and ``texts`` being its micro-batches; returns that loss, detached.
+
+    The forward passes run under ``autocast``; the loss runs in fp32 outside it (``_fp32_loss``)."""
+    if len(images) == 1:
+        with autocast():
+            out = model(images[0], texts[0])
+        loss = _fp32_loss(loss_fn, out)
+        scaler.scale(loss).backward()
+        return loss.detach()
+    # Gradient accumulation that keeps the contrastive batch whole (open_clip's feature cache):
+    # 1) features of every micro-batch without grad; 2) recompute each micro-batch with grad and
+    # score it against the cached features of all the others. Each backward gives that
+    # micro-batch's share of the full-batch loss's gradient; their sum is the full gradient.
+    # logit_scale and logit_bias are not per micro-batch: every micro-batch's loss is the full-batch
+    # loss in them, so only one (the last) carries their gradient, else it is counted grad_accum times.
+    with torch.no_grad(), autocast():
+        cache = [model(i, t) for i, t in zip(images, texts, strict=True)]
+    last = len(images) - 1
+    for j, (i, t) in enumerate(zip(images, texts, strict=True)):
+        # DDP: all-reduce the gradients once, after the last micro-batch
+        sync = contextlib.nullcontext() if j == last or not env.distributed else model.no_sync()
+        with sync:
+            with autocast():
+                out = model(i, t)
+            feats = {
+                k: torch.cat([out[k] if n == j else c[k] for n, c in enumerate(cache)])
+                for k in ("image_features", "text_features")
+            }
+            for k in ("logit_scale", "logit_bias"):
+                if out.get(k) is not None:
+                    feats[k] = out[k] if j == last else out[k].detach()
+            loss = _fp32_loss(loss_fn, feats)
+            scaler.scale(loss).backward()
     return loss.detach()
+
+
+def _fp32_loss(loss_fn, out: dict) -> torch.Tensor:
+    """The contrastive loss of a forward pass's outputs, cast to fp32 and computed with autocast off:
+    the logits' softmax / sigmoid over the whole batch is where bf16's and fp16's precision hurts."""
+    keys = ("image_features", "text_features", "logit_scale", "logit_bias")
+    args = {k: out[k].float() for k in keys if out.get(k) is not None}
+    with torch.autocast(device_type=args["image_features"].device.type, enabled=False):
+        return losses.contrastive_loss(loss_fn, args)
 
 
 def _cpu_threads(env, workers: int) -> None:
@@ -429,8 +490,15 @@ def _set_rng(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _save(out, step, raw, optimizer, scaler, cfg, spec, digest, state, tallies, env, dataset_url) -> str:
-    """Gather every rank's position, RNG and tallies; rank 0 writes atomically and prunes old ones."""
+def _save(
+    out, step, raw, optimizer, scaler, cfg, spec, digest, state, tallies, env, dataset_url, writer, stream
+) -> str:
+    """Gather every rank's position, RNG and tallies. Rank 0 serialises the checkpoint here (a
+    snapshot of this step) and hands its upload, then the pruning of old ones, to ``writer``'s
+    background thread. No barrier: the other ranks train on meanwhile; a resume only sees committed
+    files (and their sidecars), and the run record waits for the upload."""
+    # a background upload that failed stops every rank here, not only rank 0 (the others would wait)
+    distributed.on_main(env, writer.check)
     ranks = distributed.gather_objects(
         env, {"stream": state.to_dict(), "rng": _rng_state(env.device), "tallies": tallies.to_dict()}
     )
@@ -447,53 +515,79 @@ def _save(out, step, raw, optimizer, scaler, cfg, spec, digest, state, tallies, 
                 "dataset": _dataset_str(dataset_url),
                 "dataset_digest": digest,
                 "world_size": env.world_size,
-                "samples_seen": step * cfg.batch_size * cfg.grad_accum * env.world_size,
+                "samples_seen": stream["samples_seen"],
+            },
+            # the layout the positions below belong to, the carried-over items of the epochs that
+            # are not over for every worker, the step budget and the samples seen so far
+            "stream": {
+                **stream,
+                "carry": {
+                    str(e): [list(x) for x in items]
+                    for e, items in stream["carry"].items()
+                    if e >= min(p["epoch"] for r in ranks for p in r["stream"]["positions"])
+                },
             },
             "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(),
             "ranks": ranks,  # per rank: stream position, RNG states, skipped samples, shards read
         }
-        save_checkpoint(url, payload)
-        _prune(out, cfg.keep)
-    distributed.barrier(env)  # nobody runs ahead (or resumes) before the file is committed
+        data, sha256 = serialize_checkpoint(payload)
+        del payload
+        # waits for the previous upload first (and raises its error): one upload in flight at most
+        writer.submit(url, data, sha256, then=lambda: _prune(out, cfg.keep))
     return url
 
 
+def _is_checkpoint(name: str) -> bool:
+    return name.startswith("step-") and name.endswith(".pt")
+
+
 def _list_checkpoints(out: str) -> list[str]:
+    """The checkpoint files (``step-N.pt``, not their sidecars), oldest first."""
     folder = storage.join(out, CHECKPOINTS)
-    names = [n for n in storage.listdir(folder) if n.startswith("step-") and n.endswith(".pt")]
+    names = [n for n in storage.listdir(folder) if _is_checkpoint(n)]
     return [storage.join(folder, n) for n in sorted(names)]
 
 
 def _prune(out: str, keep: int) -> None:
-    for url in _list_checkpoints(out)[:-keep]:
-        storage.remove(url)
+    """Remove all but the newest ``keep`` checkpoints, each one's sidecar first (a sidecar implies
+    its checkpoint), and any sidecar whose checkpoint is gone."""
+    folder = storage.join(out, CHECKPOINTS)
+    names = set(storage.listdir(folder))
+    checkpoints = sorted(n for n in names if _is_checkpoint(n))
+    for name in checkpoints[:-keep]:
+        if name + SIDECAR in names:
+            storage.remove(storage.join(folder, name + SIDECAR))
+        storage.remove(storage.join(folder, name))
+    for name in sorted(names):
+        if name.endswith(SIDECAR) and _is_checkpoint(name[: -len(SIDECAR)]) and name[: -len(SIDECAR)] not in names:
+            storage.remove(storage.join(folder, name))
 
 
-def _find_resume(resume: str | None, out: str) -> tuple[str | None, dict | None]:
-    """``auto``: the newest checkpoint in OUT/checkpoints that loads (a newer unreadable one is passed
-    over with a message); a URL: that checkpoint; None: a fresh start."""
+def _choose_resume(resume: str | None, out: str, chosen: dict) -> str | None:
+    """Rank 0's choice of the checkpoint every rank resumes from. ``auto``: the newest checkpoint in
+    OUT/checkpoints that loads (a newer unreadable one is passed over with a message); a URL: that
+    checkpoint, which must load; None: a fresh start. The loaded checkpoint is left in ``chosen``."""
     if resume is None:
-        return None, None
+        return None
     if resume != "auto":
-        return resume, load_checkpoint(resume)
+        chosen["ckpt"] = load_checkpoint(resume)
+        return resume
     for url in reversed(_list_checkpoints(out)):
         try:
-            return url, load_checkpoint(url)
+            chosen["ckpt"] = load_checkpoint(url)
+            return url
         except CheckpointError as exc:
             mx.log(f"skipping unreadable checkpoint: {exc}")
-    return None, None
+    return None
 
 
-def _check_resumable(ckpt: dict, cfg: TrainConfig, env, digest: str | None, url: str) -> None:
+def _check_resumable(ckpt: dict, cfg: TrainConfig, digest: str | None, url: str) -> None:
     wit = ckpt.get("wit") or {}
     if "ranks" not in ckpt or "optimizer" not in ckpt:
         raise CheckpointError(f"{url}: holds weights only, no training state to resume from")
-    if wit.get("world_size") != env.world_size:
-        raise ValueError(
-            f"{url} was written by {wit.get('world_size')} rank(s); resume with the same "
-            f"number (now {env.world_size}) to continue the same sample order"
-        )
+    if "stream" not in ckpt:
+        raise CheckpointError(f"{url}: written by an older wit, whose stream position cannot be resumed")
     was = wit.get("config", {})
     now_ = cfg.to_dict()
     changed = [k for k in STREAM_KEYS if was.get(k) != now_.get(k)]
@@ -502,6 +596,58 @@ def _check_resumable(ckpt: dict, cfg: TrainConfig, env, digest: str | None, url:
         raise ValueError(f"cannot resume {url} exactly: {detail}")
     if wit.get("dataset_digest") != digest:
         raise ValueError(f"{url} was trained on dataset {wit.get('dataset_digest')}, this one is {digest}")
+
+
+def _resume_stream(ckpt: dict, cfg: TrainConfig, info, env, per_step: int):
+    """This rank's stream plan, position, tallies and RNG from a checkpoint, and the step budget.
+
+    The same layout (world size, workers per rank): exactly where each worker stood. Another layout:
+    the items the old workers had not read in the epochs in progress are split over the new ones
+    (``data.carry_over``); the tallies of every old rank go to rank 0; the RNGs are seeded afresh
+    by (seed, rank, step). With ``epochs`` (not ``steps``) the samples left to train stay the same,
+    so the step count is rescaled to the new samples per step."""
+    stream = ckpt["stream"]
+    step = int(ckpt["wit"]["step"])
+    carry = {int(e): tuple((int(i), int(o)) for i, o in items) for e, items in stream["carry"].items()}
+    generation = int(stream["generation"])
+    total = cfg.steps if cfg.steps is not None else int(stream["total_steps"])
+    samples_seen = int(stream["samples_seen"])
+    if stream["world_size"] == env.world_size and stream["workers"] == info.plan.workers:
+        mine = ckpt["ranks"][env.rank]
+        _set_rng(mine["rng"])
+        plan = dataclasses.replace(info.plan, carry=carry, generation=generation)
+        return plan, StreamState.from_dict(mine["stream"]), _Tallies.from_dict(mine["tallies"]), total, samples_seen, ""
+    old = dataclasses.replace(
+        info.plan,
+        rank=0,
+        world_size=int(stream["world_size"]),
+        workers=int(stream["workers"]),
+        carry=carry,
+        generation=generation,
+    )
+    positions = [Position.from_dict(p) for r in ckpt["ranks"] for p in r["stream"]["positions"]]
+    new_carry = {} if old.resampled else carry_over(old, positions)
+    plan = dataclasses.replace(info.plan, carry=new_carry, generation=generation + 1)
+    state = StreamState.start(plan.workers, min(new_carry) if new_carry else 0)
+    tallies = _Tallies.merge([r["tallies"] for r in ckpt["ranks"]]) if env.is_main else _Tallies()
+    _seed_rank(cfg.seed, env.rank, step)
+    if cfg.steps is None:
+        old_per_step = cfg.batch_size * cfg.grad_accum * int(stream["world_size"])
+        total = step + math.ceil((total - step) * old_per_step / per_step)
+    items = sum(len(v) for v in new_carry.values())
+    note = (
+        f" with another layout ({stream['world_size']} rank(s) x {stream['workers']} worker(s) -> "
+        f"{env.world_size} x {plan.workers}): {items} unread shard(s) or shard tail(s) split again"
+    )
+    return plan, state, tallies, total, samples_seen, note
+
+
+def _seed_rank(seed: int, rank: int, step: int = 0) -> None:
+    """Seed this rank's own randomness (dropout, patch dropout): ``seed + rank`` as open_clip does,
+    and mixed with the step when a resume cannot restore the saved generator states."""
+    value = seed + rank if step == 0 else hash((seed, rank, step)) & 0x7FFF_FFFF
+    torch.manual_seed(value)
+    random.seed(value)
 
 
 def _dataset_str(dataset_url) -> str:
@@ -520,12 +666,13 @@ def _write_record(
     info,
     tallies: _Tallies,
     step,
-    per_step,
+    samples_seen,
     last_loss,
     evals,
     resumed_from,
     started,
     env,
+    decay: dict,
 ) -> None:
     if tallies.skipped:
         table = pa.table({k: [s[i] for s in tallies.skipped] for i, k in enumerate(("uid", "shard", "reason"))})
@@ -535,10 +682,12 @@ def _write_record(
     files: dict[str, FileInfo] = {}
     index_rows = []
     for url in _list_checkpoints(out):
+        # the digest from the sidecar written with the checkpoint: kept checkpoints are not read back
+        d = checkpoint_digest(url)
         name = f"{CHECKPOINTS}/{storage.basename(url)}"
-        fi = FileInfo(name=name, sha256=storage.sha256_url(url), bytes=storage.size(url))
-        files[name] = fi
-        index_rows.append({"name": name, "step": int(name[-11:-3]), "sha256": fi.sha256, "bytes": fi.bytes})
+        files[name] = FileInfo(name=name, sha256=d.sha256, bytes=d.bytes)
+        files[name + SIDECAR] = FileInfo(name=name + SIDECAR, sha256=d.sidecar_sha256, bytes=d.sidecar_bytes)
+        index_rows.append({"name": name, "step": int(name[-11:-3]), "sha256": d.sha256, "bytes": d.bytes})
     # the digest covers this index, and the index every kept checkpoint's sha256 (as a dataset's shard index)
     part = write_part(
         out,
@@ -561,14 +710,14 @@ def _write_record(
                 inputs.append(ManifestRef(url=src.url, digest=src.digest))
         else:
             inputs.append(ManifestRef(url=src.url, kind="shards"))
-    reasons = Counter("unreadable_tar" if not s[0] else "corrupt_sample" for s in tallies.skipped)
+    reasons = Counter(_skip_kind(s[2]) for s in tallies.skipped)
     record = build_run_record(
         stage="train",
         config={**cfg.to_dict(), "model_resolved": spec.name, "world_size": env.world_size},
         inputs=inputs,
         output=ManifestRef(url=out, kind="checkpoint", digest=digest_of({n: f.sha256 for n, f in files.items()})),
         files=files,
-        rows=step * per_step,
+        rows=samples_seen,
         counts=dict(reasons),
         partitions=len(index_rows),
         started=started,
@@ -582,6 +731,27 @@ def _write_record(
             "skipped": tallies.skipped[:1000],
             "resumed_from": resumed_from,
             "evals": evals,
+            # what open_clip_train would do differently by default: train/README.md
+            "optimizer": {
+                "weight_decay": cfg.weight_decay,
+                "decay_rule": decay["rule"],
+                "decayed": decay["decayed"],
+                "not_decayed": decay["not_decayed"],
+                "grad_clip": cfg.grad_clip,
+                "precision": cfg.precision,
+                "open_clip_train_defaults": "the same decay rule; grad clip none; precision amp; warm-up 10000",
+            },
         },
     )
     write_run_record(out, record)
+
+
+def _skip_kind(reason: str) -> str:
+    for prefix, kind in (
+        ("unreadable tar", "unreadable_tar"),
+        ("unreadable shard", "unreadable_shard"),
+        ("duplicate member", "duplicate_member"),
+    ):
+        if reason.startswith(prefix):
+            return kind
+    return "corrupt_sample"

@@ -10,7 +10,10 @@ counted (it is a lookup). Attention's quadratic term is ignored, as in the rule.
 from __future__ import annotations
 
 import io
+import os
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 
@@ -81,12 +84,15 @@ def peak_flops(device: torch.device, precision: str) -> float | None:
 
 
 class MetricsLog:
-    """Rows of :class:`StepMetrics`; written to ``OUT/metrics.parquet`` (rank 0) at each checkpoint."""
+    """Rows of :class:`StepMetrics`; written to ``OUT/metrics.parquet`` (rank 0) at every log
+    interval, and to TensorBoard when it is installed (``tensorboard``)."""
 
     def __init__(self, out: str, rows: list[dict] | None = None, tensorboard: bool = True):
+        self.out = out
         self.url = storage.join(out, "metrics.parquet")
         self.rows: list[dict] = list(rows or [])
-        self.writer = _tensorboard(out) if tensorboard else None
+        self.tensorboard = tensorboard
+        self.writer: _TensorBoard | None = None  # opened with the first row: a log never used leaves no events file
 
     @classmethod
     def resume(cls, out: str, upto_step: int) -> MetricsLog:
@@ -99,6 +105,9 @@ class MetricsLog:
 
     def add(self, m: StepMetrics) -> None:
         self.rows.append(asdict(m))
+        if self.tensorboard and self.writer is None:
+            self.writer = _TensorBoard.open(self.out)
+            self.tensorboard = self.writer is not None
         if self.writer is not None:
             for key in ("loss", "lr", "logit_scale", "samples_per_s", "data_wait_frac"):
                 self.writer.add_scalar(f"train/{key}", getattr(m, key), m.step)
@@ -115,6 +124,7 @@ class MetricsLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+            self.writer = None
 
 
 METRICS_SCHEMA = pa.schema(
@@ -134,16 +144,63 @@ METRICS_SCHEMA = pa.schema(
 )
 
 
-def _tensorboard(out: str):
-    """TensorBoard scalars next to the run when tensorboard is installed (local outputs only)."""
-    path = storage.local_path(out)
-    if path is None:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional
-        return None
-    return SummaryWriter(log_dir=storage.join(path, "_tensorboard"))  # "_": not an output verify checks
+class _TensorBoard:
+    """TensorBoard scalars in ``OUT/_tensorboard/`` ("_": not an output verify checks).
+
+    A local output is written in place. TensorBoard's writer only writes local files, so for a
+    remote output the events go to a local temporary folder, copied up to ``OUT/_tensorboard/`` at
+    every :meth:`flush` (each log interval) and at :meth:`close`. A failed copy is reported and
+    retried at the next flush: the plots are a view, the metrics Parquet file is the record.
+    """
+
+    def __init__(self, writer, remote: str | None, local_dir: str):
+        self.writer = writer
+        self.remote = remote
+        self.local_dir = local_dir
+        self._sent: dict[str, int] = {}  # local file -> size at its last copy
+
+    @classmethod
+    def open(cls, out: str) -> _TensorBoard | None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is optional
+            return None
+        path = storage.local_path(out)
+        if path is not None:
+            folder = storage.join(path, "_tensorboard")
+            return cls(SummaryWriter(log_dir=folder), None, folder)
+        folder = tempfile.mkdtemp(prefix="wit-tensorboard-")
+        return cls(SummaryWriter(log_dir=folder), storage.join(out, "_tensorboard"), folder)
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self.writer.add_scalar(tag, value, step)
+
+    def flush(self) -> None:
+        self.writer.flush()
+        self._upload()
+
+    def close(self) -> None:
+        self.writer.close()
+        if self.remote is not None:
+            self._upload()
+            shutil.rmtree(self.local_dir, ignore_errors=True)
+
+    def _upload(self) -> None:
+        if self.remote is None:
+            return
+        for root, _, names in os.walk(self.local_dir):
+            for name in sorted(names):
+                path = os.path.join(root, name)
+                size = os.path.getsize(path)
+                if self._sent.get(path) == size:
+                    continue  # unchanged since its last copy
+                rel = os.path.relpath(path, self.local_dir).replace(os.sep, "/")
+                try:
+                    storage.put_file(path, storage.join(self.remote, rel))
+                except storage.StorageError as exc:
+                    log(f"warning: TensorBoard events not copied up, retried at the next log step: {exc}")
+                    return
+                self._sent[path] = size
 
 
 class Timer:

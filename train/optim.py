@@ -1,4 +1,4 @@
-"""AdamW with open_clip's weight-decay rule, and the learning-rate schedule."""
+"""AdamW with open_clip_train's weight-decay rule, and the learning-rate schedule."""
 
 from __future__ import annotations
 
@@ -6,10 +6,26 @@ import math
 
 import torch
 
+DECAY_RULE = (
+    "open_clip_train's rule: no weight decay on parameters with ndim < 2 or whose name contains "
+    "'bn', 'ln', 'bias' or 'logit_scale'; every other parameter decays (token and positional embeddings too)"
+)
+
 
 def no_decay(name: str, param: torch.nn.Parameter) -> bool:
-    """open_clip's ``exclude`` rule: gains, biases, norms, embeddings and the temperature get no decay."""
-    return param.ndim < 2 or any(k in name for k in ("bn", "ln", "bias", "logit_scale", "embedding"))
+    """open_clip_train's ``exclude`` rule (``open_clip_train/main.py``), exactly: gains, biases, norms
+    and the temperature get no decay; matrices decay, the token and positional embeddings included."""
+    return param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+
+
+def decay_summary(model: torch.nn.Module) -> dict:
+    """The rule and the trainable parameters it decays and does not, by name (for the run record)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return {
+        "rule": DECAY_RULE,
+        "decayed": [n for n, p in named if not no_decay(n, p)],
+        "not_decayed": [n for n, p in named if no_decay(n, p)],
+    }
 
 
 def make_optimizer(

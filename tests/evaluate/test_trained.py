@@ -16,7 +16,8 @@ def test_briefly_trained_model_beats_chance_on_held_out_colours(tmp_path):
     from wit.train.loop import train
 
     ds = build_dataset(tmp_path / "dataset", n_shards=2, per_shard=256, corrupt=0)
-    cfg = TrainConfig(batch_size=64, steps=70, lr=3e-3, warmup=5, workers=1, augment=False)
+    # lr 3e-3 collapsed to a constant embedding for some seeds (loss ln 64), whatever the code; 1e-3 learns for all
+    cfg = TrainConfig(batch_size=64, steps=70, lr=1e-3, warmup=10, workers=1, augment=False)
     result = train(cfg, ds.url, str(tmp_path / "train"))
     suite = tmp_path / "s.yaml"
     suite.write_text("tasks: [synthetic-colour, digits]\n")

@@ -126,3 +126,139 @@ def test_sources_brace_list_sizes_and_weighted_mix(tiny_dataset, many_shards):
     b = sum(k in set(many_shards.uids) for k in keys)
     assert a + b == 300 and 0.6 < b / 300 < 0.9  # weight 3 of 4 on the second source's samples
     assert keys == [s["__key__"] for _, s in zip(range(300), raw_samples(mix.plan, 0, 0), strict=False)]
+
+
+def _count_reads(monkeypatch) -> list[int]:
+    """Bytes read through the storage layer (every shard read opens a file with storage.open_url)."""
+    from contextlib import contextmanager
+
+    from wit.manifests import storage
+
+    total = [0]
+    real = storage.open_url
+
+    class Counted:
+        def __init__(self, fh):
+            self.fh = fh
+
+        def read(self, n=-1):
+            data = self.fh.read(n)
+            total[0] += len(data)
+            return data
+
+        def __getattr__(self, name):
+            return getattr(self.fh, name)
+
+    @contextmanager
+    def counted(url, mode="rb", **kw):
+        with real(url, mode, **kw) as fh:
+            yield Counted(fh)
+
+    monkeypatch.setattr(storage, "open_url", counted)
+    return total
+
+
+def test_resume_at_90_percent_of_an_epoch_reads_one_chunk_not_the_epoch(tmp_path, monkeypatch):
+    # 10 shards of 40 samples, one worker, chunks of 16: resume seeks to the chunk's start
+    from wit_train_testdata import build_dataset
+
+    ds = build_dataset(tmp_path / "ds", n_shards=10, per_shard=40, corrupt=0, seed=4)
+    shard_bytes = max(p.stat().st_size for p in (tmp_path / "ds" / "shards").glob("*.tar"))
+    reads = _count_reads(monkeypatch)
+    full = list(zip(range(30), make_loader(_stream(ds.url, workers=0, batch=12), 0), strict=False))
+    state = StreamState.start(1)
+    for _, b in full[:29]:  # 29 x 12 = 348 of 400 samples: 87% of the epoch
+        state.advance(b)
+    assert full[28][1]["epoch"] == 0
+    before = reads[0]
+    assert before > 8 * shard_bytes  # reaching there read most of the epoch
+    reads[0] = 0
+    resumed = _stream(ds.url, workers=0, batch=12, state=StreamState.from_dict(copy.deepcopy(state.to_dict())))
+    batch = next(iter(make_loader(resumed, 0)))
+    assert batch["uids"] == full[29][1]["uids"] and torch.equal(batch["images"], full[29][1]["images"])
+    assert reads[0] <= 1.1 * shard_bytes, (reads[0], shard_bytes)  # one chunk of 16 (+ the next batch)
+
+
+def test_resampled_draws_of_one_uid_get_different_crops(many_shards):
+    info = plan_stream(many_shards.url, seed=0, rank=0, world_size=1, workers=1, batch_size=8, buffer=4, resampled=True)
+    _, train_tf, _ = open_clip.create_model_and_transforms("wit-tiny")
+    stream = BatchStream(info.plan, Decoder(train_tf, 64, 0), open_clip.get_tokenizer("wit-tiny"), 8)
+    seen: dict[str, list[torch.Tensor]] = {}
+    batches = list(zip(range(30), make_loader(stream, 0), strict=False))
+    for _, b in batches:
+        for uid, img in zip(b["uids"], b["images"], strict=True):
+            seen.setdefault(uid, []).append(img)
+    twice = [imgs for imgs in seen.values() if len(imgs) >= 2]
+    assert len(twice) > 10  # 240 draws of 80 samples
+    assert all(not torch.equal(imgs[0], imgs[1]) for imgs in twice)  # a crop per draw
+    # and it is still a pure function of the position: a resumed stream seeks to its draw
+    state = StreamState.start(1)
+    for _, b in batches[:17]:
+        state.advance(b)
+    resumed = BatchStream(info.plan, Decoder(train_tf, 64, 0), open_clip.get_tokenizer("wit-tiny"), 8, state)
+    again = next(iter(make_loader(resumed, 0)))
+    assert again["uids"] == batches[17][1]["uids"] and torch.equal(again["images"], batches[17][1]["images"])
+
+
+class _Flaky:
+    """A file whose reads past byte ``at`` raise an OSError, the first ``fails`` times it is opened."""
+
+    opens = 0
+
+    def __init__(self, fh, at: int, fails: int):
+        type(self).opens += 1
+        self.fh, self.at, self.broken = fh, at, type(self).opens <= fails
+
+    def read(self, n=-1):
+        start = self.fh.tell()
+        data = self.fh.read(n)
+        if self.broken and start + len(data) > self.at:
+            raise OSError("connection reset by peer")
+        return data
+
+    def __getattr__(self, name):
+        return getattr(self.fh, name)
+
+
+@pytest.mark.parametrize("fails", [2, 10])
+def test_a_shard_read_that_fails_is_retried_then_recorded(many_shards, monkeypatch, fails):
+    from contextlib import contextmanager
+
+    from wit.manifests import storage
+
+    monkeypatch.setenv("WIT_READ_BACKOFF_S", "0")
+    real = storage.open_url
+    _Flaky.opens = 0
+
+    @contextmanager
+    def flaky(url, mode="rb", **kw):
+        with real(url, mode, **kw) as fh:
+            yield _Flaky(fh, 25000, fails) if url.endswith("000002.tar") else fh
+
+    clean = [(s["__key__"], s["jpg"]) for s in data._shard_samples(many_shards.shards[2], 0, [])]
+    monkeypatch.setattr(storage, "open_url", flaky)
+    skipped: list = []
+    got = [(s["__key__"], s["jpg"]) for s in data._shard_samples(many_shards.shards[2], 0, skipped)]
+    if fails < 4:  # WIT_READ_TRIES defaults to 4: retried from the last whole sample, nothing lost
+        assert got == clean and not skipped and _Flaky.opens == fails + 1
+    else:  # the rest of the shard is recorded, the samples before the error kept
+        assert 0 < len(got) < len(clean) and got == clean[: len(got)]
+        assert len(skipped) == 1 and skipped[0].shard.endswith("000002.tar") and skipped[0].uid == ""
+        assert "after 4 tries" in skipped[0].reason and "connection reset" in skipped[0].reason
+
+
+def test_a_sample_with_a_repeated_member_is_recorded_and_left_out(tmp_path):
+    import io as _io
+    import tarfile
+
+    buf = _io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name in ("a.jpg", "a.txt", "b.jpg", "b.jpg", "b.txt", "c.txt"):
+            info = tarfile.TarInfo(name)
+            info.size = 3
+            tar.addfile(info, _io.BytesIO(b"xyz"))
+    (tmp_path / "s.tar").write_bytes(buf.getvalue())
+    skipped: list = []
+    samples = list(data._shard_samples(str(tmp_path / "s.tar"), 0, skipped))
+    assert [s["__key__"] for s in samples if not s.get("_bad")] == ["a", "c"]
+    assert [(s.uid, s.reason) for s in skipped] == [("b", "duplicate member 'jpg' in the sample")]
