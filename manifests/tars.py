@@ -43,9 +43,14 @@ def stream_members(fh: IO[bytes], start: int = 0, compressed: bool = False) -> I
     tarfile knows works. A seekable handle seeks (an fsspec file then reads only from there); a
     compressed archive has no byte to seek to and is read from its start, members before
     ``start`` (offsets in the uncompressed stream) passed over. Raises ``tarfile.TarError`` on a
-    header that does not parse or a member cut short."""
+    member cut short or a header that does not parse, wherever it is: tarfile's stream mode ends
+    quietly at a bad header past the first, so where it stopped is checked to be an end of archive
+    (zero blocks, or the end of the file)."""
     base = 0
     if start and not compressed:
+        fh.seek(start)
+        if not fh.read(BLOCK).strip(b"\0"):
+            return  # the archive ends here (its end blocks, or the end of a tar written without them)
         fh.seek(start)
         base = start
     tar = tarfile.open(fileobj=fh, mode="r|*" if compressed else "r|")
@@ -60,6 +65,13 @@ def stream_members(fh: IO[bytes], start: int = 0, compressed: bool = False) -> I
             raise tarfile.ReadError(f"unexpected end of data in {member.name}")
         end = member.offset_data + member.size + (-member.size % BLOCK)
         yield Item(member.name, data, base + member.offset, base + end)
+    if not compressed:
+        stop = base + tar.offset
+        fh.seek(stop)
+        block = fh.read(BLOCK)
+        if block.strip(b"\0"):
+            why = "truncated header" if len(block) < BLOCK else "a header that does not parse"
+            raise tarfile.ReadError(f"{why} at byte {stop}")
 
 
 class Member(NamedTuple):

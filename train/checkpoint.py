@@ -144,11 +144,6 @@ class CheckpointWriter:
         except BaseException as exc:  # noqa: BLE001 - handed to the training thread by wait()
             self._error = exc
 
-    def check(self) -> None:
-        """Raise the error of an upload that has finished and failed; never waits."""
-        if self._thread is not None and not self._thread.is_alive():
-            self.wait()
-
     @property
     def busy(self) -> bool:
         return self._thread is not None and self._thread.is_alive()

@@ -284,13 +284,21 @@ class Skipped:
 
 
 def _retries() -> tuple[int, float]:
-    """(tries, first back-off in seconds) for a shard read that fails: ``WIT_READ_TRIES`` (default 4)
-    and ``WIT_READ_BACKOFF_S`` (default 0.5, doubled each try)."""
-    return int(storage.env_number("WIT_READ_TRIES", 4, integer=True)), storage.env_number("WIT_READ_BACKOFF_S", 0.5)
+    """(tries, first back-off in seconds) for a shard read that fails: ``WIT_READ_TRIES`` (default 6)
+    and ``WIT_READ_BACKOFF_S`` (default 1, doubled each try: 31 s of waiting before a shard is given up)."""
+    return int(storage.env_number("WIT_READ_TRIES", 6, integer=True)), storage.env_number("WIT_READ_BACKOFF_S", 1.0)
 
 
-# what a failed read of a shard can raise (s3fs and fsspec turn their errors into OSError)
-READ_ERRORS = (OSError, EOFError, storage.StorageError)
+# where the errors of a failed read come from when they are not OSErrors: s3fs re-raises what its own
+# retries did not absorb (botocore's HTTPClientError, ConnectionClosedError, EndpointConnectionError;
+# urllib3's IncompleteRead; aiohttp's ClientPayloadError), gcsfs and adlfs theirs
+TRANSPORT_MODULES = ("botocore", "aiobotocore", "aiohttp", "urllib3", "requests", "http.client", "s3fs", "gcsfs")
+
+
+def _is_read_error(exc: BaseException) -> bool:
+    if isinstance(exc, (OSError, EOFError, TimeoutError, storage.StorageError)):
+        return True
+    return any(k.__module__.startswith(TRANSPORT_MODULES) for k in type(exc).__mro__)
 
 
 def _split_name(name: str) -> tuple[str, str]:
@@ -330,12 +338,16 @@ def _shard_samples(url: str, start: int, skipped: list[Skipped]) -> Iterator[dic
             if current is not None:
                 yield _finish(current, skipped)
             return
+        except GeneratorExit:  # the consumer stopped: close, never retry
+            raise
         except tarfile.TarError as exc:
             if current is not None:
                 resume_at = current["_offset"]  # the sample being read is lost with the rest
             skipped.append(Skipped("", url, f"unreadable tar from byte {resume_at}: {exc}"))
             return
-        except READ_ERRORS as exc:
+        except Exception as exc:
+            if not _is_read_error(exc):
+                raise
             attempt += 1
             if attempt >= tries:
                 why = f"{type(exc).__name__}: {str(exc)[:200]}"
@@ -457,7 +469,9 @@ def carry_over(old: StreamPlan, positions: Sequence[Position]) -> dict[int, tupl
     if len(positions) != old.workers_total:
         raise StreamError(f"{len(positions)} positions for {old.workers_total} workers")
     n = sum(len(s.shards) for s in old.sources)
-    first, last = min(p.epoch for p in positions), max(p.epoch for p in positions)
+    first = min(p.epoch for p in positions)
+    # an epoch carried over by an earlier resume that no worker has reached yet is still to come
+    last = max([p.epoch for p in positions] + list(old.carry))
     carry: dict[int, tuple[Item, ...]] = {}
     for epoch in range(first, last + 1):
         items: list[Item] = []
@@ -602,7 +616,9 @@ class BatchStream(IterableDataset):
         for sample, after in samples:
             if after.epoch != epoch:
                 # the partial batch at the end of this worker's epoch is dropped
-                if batches == 0 and fresh and epoch not in self.plan.carry:
+                # (plan_stream checks epoch 0's shards; later epochs, carried-over items and skipped
+                # shards may leave a worker short, which only costs that worker's turn)
+                if batches == 0 and fresh and epoch == 0 and epoch not in self.plan.carry:
                     raise StreamError(
                         f"worker {worker} of rank {self.plan.rank} got no full batch of {self.batch_size} in "
                         f"epoch {epoch}: too few samples per worker; use a smaller batch or fewer workers"

@@ -169,10 +169,16 @@ def _train(cfg: TrainConfig, dataset_url, out: str, eval_callback, env: distribu
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         step = int(ckpt["wit"]["step"])
-        plan, state, tallies, total_steps, samples_seen, note = _resume_stream(ckpt, cfg, info, env, per_step)
-        if env.is_main:
+        plan, state, tallies, total_steps, samples_seen, note = _resume_stream(
+            ckpt, cfg, info, env, per_step, total_steps
+        )
+
+        def resume_log() -> None:
+            nonlocal log
             log = mx.MetricsLog.resume(out, step)
             mx.log(f"resumed from {resumed_from} at step {step}{note}")
+
+        distributed.on_main(env, resume_log)
         del ckpt, chosen
 
     def save() -> str:
@@ -227,7 +233,10 @@ def _train(cfg: TrainConfig, dataset_url, out: str, eval_callback, env: distribu
         texts = [b["texts"].to(env.device, non_blocking=True) for b in micro]
 
         # -- one optimiser step on the whole contrastive batch
-        optim.set_lr(optimizer, optim.lr_at(step, cfg.lr, cfg.warmup, total_steps))
+        optim.set_lr(
+            optimizer,
+            optim.lr_at(_schedule_step(step, samples_seen, per_step, total_steps), cfg.lr, cfg.warmup, total_steps),
+        )
         loss = _step(model, raw, loss_fn, optimizer, scaler, images, texts, cfg, autocast, env)
         step += 1
         samples_seen += per_step
@@ -256,7 +265,7 @@ def _train(cfg: TrainConfig, dataset_url, out: str, eval_callback, env: distribu
                 mx.log(m.line())
                 # every log interval, not only at checkpoints: a resume keeps the rows up to its
                 # checkpoint's step, and every row up to a save step was written at a log step before it
-                log.write()
+                log.write(strict=False)
 
         # -- checkpoint (every rank takes part: positions and RNG states are gathered to rank 0)
         if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
@@ -279,13 +288,12 @@ def _train(cfg: TrainConfig, dataset_url, out: str, eval_callback, env: distribu
     # ---- the end: final checkpoint, metrics, skipped samples, and the run record last ----
     del batches  # stops the workers
     final = _checkpoint_url(out, step)
-    if env.is_main:
-        log.write()
     if ckpt_url != final and not (resumed_from == final):
         ckpt_url = save()
     all_tallies = distributed.gather_objects(env, tallies.to_dict())
 
     def finish() -> None:
+        log.write()
         log.close()
         writer.wait()  # the checkpoints are committed (or their upload's error raised) before the record
         _write_record(
@@ -439,7 +447,9 @@ class _Tallies:
     def add(self, batch: dict) -> None:
         self.skipped.extend([str(x) for x in s] for s in batch["skipped"])
         opened = self.shards.setdefault(str(batch["epoch"]), [])
-        opened.extend(u for u in batch["opened"] if u not in opened)
+        if batch["opened"]:  # a batch opens a shard now and then: the set is built only then
+            have = set(opened)
+            opened.extend(u for u in dict.fromkeys(batch["opened"]) if u not in have)
 
     def to_dict(self) -> dict:
         return {
@@ -462,7 +472,8 @@ class _Tallies:
                     out.skipped.append(list(s))
             for epoch, urls in p["shards"].items():
                 have = out.shards.setdefault(epoch, [])
-                have.extend(u for u in urls if u not in have)
+                known = set(have)
+                have.extend(u for u in dict.fromkeys(urls) if u not in known)
         return out
 
 
@@ -497,13 +508,12 @@ def _save(
     snapshot of this step) and hands its upload, then the pruning of old ones, to ``writer``'s
     background thread. No barrier: the other ranks train on meanwhile; a resume only sees committed
     files (and their sidecars), and the run record waits for the upload."""
-    # a background upload that failed stops every rank here, not only rank 0 (the others would wait)
-    distributed.on_main(env, writer.check)
     ranks = distributed.gather_objects(
         env, {"stream": state.to_dict(), "rng": _rng_state(env.device), "tallies": tallies.to_dict()}
     )
     url = _checkpoint_url(out, step)
-    if env.is_main:
+
+    def commit() -> None:
         payload = {
             "state_dict": raw.state_dict(),
             "wit": {
@@ -535,6 +545,9 @@ def _save(
         del payload
         # waits for the previous upload first (and raises its error): one upload in flight at most
         writer.submit(url, data, sha256, then=lambda: _prune(out, cfg.keep))
+
+    # on rank 0; its error (serialising, or the previous upload's, raised by submit) reaches every rank
+    distributed.on_main(env, commit)
     return url
 
 
@@ -598,25 +611,28 @@ def _check_resumable(ckpt: dict, cfg: TrainConfig, digest: str | None, url: str)
         raise ValueError(f"{url} was trained on dataset {wit.get('dataset_digest')}, this one is {digest}")
 
 
-def _resume_stream(ckpt: dict, cfg: TrainConfig, info, env, per_step: int):
+def _resume_stream(ckpt: dict, cfg: TrainConfig, info, env, per_step: int, total_steps: int):
     """This rank's stream plan, position, tallies and RNG from a checkpoint, and the step budget.
 
-    The same layout (world size, workers per rank): exactly where each worker stood. Another layout:
-    the items the old workers had not read in the epochs in progress are split over the new ones
-    (``data.carry_over``); the tallies of every old rank go to rank 0; the RNGs are seeded afresh
-    by (seed, rank, step). With ``epochs`` (not ``steps``) the samples left to train stay the same,
-    so the step count is rescaled to the new samples per step."""
+    The same layout (world size, workers per rank): exactly where each worker stood; the step
+    budget is the config's (``total_steps``, as a fresh run computes it: a changed ``epochs``
+    counts). Another layout: the items the old workers had not read in the epochs in progress are
+    split over the new ones (``data.carry_over``); the tallies of every old rank go to rank 0; the
+    RNGs are seeded afresh by (seed, rank, step). With ``epochs`` (not ``steps``) the samples left
+    to train stay what they were, so the step count is rescaled to the new samples per step."""
     stream = ckpt["stream"]
     step = int(ckpt["wit"]["step"])
     carry = {int(e): tuple((int(i), int(o)) for i, o in items) for e, items in stream["carry"].items()}
     generation = int(stream["generation"])
-    total = cfg.steps if cfg.steps is not None else int(stream["total_steps"])
     samples_seen = int(stream["samples_seen"])
     if stream["world_size"] == env.world_size and stream["workers"] == info.plan.workers:
         mine = ckpt["ranks"][env.rank]
         _set_rng(mine["rng"])
         plan = dataclasses.replace(info.plan, carry=carry, generation=generation)
-        return plan, StreamState.from_dict(mine["stream"]), _Tallies.from_dict(mine["tallies"]), total, samples_seen, ""
+        state, tallies = StreamState.from_dict(mine["stream"]), _Tallies.from_dict(mine["tallies"])
+        if cfg.steps is None and ckpt["wit"]["config"].get("epochs") == cfg.epochs:
+            total_steps = int(stream["total_steps"])  # the same, unless an elastic resume rescaled it
+        return plan, state, tallies, total_steps, samples_seen, ""
     old = dataclasses.replace(
         info.plan,
         rank=0,
@@ -632,14 +648,27 @@ def _resume_stream(ckpt: dict, cfg: TrainConfig, info, env, per_step: int):
     tallies = _Tallies.merge([r["tallies"] for r in ckpt["ranks"]]) if env.is_main else _Tallies()
     _seed_rank(cfg.seed, env.rank, step)
     if cfg.steps is None:
+        was = ckpt["wit"]["config"]
+        old_total = int(stream["total_steps"])
+        if was.get("steps") is None and was.get("epochs") != cfg.epochs:  # more (or fewer) epochs asked
+            old_total = step + round((old_total - step) * (cfg.epochs or 1.0) / (was.get("epochs") or 1.0))
         old_per_step = cfg.batch_size * cfg.grad_accum * int(stream["world_size"])
-        total = step + math.ceil((total - step) * old_per_step / per_step)
+        total_steps = step + math.ceil(max(0, old_total - step) * old_per_step / per_step)
     items = sum(len(v) for v in new_carry.values())
     note = (
         f" with another layout ({stream['world_size']} rank(s) x {stream['workers']} worker(s) -> "
         f"{env.world_size} x {plan.workers}): {items} unread shard(s) or shard tail(s) split again"
     )
-    return plan, state, tallies, total, samples_seen, note
+    return plan, state, tallies, total_steps, samples_seen, note
+
+
+def _schedule_step(step: int, samples_seen: int, per_step: int, total_steps: int) -> float:
+    """Where the learning-rate schedule stands: ``step``, unless a resume on another world size
+    changed the samples per step; then the share of the samples trained (``samples_seen`` of those
+    plus the steps left), so the schedule goes on from where it was instead of jumping."""
+    if samples_seen == step * per_step:
+        return step
+    return total_steps * samples_seen / (samples_seen + (total_steps - step) * per_step)
 
 
 def _seed_rank(seed: int, rank: int, step: int = 0) -> None:

@@ -114,10 +114,17 @@ class MetricsLog:
             if m.mfu is not None:
                 self.writer.add_scalar("train/mfu", m.mfu, m.step)
 
-    def write(self) -> None:
+    def write(self, strict: bool = True) -> None:
+        """Rewrite ``metrics.parquet``. ``strict=False`` (the writes at log steps): a storage error
+        is a warning, and the next write catches up, rather than the end of a long run."""
         buf = io.BytesIO()
         pq.write_table(pa.Table.from_pylist(self.rows, schema=METRICS_SCHEMA), buf)
-        storage.write_bytes(self.url, buf.getvalue())
+        try:
+            storage.write_bytes(self.url, buf.getvalue())
+        except storage.StorageError as exc:
+            if strict:
+                raise
+            log(f"warning: {self.url} not written, retried at the next log step: {exc}")
         if self.writer is not None:
             self.writer.flush()
 

@@ -137,7 +137,6 @@ def test_a_corrupt_newest_checkpoint_gives_every_rank_the_same_outcome(tmp_path)
     newest.write_bytes(newest.read_bytes()[:1000])  # cut short
 
     # auto: rank 0 passes over it, and both ranks resume from the one before
-    t0 = time.monotonic()
     rc, _, err = _run(2, ds.url, str(out), {**opts, "steps": 6, "resume": "auto"}, {}, timeout=120)
     assert rc == 0, err[-3000:]
     assert "skipping unreadable checkpoint" in err and err.count("resumed from") == 1  # rank 0 logs
@@ -146,8 +145,9 @@ def test_a_corrupt_newest_checkpoint_gives_every_rank_the_same_outcome(tmp_path)
     # the corrupt one named: a clear error on every rank, within seconds, no hang
     newest.write_bytes(b"not a checkpoint")
     t0 = time.monotonic()
-    rc, _, err = _run(2, ds.url, str(out), {**opts, "steps": 6, "resume": str(newest)}, {}, timeout=120)
-    assert rc != 0 and time.monotonic() - t0 < 90
+    rc, _, err = _run(2, ds.url, str(out), {**opts, "steps": 6, "resume": str(newest)}, {}, timeout=240)
+    # (start-up is most of it: two processes importing torch and open_clip on a busy 2-core machine)
+    assert rc != 0 and time.monotonic() - t0 < 180
     assert err.count("not a loadable checkpoint") >= 2, err[-3000:]  # raised on rank 0 and on rank 1
 
 
@@ -156,6 +156,7 @@ def test_a_bad_shard_on_s3_never_kills_the_run(tmp_path, s3_bucket, monkeypatch)
     """One shard truncated, one deleted from the moto server mid-run: the run completes and
     skipped.parquet names both."""
     monkeypatch.setenv("WIT_READ_BACKOFF_S", "0")
+    monkeypatch.setenv("WIT_READ_TRIES", "4")
     ds = build_dataset(tmp_path / "ds", n_shards=4, per_shard=16, corrupt=0, seed=7)
     shards = sorted(Path(ds.url, "shards").glob("*.tar"))
     shards[1].write_bytes(shards[1].read_bytes()[:9000])  # cut mid-member

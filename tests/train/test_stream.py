@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import shutil
 
@@ -12,6 +13,7 @@ import torch
 
 import wit.train.models  # noqa: F401  (registers wit-tiny)
 from wit.train import data
+from wit.train import data as data_module
 from wit.train.data import (
     BatchStream,
     Decoder,
@@ -213,22 +215,32 @@ class _Flaky:
         start = self.fh.tell()
         data = self.fh.read(n)
         if self.broken and start + len(data) > self.at:
-            raise OSError("connection reset by peer")
+            raise self.error
         return data
+
+    error: Exception = OSError("connection reset by peer")
 
     def __getattr__(self, name):
         return getattr(self.fh, name)
 
 
+@pytest.mark.parametrize("error", ["oserror", "botocore"])
 @pytest.mark.parametrize("fails", [2, 10])
-def test_a_shard_read_that_fails_is_retried_then_recorded(many_shards, monkeypatch, fails):
+def test_a_shard_read_that_fails_is_retried_then_recorded(many_shards, monkeypatch, fails, error):
     from contextlib import contextmanager
+
+    from botocore.exceptions import ConnectionClosedError
 
     from wit.manifests import storage
 
     monkeypatch.setenv("WIT_READ_BACKOFF_S", "0")
+    monkeypatch.setenv("WIT_READ_TRIES", "4")
     real = storage.open_url
     _Flaky.opens = 0
+    # what s3fs re-raises when its own retries are spent is not always an OSError
+    _Flaky.error = (
+        OSError("connection reset by peer") if error == "oserror" else ConnectionClosedError(endpoint_url="x")
+    )
 
     @contextmanager
     def flaky(url, mode="rb", **kw):
@@ -239,12 +251,13 @@ def test_a_shard_read_that_fails_is_retried_then_recorded(many_shards, monkeypat
     monkeypatch.setattr(storage, "open_url", flaky)
     skipped: list = []
     got = [(s["__key__"], s["jpg"]) for s in data._shard_samples(many_shards.shards[2], 0, skipped)]
-    if fails < 4:  # WIT_READ_TRIES defaults to 4: retried from the last whole sample, nothing lost
+    if fails < 4:  # WIT_READ_TRIES=4: retried from the last whole sample, nothing lost
         assert got == clean and not skipped and _Flaky.opens == fails + 1
     else:  # the rest of the shard is recorded, the samples before the error kept
         assert 0 < len(got) < len(clean) and got == clean[: len(got)]
         assert len(skipped) == 1 and skipped[0].shard.endswith("000002.tar") and skipped[0].uid == ""
-        assert "after 4 tries" in skipped[0].reason and "connection reset" in skipped[0].reason
+        assert "after 4 tries" in skipped[0].reason
+        assert ("connection reset" if error == "oserror" else "ConnectionClosedError") in skipped[0].reason
 
 
 def test_a_sample_with_a_repeated_member_is_recorded_and_left_out(tmp_path):
@@ -262,3 +275,51 @@ def test_a_sample_with_a_repeated_member_is_recorded_and_left_out(tmp_path):
     samples = list(data._shard_samples(str(tmp_path / "s.tar"), 0, skipped))
     assert [s["__key__"] for s in samples if not s.get("_bad")] == ["a", "c"]
     assert [(s.uid, s.reason) for s in skipped] == [("b", "duplicate member 'jpg' in the sample")]
+
+
+def test_a_bad_header_mid_shard_is_recorded_not_a_silent_end(many_shards, tmp_path):
+    # tarfile's stream mode ends quietly at a header past the first that does not parse
+    from wit.manifests.tars import stream_members
+
+    data = bytearray(open(many_shards.shards[0], "rb").read())
+    items = list(stream_members(open(many_shards.shards[0], "rb")))
+    sample4 = next(i for i in items if i.name.startswith(many_shards.uids[4]))
+    for name, blob in {
+        "garbage": bytes(data[: sample4.offset]) + b"not a tar header" * 32 + bytes(data[sample4.offset + 512 :]),
+        "cut": bytes(data[: sample4.offset + 100]),
+    }.items():
+        (tmp_path / f"{name}.tar").write_bytes(blob)
+        skipped: list = []
+        keys = [s["__key__"] for s in data_module._shard_samples(str(tmp_path / f"{name}.tar"), 0, skipped)]
+        assert keys == many_shards.uids[:3], name  # the 4th sample's end is not known to be whole
+        assert len(skipped) == 1 and "unreadable tar" in skipped[0].reason, name
+        assert f"byte {sample4.offset}" in skipped[0].reason
+
+
+def test_carry_over_after_two_resumes_on_other_layouts_sees_each_shard_once_per_epoch():
+    from wit.train.data import Position, Shard, Source, StreamPlan, carry_over
+
+    source = Source("x", tuple(Shard(f"s{i:02d}", 10) for i in range(24)))
+    a = StreamPlan((source,), seed=1, world_size=1, workers=2)
+    sched = {(e, w): a.schedule(e, w) for e in (0, 1) for w in (0, 1)}
+    # layout A: worker 0 finished epoch 0 and read 2 items of epoch 1; worker 1 read 5 of epoch 0
+    # and is inside a chunk that began at item 5 and whose reading stopped 700 bytes into item 7
+    positions = [Position(1, 2), Position(0, 5, None, 3, (7, 700))]
+    consumed = {0: set(sched[0, 0]) | set(sched[0, 1][:7]), 1: set(sched[1, 0][:2])}
+    carry1 = carry_over(a, positions)
+    assert carry1[0] == ((sched[0, 1][7][0], 700), *sched[0, 1][8:])
+    assert carry1[1] == (*sched[1, 0][2:], *sched[1, 1])
+    # layout B (2 ranks x 1 worker) reads one carried item each in epoch 0, then is resumed again
+    b = StreamPlan((source,), seed=1, world_size=2, workers=1, carry=carry1, generation=1)
+    read_b = [dataclasses.replace(b, rank=r).schedule(0, 0)[:1] for r in range(2)]
+    consumed[0] |= {item for items in read_b for item in items}
+    carry2 = carry_over(b, [Position(0, 1), Position(0, 1)])
+    # epoch 1 was carried by A's resume and not reached in B: it is still the carried items, not
+    # every shard again (which would read sched[1, 0][:2] twice)
+    assert sorted(carry2[1]) == sorted(carry1[1])
+    for epoch in (0, 1):
+        left = [i for i, _ in carry2[epoch]]
+        done = [i for i, _ in consumed[epoch]]
+        assert len(set(left)) == len(left) and not set(left) & set(done), epoch
+        # everything is read once, but the chunk remainder of A's worker 1 (item 7 up to byte 700)
+        assert set(left) | set(done) == set(range(24)), epoch
