@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import re
+import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -18,6 +19,14 @@ HEADER = (
 
 def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def commit() -> str:
+    """The commit a table measured: ``git rev-parse --short HEAD``, marked when tracked files differ."""
+    root = BENCHMARKS.parent
+    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True)
+    return rev.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
 
 
 def write_section(name: str, title: str, body: str, script: str) -> Path:

@@ -34,7 +34,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
-from _report import table, write_section  # noqa: E402
+from _report import commit, table, write_section  # noqa: E402
 
 from wit.manifests.stage import Partition, PartitionResult  # noqa: E402
 from wit.pipeline.executor import run_stage  # noqa: E402
@@ -177,8 +177,7 @@ def main() -> None:
     )
     print(body)
     if not args.no_write:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        body = f"Commit `{commit}`.\n\n" + body
+        body = f"Commit `{commit()}`.\n\n" + body
         print("wrote", write_section("ray", "Ray executor vs the local pool", body, "bench/bench_ray.py"))
 
 

@@ -27,7 +27,6 @@ import multiprocessing
 import os
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,7 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _report import table, write_section  # noqa: E402
+from _report import commit, table, write_section  # noqa: E402
 
 ROWS_PER_PART = 250_000  # input part files hold this many rows at every size, as a real run's would
 TARGET_ROWS = 400_000_000  # the CLIP paper's dataset
@@ -569,13 +568,6 @@ def parse_size(text: str) -> int:
     return int(float(text.rstrip("KM")) * scale)
 
 
-def _commit() -> str:
-    here = Path(__file__).resolve().parents[1]
-    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True)
-    return rev.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="1M,4M,16M")
@@ -629,7 +621,7 @@ def report(steps: list[str], sizes: list[int], results: dict, references: dict) 
                 ]
             )
     lines = [
-        f"Commit {_commit()}. One process per step, its partitions one after another (one core); "
+        f"Commit {commit()}. One process per step, its partitions one after another (one core); "
         f"input parts of {ROWS_PER_PART:,} rows.",
         "",
         table(["step", "rows", "wall s", "µs / row", "peak MB (largest task)", "notes"], rows),

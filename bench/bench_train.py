@@ -32,7 +32,7 @@ import wit.train.models  # noqa: F401  (registers wit-tiny)
 from wit.train.data import BatchStream, Decoder, make_loader, plan_stream
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _report import table, write_section  # noqa: E402
+from _report import commit, table, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("wit_train_testdata", ROOT / "tests/train/_data.py")
@@ -172,15 +172,20 @@ def main() -> None:
             "1.0x",
         ],
     ]
-    body = table(["measure", "wit", "open_clip_train", "ratio", "target"], rows) + (
-        f"\n\nSame 8 shards x 128 samples (256 px JPEG, synthetic world), model wit-tiny (64 px), "
-        "one machine, "
-        f"one run; training: {a.steps} steps, 1 data worker each, mean rate after the first log interval. "
-        "wit decodes JPEGs at reduced size with PIL's draft mode when the crop needs no more pixels, and "
-        "tokenizes a whole batch at once. open_clip_train 3.3 needs a one-line patch to read shards "
-        "with "
-        "webdataset 0.2.111 (its group_by_keys fails on the end-of-shard marker; see PATCH). "
-        "CPU rates on a shared machine are noisy: compare within one run."
+    body = (
+        f"Commit `{commit()}`.\n\n"
+        + table(["measure", "wit", "open_clip_train", "ratio", "target"], rows)
+        + (
+            f"\n\nSame 8 shards x 128 samples (256 px JPEG, synthetic world), model wit-tiny (64 px), "
+            "one machine, "
+            f"one run; training: {a.steps} steps, 1 data worker each, mean rate after the first log interval. "
+            "wit decodes JPEGs at reduced size with PIL's draft mode when the crop needs no more pixels, and "
+            "tokenizes a whole batch at once. open_clip_train 3.3 needs a one-line patch to read shards "
+            "with "
+            "webdataset 0.2.111 (its group_by_keys fails on the end-of-shard marker; see PATCH). "
+            "CPU rates on a shared machine are noisy: compare within one run. The training rates are "
+        "not measured alike: wit's is its metrics' rate over each log interval (data waits "
+        "included), open_clip_train's the rate of the last batch it logs."
     )
     write_section("train", "Training: wit train vs open_clip_train", body, "bench/bench_train.py")
     print(body)

@@ -155,12 +155,6 @@ def setup_old() -> tuple[bool, bool]:
     return created_tree, created_pkg
 
 
-def commit() -> str:
-    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "train/"], cwd=ROOT, capture_output=True, text=True)
-    return rev.stdout.strip() + (" + working tree" if dirty.stdout.strip() else "")
-
-
 def _slowest(run: dict) -> float:
     return max(r["total"] for r in run["ranks"])
 
@@ -195,7 +189,7 @@ def main() -> None:
         return worker(args)
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from _report import table, write_section
+    from _report import commit, table, write_section
 
     measured = commit()
     tmp = Path(tempfile.mkdtemp(prefix="wit-bench-startup-"))

@@ -399,6 +399,7 @@ def _worker_samples(
     pos: Position,
     skipped: list[Skipped],
     opened: list[str],
+    last_epoch: int | None = None,
 ) -> Iterator[tuple[dict, Position]]:
     """(undecoded sample, the position after it) for one worker from ``pos`` on, through epochs
     (endless when resampled). Samples are read forward and shuffled in chunks of ``buffer``
@@ -444,14 +445,14 @@ def _worker_samples(
                 break
         if plan.resampled:
             raise StreamError("resampled stream ended")  # unreachable: draws are endless
+        if last_epoch is not None and epoch >= last_epoch:
+            return
         epoch, item, offset, taken = epoch + 1, 0, None, 0
 
 
 def raw_samples(plan: StreamPlan, epoch: int, worker: int) -> Iterator[dict]:
     """The undecoded samples of one worker's epoch (endless when resampled), in their final order."""
-    for sample, after in _worker_samples(plan, worker, Position(epoch), [], []):
-        if after.epoch != epoch:
-            return
+    for sample, _ in _worker_samples(plan, worker, Position(epoch), [], [], last_epoch=epoch):
         if not sample.get("_bad"):
             yield sample
 
