@@ -184,8 +184,9 @@ def main() -> None:
             "with "
             "webdataset 0.2.111 (its group_by_keys fails on the end-of-shard marker; see PATCH). "
             "CPU rates on a shared machine are noisy: compare within one run. The training rates are "
-        "not measured alike: wit's is its metrics' rate over each log interval (data waits "
-        "included), open_clip_train's the rate of the last batch it logs."
+            "not measured alike: wit's is its metrics' rate over each log interval (data waits "
+            "included), open_clip_train's the rate of the last batch it logs."
+        )
     )
     write_section("train", "Training: wit train vs open_clip_train", body, "bench/bench_train.py")
     print(body)
