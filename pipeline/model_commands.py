@@ -54,7 +54,7 @@ def eval_():
 
     \b
     Example:
-        wit eval out/train/checkpoints/final.pt -o out/eval --suite default
+        wit eval out/train/checkpoints/step-00000500.pt -o out/eval --suite default
         wit eval export digits -o out/wds_digits
     """
 
@@ -71,7 +71,7 @@ def eval_run(checkpoint, out, options):
 
     \b
     Example:
-        wit eval out/train/checkpoints/final.pt -o out/eval --suite default
+        wit eval out/train/checkpoints/step-00000500.pt -o out/eval --suite default
         wit eval ViT-B-32.pt --model ViT-B-32 -o out/eval-b32 --suite digits --device cuda
     """
     with heavy_imports():
