@@ -12,12 +12,26 @@ Every image that does not become a row is counted under one reason, checked in t
 ``no_src``, ``data_uri``, ``bad_scheme`` (not http(s) once resolved; ``javascript:``, ``file:``),
 ``bad_url`` (a URL that cannot be normalised), ``svg_or_ico`` (by extension: not photos, and
 most image pipelines cannot decode them), ``tracking_pixel`` (a declared side of 0 or 1 pixel:
-beacons and spacer lines, whatever the other side says), ``empty_alt``. Page- and source-level
-reasons come from :mod:`wit.ingest.sources` (``not_html``, ``page_too_large``, ``bad_http_header``,
-``bad_record``, ``truncated_source``, ``corrupt_source``, ``empty_source``; ``bad_page_url`` for a
-page URL that cannot be normalised) and from decoding
+beacons and spacer lines, whatever the other side says), ``empty_alt``; and ``noscript_copy``
+for a ``<noscript>`` copy of an image the page shows anyway (``webpage.parse_page``). Record-, page- and
+source-level reasons come from :mod:`wit.ingest.sources` (``not_http``, ``revisit``,
+``other_record``, ``not_html``, ``page_too_large``, ``bad_http_header``, ``bad_content_encoding``,
+``unsupported_content_encoding``, ``bad_record``, ``truncated_source``, ``corrupt_source``,
+``empty_source``; ``bad_page_url`` for a page URL that cannot be normalised) and from decoding
 (``bad_encoding``: decoded, but with a bogus charset label or replacement characters;
-``undecodable``: skipped). ``pages``, ``images_seen`` and ``kept`` are counted too.
+``undecodable``: skipped). ``pages``, ``images_seen`` and ``kept`` are counted too, and
+``no_page_url``: a saved HTML page that ``--page-urls`` does not list (it is still read), and,
+among the kept rows, ``src_from_lazy`` / ``src_from_srcset``: rows whose URL a lazy-loading
+attribute (``data-src``, ``data-srcset``, ...) or ``srcset`` gave instead of ``src``
+(``webpage.choose_src``, which also says which placeholders lose to them).
+
+The page URL (the ``page_url`` column, and what relative images resolve against, through
+``<base href>`` when the page has one) is the URL the page was fetched from: a WARC record's
+``WARC-Target-URI``, or for a saved HTML file the URL ``--page-url`` / ``--page-urls`` gives. A
+``<link rel=canonical>`` names where a site would rather be found (``http://www.`` for an
+``https://`` page), not where the page was, so it counts only for a saved file whose URL nobody
+gave, where it is the best guess there is (else the file's ``file://`` URL, whose relative images
+are ``bad_scheme``).
 
 Rows are in source order (page by page, image by image), so a partition's part file is the same
 bytes on every run, whatever the number of workers.
@@ -25,7 +39,10 @@ bytes on every run, whatever the number of workers.
 
 from __future__ import annotations
 
+import csv
 import functools
+import hashlib
+import io
 import operator
 from collections import Counter
 from collections.abc import Mapping
@@ -34,12 +51,21 @@ from typing import Any, ClassVar
 
 import pyarrow as pa
 
-from wit.ingest.sources import EMPTY_SOURCE, READERS, RawPage, SourceTap, expand_sources, source_format
+from wit.ingest.sources import (
+    EMPTY_SOURCE,
+    READERS,
+    RawPage,
+    SourceTap,
+    expand_sources,
+    is_http,
+    read_html,
+    source_format,
+)
 from wit.ingest.urls import BadURL, absolutize, normalize_url, uid_of_normalized
 from wit.ingest.webpage import ImgTag, ParsedPage, decode_html, parse_page
 from wit.manifests import storage
 from wit.manifests.manifest import ManifestRef
-from wit.manifests.options import Option, check_options
+from wit.manifests.options import Option, check_options, resolve
 from wit.manifests.schemas import CANDIDATES
 from wit.manifests.stage import Partition, PartitionResult, StageError
 
@@ -59,7 +85,10 @@ BAD_URL = "bad_url"
 SVG_OR_ICO = "svg_or_ico"
 TRACKING_PIXEL = "tracking_pixel"
 EMPTY_ALT = "empty_alt"
+NOSCRIPT_COPY = "noscript_copy"
 BAD_PAGE_URL = "bad_page_url"
+NO_PAGE_URL = "no_page_url"
+PAGE_URLS_SUFFIXES = (".csv", ".parquet")
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +101,12 @@ class ExtractConfig:
     # alt texts the full model often answers a neighbour (English as Maltese or Pidgin); naming the
     # languages a crawl can hold makes it far more accurate.
     languages: tuple[str, ...] = ()
+    # The URL a saved HTML file was fetched from (one HTML source), or a CSV/Parquet list of them
+    # (columns file, url) with its sha256, taken when the config is built: the run record names the
+    # exact list, and a changed list is a changed config.
+    page_url: str | None = None
+    page_urls: str | None = None
+    page_urls_sha256: str | None = None
 
     OPTIONS: ClassVar[tuple[Option, ...]] = (
         Option("max-page-bytes", "int", max_page_bytes, "Skip larger pages (reason page_too_large).", low=1024),
@@ -83,12 +118,33 @@ class ExtractConfig:
             "Comma-separated ISO 639-1 codes the identifier may answer (default: all it knows).",
             metavar="CODES",
         ),
+        Option(
+            "page-url",
+            "str",
+            None,
+            "The http(s) URL the one HTML source was fetched from: its relative images resolve against it.",
+            metavar="URL",
+        ),
+        Option(
+            "page-urls",
+            "path",
+            None,
+            "CSV or Parquet file with columns file, url: the URL each saved HTML source was fetched from. "
+            "file is a path (relative to the list's folder) or a bare file name, matched by basename.",
+            metavar="URL",
+        ),
     )
 
     @classmethod
     def from_options(cls, values: Mapping[str, Any], out: str | None = None) -> ExtractConfig:
         v = check_options(cls.OPTIONS, values, "extract")
-        return cls(max_page_bytes=v["max_page_bytes"], detect_lang=not v["no_lang"], languages=v["languages"])
+        return cls(
+            max_page_bytes=v["max_page_bytes"],
+            detect_lang=not v["no_lang"],
+            languages=v["languages"],
+            page_url=v["page_url"],
+            page_urls=v["page_urls"],
+        )
 
     def __post_init__(self) -> None:
         if isinstance(self.max_page_bytes, bool) or not isinstance(self.max_page_bytes, int):
@@ -103,6 +159,105 @@ class ExtractConfig:
         unknown = set(self.languages) - set(known_languages())
         if unknown:
             raise ValueError(f"languages unknown to py3langid: {', '.join(sorted(unknown))}")
+        if self.page_url is not None:
+            object.__setattr__(self, "page_url", fetch_url(self.page_url, "page_url"))
+        if self.page_urls is None:
+            if self.page_urls_sha256 is not None:
+                raise ValueError("page_urls_sha256 without page_urls")
+            return
+        if self.page_url is not None:
+            raise ValueError("give page_url (one HTML file) or page_urls (a list), not both")
+        if not isinstance(self.page_urls, str) or not self.page_urls.lower().endswith(PAGE_URLS_SUFFIXES):
+            raise ValueError(f"page_urls must name a .csv or .parquet file, got {self.page_urls!r}")
+        object.__setattr__(self, "page_urls", storage.normalize(self.page_urls))
+        if self.page_urls_sha256 is None:  # built from options: read (and check) the list now
+            object.__setattr__(self, "page_urls_sha256", read_page_urls(self.page_urls)[1])
+
+    def page_url_for(self, source: str) -> str | None:
+        """The URL the HTML file ``source`` was fetched from, when the options give it."""
+        if self.page_urls is not None:
+            return cached_page_urls(self.page_urls, self.page_urls_sha256).lookup(source)
+        return self.page_url
+
+
+def fetch_url(url: object, where: str) -> str:
+    """``url`` stripped, if it is an absolute http(s) URL that normalises; else ValueError."""
+    if not isinstance(url, str) or not is_http(url):
+        raise ValueError(f"{where}: expected an http(s) URL, got {url!r}")
+    try:
+        normalize_url(url)
+    except BadURL as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    return url.strip()
+
+
+@dataclass(frozen=True, slots=True)
+class PageURLs:
+    """A ``--page-urls`` list: URLs by source path (entries holding a ``/``) and by file name."""
+
+    by_path: dict[str, str]
+    by_name: dict[str, str]
+
+    def lookup(self, source: str) -> str | None:
+        """A path entry first, then a bare name matching the source's basename."""
+        url = self.by_path.get(storage.normalize(source))
+        return url if url is not None else self.by_name.get(storage.basename(source))
+
+
+def _page_url_rows(url: str, data: bytes) -> list[tuple[object, object]]:
+    if url.lower().endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(pa.BufferReader(data))
+        except (pa.ArrowException, OSError) as exc:
+            raise ValueError(f"{url}: not a Parquet file: {exc}") from None
+        if not {"file", "url"} <= set(table.column_names):
+            raise ValueError(f"{url}: needs columns file and url, has {', '.join(table.column_names)}")
+        return list(zip(table.column("file").to_pylist(), table.column("url").to_pylist(), strict=True))
+    try:
+        reader = csv.DictReader(io.StringIO(data.decode("utf-8-sig"), newline=""))
+        if not {"file", "url"} <= set(reader.fieldnames or ()):
+            raise ValueError(f"{url}: needs a header row with columns file and url, has {reader.fieldnames}")
+        return [(row["file"], row["url"]) for row in reader]
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise ValueError(f"{url}: not a UTF-8 CSV file: {exc}") from None
+
+
+def read_page_urls(url: str) -> tuple[PageURLs, str]:
+    """The ``--page-urls`` list at ``url`` and its sha256. ValueError for a bad list: a row without
+    a file or an http(s) URL, one file given two URLs, no rows."""
+    data = storage.read_bytes(url)
+    return _parse_page_urls(url, data), hashlib.sha256(data).hexdigest()
+
+
+def _parse_page_urls(url: str, data: bytes) -> PageURLs:
+    folder = url.rsplit("/", 1)[0] if "/" in url else "."
+    by_path: dict[str, str] = {}
+    by_name: dict[str, str] = {}
+    rows = _page_url_rows(url, data)
+    first = 1 if url.lower().endswith(".parquet") else 2  # a CSV's rows start on its second line
+    for n, (file, page) in enumerate(rows, start=first):
+        if not isinstance(file, str) or not file.strip():
+            raise ValueError(f"{url}, row {n}: no file")
+        page = fetch_url(page, f"{url}, row {n}")
+        file = file.strip()
+        table, key = (by_path, resolve(folder, file)) if "/" in file else (by_name, file)
+        if table.setdefault(key, page) != page:
+            raise ValueError(f"{url}, row {n}: {file} is given two URLs ({table[key]}, {page})")
+    if not rows:
+        raise ValueError(f"{url}: no (file, url) rows")
+    return PageURLs(by_path, by_name)
+
+
+@functools.lru_cache(maxsize=4)
+def cached_page_urls(url: str, sha256: str) -> PageURLs:
+    """The list a config names, read once per process; it must still be the file the config digested."""
+    data = storage.read_bytes(url)
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != sha256:
+        raise StageError(f"{url} changed since the extract config was built (sha256 {digest}, not {sha256})")
+    return _parse_page_urls(url, data)
 
 
 @dataclass(slots=True)
@@ -169,6 +324,9 @@ class CandidateBuilder:
         page_url = self._page_url(page, parsed)
         if page_url is None:
             return
+        if parsed.noscript_copies:
+            self.counts[IMAGES_SEEN] += parsed.noscript_copies
+            self.counts[NOSCRIPT_COPY] += parsed.noscript_copies
         for tag in parsed.images:
             self.add_image(tag, page_url, parsed.base_href, page.offset)
 
@@ -179,10 +337,13 @@ class CandidateBuilder:
         return parse_page(decoded.text) if decoded.text is not None else None
 
     def _page_url(self, page: RawPage, parsed: ParsedPage) -> str | None:
+        """The URL the page was fetched from, normalised (see the module docstring)."""
         url = page.url
         if page.canonical_ok and parsed.canonical:
-            canonical = absolutize(parsed.canonical, url)
-            if canonical.split(":", 1)[0].lower() in HTTP_SCHEMES:
+            # A saved file nobody gave a URL: its canonical link (resolved as a link is, against
+            # <base href>) stands in for the URL it was fetched from.
+            canonical = absolutize(parsed.canonical, url, parsed.base_href)
+            if is_http(canonical):
                 url = canonical
         try:
             return normalize_url(url)
@@ -221,6 +382,10 @@ class CandidateBuilder:
             return
         text = tag.alt or ""
         self.counts[KEPT] += 1
+        # Rows whose URL a lazy-loading attribute (data-src, data-srcset, ...) or srcset gave
+        # instead of src (webpage.choose_src); informational, not skip reasons.
+        if tag.src_attr is not None and tag.src_attr != "src":
+            self.counts["src_from_srcset" if tag.src_attr == "srcset" else "src_from_lazy"] += 1
         self.rows.append(
             Candidate(
                 uid=uid_of_normalized(url, text),
@@ -258,7 +423,13 @@ def extract_source(url: str, config: ExtractConfig) -> PartitionResult:
     with storage.open_url(url, "rb") as fh:
         # Gzip framing is only checked for WARC/WAT: an .html file is read whole, never inflated.
         tap = SourceTap(fh, url, check_gzip=fmt != "html")
-        for page in READERS[fmt](tap, url, config.max_page_bytes, counts):
+        if fmt == "html":
+            pages = read_html(tap, url, config.max_page_bytes, counts, page_url=config.page_url_for(url))
+        else:
+            pages = READERS[fmt](tap, url, config.max_page_bytes, counts)
+        for page in pages:
+            if page.canonical_ok and config.page_urls is not None:
+                counts[NO_PAGE_URL] += 1
             builder.add_page(page)
         tap.finish()
     if tap.bytes == 0:
@@ -284,6 +455,22 @@ class ExtractStage:
         wrong = [ref.url for ref in inputs if ref.kind != SOURCE_KIND]
         if wrong:
             raise StageError(f"extract reads source files (see source_refs), not manifests: {', '.join(wrong)}")
+        html = [ref.url for ref in inputs if source_format(ref.url) == "html"]
+        if config.page_url is not None and len(html) != 1:
+            raise StageError(
+                f"extract: --page-url is the URL of one HTML file, but the sources hold {len(html)}; "
+                "give a list of (file, url) rows with --page-urls instead"
+            )
+        if config.page_urls is not None:
+            # a bare file name in the list must not give two sources one URL
+            mapping = cached_page_urls(config.page_urls, config.page_urls_sha256)
+            names = Counter(storage.basename(u) for u in html if storage.normalize(u) not in mapping.by_path)
+            twice = sorted(n for n, k in names.items() if k > 1 and n in mapping.by_name)
+            if twice:
+                raise StageError(
+                    f"extract: {config.page_urls} gives a URL by file name to several sources named "
+                    f"{', '.join(twice)}; give their paths instead"
+                )
         return [Partition(index=i, source=ref.url) for i, ref in enumerate(inputs)]
 
     def run_partition(self, config: ExtractConfig, partition: Partition, out: str) -> PartitionResult:

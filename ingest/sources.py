@@ -13,6 +13,23 @@ members to their end, because warcio reads a truncated ``.warc.gz`` to the cut w
 Readers never raise on bad data: a record they cannot use is counted under a reason and skipped;
 an unreadable rest of a file marks the tap ``truncated_source`` or ``corrupt_source`` and stops.
 Only storage errors (the file vanished, the endpoint is down) raise, as ``StorageError``.
+
+Every WARC record that does not become a page is counted once: ``not_http`` (a response or
+resource record for a ``dns:``, ``whois:``, ``ftp:``, ``metadata:``, ``urn:`` ... URI: Heritrix
+writes one ``dns:`` response per host it resolves), ``revisit`` (the payload is stored elsewhere;
+not followed), ``other_record`` (warcinfo, request, metadata, conversion, continuation: never a
+page), ``not_html``, ``bad_http_header``, ``bad_record``, and the body's own problems:
+``bad_content_encoding`` (a ``Content-Encoding``, gzip, deflate or br, that does not decode) and
+``unsupported_content_encoding`` (one no decoder here knows: ``compress``, ``zstd``). A WAT file
+counts the records its metadata records describe the same way. ``resource`` records for http(s)
+URIs hold a page without HTTP headers (the WARC ``Content-Type`` says what it is) and are read.
+
+Content codings are undone here, not by warcio (which prints a failure to stderr and hands out
+what it has): the HTTP ``Transfer-Encoding`` codings other than ``chunked``, then the
+``Content-Encoding`` ones, last applied first, each with its output bounded by the page limit (a
+small compressed body can inflate to gigabytes). A body that says it is encoded but is plain text
+(ClueWeb09 says ``gzip`` over plain pages) is read as it is; a cut-off encoded body (a crawler's
+size limit) gives what it holds.
 """
 
 from __future__ import annotations
@@ -28,6 +45,7 @@ from typing import IO
 
 from fsspec.core import url_to_fs
 from warcio.archiveiterator import ArchiveIterator
+from warcio.bufferedreaders import ChunkedDataReader
 from warcio.exceptions import ArchiveLoadFailed
 from warcio.statusandheaders import StatusAndHeadersParser, StatusAndHeadersParserException
 
@@ -35,6 +53,17 @@ from wit.ingest.wat import read_envelope
 from wit.ingest.webpage import ParsedPage
 from wit.manifests import storage
 from wit.manifests.storage import StorageError
+
+# brotlicffi is the dependency (warcio takes an installed `brotli` module for its own br decoding,
+# which then fails on every br record, AttributeError: no unused_data); Google's `brotli` >= 1.2
+# has the same API. Without either, br bodies are counted unsupported_content_encoding.
+try:
+    import brotlicffi as brotli
+except ImportError:  # pragma: no cover
+    try:
+        import brotli
+    except ImportError:
+        brotli = None
 
 # Longest suffix first: `.warc.wat.gz` is a WAT, not a WARC.
 SUFFIXES: tuple[tuple[str, str], ...] = (
@@ -52,6 +81,11 @@ _CHARSET = re.compile(r"""charset\s*=\s*["']?([^"';\s]+)""", re.I)
 _HTTP_PARSER = StatusAndHeadersParser(["HTTP/1.0", "HTTP/1.1", "HTTP/2", "HTTP/2.0", "HTTP/3"], verify=True)
 _DRAIN_CHUNK = 1 << 16
 _GZIP_OUT = 1 << 20  # bound on what one step of the integrity check inflates (gzip bombs)
+HTTP_SCHEMES = frozenset({"http", "https"})
+_IDENTITY = frozenset({"", "identity", "none"})  # codings that change nothing
+# Bytes deleted to count control bytes (C0 but tab, newline, form feed, carriage return; DEL), as
+# decode_html does: compressed data is about 11% control bytes, text in any charset almost none.
+_NOT_CONTROL = bytes(b for b in range(256) if not (b < 32 and b not in (9, 10, 12, 13) or b == 127))
 
 # Counted per page or per source (image-level reasons live in extract).
 PAGES = "pages"
@@ -59,6 +93,11 @@ NOT_HTML = "not_html"
 PAGE_TOO_LARGE = "page_too_large"
 BAD_HTTP_HEADER = "bad_http_header"
 BAD_RECORD = "bad_record"  # a WAT record whose JSON does not parse, a response without a URL
+NOT_HTTP = "not_http"  # a response or resource record for a dns:, whois:, ftp: ... URI
+REVISIT = "revisit"  # a revisit record: its payload is another record's (deduplication)
+OTHER_RECORD = "other_record"  # warcinfo, request, metadata, conversion, continuation records
+BAD_CONTENT_ENCODING = "bad_content_encoding"  # gzip/deflate/br data that does not decode
+UNSUPPORTED_CONTENT_ENCODING = "unsupported_content_encoding"  # compress, zstd, ...: no decoder
 TRUNCATED_SOURCE = "truncated_source"
 CORRUPT_SOURCE = "corrupt_source"
 EMPTY_SOURCE = "empty_source"
@@ -71,7 +110,9 @@ class RawPage:
     body: bytes | None = None  # the HTML (WARC, HTML files); None when `parsed` is given
     charset: str | None = None  # declared by the HTTP header
     parsed: ParsedPage | None = None  # WAT: links Common Crawl already parsed
-    canonical_ok: bool = False  # an HTML file's <link rel=canonical> may name its real URL
+    # True only for a saved HTML file whose URL nobody gave (--page-url, --page-urls): its
+    # <link rel=canonical> then stands in for the unknown URL it was fetched from.
+    canonical_ok: bool = False
 
 
 def source_format(url: str) -> str | None:
@@ -248,43 +289,160 @@ def _http_headers(record):
         return None
     if not http.statusline[:3].isdigit():
         return None
-    record.http_headers = http  # so that content_stream() undoes chunking and content encoding
+    record.http_headers = http  # where warcio keeps them when it parses the record itself
     return http
 
 
-def _read_body(record, tap: SourceTap, limit: int) -> bytes | None:
-    """The record's payload up to ``limit + 1`` bytes; None (and the tap marked) when cut short."""
-    body = record.content_stream().read(limit + 1)
+def _read_body(record, tap: SourceTap, limit: int, stream=None) -> bytes | None:
+    """The record's payload (``stream``, by default its raw stream) up to ``limit + 1`` bytes;
+    None (and the tap marked) when the file ends inside the record."""
+    body = (record.raw_stream if stream is None else stream).read(limit + 1)
     if len(body) <= limit and getattr(record.raw_stream, "limit", 0) > 0:
         tap.mark(TRUNCATED_SOURCE)  # the file ended inside this record
         return None
     return body
 
 
-def _warc_response(record, records: ArchiveIterator, tap: SourceTap, limit: int, counts: Counter) -> RawPage | None:
-    http = _http_headers(record)
-    if http is None:
-        counts[BAD_HTTP_HEADER] += 1
-        return None
-    mime, charset = _content_type(http.get_header("Content-Type"))
+def _codings(value: str | None) -> list[str]:
+    return [c.strip().lower() for c in (value or "").split(",") if c.strip()]
+
+
+def _is_text(data: bytes) -> bool:
+    return len(data.translate(None, _NOT_CONTROL)) * 100 <= len(data)
+
+
+def _inflate(data: bytes, wbits: int, limit: int) -> tuple[bytes, bool]:
+    """gzip (several members too) or deflate data, inflated up to ``limit + 1`` bytes; and whether
+    the stream ended (False: cut short, or stopped at the bound)."""
+    out = bytearray()
+    while True:
+        d = zlib.decompressobj(wbits)
+        out += d.decompress(data, limit + 1 - len(out))
+        if not d.eof or len(out) > limit:
+            return bytes(out), d.eof
+        data = d.unused_data
+        if wbits != 47 or data[:2] != b"\x1f\x8b":  # another gzip member follows, or the end
+            return bytes(out), True
+
+
+def _unbrotli(data: bytes, limit: int) -> tuple[bytes, bool]:
+    d = brotli.Decompressor()
+    out = d.process(data, output_buffer_limit=limit + 1)
+    while len(out) <= limit and not d.can_accept_more_data():
+        more = d.process(b"", output_buffer_limit=limit + 1 - len(out))
+        if not more:
+            break
+        out += more
+    return out, d.is_finished()
+
+
+def _deflate(data: bytes, limit: int) -> tuple[bytes, bool]:
+    # HTTP's deflate is zlib-wrapped; some servers send it raw, which browsers accept too.
+    zlib_header = len(data) >= 2 and data[0] & 0x0F == 8 and (data[0] << 8 | data[1]) % 31 == 0
+    return _inflate(data, zlib.MAX_WBITS if zlib_header else -zlib.MAX_WBITS, limit)
+
+
+_DECODERS: dict[str, Callable[[bytes, int], tuple[bytes, bool]]] = {
+    "gzip": lambda data, limit: _inflate(data, 47, limit),  # 47: a gzip or zlib header
+    "x-gzip": lambda data, limit: _inflate(data, 47, limit),
+    "deflate": _deflate,
+}
+if brotli is not None:
+    _DECODERS["br"] = _unbrotli
+_DECODE_ERRORS = (zlib.error,) if brotli is None else (zlib.error, brotli.error)
+
+
+def decode_body(body: bytes, codings: list[str], limit: int) -> tuple[bytes | None, str | None]:
+    """``body`` with ``codings`` (in the order they were applied) undone: ``(bytes, None)``, or
+    ``(None, reason)``. Output stops past ``limit`` bytes; the caller judges the size."""
+    for coding in reversed(codings):
+        if coding in _IDENTITY:
+            continue
+        decoder = _DECODERS.get(coding)
+        if decoder is None:
+            if _is_text(body):
+                continue  # a label that means nothing here (utf-8 is seen) over a plain body
+            return None, UNSUPPORTED_CONTENT_ENCODING
+        try:
+            out, ended = decoder(body, limit)
+        except _DECODE_ERRORS:
+            out, ended = b"", False
+        # Decoded; or stopped at the bound; or cut short (a crawler's size limit), whose text is kept.
+        # A stream that stops early with no text out of it is no such stream: brotli, which has no
+        # header, reads noise as an unfinished uncompressed block.
+        if ended or len(out) > limit or (out and _is_text(out)):
+            body = out
+        elif not _is_text(body):
+            return None, BAD_CONTENT_ENCODING
+        # else: plain text under an encoding label (ClueWeb09's gzip): read as it is
+    return body, None
+
+
+def _target_uri(record) -> str | None:
+    url = record.rec_headers.get_header("WARC-Target-URI")
+    url = url.strip("<> \t") if url else ""  # WARC 1.0 drafts (wget) wrote it in <angle brackets>
+    return url or None
+
+
+def is_http(url: str) -> bool:
+    return url.split(":", 1)[0].strip().lower() in HTTP_SCHEMES
+
+
+def _warc_page(
+    record, records: ArchiveIterator, tap: SourceTap, limit: int, counts: Counter, url: str, http
+) -> RawPage | None:
+    """A page from a response record (``http``: its parsed HTTP headers) or a resource record
+    (``http`` None: the WARC header's Content-Type describes the block, which is the page)."""
+    headers = record.rec_headers if http is None else http
+    mime, charset = _content_type(headers.get_header("Content-Type"))
     if mime is not None and mime not in HTML_TYPES:
         counts[NOT_HTML] += 1
         return None
-    body = _read_body(record, tap, limit)
+    stream, codings = record.raw_stream, []
+    if http is not None:
+        transfer = _codings(http.get_header("Transfer-Encoding"))
+        if transfer and transfer[-1] == "chunked":
+            stream, transfer = ChunkedDataReader(record.raw_stream), transfer[:-1]
+        codings = _codings(http.get_header("Content-Encoding")) + transfer
+    raw = _read_body(record, tap, limit, stream)
+    if raw is None:
+        return None
+    body, problem = decode_body(raw, codings, limit)
     if body is None:
+        if mime is not None:
+            counts[PAGES] += 1
+        counts[problem] += 1
         return None
     if mime is None and not _looks_like_html(body):
         counts[NOT_HTML] += 1
         return None
     counts[PAGES] += 1
-    if len(body) > limit:
+    if len(body) > limit or len(raw) > limit:
         counts[PAGE_TOO_LARGE] += 1
         return None
-    url = record.rec_headers.get_header("WARC-Target-URI")
-    if not url:
+    return RawPage(url=url, offset=records.get_record_offset(), body=body, charset=charset)
+
+
+def _warc_record(record, records: ArchiveIterator, tap: SourceTap, limit: int, counts: Counter) -> RawPage | None:
+    """The page of one WARC record, or None with the record counted under a reason."""
+    kind = record.rec_type
+    if kind not in ("response", "resource"):
+        counts[REVISIT if kind == "revisit" else OTHER_RECORD] += 1
+        return None
+    url = _target_uri(record)
+    if url is None:
         counts[BAD_RECORD] += 1
         return None
-    return RawPage(url=url.strip("<> "), offset=records.get_record_offset(), body=body, charset=charset)
+    if not is_http(url):
+        counts[NOT_HTTP] += 1  # dns:, whois:, ftp:, metadata: ...: no HTTP header to read
+        return None
+    http = None
+    if kind == "response":
+        http = _http_headers(record)
+        if http is None:
+            counts[BAD_HTTP_HEADER] += 1
+            return None
+    return _warc_page(record, records, tap, limit, counts, url, http)
 
 
 def _next(records: ArchiveIterator, tap: SourceTap):
@@ -323,10 +481,9 @@ def _records(tap: SourceTap) -> Iterator[tuple[object, ArchiveIterator]]:
 
 def read_warc(tap: SourceTap, url: str, limit: int, counts: Counter) -> Iterator[RawPage]:
     for record, records in _records(tap):
-        if record.rec_type == "response":
-            page = _warc_response(record, records, tap, limit, counts)
-            if page is not None:
-                yield page
+        page = _warc_record(record, records, tap, limit, counts)
+        if page is not None:
+            yield page
 
 
 def _wat_page(record, records: ArchiveIterator, tap: SourceTap, limit: int, counts: Counter) -> RawPage | None:
@@ -342,24 +499,33 @@ def _wat_page(record, records: ArchiveIterator, tap: SourceTap, limit: int, coun
         counts[BAD_RECORD] += 1
         return None
     envelope = read_envelope(doc)
-    if envelope.warc_type != "response":
-        return None  # WAT describes request and warcinfo records too
-    if not envelope.url:
+    kind = envelope.warc_type
+    if kind not in ("response", "resource"):
+        # WAT describes every record of its WARC: requests, warcinfo, metadata, revisits too
+        counts[REVISIT if kind == "revisit" else OTHER_RECORD if kind else BAD_RECORD] += 1
+        return None
+    url = (envelope.url or "").strip("<> \t")
+    if not url:
         counts[BAD_RECORD] += 1
+        return None
+    if not is_http(url):
+        counts[NOT_HTTP] += 1
         return None
     if envelope.html is None:
         counts[NOT_HTML] += 1
         return None
     counts[PAGES] += 1
-    return RawPage(url=envelope.url, offset=records.get_record_offset(), parsed=envelope.html)
+    return RawPage(url=url, offset=records.get_record_offset(), parsed=envelope.html)
 
 
 def read_wat(tap: SourceTap, url: str, limit: int, counts: Counter) -> Iterator[RawPage]:
     for record, records in _records(tap):
-        if record.rec_type == "metadata":
-            page = _wat_page(record, records, tap, limit, counts)
-            if page is not None:
-                yield page
+        if record.rec_type != "metadata":
+            counts[OTHER_RECORD] += 1  # the WAT file's own warcinfo
+            continue
+        page = _wat_page(record, records, tap, limit, counts)
+        if page is not None:
+            yield page
 
 
 def html_file_url(url: str) -> str:
@@ -368,7 +534,9 @@ def html_file_url(url: str) -> str:
     return url if "://" in url else "file://" + url
 
 
-def read_html(tap: SourceTap, url: str, limit: int, counts: Counter) -> Iterator[RawPage]:
+def read_html(tap: SourceTap, url: str, limit: int, counts: Counter, page_url: str | None = None) -> Iterator[RawPage]:
+    """The page of a saved HTML file. ``page_url``: the URL it was fetched from, when known; without
+    it the page's URL is the file's own (see :func:`html_file_url`), or its canonical link."""
     body = tap.read(limit + 1)
     if not body:
         return
@@ -376,7 +544,10 @@ def read_html(tap: SourceTap, url: str, limit: int, counts: Counter) -> Iterator
     if len(body) > limit:
         counts[PAGE_TOO_LARGE] += 1
         return
-    yield RawPage(url=html_file_url(url), offset=None, body=body, canonical_ok=True)
+    if page_url:
+        yield RawPage(url=page_url, offset=None, body=body)
+    else:
+        yield RawPage(url=html_file_url(url), offset=None, body=body, canonical_ok=True)
 
 
 Reader = Callable[[SourceTap, str, int, Counter], Iterator[RawPage]]

@@ -36,6 +36,7 @@ def extract(sources, out, options, scheduling):
     Example:
         wit extract crawl/ -o out/candidates --workers 2 --languages en,de,fr,es
         wit extract 's3://bucket/segment/*.warc.gz' -o s3://bucket/candidates --part 0/8
+        wit extract saved/ -o out/candidates --page-urls saved/urls.csv
     """
     _run("extract", options, list(sources), out, scheduling)
 
