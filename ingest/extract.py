@@ -61,7 +61,7 @@ from wit.ingest.sources import (
     read_html,
     source_format,
 )
-from wit.ingest.urls import BadURL, absolutize, normalize_url, uid_of_normalized
+from wit.ingest.urls import BadURL, Resolver, absolutize, normalize_url, uid_of_normalized
 from wit.ingest.webpage import ImgTag, ParsedPage, decode_html, parse_page
 from wit.manifests import storage
 from wit.manifests.manifest import ManifestRef
@@ -327,14 +327,15 @@ class CandidateBuilder:
         if parsed.noscript_copies:
             self.counts[IMAGES_SEEN] += parsed.noscript_copies
             self.counts[NOSCRIPT_COPY] += parsed.noscript_copies
+        resolver = Resolver(page_url, parsed.base_href)
         for tag in parsed.images:
-            self.add_image(tag, page_url, parsed.base_href, page.offset)
+            self.add_image(tag, page_url, resolver, page.offset)
 
     def _parse(self, page: RawPage) -> ParsedPage | None:
         decoded = decode_html(page.body or b"", page.charset)
         if decoded.problem:
             self.counts[decoded.problem] += 1
-        return parse_page(decoded.text) if decoded.text is not None else None
+        return parse_page(decoded.markup) if decoded.text is not None else None
 
     def _page_url(self, page: RawPage, parsed: ParsedPage) -> str | None:
         """The URL the page was fetched from, normalised (see the module docstring)."""
@@ -342,7 +343,10 @@ class CandidateBuilder:
         if page.canonical_ok and parsed.canonical:
             # A saved file nobody gave a URL: its canonical link (resolved as a link is, against
             # <base href>) stands in for the URL it was fetched from.
-            canonical = absolutize(parsed.canonical, url, parsed.base_href)
+            try:
+                canonical = absolutize(parsed.canonical, url, parsed.base_href)
+            except BadURL:
+                canonical = ""  # one that does not parse names nothing
             if is_http(canonical):
                 url = canonical
         try:
@@ -351,20 +355,19 @@ class CandidateBuilder:
             self.counts[BAD_PAGE_URL] += 1
             return None
 
-    def _skip(self, tag: ImgTag, page_url: str, base_href: str | None) -> tuple[str | None, str]:
+    def _skip(self, tag: ImgTag, resolver: Resolver) -> tuple[str | None, str]:
         """(reason, normalised URL): the reason is None for an image that becomes a row."""
         src = tag.src
         if src is None:
             return NO_SRC, ""
         if src[:5].lower() == "data:":
             return DATA_URI, ""
-        url = absolutize(src, page_url, base_href)
-        if url.split(":", 1)[0].lower() not in HTTP_SCHEMES:
-            return BAD_SCHEME, ""
         try:
-            url = normalize_url(url)
+            url = resolver.resolve(src)
         except BadURL:
             return BAD_URL, ""
+        if url is None:
+            return BAD_SCHEME, ""
         path = url.split("?", 1)[0].lower()
         if path.endswith(SKIPPED_EXTENSIONS):
             return SVG_OR_ICO, url
@@ -374,9 +377,9 @@ class CandidateBuilder:
             return EMPTY_ALT, url
         return None, url
 
-    def add_image(self, tag: ImgTag, page_url: str, base_href: str | None, offset: int | None) -> None:
+    def add_image(self, tag: ImgTag, page_url: str, resolver: Resolver, offset: int | None) -> None:
         self.counts[IMAGES_SEEN] += 1
-        reason, url = self._skip(tag, page_url, base_href)
+        reason, url = self._skip(tag, resolver)
         if reason is not None:
             self.counts[reason] += 1
             return

@@ -118,7 +118,7 @@ def warc_to_wat(warc_url: str, wat_url: str) -> int:
                 body = record.content_stream().read()
                 if "html" in (http.get_header("Content-Type") or ""):
                     decoded = decode_html(body)
-                    page = parse_page(decoded.text) if decoded.text is not None else None
+                    page = parse_page(decoded.markup) if decoded.text is not None else None
             doc = _envelope(record, page)
             data = json.dumps(doc, ensure_ascii=False).encode("utf-8")
             url = record.rec_headers.get_header("WARC-Target-URI")

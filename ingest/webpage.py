@@ -269,6 +269,7 @@ LAZY_SRC_ATTRS = (
 LAZY_SRCSET_ATTRS = ("data-srcset", "data-lazy-srcset", "data-pagespeed-lazy-srcset")
 SRC_ATTRS = ("src", *LAZY_SRC_ATTRS)
 SRCSET_ATTRS = ("srcset", *LAZY_SRCSET_ATTRS)
+_CHOICE_ATTRS = frozenset(SRC_ATTRS[1:] + SRCSET_ATTRS)  # without any of them, src it is
 # pick_srcset: the widest `w` candidate up to this many pixels (else the narrowest).
 SRCSET_MAX_WIDTH = 1024
 
@@ -296,6 +297,14 @@ class Decoded:
     text: str | None  # None when undecodable
     encoding: str
     problem: str | None = None  # None, BAD_ENCODING (decoded with replacements) or UNDECODABLE
+    # The page's bytes when they are strict UTF-8, i.e. exactly ``text.encode()``: what the parser
+    # reads (selectolax would otherwise encode the text back to UTF-8, a third of its parse time).
+    utf8: bytes | None = None
+
+    @property
+    def markup(self) -> str | bytes | None:
+        """What :func:`parse_page` takes: the UTF-8 bytes when there are, else the text."""
+        return self.utf8 if self.utf8 is not None else self.text
 
 
 @dataclass(slots=True)
@@ -383,9 +392,10 @@ def decode_html(body: bytes, http_charset: str | None = None) -> Decoded:
         return Decoded(None, "utf-8", UNDECODABLE)
     for name in [*names, "utf-8"]:
         try:
-            return Decoded(_decode(body, name), name, BAD_ENCODING if bogus else None)
+            text = _decode(body, name)
         except UnicodeDecodeError:
             continue
+        return Decoded(text, name, BAD_ENCODING if bogus else None, body if name == "utf-8" else None)
     # Neither what the page says nor UTF-8 reads cleanly: a browser reads what the page says.
     name = names[0] if names else "utf-8"
     return Decoded(_decode(body, name, replace=True), name, BAD_ENCODING)
@@ -398,6 +408,8 @@ def parse_dimension(value: str | None) -> int | None:
     """An HTML width/height attribute in pixels ("64", " 64px", "64.5"); None for "50%" or junk."""
     if value is None:
         return None
+    if len(value) < 10 and value.isascii() and value.isdigit():
+        return int(value)  # "300", most of them: what the pattern would read, without it
     m = _DIMENSION.match(value)
     if m is None or m.group(2):
         return None
@@ -527,7 +539,7 @@ def choose_src(attrs: dict[str, str | None]) -> tuple[str | None, str | None]:
     """``(url, attribute)``: the image's URL as written and the attribute it came from, by the
     order in the module docstring. ``(None, None)`` when no source attribute has a value."""
     src = _url(attrs.get("src"))
-    if not any(name.startswith("data-") or name == "srcset" for name in attrs):
+    if _CHOICE_ATTRS.isdisjoint(attrs):
         return (src, "src") if src is not None else (None, None)  # most images: nothing to choose
     lazy = None
     for name in LAZY_SRC_ATTRS:
@@ -617,9 +629,10 @@ def _noscript_images(tree: LexborHTMLParser) -> list:
     return found
 
 
-def parse_page(text: str) -> ParsedPage:
+def parse_page(text: str | bytes) -> ParsedPage:
     """Every ``<img>`` of a page in document order, with the page's ``<base href>`` and canonical
-    link; a ``<noscript>`` copy of an image the page shows anyway is left out."""
+    link; a ``<noscript>`` copy of an image the page shows anyway is left out. ``text`` is the
+    decoded page, or its UTF-8 bytes (:attr:`Decoded.markup`)."""
     tree = LexborHTMLParser(text)
     base = tree.css_first("base[href]")
     href = (base.attributes.get("href") or "").strip() if base is not None else ""

@@ -345,3 +345,14 @@ def test_label_table_matches_webencodings_and_the_changes_since():
     assert added == {"csunicode", "iso-10646-ucs-2", "iso-2022-cn", "iso-2022-cn-ext", "koi8-ru", "ms932",
                      "replacement", "ucs-2", "unicode", "unicode11utf8", "unicode20utf8", "unicodefeff",
                      "unicodefffe", "x-unicode20utf8"}  # fmt: skip
+
+
+def test_utf8_pages_are_parsed_from_their_bytes_with_the_same_result():
+    html = '<base href="/b/"><figure><img src="a.jpg" alt=" Ünïcödé 中文 "><figcaption>c</figcaption></figure>'
+    d = decode_html(html.encode("utf-8"), "utf-8")
+    assert d.utf8 == d.text.encode("utf-8") and d.markup is d.utf8
+    assert parse_page(d.markup) == parse_page(d.text)
+    # Any other codec (a BOM'd UTF-8 page included) hands the parser the text.
+    for body, label in ((html.encode("cp1252", "replace"), "windows-1252"), (b"\xef\xbb\xbf" + html.encode(), None)):
+        d = decode_html(body, label)
+        assert d.utf8 is None and d.markup is d.text
