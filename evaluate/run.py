@@ -43,7 +43,7 @@ from wit.manifests.stage import (
     open_run,
     resolve_inputs,
 )
-from wit.train.checkpoint import load_model
+from wit.train.checkpoint import LoadedModel, load_model
 
 from . import metrics as M
 from .datasets import DEFAULT_TEMPLATES, Dataset, open_dataset
@@ -241,26 +241,31 @@ def _sha_text(*parts: str) -> str:
 class Session:
     """What the partitions of one evaluate() call share: the model, the opened datasets, the cache."""
 
-    def __init__(self, checkpoint: str, suite: Suite, config: EvalConfig):
+    def __init__(self, checkpoint: str, suite: Suite, config: EvalConfig, loaded: LoadedModel | None = None):
         self.config = config
         self.suite = suite
         self.checkpoint = storage.normalize(checkpoint)
         self.device = config.resolved_device()
-        self.loaded = load_model(self.checkpoint, model=config.model, device=self.device)
-        self.encoder = Encoder(
-            self.loaded.model,
-            self.loaded.preprocess,
-            self.loaded.tokenizer,
-            self.device,
-            config.resolved_batch_size(),
-            config.threads,
-            config.autocast_dtype(),
-        )
+        self.use(loaded or load_model(self.checkpoint, model=config.model, device=self.device))
         self.cache = FeatureCache(config.cache or None)
         self.datasets: dict[tuple[str, str | None], Dataset] = {}
         self.splits: dict[tuple[str, str], object] = {}
-        self.text: dict[str, np.ndarray] = {}  # task -> (classes, templates, dim)
         self.images_cached = 0
+
+    def use(self, loaded: LoadedModel) -> None:
+        """Evaluate ``loaded`` from now on (the trainer's callback: the model of each evaluation
+        step); the opened datasets stay, the text classifiers made by the previous model go."""
+        self.loaded = loaded
+        self.encoder = Encoder(
+            loaded.model,
+            loaded.preprocess,
+            loaded.tokenizer,
+            self.device,
+            self.config.resolved_batch_size(),
+            self.config.threads,
+            self.config.autocast_dtype(),
+        )
+        self.text: dict[str, np.ndarray] = {}  # task -> (classes, templates, dim)
 
     # -- data ---------------------------------------------------------------------------------
     def dataset(self, task: TaskSpec) -> Dataset:
@@ -342,121 +347,13 @@ class EvalStage:
     # -----------------------------------------------------------------------------------------
     def _task(self, config: dict, task: TaskSpec, out: str) -> PartitionResult:
         s = self.session
-        cfg = s.config
-        start = time.perf_counter()
-        detail: dict = {"task": task.name, "kind": task.kind, "dataset": task.dataset, "chance": None}
-        test = s.features(task, task.split)
-        skipped = dict(test.skipped)
-        templates_digest = None
-        scores: list[M.Score] = []
-        if task.kind == "zeroshot_retrieval":
-            texts = [c for caps in test.captions for c in caps]
-            if not texts:
-                raise EvalError(f"task {task.name}: {task.dataset} has no captions (a retrieval dataset needs txt)")
-            owner = np.repeat(np.arange(len(test.captions)), [len(c) for c in test.captions])
-            txt = s.encoder.encode_texts(texts)
-            scores = M.retrieval_scores(test.features @ txt.T, owner, (1, 5, 10), cfg.resamples, cfg.seed)
-            detail.update(captions=len(texts))
-        else:
-            names = self._names(task)
-            valid = (test.labels >= 0) & (test.labels < len(names))
-            if (~valid).any():
-                skipped["no_label"] = skipped.get("no_label", 0) + int((~valid).sum())
-            x, y = test.features[valid], test.labels[valid]
-            if len(y) == 0:
-                raise EvalError(f"task {task.name}: no test image has a class label")
-            detail.update(classnames=names, chance=1.0 / len(names))
-            if task.kind == "zeroshot_classification":
-                if task.name not in s.text:
-                    s.build_text_classifiers([task])
-                text = s.text[task.name]
-                templates = s.templates(task)
-                templates_digest = _sha_text(*templates, "\n", *names)
-                logits = x @ M.ensemble_classifier(text).T
-                single = x @ M.normalize(text[:, 0, :]).T
-                scores = M.classification_scores(logits, y, len(names), "", cfg.resamples, cfg.seed)
-                scores.append(M.mean_score("acc1_single_template", single.argmax(1) == y, cfg.resamples, cfg.seed))
-                detail.update(
-                    templates=len(templates),
-                    confusion=M.confusion_matrix(y, logits.argmax(1), len(names)).tolist(),
-                )
-            else:
-                train = s.features(task, task.train_split)
-                tv = (train.labels >= 0) & (train.labels < len(names))
-                tx, ty = train.features[tv], train.labels[tv]
-                detail["train_digest"] = s.split(task, task.train_split).digest
-                if task.kind == "linear_probe":
-                    probe = linear_probe(tx, ty, x, len(names), cfg.probe_cs, seed=cfg.seed)
-                    scores = M.classification_scores(probe.scores, y, len(names), "lp_", cfg.resamples, cfg.seed)
-                    detail.update(
-                        best_c=probe.best_c,
-                        validation={str(k): v for k, v in probe.validation.items()},
-                        confusion=M.confusion_matrix(y, probe.scores.argmax(1), len(names)).tolist(),
-                    )
-                else:
-                    curve = {}
-                    for k in task.fewshot_ks:
-                        fs = fewshot(tx, ty, x, len(names), k, cfg.fewshot_c, cfg.seed)
-                        if fs is None:
-                            continue  # some class has fewer than k training examples
-                        top1 = fs.argmax(1) == y
-                        a = M.mean_score(f"fewshot_k{k}_acc1", top1, cfg.resamples, cfg.seed)
-                        r = M.mean_per_class_recall_score(
-                            f"fewshot_k{k}_mean_per_class_recall",
-                            top1,
-                            y,
-                            len(names),
-                            cfg.resamples,
-                            cfg.seed,
-                        )
-                        scores += [a, r]
-                        curve[str(k)] = {"value": a.value, "ci_low": a.ci_low, "ci_high": a.ci_high}
-                    if not curve:
-                        raise EvalError(f"task {task.name}: no class has {min(task.fewshot_ks)} training examples")
-                    detail["fewshot"] = curve
-        scores = [sc for sc in scores if task.wants(sc.metric)]
-        dataset_digest = s.split(task, task.split).digest
-        rows = [
-            {
-                "task": task.name,
-                "kind": task.kind,
-                "metric": sc.metric,
-                "value": sc.value,
-                "ci_low": sc.ci_low,
-                "ci_high": sc.ci_high,
-                "n": sc.n,
-                "checkpoint_digest": s.loaded.digest,
-                "dataset_digest": dataset_digest,
-                "templates_digest": templates_digest,
-            }
-            for sc in scores
-        ]
-        n = int(rows[0]["n"]) if rows else len(test.keys)
-        detail.update(
-            metrics=[{k: r[k] for k in ("metric", "value", "ci_low", "ci_high", "n")} for r in rows],
-            n=len(test.keys),
-            skipped=skipped,
-            dataset_digest=dataset_digest,
-            cached=test.cached,
-            encode_seconds=round(test.seconds, 3),
-            seconds=round(time.perf_counter() - start, 3),
-        )
+        rows, detail, counts = measure(s, task)
+        n = int(rows[0]["n"]) if rows else detail["n"]
         if s.config.progress:
             head = ", ".join(f"{r['metric']}={100 * r['value']:.1f}" for r in rows[:3])
-            print(f"eval: {task.name}: {head} (n={n}{', cached' if test.cached else ''})", file=sys.stderr)
+            print(f"eval: {task.name}: {head} (n={n}{', cached' if detail['cached'] else ''})", file=sys.stderr)
         info = _commit_text(out, f"tasks/{task.name}.json", json.dumps(detail, indent=1) + "\n")
-        counts = {"kept": len(test.keys), **skipped}
         return PartitionResult(table=pa.Table.from_pylist(rows, schema=EVAL_RESULTS), counts=counts, files=[info])
-
-    def _names(self, task: TaskSpec) -> list[str]:
-        try:
-            return self.session.classnames(task)
-        except EvalError:
-            if task.kind == "zeroshot_classification":
-                raise
-            # A probe needs labels, not names: number the classes it finds.
-            labels = self.session.features(task, task.split).labels
-            return [f"class {i}" for i in range(int(labels.max()) + 1)]
 
     def _report(self, config: dict, out: str) -> PartitionResult:
         tasks = []
@@ -481,6 +378,166 @@ class EvalStage:
         ]
         files += [_commit_bytes(out, f"report/{b.name}", b.png) for b in blocks if b.type == "figure"]
         return PartitionResult(table=None, files=files)
+
+
+def measure(s: Session, task: TaskSpec) -> tuple[list[dict], dict, dict]:
+    """One task on the session's model: its result rows (``EVAL_RESULTS``), its detail (the
+    ``tasks/NAME.json`` of a run) and its counts (kept and skipped images). Writes nothing."""
+    cfg = s.config
+    start = time.perf_counter()
+    detail: dict = {"task": task.name, "kind": task.kind, "dataset": task.dataset, "chance": None}
+    test = s.features(task, task.split)
+    skipped = dict(test.skipped)
+    templates_digest = None
+    scores: list[M.Score] = []
+    if task.kind == "zeroshot_retrieval":
+        texts = [c for caps in test.captions for c in caps]
+        if not texts:
+            raise EvalError(f"task {task.name}: {task.dataset} has no captions (a retrieval dataset needs txt)")
+        owner = np.repeat(np.arange(len(test.captions)), [len(c) for c in test.captions])
+        txt = s.encoder.encode_texts(texts)
+        scores = M.retrieval_scores(test.features @ txt.T, owner, (1, 5, 10), cfg.resamples, cfg.seed)
+        detail.update(captions=len(texts))
+    else:
+        names = _class_names(s, task)
+        valid = (test.labels >= 0) & (test.labels < len(names))
+        if (~valid).any():
+            skipped["no_label"] = skipped.get("no_label", 0) + int((~valid).sum())
+        x, y = test.features[valid], test.labels[valid]
+        if len(y) == 0:
+            raise EvalError(f"task {task.name}: no test image has a class label")
+        detail.update(classnames=names, chance=1.0 / len(names))
+        if task.kind == "zeroshot_classification":
+            if task.name not in s.text:
+                s.build_text_classifiers([task])
+            text = s.text[task.name]
+            templates = s.templates(task)
+            templates_digest = _sha_text(*templates, "\n", *names)
+            logits = x @ M.ensemble_classifier(text).T
+            single = x @ M.normalize(text[:, 0, :]).T
+            scores = M.classification_scores(logits, y, len(names), "", cfg.resamples, cfg.seed)
+            scores.append(M.mean_score("acc1_single_template", single.argmax(1) == y, cfg.resamples, cfg.seed))
+            detail.update(
+                templates=len(templates),
+                confusion=M.confusion_matrix(y, logits.argmax(1), len(names)).tolist(),
+            )
+        else:
+            train = s.features(task, task.train_split)
+            tv = (train.labels >= 0) & (train.labels < len(names))
+            tx, ty = train.features[tv], train.labels[tv]
+            detail["train_digest"] = s.split(task, task.train_split).digest
+            if task.kind == "linear_probe":
+                probe = linear_probe(tx, ty, x, len(names), cfg.probe_cs, seed=cfg.seed)
+                scores = M.classification_scores(probe.scores, y, len(names), "lp_", cfg.resamples, cfg.seed)
+                detail.update(
+                    best_c=probe.best_c,
+                    validation={str(k): v for k, v in probe.validation.items()},
+                    confusion=M.confusion_matrix(y, probe.scores.argmax(1), len(names)).tolist(),
+                )
+            else:
+                curve = {}
+                for k in task.fewshot_ks:
+                    fs = fewshot(tx, ty, x, len(names), k, cfg.fewshot_c, cfg.seed)
+                    if fs is None:
+                        continue  # some class has fewer than k training examples
+                    top1 = fs.argmax(1) == y
+                    a = M.mean_score(f"fewshot_k{k}_acc1", top1, cfg.resamples, cfg.seed)
+                    r = M.mean_per_class_recall_score(
+                        f"fewshot_k{k}_mean_per_class_recall",
+                        top1,
+                        y,
+                        len(names),
+                        cfg.resamples,
+                        cfg.seed,
+                    )
+                    scores += [a, r]
+                    curve[str(k)] = {"value": a.value, "ci_low": a.ci_low, "ci_high": a.ci_high}
+                if not curve:
+                    raise EvalError(f"task {task.name}: no class has {min(task.fewshot_ks)} training examples")
+                detail["fewshot"] = curve
+    scores = [sc for sc in scores if task.wants(sc.metric)]
+    dataset_digest = s.split(task, task.split).digest
+    rows = [
+        {
+            "task": task.name,
+            "kind": task.kind,
+            "metric": sc.metric,
+            "value": sc.value,
+            "ci_low": sc.ci_low,
+            "ci_high": sc.ci_high,
+            "n": sc.n,
+            "checkpoint_digest": s.loaded.digest,
+            "dataset_digest": dataset_digest,
+            "templates_digest": templates_digest,
+        }
+        for sc in scores
+    ]
+    detail.update(
+        metrics=[{k: r[k] for k in ("metric", "value", "ci_low", "ci_high", "n")} for r in rows],
+        n=len(test.keys),
+        skipped=skipped,
+        dataset_digest=dataset_digest,
+        cached=test.cached,
+        encode_seconds=round(test.seconds, 3),
+        seconds=round(time.perf_counter() - start, 3),
+    )
+    counts = {"kept": len(test.keys), **skipped}
+    return rows, detail, counts
+
+
+def _class_names(s: Session, task: TaskSpec) -> list[str]:
+    try:
+        return s.classnames(task)
+    except EvalError:
+        if task.kind == "zeroshot_classification":
+            raise
+        # A probe needs labels, not names: number the classes it finds.
+        labels = s.features(task, task.split).labels
+        return [f"class {i}" for i in range(int(labels.max()) + 1)]
+
+
+class TrainingEval:
+    """The trainer's periodic zero-shot evaluation (`wit train --eval-every N --eval-suite NAME`):
+    an ``eval_callback`` for :func:`wit.train.loop.train`, which calls it on rank 0 with the bare
+    model in eval mode; it returns ``{"TASK/METRIC": value}`` (every metric of every task), which
+    the loop writes into ``metrics.parquet`` as ``eval/TASK/METRIC`` columns and into TensorBoard.
+
+    The suite is loaded and its datasets opened once; each call encodes with the model as it is at
+    that step (no feature cache: the weights change between calls; no bootstrap intervals unless
+    ``config`` asks: a point estimate per step is what a training curve plots) and writes nothing.
+    """
+
+    def __init__(self, suite: str | Suite, model_name: str, config: EvalConfig | None = None):
+        import open_clip
+
+        self.suite = load_suite(suite) if isinstance(suite, str) else suite
+        self.config = replace(config or EvalConfig(resamples=0), cache=None, progress=False)
+        self.model_name = model_name
+        self.tokenizer = open_clip.get_tokenizer(model_name)
+        self.session: Session | None = None
+
+    def __call__(self, model: torch.nn.Module, step: int) -> dict[str, float]:
+        from wit.train.models import image_transform
+
+        loaded = LoadedModel(
+            model=model,
+            preprocess=image_transform(model, is_train=False),
+            tokenizer=self.tokenizer,
+            name=self.model_name,
+            digest=f"training step {step}",
+            info={},
+        )
+        if self.session is None:
+            device = str(next(model.parameters()).device)
+            self.session = Session("training", self.suite, replace(self.config, device=device), loaded)
+        else:
+            self.session.use(loaded)
+        self.session.build_text_classifiers(list(self.suite.tasks))
+        values: dict[str, float] = {}
+        for task in self.suite.tasks:
+            rows, _, _ = measure(self.session, task)
+            values.update({f"{task.name}/{r['metric']}": float(r["value"]) for r in rows})
+        return values
 
 
 def _commit_bytes(out: str, name: str, data: bytes) -> FileInfo:

@@ -2,26 +2,74 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import click
 
 from wit.pipeline.clikit import StageCommand, domain_errors, given_options, heavy_imports, output_option
 
 
+def _grad_clip(ctx, param, value: str | None) -> float | str | None:
+    """``--grad-clip 0.5``, or ``none`` (no clipping: a YAML file's ``grad_clip: null``)."""
+    if value is None:
+        return None
+    if value.strip().lower() in ("none", "off"):
+        return NO_CLIP
+    try:
+        return float(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is neither a number nor 'none'") from None
+
+
+def _weights(ctx, param, value: str | None) -> tuple[float, ...] | None:
+    """``--weights 0.7,0.3``: one per source of an A::B dataset."""
+    if value is None:
+        return None
+    try:
+        return tuple(float(w) for w in value.split(",") if w.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give numbers separated by commas, e.g. 0.7,0.3") from None
+
+
+NO_CLIP = "none"  # --grad-clip none: stands for None, which click cannot tell from "not given"
+
+
 @click.command(cls=StageCommand, stage="train")
 @click.argument("dataset", metavar="DATASET")
 @output_option
+@click.option(
+    "--grad-clip",
+    metavar="NORM|none",
+    callback=_grad_clip,
+    help="Max global gradient norm; none: no clipping.  [default: 1.0]",
+)
+@click.option(
+    "--weights",
+    metavar="W1,W2,...",
+    callback=_weights,
+    help="Sampling weights of the sources of an A::B dataset (implies --resampled).",
+)
 @click.option("--config", "config_url", metavar="YAML", help="Options as a YAML file (the flags given win).")
 @domain_errors
-def train(dataset, out, config_url, options):
+def train(dataset, out, grad_clip, weights, config_url, options):
     """Train a CLIP model on a dataset's shards; torchrun for several processes or machines.
 
     DATASET is a `wit shard` folder, a brace pattern or a list of tar URLs (A::B mixes datasets).
     Checkpoints go to OUT/checkpoints (open_clip loads them with pretrained=); metrics to
     OUT/metrics.parquet; OUT/_run.json links the model to its dataset's lineage.
 
+    --pretrained starts from weights (a fresh optimizer and step 0); once this run has a checkpoint,
+    --resume auto continues it instead. --lock-image / --lock-text freeze a tower (LiT).
+    --eval-every N --eval-suite S evaluates zero-shot every N steps into OUT/metrics.parquet.
+
     \b
     Example:
         wit train out/dataset -o out/train --model wit-tiny --batch-size 64 --steps 300
+        wit train out/dataset -o out/ft --model wit-tiny --pretrained out/train/checkpoints/step-00000300.pt \\
+            --lr 1e-4 --steps 100 --resume auto --eval-every 50 --eval-suite synthetic-colour
+        wit train out/dataset -o out/lit --model ViT-B-32 --pretrained laion2b_s34b_b79k --lock-image
+        wit train out/web::out/books -o out/mix --weights 0.7,0.3 --shuffle-buffer 2000 \\
+            --grad-clip none --log-every 50
         torchrun --nproc_per_node 8 -m wit.pipeline.cli train s3://bucket/dataset \\
             -o s3://bucket/runs/b32 --model ViT-B-32 --batch-size 256 --precision bf16 --resume auto
     """
@@ -30,10 +78,32 @@ def train(dataset, out, config_url, options):
         from wit.train.loop import train as run_training
 
     given = given_options(options)  # with --config, a flag's default must not override the file
+    if weights is not None:
+        given["weights"] = weights
     config = TrainConfig.from_yaml(config_url, **given) if config_url else TrainConfig.from_options(given)
-    result = run_training(config, dataset, out)
+    if grad_clip is not None:  # after the file's: "none" is None, which the overrides would skip
+        config = dataclasses.replace(config, grad_clip=None if grad_clip == NO_CLIP else grad_clip)
+    callback = None
+    if config.eval_every and config.eval_suite:
+        callback = _training_eval(config)
+    elif "eval_every" in given and not config.eval_suite:
+        raise click.UsageError("--eval-every needs --eval-suite (a built-in suite such as synthetic-colour, or a YAML)")
+    result = run_training(config, dataset, out, eval_callback=callback)
     if result is not None and getattr(result, "checkpoint", None):
         click.echo(f"train: {result.step} steps, final loss {result.loss:.4f} → {result.checkpoint}")
+
+
+def _training_eval(config):
+    """The zero-shot evaluation the trainer runs every ``eval_every`` steps: the evaluation package
+    handed to the loop as its callback (train/ never imports evaluate/). The suite is loaded here,
+    so an unknown one fails before training starts."""
+    with heavy_imports():
+        from wit.evaluate.run import TrainingEval
+        from wit.evaluate.tasks import parse_suite
+        from wit.train.models import resolve_model
+
+    suite = parse_suite(config.eval_suite, name="train") if "\n" in config.eval_suite else config.eval_suite
+    return TrainingEval(suite, resolve_model(config.model).name)
 
 
 class _DefaultToRun(click.Group):

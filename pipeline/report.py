@@ -7,7 +7,8 @@ of the ones inside it) and writes ``root/report.html`` with four sections:
 - **Dataset**: counts per stage and reason, the funnel (rows in, then kept per stage), the per-query
   histogram before and after balancing (curate's tallies), a grid of samples decoded from the first
   shard, decontamination counts (filter's ``eval_overlap:<task>`` reasons);
-- **Training**: loss, temperature and samples/s against step, from ``train/metrics.parquet``;
+- **Training**: loss, temperature and samples/s against step, from ``train/metrics.parquet``, and
+  the zero-shot evaluations of `wit train --eval-every` (its ``eval/TASK/METRIC`` columns);
 - **Evaluation**: the tables and plots of ``evaluate.report``, rebuilt from ``tasks/NAME.json``;
 - **Lineage**: the run-record chain from the most downstream output back to the sources.
 
@@ -547,7 +548,9 @@ def _training(page: _Page, layout: RunLayout) -> None:
     if not m.get("step"):
         page.add(f"<p>{page.a('metrics.parquet', murl)} holds no rows.</p></section>")
         return
-    page.figure(_training_plot(m), "Loss, temperature and throughput against step", page.a("metrics.parquet", murl))
+    evals = _eval_curves(m)
+    what = "Loss, temperature and throughput" + (", zero-shot evaluation" if evals else "")
+    page.figure(_training_plot(m, evals), f"{what} against step", page.a("metrics.parquet", murl))
     last = len(m["step"]) - 1
     scale = m["logit_scale"][last]
     rows = [
@@ -561,13 +564,36 @@ def _training(page: _Page, layout: RunLayout) -> None:
         ("mean data wait", page.n(sum(m["data_wait_frac"]) / len(m["data_wait_frac"]), murl)),
         ("samples skipped", page.n(len(rec.extra.get("skipped", [])), src)),
     ]
+    rows += [(_esc(f"zero-shot {name} at step {xs[-1]}"), page.n(ys[-1], murl)) for name, (xs, ys) in evals.items()]
     page.table(("", "value"), rows, "training")
     page.add("</section>")
 
 
-def _training_plot(m: dict[str, list]) -> bytes:
-    fig = _figure(12, 3.2)
-    loss, temp, speed = fig.subplots(1, 3)
+# the headline numbers of `wit train --eval-every`'s eval/TASK/METRIC columns (all of them if none is one)
+_EVAL_HEADLINE = ("acc1", "lp_acc1", "fewshot_k16_acc1", "image_retrieval_recall@1", "text_retrieval_recall@1")
+
+
+def _eval_curves(m: dict[str, list]) -> dict[str, tuple[list, list]]:
+    """``TASK/METRIC -> (steps, values)`` of the evaluations during training (rows that have one)."""
+    cols = sorted(k for k in m if k.startswith("eval/"))
+    shown = [k for k in cols if k.rsplit("/", 1)[-1] in _EVAL_HEADLINE] or cols
+    curves = {}
+    for k in shown:
+        pts = [(s, v) for s, v in zip(m["step"], m[k], strict=True) if v is not None]
+        if pts:
+            curves[k.removeprefix("eval/")] = ([s for s, _ in pts], [v for _, v in pts])
+    return curves
+
+
+def _training_plot(m: dict[str, list], evals: dict[str, tuple[list, list]] | None = None) -> bytes:
+    fig = _figure(16 if evals else 12, 3.2)
+    axes = fig.subplots(1, 4 if evals else 3)
+    loss, temp, speed = axes[:3]
+    if evals:
+        for name, (xs, ys) in evals.items():
+            axes[3].plot(xs, ys, marker="o", label=name)
+        axes[3].set_title("zero-shot evaluation")
+        axes[3].legend(fontsize=7)
     steps = m["step"]
     loss.plot(steps, m["loss"], color="#4c72b0")
     loss.set_title("loss")
@@ -575,7 +601,7 @@ def _training_plot(m: dict[str, list]) -> bytes:
     temp.set_title("temperature (1 / logit scale)")
     speed.plot(steps, m["samples_per_s"], color="#55a868")
     speed.set_title("samples/s (all ranks)")
-    for ax in (loss, temp, speed):
+    for ax in axes:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -23,8 +23,10 @@ import contextlib
 import hashlib
 import io
 import json
+import os
 import pickle
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +35,7 @@ import torch
 
 from wit.manifests import storage
 
-from .models import register
+from .models import image_transform, no_random_init_warning, register, set_preprocess
 
 FORMAT = 1
 
@@ -159,24 +161,64 @@ class CheckpointWriter:
             raise exc
 
 
-def load_checkpoint(url: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(url: str, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """The checkpoint at ``url``, loaded with ``weights_only=True``; anything that is not one (an
+    empty, truncated, YAML or random file, a pickle of code) is a one-line :class:`CheckpointError`.
+
+    ``mmap``: a local file in torch.save's zip format is memory-mapped (its tensors are read when
+    used): a quick look at a big file."""
+    path = storage.local_path(url) if mmap else None
+    if path is None:
+        try:
+            data = storage.read_bytes(url)
+        except storage.StorageError as exc:
+            raise CheckpointError(str(exc)) from exc
+        head, size, source = data[:12], len(data), io.BytesIO(data)
+    else:
+        try:
+            size = os.path.getsize(path)
+            with open(path, "rb") as fh:
+                head = fh.read(12)
+        except OSError as exc:
+            raise CheckpointError(f"{url}: cannot read it ({exc.strerror or exc})") from exc
+        source = path
+    if not size:
+        raise CheckpointError(f"{url}: not a loadable checkpoint (an empty file)")
+    if not head.startswith((ZIP_MAGIC, b"\x80")):  # torch.save's zip archive, or its older pickle
+        raise CheckpointError(
+            f"{url}: not a loadable checkpoint (neither a torch.save zip archive nor a pickle: it starts {head!r})"
+        )
     try:
-        data = storage.read_bytes(url)
-    except storage.StorageError as exc:
-        raise CheckpointError(str(exc)) from exc
-    try:
-        ckpt = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # a pickle of another protocol than torch's: refused below anyway
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            mapped = path is not None and head.startswith(ZIP_MAGIC)  # mmap reads zip archives only
+            ckpt = torch.load(source, map_location=map_location, weights_only=True, mmap=mapped)
     except (RuntimeError, EOFError, ValueError, TypeError, pickle.UnpicklingError) as exc:
-        # torch.load's errors for truncated files and unpickling refusals are multi-line essays
-        text = str(exc).strip()
-        first = text.splitlines()[0] if text else type(exc).__name__
-        if "Unsupported global" in text:  # weights_only refused a pickled object: say which
-            culprit = text.split("Unsupported global:", 1)[1].split(" was ")[0].strip()
-            first = f"it holds pickled code: {culprit}"
-        raise CheckpointError(f"{url}: not a loadable checkpoint ({first})") from exc
+        raise CheckpointError(f"{url}: not a loadable checkpoint ({_load_error(exc)})") from exc
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{url}: not a checkpoint (a {type(ckpt).__name__})")
     return ckpt
+
+
+ZIP_MAGIC = b"PK\x03\x04"
+
+
+def _load_error(exc: BaseException) -> str:
+    """torch.load's error in a few words. Its own are essays (a truncated zip, or a pickle that
+    ``weights_only`` refuses, come with advice to load it unsafely, which we never take)."""
+    text = str(exc).strip()
+    if "Unsupported global" in text:  # a pickled object: say which
+        culprit = text.split("Unsupported global:", 1)[1].split(" was ")[0].strip()
+        return f"it holds pickled code: {culprit}"
+    if "WeightsUnpickler error:" in text:  # a pickle of other things than tensors and plain data
+        why = " ".join(text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation")[0].split())
+        return f"its pickle holds more than tensors and plain data: {why or 'refused'}"
+    if "PytorchStreamReader failed" in text:  # a zip archive cut short or damaged
+        why = text.split("PytorchStreamReader failed", 1)[1].split(". ")[0].strip()
+        return f"truncated or damaged: {why}"
+    if isinstance(exc, EOFError):
+        return "truncated: it ends early"
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 @dataclass(slots=True)
@@ -239,8 +281,12 @@ def load_model(url: str, model: str | None = None, device: str | torch.device = 
         raise CheckpointError(f"{url} is not a wit checkpoint; say which architecture with --model NAME")
     state = ckpt.get("state_dict", ckpt)
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    with skip_random_init():  # every parameter is overwritten by the checkpoint just below
+    # every parameter is overwritten by the checkpoint just below: no random draws, no warning about them
+    with skip_random_init(), no_random_init_warning():
         net, _, preprocess = open_clip.create_model_and_transforms(name, device=device)
+    if isinstance(info.get("preprocess"), dict):  # the run's own (a pretrained tag's mean and std, ...)
+        set_preprocess(net, info["preprocess"])
+        preprocess = image_transform(net, is_train=False)
     try:
         net.load_state_dict(state)  # strict: a parameter left out would keep uninitialised memory
     except RuntimeError as exc:

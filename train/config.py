@@ -3,7 +3,9 @@
 The CLI builds it from options (`wit train --batch-size 32 ...`, made from ``TrainConfig.OPTIONS``)
 or from a YAML file with the same keys (`TrainConfig.from_yaml(url, **overrides)`; dashes and
 underscores are the same). A YAML file, or a pipeline file's ``train:`` section, may set every field;
-the command line has the options in ``OPTIONS``.
+the command line has the options in ``OPTIONS``, and ``--grad-clip`` and ``--weights`` (made by hand in
+``wit.pipeline.model_commands``: a YAML file says ``grad_clip: null`` and ``weights: [1, 3]``, which
+no option kind checks).
 """
 
 from __future__ import annotations
@@ -52,6 +54,15 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     eval_every: int | None = None  # steps between eval_callback calls
+    eval_suite: str | None = None  # the suite `wit train` hands to its eval_callback (a name, a YAML URL)
+    # start from these weights (an open_clip tag, "hf-hub:ID", a wit or open_clip checkpoint URL);
+    # a fresh optimizer and step 0. A resume (a checkpoint of this run) wins over it: see pretrained.py
+    pretrained: str | None = None
+    lock_image: bool = False  # LiT: freeze the image tower (open_clip's model.lock_image_tower)
+    lock_image_unlocked_groups: int = 0  # ... but its last N layer groups
+    lock_image_freeze_bn_stats: bool = False  # ... and its BatchNorm running statistics
+    lock_text: bool = False  # freeze the text tower (model.lock_text_tower)
+    lock_text_unlocked_layers: int = 0  # ... but its last N layers
     device: str = "auto"  # auto | cpu | cuda
     extra: dict[str, Any] = field(default_factory=dict)  # free-form, kept in the checkpoint
 
@@ -70,6 +81,35 @@ class TrainConfig:
         Option("save-every", "int", save_every, "Steps between checkpoints.", low=1),
         Option("keep", "int", keep, "Checkpoints kept.", low=1),
         Option("resume", "str", resume, "Continue from the newest or a given checkpoint.", metavar="auto|URL"),
+        Option(
+            "pretrained",
+            "str",
+            pretrained,
+            "Start from weights: an open_clip tag of --model (openai, laion2b_s34b_b79k, ...), hf-hub:ORG/REPO, "
+            "or a wit or open_clip checkpoint (any URL). Fresh optimizer and step; a checkpoint of this run "
+            "found by --resume wins.",
+            metavar="TAG|hf-hub:ID|URL",
+        ),
+        Option("lock-image", "bool", False, "Freeze the image tower (LiT)."),
+        Option(
+            "lock-image-unlocked-groups", "int", lock_image_unlocked_groups, "Leave its last N groups trainable.", low=0
+        ),
+        Option("lock-image-freeze-bn-stats", "bool", False, "Freeze its BatchNorm running statistics too."),
+        Option("lock-text", "bool", False, "Freeze the text tower."),
+        Option(
+            "lock-text-unlocked-layers", "int", lock_text_unlocked_layers, "Leave its last N layers trainable.", low=0
+        ),
+        Option("eval-every", "int", eval_every, "Steps between zero-shot evaluations of --eval-suite.", low=1),
+        Option(
+            "eval-suite",
+            "suite",
+            eval_suite,
+            "Suite for --eval-every: a built-in (synthetic-colour, digits, default, ...) or a suite YAML.",
+            metavar="NAME_OR_YAML",
+        ),
+        Option("log-every", "int", log_every, "Steps between log lines and metrics rows.", low=1),
+        Option("shuffle-buffer", "int", shuffle_buffer, "Samples per seeded shuffle chunk.", low=0),
+        Option("resampled", "bool", False, "Draw shards with replacement (implied by --weights)."),
         Option("seed", "int", seed),
         Option("device", "str", device, "auto, cpu or cuda."),
         Option("grad-checkpointing", "bool", False),
@@ -116,11 +156,33 @@ class TrainConfig:
             "eval_every must be >= 1",
         )
         need(
+            self.eval_suite is None or self.eval_every is not None,
+            "eval_suite needs eval_every (steps between evaluations)",
+        )
+        need(
+            self.pretrained is None or (isinstance(self.pretrained, str) and bool(self.pretrained)),
+            "pretrained must be a tag, hf-hub:ID or a checkpoint URL",
+        )
+        for name in ("lock_image", "lock_image_freeze_bn_stats", "lock_text"):
+            need(isinstance(getattr(self, name), bool), f"{name} must be true or false")
+        for name in ("lock_image_unlocked_groups", "lock_text_unlocked_layers"):
+            value = getattr(self, name)
+            need(_int(value) and value >= 0, f"{name} must be >= 0, got {value!r}")
+        need(
+            self.lock_image or not (self.lock_image_unlocked_groups or self.lock_image_freeze_bn_stats),
+            "lock_image_unlocked_groups and lock_image_freeze_bn_stats need lock_image",
+        )
+        need(self.lock_text or not self.lock_text_unlocked_layers, "lock_text_unlocked_layers needs lock_text")
+        need(
             self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
             f"device must be auto, cpu or cuda, got {self.device!r}",
         )
         if self.weights is not None:
-            object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))  # lists from YAML
+            try:  # lists from YAML; "0.7,0.3" from the command line
+                weights = self.weights.split(",") if isinstance(self.weights, str) else self.weights
+                object.__setattr__(self, "weights", tuple(float(w) for w in weights))
+            except (TypeError, ValueError):
+                need(False, f"weights must be numbers, one per source of an A::B dataset, got {self.weights!r}")
             need(all(w > 0 for w in self.weights), "weights must all be > 0")
 
     # -- (de)serialisation ------------------------------------------------------------------------

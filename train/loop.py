@@ -3,7 +3,7 @@
     OUT/checkpoints/step-00000100.pt   every save_every steps and at the end, the last `keep` kept
     OUT/checkpoints/step-00000100.pt.json   its sha256 and size, written once the .pt is committed
     OUT/checkpoint_index/part-00000.parquet   name, step, sha256 of each kept checkpoint (the digest)
-    OUT/metrics.parquet                step, loss, lr, logit_scale, samples/s, data wait, MFU
+    OUT/metrics.parquet                step, loss, lr, logit_scale, samples/s, data wait, MFU; eval/... columns
     OUT/skipped.parquet                uid, shard, reason of every sample the stream skipped
     OUT/_run.json                      written last: inputs (the dataset), files, counts, shards/epoch
 
@@ -34,7 +34,7 @@ from wit.manifests.manifest import FileInfo, ManifestError, ManifestRef, digest_
 from wit.manifests.runrecord import build_run_record, finished_ref, now, write_run_record
 from wit.manifests.schemas import with_kind
 
-from . import distributed, optim
+from . import distributed, optim, pretrained
 from . import loss as losses
 from . import metrics as mx
 from .checkpoint import (
@@ -48,7 +48,7 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 from .data import BatchStream, Decoder, Position, StreamState, carry_over, make_loader, plan_stream, resolve_sources
-from .models import ModelSpec, register, resolve_model
+from .models import ModelSpec, image_transform, lock_towers, register, resolve_model, set_preprocess
 
 CHECKPOINTS = "checkpoints"
 # Settings that fix the order of samples: a run resumes exactly only when they are unchanged.
@@ -62,6 +62,14 @@ STREAM_KEYS = (
     "weights",
     "grad_accum",
     "augment",
+)
+# Settings that decide which parameters train (and so what the optimizer state holds)
+LOCK_KEYS = (
+    "lock_image",
+    "lock_image_unlocked_groups",
+    "lock_image_freeze_bn_stats",
+    "lock_text",
+    "lock_text_unlocked_layers",
 )
 CHECKPOINT_INDEX = with_kind(
     pa.schema([("name", pa.string()), ("step", pa.int64()), ("sha256", pa.string()), ("bytes", pa.int64())]),
@@ -107,25 +115,49 @@ def _train(cfg: TrainConfig, dataset_url, out: str, eval_callback, env: distribu
     started, t_start = now(), time.perf_counter()
 
     _cpu_threads(env, cfg.workers)
-    # ---- model: the same seed on every rank gives the same initial weights (DDP checks them) ----
     spec = _model_spec(cfg)
+    # ---- resume or start: rank 0 chooses the checkpoint to resume (every rank loads that one, or
+    # every rank stops, below). A checkpoint of this run wins over --pretrained: a preempted
+    # fine-tune run again with the same command continues instead of starting over ----
+    chosen: dict = {}
+    resumed_from = distributed.on_main(env, lambda: _choose_resume(cfg.resume, out, chosen))
+    # ---- model: the same seed on every rank gives the same initial weights (DDP checks them) ----
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    model = open_clip.create_model(spec.name, device=env.device, output_dict=True)
+    start: dict | None = None  # the pretrained weights the run started from (a resume: its checkpoint's)
+    if cfg.pretrained and resumed_from is None:
+        built: dict = {}
+
+        def load_pretrained() -> pretrained.Pretrained:  # rank 0 resolves it (a download, if any, once)
+            got, built["model"] = pretrained.load(cfg.pretrained, spec, resolve_model(cfg.model).name, env.device)
+            mx.log(f"starting from pretrained {got.kind} {got.source} ({got.file}, sha256 {got.sha256[:12]}...)")
+            return got
+
+        source = distributed.on_main(env, load_pretrained)
+        model = built["model"] if "model" in built else pretrained.build(spec, source, env.device)
+        start = source.to_dict()
+    else:
+        if cfg.pretrained and env.is_main:
+            mx.log(f"not loading pretrained {cfg.pretrained}: resuming {resumed_from}, a checkpoint of this run")
+        model = pretrained.build(spec, None, env.device)
+    # LiT: the locked towers' parameters stop needing gradients before the optimizer is made of the rest
+    locked = lock_towers(
+        model,
+        cfg.lock_image,
+        cfg.lock_image_unlocked_groups,
+        cfg.lock_image_freeze_bn_stats,
+        cfg.lock_text,
+        cfg.lock_text_unlocked_layers,
+    )
+    if locked and env.is_main:
+        mx.log(
+            f"locked {locked['frozen_parameters']:,} parameters ({len(locked['frozen'])} tensors); "
+            f"{locked['trainable_parameters']:,} train"
+        )
     # then a seed per rank (open_clip's random_seed(seed, rank)): dropout and patch dropout differ by rank
     _seed_rank(cfg.seed, env.rank)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    pp = model.visual.preprocess_cfg
-    transform = open_clip.image_transform(
-        pp["size"],
-        is_train=cfg.augment,
-        mean=pp["mean"],
-        std=pp["std"],
-        resize_mode=pp.get("resize_mode"),
-        interpolation=pp.get("interpolation"),
-        fill_color=pp.get("fill_color", 0),
-    )
     tokenizer = open_clip.get_tokenizer(spec.name)
 
     # ---- data: rank 0 resolves the shards (listing, shard index) once, every rank gets them; then
@@ -151,10 +183,8 @@ def _train(cfg: TrainConfig, dataset_url, out: str, eval_callback, env: distribu
     # fp16 needs loss scaling (its range is small); bf16 has fp32's range and does not
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "amp" and env.device.type == "cuda")
 
-    # ---- resume: rank 0 chooses the checkpoint, every rank loads that one (or every rank stops) ----
+    # ---- resume: every rank loads the checkpoint rank 0 chose (or every rank stops) ----
     step, samples_seen, plan, state, tallies = 0, 0, info.plan, StreamState.start(info.plan.workers), _Tallies()
-    chosen: dict = {}
-    resumed_from = distributed.on_main(env, lambda: _choose_resume(cfg.resume, out, chosen))
     log = mx.MetricsLog(out, tensorboard=env.is_main)
     if resumed_from is not None:
         ckpt, error = chosen.get("ckpt"), None
@@ -166,6 +196,9 @@ def _train(cfg: TrainConfig, dataset_url, out: str, eval_callback, env: distribu
         distributed.agree(env, error, CheckpointError)
         model.load_state_dict(ckpt["state_dict"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        if isinstance(ckpt["wit"].get("preprocess"), dict):  # a pretrained tag's mean and std, ...
+            set_preprocess(model, ckpt["wit"]["preprocess"])
+        start = ckpt["wit"].get("pretrained")
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         step = int(ckpt["wit"]["step"])
@@ -191,8 +224,26 @@ def _train(cfg: TrainConfig, dataset_url, out: str, eval_callback, env: distribu
             "samples_seen": samples_seen,
         }
         return _save(
-            out, step, raw, optimizer, scaler, cfg, spec, info.digest, state, tallies, env, dataset_url, writer, stream
+            out,
+            step,
+            raw,
+            optimizer,
+            scaler,
+            cfg,
+            spec,
+            info.digest,
+            state,
+            tallies,
+            env,
+            dataset_url,
+            writer,
+            stream,
+            start,
         )
+
+    # the model's own preprocessing (a pretrained tag's, a resumed run's), augmented for training or not
+    transform = image_transform(model, is_train=cfg.augment)
+    pp = model.visual.preprocess_cfg
 
     # ---- wrap: DDP averages gradients across ranks during backward; compile last ----
     raw = model
@@ -242,8 +293,10 @@ def _train(cfg: TrainConfig, dataset_url, out: str, eval_callback, env: distribu
         samples_seen += per_step
         timer.samples += per_step
 
+        evaluating = bool(eval_callback and cfg.eval_every and step % cfg.eval_every == 0)
         # -- log. .item() waits for the device to finish: only on logging steps, never every step.
-        if step % cfg.log_every == 0 or step == total_steps:
+        # An evaluation step is logged too: its zero-shot values join that step's row.
+        if step % cfg.log_every == 0 or step == total_steps or evaluating:
             last_loss = float(distributed.mean(env, loss).item())
             span, wait, samples = timer.lap()
             rate = samples / span if span > 0 else 0.0
@@ -272,7 +325,7 @@ def _train(cfg: TrainConfig, dataset_url, out: str, eval_callback, env: distribu
             ckpt_url = save()
 
         # -- optional zero-shot evaluation, handed in by the caller (train/ never imports evaluate/)
-        if eval_callback and cfg.eval_every and step % cfg.eval_every == 0:
+        if evaluating:
 
             def evaluate(step: int = step) -> dict:
                 raw.eval()
@@ -280,6 +333,9 @@ def _train(cfg: TrainConfig, dataset_url, out: str, eval_callback, env: distribu
                     result = eval_callback(raw, step) or {}
                 raw.train()
                 mx.log(f"eval at step {step}: {result}")
+                # the numbers go into this step's row of metrics.parquet (eval/NAME) and TensorBoard
+                if log.add_eval(step, result):
+                    log.write(strict=False)
                 return result
 
             # on rank 0; the others wait for its result (or its error) rather than run ahead
@@ -311,6 +367,8 @@ def _train(cfg: TrainConfig, dataset_url, out: str, eval_callback, env: distribu
             started,
             env,
             optim.decay_summary(raw),
+            start,
+            locked,
         )
 
     # rank 0's work; an error there (an upload, the record) is raised on every rank, never a wait
@@ -502,7 +560,7 @@ def _set_rng(state: dict) -> None:
 
 
 def _save(
-    out, step, raw, optimizer, scaler, cfg, spec, digest, state, tallies, env, dataset_url, writer, stream
+    out, step, raw, optimizer, scaler, cfg, spec, digest, state, tallies, env, dataset_url, writer, stream, start
 ) -> str:
     """Gather every rank's position, RNG and tallies. Rank 0 serialises the checkpoint here (a
     snapshot of this step) and hands its upload, then the pruning of old ones, to ``writer``'s
@@ -526,6 +584,10 @@ def _save(
                 "dataset_digest": digest,
                 "world_size": env.world_size,
                 "samples_seen": stream["samples_seen"],
+                # the preprocessing the model was trained with (a pretrained tag's mean and std):
+                # load_model and a resume give it back to the model
+                "preprocess": dict(raw.visual.preprocess_cfg),
+                "pretrained": start,  # where the run's starting weights came from, or None
             },
             # the layout the positions below belong to, the carried-over items of the epochs that
             # are not over for every worker, the step budget and the samples seen so far
@@ -609,6 +671,12 @@ def _check_resumable(ckpt: dict, cfg: TrainConfig, digest: str | None, url: str)
         raise ValueError(f"cannot resume {url} exactly: {detail}")
     if wit.get("dataset_digest") != digest:
         raise ValueError(f"{url} was trained on dataset {wit.get('dataset_digest')}, this one is {digest}")
+    # the optimizer holds the trainable parameters only: the same towers must be locked
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # a checkpoint from before them
+    changed = [k for k in LOCK_KEYS if was.get(k, defaults[k]) != now_.get(k)]
+    if changed:
+        detail = ", ".join(f"{k} {was.get(k)!r} -> {now_.get(k)!r}" for k in changed)
+        raise ValueError(f"cannot resume {url}: it locked other parameters ({detail}); give the same --lock-* options")
 
 
 def _resume_stream(ckpt: dict, cfg: TrainConfig, info, env, per_step: int, total_steps: int):
@@ -702,6 +770,8 @@ def _write_record(
     started,
     env,
     decay: dict,
+    start: dict | None,
+    locked: dict | None,
 ) -> None:
     if tallies.skipped:
         table = pa.table({k: [s[i] for s in tallies.skipped] for i, k in enumerate(("uid", "shard", "reason"))})
@@ -759,6 +829,10 @@ def _write_record(
             "shards_per_epoch": {e: len(u) for e, u in sorted(tallies.shards.items(), key=lambda kv: int(kv[0]))},
             "skipped": tallies.skipped[:1000],
             "resumed_from": resumed_from,
+            # the weights the run started from: source, kind, file, sha256 (see train/pretrained.py)
+            "pretrained": start,
+            # LiT: the towers locked and the parameters that did not train
+            "locked": locked,
             "evals": evals,
             # what open_clip_train would do differently by default: train/README.md
             "optimizer": {

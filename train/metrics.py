@@ -114,11 +114,37 @@ class MetricsLog:
             if m.mfu is not None:
                 self.writer.add_scalar("train/mfu", m.mfu, m.step)
 
+    def add_eval(self, step: int, values: dict) -> bool:
+        """Put the evaluation callback's numbers at ``step`` into that step's row (the loop logs an
+        evaluation step) as columns ``eval/NAME``, and into TensorBoard under the same tags.
+        Values that are not numbers are left out; False when none is a number."""
+        numbers = {
+            f"{EVAL_PREFIX}{k}": float(v)
+            for k, v in values.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+        if not numbers:
+            return False
+        row = next((r for r in reversed(self.rows) if r["step"] == step), None)
+        if row is None:  # an evaluation without a logged step: a row of its own
+            row = {"step": step}
+            self.rows.append(row)
+        row.update(numbers)
+        if self.writer is not None:
+            for tag, value in numbers.items():
+                self.writer.add_scalar(tag, value, step)
+        return True
+
+    def schema(self) -> pa.Schema:
+        """``METRICS_SCHEMA``, then an ``eval/NAME`` column per evaluation number seen, by name."""
+        extra = sorted({k for r in self.rows for k in r if k.startswith(EVAL_PREFIX)})
+        return pa.schema(list(METRICS_SCHEMA) + [pa.field(k, pa.float64()) for k in extra])
+
     def write(self, strict: bool = True) -> None:
         """Rewrite ``metrics.parquet``. ``strict=False`` (the writes at log steps): a storage error
         is a warning, and the next write catches up, rather than the end of a long run."""
         buf = io.BytesIO()
-        pq.write_table(pa.Table.from_pylist(self.rows, schema=METRICS_SCHEMA), buf)
+        pq.write_table(pa.Table.from_pylist(self.rows, schema=self.schema()), buf)
         try:
             storage.write_bytes(self.url, buf.getvalue())
         except storage.StorageError as exc:
@@ -134,6 +160,8 @@ class MetricsLog:
             self.writer = None
 
 
+# the evaluation callback's numbers (`wit train --eval-every N --eval-suite S`): eval/TASK/METRIC
+EVAL_PREFIX = "eval/"
 METRICS_SCHEMA = pa.schema(
     [
         ("step", pa.int64()),

@@ -9,11 +9,18 @@
 Both are registered with open_clip when this module is imported, so
 ``open_clip.create_model_and_transforms("wit-tiny-rn", pretrained=ckpt)`` works anywhere after
 ``import wit.train.models``.
+
+Also here: :func:`no_random_init_warning` (open_clip's factory warns that a model it built without
+loading weights itself is "initialized randomly": true of every model the trainer builds and every
+checkpoint `wit eval` loads, so that one message is dropped), and :func:`lock_towers` (LiT).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,9 +60,106 @@ def resolve_model(name_or_json: str) -> ModelSpec:
     return ModelSpec(name=name_or_json, config=cfg)
 
 
+def image_transform(model, is_train: bool):
+    """open_clip's train (``is_train``: RandomResizedCrop) or eval transform for ``model``, from
+    the preprocessing settings it carries (``model.visual.preprocess_cfg``: size, mean, std, ...)."""
+    pp = model.visual.preprocess_cfg
+    return open_clip.image_transform(
+        pp["size"],
+        is_train=is_train,
+        mean=pp["mean"],
+        std=pp["std"],
+        resize_mode=pp.get("resize_mode"),
+        interpolation=pp.get("interpolation"),
+        fill_color=pp.get("fill_color", 0),
+    )
+
+
+def set_preprocess(model, preprocess: dict) -> None:
+    """Give ``model`` these preprocessing settings (a pretrained tag's mean and std, a checkpoint's
+    own), over the ones it has."""
+    open_clip.set_model_preprocess_cfg(model, {**model.visual.preprocess_cfg, **preprocess})
+
+
 def register(name: str, config: dict) -> None:
     """Make a config known to open_clip under ``name`` (a checkpoint's own config, a user's JSON)."""
     existing = open_clip.get_model_config(name)
     if existing is not None and existing != config:
         raise ValueError(f"model name {name!r} is already registered with another config")
     _factory._MODEL_CONFIGS[name] = config
+
+
+# open_clip.factory.create_model: logging.warning(f"No pretrained weights loaded for model '{name}'. ...")
+RANDOM_INIT_WARNING = "No pretrained weights loaded for model"
+
+
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and record.msg.startswith(RANDOM_INIT_WARNING))
+
+
+@contextlib.contextmanager
+def no_random_init_warning() -> Iterator[None]:
+    """Build an open_clip model without its "initialized randomly" warning; every other record passes.
+
+    open_clip logs it on the root logger whenever ``create_model`` loads no weights itself, which is
+    the trainer's case (a fresh model, or weights loaded right after: a resume) and ``wit eval``'s
+    (a checkpoint loaded after). A filter on the root logger (and on ``open_clip``'s own, should it
+    move there) drops that one message while the model is built. ``logging.warning`` on a root
+    logger without handlers would also call ``basicConfig()``, changing how every later record of
+    the process is printed; so, while the model is built, such a root logger gets the handler that
+    Python would use anyway (``logging.lastResort``) and loses it after.
+    """
+    drop = _DropRandomInitWarning()
+    loggers = [logging.getLogger(), logging.getLogger("open_clip"), logging.getLogger("open_clip.factory")]
+    root = loggers[0]
+    borrowed = logging.lastResort if not root.handlers and logging.lastResort is not None else None
+    for lg in loggers:
+        lg.addFilter(drop)
+    if borrowed is not None:
+        root.addHandler(borrowed)
+    try:
+        yield
+    finally:
+        if borrowed is not None:
+            root.removeHandler(borrowed)
+        for lg in loggers:
+            lg.removeFilter(drop)
+
+
+def lock_towers(
+    model,
+    lock_image: bool = False,
+    unlocked_groups: int = 0,
+    freeze_bn_stats: bool = False,
+    lock_text: bool = False,
+    unlocked_layers: int = 0,
+) -> dict | None:
+    """Freeze the image and/or text tower with open_clip's own ``lock_image_tower`` /
+    ``lock_text_tower`` (LiT, open_clip_train's ``--lock-image`` / ``--lock-text``): their parameters
+    get ``requires_grad=False``, so the optimizer never holds them (``optim.make_optimizer`` takes
+    trainable parameters only): no update, no weight decay. Returns what was locked (for the run
+    record), or None when nothing is.
+
+    ``freeze_bn_stats`` also swaps the tower's BatchNorm layers for frozen ones (ResNet towers),
+    whose running statistics no longer move; without it a locked ResNet tower's weights stay put but
+    its BatchNorm statistics follow the data, as in open_clip_train."""
+    if not (lock_image or lock_text):
+        return None
+    try:
+        if lock_image:
+            model.lock_image_tower(unlocked_groups=unlocked_groups, freeze_bn_stats=freeze_bn_stats)
+        if lock_text:
+            model.lock_text_tower(unlocked_layers=unlocked_layers)
+    except (AssertionError, NotImplementedError, AttributeError) as exc:
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"cannot lock this model's towers as asked: {why}") from exc
+    frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return {
+        "image": {"unlocked_groups": unlocked_groups, "freeze_bn_stats": freeze_bn_stats} if lock_image else None,
+        "text": {"unlocked_layers": unlocked_layers} if lock_text else None,
+        "frozen_parameters": sum(p.numel() for _, p in frozen),
+        "trainable_parameters": sum(p.numel() for p in trainable),
+        "frozen": [n for n, _ in frozen],
+    }
