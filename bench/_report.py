@@ -48,3 +48,17 @@ def table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def train_testdata():
+    """tests/train/_data.py (the tiny-shard builder of the trainer's tests), imported by path."""
+    import importlib.util
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    if "wit_train_testdata" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("wit_train_testdata", root / "tests/train/_data.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["wit_train_testdata"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["wit_train_testdata"]

@@ -30,15 +30,13 @@ import torch
 
 import wit.train.models  # noqa: F401  (registers wit-tiny)
 from wit.train.data import BatchStream, Decoder, make_loader, plan_stream
+from wit.train.device import DeviceBatches
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _report import commit, table, write_section  # noqa: E402
+from _report import commit, table, train_testdata, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("wit_train_testdata", ROOT / "tests/train/_data.py")
-testdata = importlib.util.module_from_spec(_spec)
-sys.modules["wit_train_testdata"] = testdata
-_spec.loader.exec_module(testdata)
+testdata = train_testdata()
 
 
 def _train_transform(model: str):
@@ -53,8 +51,10 @@ def bench_wit_pipeline(url: str, batch: int, n_batches: int, model: str = "wit-t
     torch.set_num_threads(1)
     info = plan_stream(url, seed=0, rank=0, world_size=1, workers=0, batch_size=batch)
     train_tf, size = _train_transform(model)
-    stream = BatchStream(info.plan, Decoder(train_tf, size, 0), open_clip.get_tokenizer(model), batch)
-    it = iter(make_loader(stream, 0))
+    decoder = Decoder(train_tf, size, 0)
+    stream = BatchStream(info.plan, decoder, open_clip.get_tokenizer(model), batch)
+    # to the model's input: the workers hand out uint8 crops, normalised on the device (here the CPU)
+    it = DeviceBatches(iter(make_loader(stream, 0)), decoder, torch.device("cpu"))
     next(it)  # warm-up
     t = time.perf_counter()
     for _ in range(n_batches):

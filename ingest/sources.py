@@ -7,8 +7,16 @@ Data flow for one source file::
                         gzip integrity)    by reason in the caller's Counter)
 
 :class:`SourceTap` sees every byte once, as the reader pulls it: it hashes them (the source's
-sha256 goes into the run record without a second read) and, for gzipped files, follows the gzip
-members to their end, because warcio reads a truncated ``.warc.gz`` to the cut without a word.
+sha256 goes into the run record without a second read) and keeps the last record or two of a
+gzipped file, for warcio to read again.
+
+WARC and WAT files are read by FastWARC (Rust, several times warcio's speed) and by warcio, and read
+as warcio alone reads them. FastWARC reads a gzipped file while each gzip member holds one record
+that it reads as warcio does: a "Name: value" header warcio takes the same way, the block, two CRLF,
+nothing more (the member's length in its gzip trailer says so); its inflate vouches for the members.
+warcio reads the rest: from the first record that is not so seen on, and always the last record and
+what follows it, and a file that is not gzipped; the tap then follows the gzip members from there to
+their end, because warcio reads a truncated ``.warc.gz`` to the cut without a word.
 
 Readers never raise on bad data: a record they cannot use is counted under a reason and skipped;
 an unreadable rest of a file marks the tap ``truncated_source`` or ``corrupt_source`` and stops.
@@ -35,18 +43,22 @@ size limit) gives what it holds.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import re
 import zlib
-from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections import Counter, deque
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, Any
 
+from fastwarc.stream_io import GzipReader
+from fastwarc.warc import ArchiveIterator as FastArchiveIterator
 from fsspec.core import url_to_fs
 from warcio.archiveiterator import ArchiveIterator
 from warcio.bufferedreaders import ChunkedDataReader
 from warcio.exceptions import ArchiveLoadFailed
+from warcio.recordloader import ArcWarcRecordLoader
 from warcio.statusandheaders import StatusAndHeadersParser, StatusAndHeadersParserException
 
 from wit.ingest.wat import read_envelope
@@ -54,9 +66,10 @@ from wit.ingest.webpage import ParsedPage
 from wit.manifests import storage
 from wit.manifests.storage import StorageError
 
-# brotlicffi is the dependency (warcio takes an installed `brotli` module for its own br decoding,
-# which then fails on every br record, AttributeError: no unused_data); Google's `brotli` >= 1.2
-# has the same API. Without either, br bodies are counted unsupported_content_encoding.
+# br bodies are undone with brotlicffi, the dependency, else with Google's `brotli` >= 1.2 (the same
+# API; FastWARC depends on it); without either they are counted unsupported_content_encoding. warcio
+# takes an installed `brotli` for its own br decoding in content_stream(), which then fails on every
+# br record (AttributeError: no unused_data): nothing here calls content_stream().
 try:
     import brotlicffi as brotli
 except ImportError:  # pragma: no cover
@@ -80,6 +93,12 @@ _GLOB_CHARS = re.compile(r"[*?\[]")
 _CHARSET = re.compile(r"""charset\s*=\s*["']?([^"';\s]+)""", re.I)
 _HTTP_PARSER = StatusAndHeadersParser(["HTTP/1.0", "HTTP/1.1", "HTTP/2", "HTTP/2.0", "HTTP/3"], verify=True)
 _DRAIN_CHUNK = 1 << 16
+_GZIP_MAGIC = b"\x1f\x8b"
+_WARC_VERSIONS = tuple(ArcWarcRecordLoader.WARC_TYPES)  # warcio reads a record whose first line starts so
+_HEADROOM = 1 << 16  # of a FastWARC record's block read past the page limit, for its HTTP header
+# FastWARC reads a record only if its block is no larger: the tap keeps the last record or two for
+# warcio to read again (see _read_records), and a larger record and the rest of its file go to warcio.
+_FAST_MAX = 32 << 20
 _GZIP_OUT = 1 << 20  # bound on what one step of the integrity check inflates (gzip bombs)
 HTTP_SCHEMES = frozenset({"http", "https"})
 _IDENTITY = frozenset({"", "identity", "none"})  # codings that change nothing
@@ -227,6 +246,9 @@ class SourceTap:
         self._sha = hashlib.sha256()
         self._check_gzip = check_gzip
         self._gzip: _GzipCheck | None = None
+        # What the tap has handed out from offset _kept_at on, while a reader may read it again.
+        self._kept: deque[bytes] | None = None
+        self._kept_at = 0
         self.bytes = 0
         self.problem: str | None = None  # TRUNCATED_SOURCE or CORRUPT_SOURCE, set by readers too
 
@@ -236,17 +258,46 @@ class SourceTap:
         except OSError as exc:
             raise StorageError(f"reading {self._url} failed: {exc}") from exc
         if data:
-            if self.bytes == 0 and self._check_gzip and data[:2] == b"\x1f\x8b":
-                self._gzip = _GzipCheck()
             self._sha.update(data)
             self.bytes += len(data)
+            if self._kept is not None:
+                self._kept.append(data)
             if self._gzip is not None:
                 self._gzip.feed(data)
         return data
 
-    def tell(self) -> int:
-        # warcio computes record offsets from this: bytes handed out so far, i.e. the raw position.
-        return self.bytes
+    def keep(self, offset: int) -> None:
+        """Keep what the tap hands out from ``offset`` on (no further back than it keeps already),
+        for :meth:`reread`; what lies before it may go."""
+        if self._kept is None:
+            self._kept, self._kept_at = deque(), self.bytes
+        while self._kept and self._kept_at + len(self._kept[0]) <= offset:
+            self._kept_at += len(self._kept.popleft())
+
+    def kept(self, start: int, end: int) -> bytes:
+        """The kept bytes from offset ``start`` to ``end``."""
+        out, pos = [], self._kept_at
+        for chunk in self._kept or ():
+            if pos >= end:
+                break
+            if pos + len(chunk) > start:
+                out.append(chunk[max(0, start - pos) : end - pos])
+            pos += len(chunk)
+        return b"".join(out)
+
+    def reread(self, offset: int) -> _Reread:
+        """The file from ``offset`` (kept) on: the kept bytes from there, then what the tap reads."""
+        kept = b"".join(self._kept or ())
+        return _Reread(self, kept[offset - self._kept_at :], offset)
+
+    def judge_gzip(self, head: bytes) -> None:
+        """Stop keeping; :meth:`finish` judges the gzip framing of ``head`` (the file from the start
+        of a gzip member, or of the file, to the tap's position) and of what the tap reads after it.
+        The members before ``head`` are the reader's to vouch for."""
+        self._kept = None
+        if self._check_gzip and head[:2] == _GZIP_MAGIC:
+            self._gzip = _GzipCheck()
+            self._gzip.feed(head)
 
     def mark(self, problem: str) -> None:
         self.problem = self.problem or problem
@@ -264,6 +315,35 @@ class SourceTap:
         return self._sha.hexdigest()
 
 
+class _Reread:
+    """A tap's file from ``offset`` on, as a stream: ``head`` (bytes the tap kept), then the tap's."""
+
+    def __init__(self, tap: SourceTap, head: bytes, offset: int) -> None:
+        self._tap = tap
+        self.head = head
+        self._head = memoryview(head)  # what is left of it
+        self._pos = offset
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is not None and size > 0:
+            # Reads keep to the grid that reads of this size from the file's start would: warcio
+            # reads a gzip member that one read holds whole otherwise than one that two reads cut.
+            size -= self._pos % size
+        if not self._head:
+            data = self._tap.read(size)
+        elif size is None or size < 0:
+            data = bytes(self._head) + self._tap.read(-1)
+            self._head = self._head[:0]
+        else:
+            data, self._head = bytes(self._head[:size]), self._head[size:]
+        self._pos += len(data)
+        return data
+
+    def tell(self) -> int:
+        # Record offsets are computed from this: the raw position in the file.
+        return self._pos
+
+
 def _content_type(value: str | None) -> tuple[str | None, str | None]:
     if not value:
         return None, None
@@ -277,28 +357,73 @@ def _looks_like_html(body: bytes) -> bool:
     return head.startswith((b"<!doctype html", b"<html", b"<head", b"<body")) or b"<html" in head
 
 
-def _http_headers(record):
+@dataclass(slots=True)
+class _Record:
+    """A WARC record as the readers use it, read by warcio or by FastWARC."""
+
+    kind: str | None  # WARC-Type
+    url: str | None  # WARC-Target-URI, as warcio reads it (no angle brackets, spaces as %20)
+    content_type: str | None  # the WARC header's: what a resource record's block is
+    stream: Any  # the block: read, readline; `limit`, what it has not handed out yet
+    offset: int  # of the record (its gzip member) in the file
+    cut: bool = False  # its page was read short of its end: the file ended inside it (see _read_body)
+
+
+class _NotFast(Exception):
+    """A FastWARC record whose block was read only in part needs more of it: warcio reads it."""
+
+
+class _Block:
+    """The block of a FastWARC record, held whole or up to what a page needs (``length`` bytes in
+    the file), and read as warcio's LimitReader reads one, ``limit`` and all."""
+
+    __slots__ = ("_data", "_part", "limit")
+
+    def __init__(self, data: bytes, length: int) -> None:
+        self._data = io.BytesIO(data)
+        self._part = len(data) < length
+        self.limit = length
+
+    def _took(self, data: bytes, wanted: int, ended: bool) -> bytes:
+        if self._part and len(data) < wanted and not ended:
+            raise _NotFast
+        self.limit -= len(data)
+        return data
+
+    def read(self, size: int | None = None) -> bytes:
+        size = self.limit if size is None else min(size, self.limit)
+        return self._took(self._data.read(size), size, False) if size else b""
+
+    def readline(self, size: int | None = None) -> bytes:
+        size = self.limit if size is None else min(size, self.limit)
+        if not size:
+            return b""
+        line = self._data.readline(size)
+        return self._took(line, size, line.endswith(b"\n"))
+
+
+def _http_headers(record: _Record):
     """The HTTP status and headers of a response record, or None when they do not parse.
 
-    Records are read with ``no_record_parse``: warcio would otherwise parse every request
-    record's headers too (a quarter of its time here) and accept a garbage status line silently.
+    Both readers leave HTTP headers to this: warcio (``no_record_parse``) would otherwise parse every
+    request record's headers too and accept a garbage status line silently; FastWARC reads them its
+    own way.
     """
     try:
-        http = _HTTP_PARSER.parse(record.raw_stream)
+        http = _HTTP_PARSER.parse(record.stream)
     except (StatusAndHeadersParserException, EOFError):
         return None
     if not http.statusline[:3].isdigit():
         return None
-    record.http_headers = http  # where warcio keeps them when it parses the record itself
     return http
 
 
-def _read_body(record, tap: SourceTap, limit: int, stream=None) -> bytes | None:
-    """The record's payload (``stream``, by default its raw stream) up to ``limit + 1`` bytes;
-    None (and the tap marked) when the file ends inside the record."""
-    body = (record.raw_stream if stream is None else stream).read(limit + 1)
-    if len(body) <= limit and getattr(record.raw_stream, "limit", 0) > 0:
-        tap.mark(TRUNCATED_SOURCE)  # the file ended inside this record
+def _read_body(record: _Record, limit: int, stream=None) -> bytes | None:
+    """The record's payload (``stream``, by default its block) up to ``limit + 1`` bytes; None (and
+    the record marked cut, for the reader to mark the tap) when the file ends inside the record."""
+    body = (record.stream if stream is None else stream).read(limit + 1)
+    if len(body) <= limit and getattr(record.stream, "limit", 0) > 0:
+        record.cut = True  # the file ended inside this record
         return None
     return body
 
@@ -378,9 +503,8 @@ def decode_body(body: bytes, codings: list[str], limit: int) -> tuple[bytes | No
     return body, None
 
 
-def _target_uri(record) -> str | None:
-    url = record.rec_headers.get_header("WARC-Target-URI")
-    url = url.strip("<> \t") if url else ""  # WARC 1.0 drafts (wget) wrote it in <angle brackets>
+def _target_uri(record: _Record) -> str | None:
+    url = record.url.strip("<> \t") if record.url else ""  # WARC 1.0 drafts (wget): <angle brackets>
     return url or None
 
 
@@ -388,23 +512,24 @@ def is_http(url: str) -> bool:
     return url.split(":", 1)[0].strip().lower() in HTTP_SCHEMES
 
 
-def _warc_page(
-    record, records: ArchiveIterator, tap: SourceTap, limit: int, counts: Counter, url: str, http
-) -> RawPage | None:
+def payload_stream(stream, http) -> tuple[object, list[str]]:
+    """The stream of a response's payload with chunked transfer coding undone, and the content
+    (then transfer) codings :func:`decode_body` must undo, from its HTTP headers."""
+    transfer = _codings(http.get_header("Transfer-Encoding"))
+    if transfer and transfer[-1] == "chunked":
+        stream, transfer = ChunkedDataReader(stream), transfer[:-1]
+    return stream, _codings(http.get_header("Content-Encoding")) + transfer
+
+
+def _warc_page(record: _Record, limit: int, counts: Counter, url: str, http) -> RawPage | None:
     """A page from a response record (``http``: its parsed HTTP headers) or a resource record
     (``http`` None: the WARC header's Content-Type describes the block, which is the page)."""
-    headers = record.rec_headers if http is None else http
-    mime, charset = _content_type(headers.get_header("Content-Type"))
+    mime, charset = _content_type(record.content_type if http is None else http.get_header("Content-Type"))
     if mime is not None and mime not in HTML_TYPES:
         counts[NOT_HTML] += 1
         return None
-    stream, codings = record.raw_stream, []
-    if http is not None:
-        transfer = _codings(http.get_header("Transfer-Encoding"))
-        if transfer and transfer[-1] == "chunked":
-            stream, transfer = ChunkedDataReader(record.raw_stream), transfer[:-1]
-        codings = _codings(http.get_header("Content-Encoding")) + transfer
-    raw = _read_body(record, tap, limit, stream)
+    stream, codings = (record.stream, []) if http is None else payload_stream(record.stream, http)
+    raw = _read_body(record, limit, stream)
     if raw is None:
         return None
     body, problem = decode_body(raw, codings, limit)
@@ -420,12 +545,12 @@ def _warc_page(
     if len(body) > limit or len(raw) > limit:
         counts[PAGE_TOO_LARGE] += 1
         return None
-    return RawPage(url=url, offset=records.get_record_offset(), body=body, charset=charset)
+    return RawPage(url=url, offset=record.offset, body=body, charset=charset)
 
 
-def _warc_record(record, records: ArchiveIterator, tap: SourceTap, limit: int, counts: Counter) -> RawPage | None:
+def _warc_record(record: _Record, limit: int, counts: Counter) -> RawPage | None:
     """The page of one WARC record, or None with the record counted under a reason."""
-    kind = record.rec_type
+    kind = record.kind
     if kind not in ("response", "resource"):
         counts[REVISIT if kind == "revisit" else OTHER_RECORD] += 1
         return None
@@ -442,52 +567,15 @@ def _warc_record(record, records: ArchiveIterator, tap: SourceTap, limit: int, c
         if http is None:
             counts[BAD_HTTP_HEADER] += 1
             return None
-    return _warc_page(record, records, tap, limit, counts, url, http)
+    return _warc_page(record, limit, counts, url, http)
 
 
-def _next(records: ArchiveIterator, tap: SourceTap):
-    """The next record, or None at the end of the file or where it stops making sense."""
-    try:
-        return next(records, None)
-    except ArchiveLoadFailed:
-        tap.mark(CORRUPT_SOURCE)
-    except AttributeError:
-        # warcio (1.7) fails this way on a response header without WARC-Target-URI: a header cut
-        # short by the end of the file.
-        tap.mark(TRUNCATED_SOURCE)
-    return None
-
-
-def _records(tap: SourceTap) -> Iterator[tuple[object, ArchiveIterator]]:
-    """The WARC records of a tap, stopping (and marking the tap) where the file stops making sense."""
-    records = ArchiveIterator(tap, no_record_parse=True)
-    while (record := _next(records, tap)) is not None:
-        if record.format != "warc":  # warcio reads stray text as an ARC record
-            tap.mark(CORRUPT_SOURCE)
-            return
-        if record.rec_type is None or record.rec_headers.get_header("Content-Length") is None:
-            tap.mark(TRUNCATED_SOURCE)  # a record header cut off by the end of the file
-            continue
-        yield record, records
-        # warcio reads the rest of a record only on the next step; do it now, so that a record
-        # the file ends inside (its LimitReader still owed bytes) is seen.
-        records.read_to_end()
-        if getattr(record.raw_stream, "limit", 0) > 0:
-            tap.mark(TRUNCATED_SOURCE)
-    if tap.problem is None and records.offset < tap.bytes:
-        # warcio ends quietly on a header cut short; its offset then stops short of the bytes read.
-        tap.mark(TRUNCATED_SOURCE)
-
-
-def read_warc(tap: SourceTap, url: str, limit: int, counts: Counter) -> Iterator[RawPage]:
-    for record, records in _records(tap):
-        page = _warc_record(record, records, tap, limit, counts)
-        if page is not None:
-            yield page
-
-
-def _wat_page(record, records: ArchiveIterator, tap: SourceTap, limit: int, counts: Counter) -> RawPage | None:
-    body = _read_body(record, tap, limit)
+def _wat_record(record: _Record, limit: int, counts: Counter) -> RawPage | None:
+    """The page a WAT metadata record describes, or None with the record counted under a reason."""
+    if record.kind != "metadata":
+        counts[OTHER_RECORD] += 1  # the WAT file's own warcinfo
+        return None
+    body = _read_body(record, limit)
     if body is None:
         return None
     if len(body) > limit:
@@ -515,17 +603,164 @@ def _wat_page(record, records: ArchiveIterator, tap: SourceTap, limit: int, coun
         counts[NOT_HTML] += 1
         return None
     counts[PAGES] += 1
-    return RawPage(url=url, offset=records.get_record_offset(), parsed=envelope.html)
+    return RawPage(url=url, offset=record.offset, parsed=envelope.html)
+
+
+RecordPage = Callable[[_Record, int, Counter], "RawPage | None"]
+
+
+def _text(value: bytes | None) -> str | None:
+    """A WARC header's value as warcio reads it: UTF-8, else Latin-1; stripped."""
+    if value is None:
+        return None
+    try:
+        return value.decode().strip()
+    except UnicodeDecodeError:
+        return value.decode("latin-1").strip()
+
+
+def _fast_record(record, limit: int) -> tuple[_Record, int] | None:
+    """A FastWARC record as the readers use it, its block read (whole, or as much as a page needs),
+    and the length of its gzip member's data if the member holds it alone as warcio writes it; None
+    for one that warcio may read otherwise."""
+    length = record.content_length
+    if length > _FAST_MAX:
+        return None
+    headers = record.headers
+    items = headers.items_bytes()
+    # Names as warcio matches them (any case), the first of each.
+    fields = {name.lower(): value for name, value in reversed(items)}
+    kind, url = _text(fields.get(b"warc-type")), _text(fields.get(b"warc-target-uri"))
+    declared = fields.get(b"content-length")
+    # What FastWARC and warcio may read apart: a version line warcio does not take (warcio takes any
+    # line that starts with one it knows), a header folded over lines (FastWARC joins the lines with
+    # a space), a Content-Length FastWARC or Python's int() reads its own way.
+    if (
+        not (headers.status_line or "").upper().startswith(_WARC_VERSIONS)
+        or not kind
+        or " " in kind
+        or (url is not None and " " in url)
+        or declared is None
+        or not declared.isdigit()
+        or int(declared) != length
+    ):
+        return None
+    if url is not None and url.startswith("<") and url.endswith(">"):
+        url = url[1:-1]  # as warcio does
+    data = record.reader.read(min(length, limit + _HEADROOM))
+    view = _Record(kind, url, _text(fields.get(b"content-type")), _Block(data, length), record.stream_pos)
+    # "Name: value" lines, the blank line, the block, and the two CRLF that end a record.
+    size = len(headers.status_line_bytes) + 4 + sum(len(k) + len(v) + 4 for k, v in items) + length + 4
+    return view, size
+
+
+def _fast_pages(tap: SourceTap, limit: int, counts: Counter, page_of: RecordPage) -> Generator[RawPage, None, int]:
+    """The pages of a gzipped file's records as FastWARC reads them, while each gzip member holds one
+    record, written as warcio reads it alike. Returns where warcio reads on from: the start of the
+    file, or of the last record read here (its page and counts are left to warcio: it is the last
+    one in the file, or its member could not be seen to hold it alone)."""
+    gz = GzipReader(tap.reread(0))
+    records = FastArchiveIterator(gz, parse_http=False, stream_detect=False)
+    start = 0
+    pending: tuple[_Record, RawPage | None, Counter, int] | None = None  # the last record read
+    while True:
+        try:
+            record = next(records, None)
+            # warcio reads a gzipped file member by member: a record that does not start one (two
+            # records in a member, one split over two) would be read otherwise there.
+            if record is None or record.stream_pos != gz.frame_start_position():
+                return start
+        except (OSError, ValueError):  # FastWARC's errors: a corrupt gzip member, stray data
+            return start
+        offset = record.stream_pos
+        if pending is not None:
+            done, page, done_counts, size = pending
+            # The gzip trailer ends with the length of the member's data: the member that ends here
+            # is the last record's own, and holds nothing more (blank lines, a header line that
+            # warcio reads otherwise) if that length is the record's.
+            if int.from_bytes(tap.kept(offset - 4, offset), "little") != size & 0xFFFFFFFF:
+                return start
+            counts.update(done_counts)
+            if done.cut:
+                tap.mark(TRUNCATED_SOURCE)
+            if page is not None:
+                yield page
+            start = offset
+            tap.keep(start)
+        try:
+            read = _fast_record(record, limit)
+            if read is None:
+                return start
+            view, size = read
+            record_counts: Counter = Counter()
+            pending = view, page_of(view, limit, record_counts), record_counts, size
+        except (OSError, ValueError, _NotFast):
+            # FastWARC's errors, or a page that needs more of its record than was read.
+            return start
+
+
+def _warcio_pages(tap: SourceTap, start: int, limit: int, counts: Counter, page_of: RecordPage) -> Iterator[RawPage]:
+    """The pages of a file's records as warcio reads them from ``start`` (the file's start, or that
+    of a record that starts a gzip member) on, stopping (and marking the tap) where the file stops
+    making sense."""
+    stream = tap.reread(start)
+    tap.judge_gzip(stream.head)
+    records = ArchiveIterator(stream, no_record_parse=True)
+    while (record := _next(records, tap)) is not None:
+        if record.format != "warc":  # warcio reads stray text as an ARC record
+            tap.mark(CORRUPT_SOURCE)
+            return
+        headers = record.rec_headers
+        if record.rec_type is None or headers.get_header("Content-Length") is None:
+            tap.mark(TRUNCATED_SOURCE)  # a record header cut off by the end of the file
+            continue
+        url, content_type = headers.get_header("WARC-Target-URI"), headers.get_header("Content-Type")
+        view = _Record(record.rec_type, url, content_type, record.raw_stream, records.offset)
+        page = page_of(view, limit, counts)
+        if view.cut:
+            tap.mark(TRUNCATED_SOURCE)
+        if page is not None:
+            yield page
+        # warcio reads the rest of a record only on the next step; do it now, so that a record
+        # the file ends inside (its LimitReader still owed bytes) is seen.
+        records.read_to_end()
+        if getattr(record.raw_stream, "limit", 0) > 0:
+            tap.mark(TRUNCATED_SOURCE)
+    if tap.problem is None and records.offset < stream.tell():
+        # warcio ends quietly on a header cut short; its offset then stops short of the bytes read.
+        tap.mark(TRUNCATED_SOURCE)
+
+
+def _next(records: ArchiveIterator, tap: SourceTap):
+    """The next record, or None at the end of the file or where it stops making sense."""
+    try:
+        return next(records, None)
+    except ArchiveLoadFailed:
+        tap.mark(CORRUPT_SOURCE)
+    except AttributeError:
+        # warcio (1.7) fails this way on a response header without WARC-Target-URI: a header cut
+        # short by the end of the file.
+        tap.mark(TRUNCATED_SOURCE)
+    return None
+
+
+def _read_records(tap: SourceTap, limit: int, counts: Counter, page_of: RecordPage) -> Iterator[RawPage]:
+    """The pages of a WARC or WAT file: FastWARC reads a gzipped one as long as warcio would read it
+    alike (see _fast_pages), warcio the rest, which is at least the last record and what follows it
+    (a cut, stray bytes: the end of a file reads as in warcio), and a file that is not gzipped."""
+    tap.keep(0)
+    start = 0
+    if tap.read(_DRAIN_CHUNK)[:2] == _GZIP_MAGIC:
+        start = yield from _fast_pages(tap, limit, counts, page_of)
+    yield from _warcio_pages(tap, start, limit, counts, page_of)
+
+
+def read_warc(tap: SourceTap, url: str, limit: int, counts: Counter) -> Iterator[RawPage]:
+    return _read_records(tap, limit, counts, _warc_record)
 
 
 def read_wat(tap: SourceTap, url: str, limit: int, counts: Counter) -> Iterator[RawPage]:
-    for record, records in _records(tap):
-        if record.rec_type != "metadata":
-            counts[OTHER_RECORD] += 1  # the WAT file's own warcinfo
-            continue
-        page = _wat_page(record, records, tap, limit, counts)
-        if page is not None:
-            yield page
+    return _read_records(tap, limit, counts, _wat_record)
 
 
 def html_file_url(url: str) -> str:

@@ -25,6 +25,8 @@ from warcio.warcwriter import WARCWriter
 from wit.ingest.webpage import ImgTag, ParsedPage, decode_html, parse_dimension, parse_page
 from wit.manifests import storage
 
+_MAX_PAGE_BYTES = 5 << 20  # extract's default --max-page-bytes: a larger page gets no links
+
 IMG_PATH = "IMG@/src"
 
 
@@ -107,6 +109,8 @@ def _envelope(record, page: ParsedPage | None) -> dict:
 def warc_to_wat(warc_url: str, wat_url: str) -> int:
     """Write the WAT (gzipped, one metadata record per WARC record) of a WARC file; returns the
     number of records written. Pages are parsed with :func:`~wit.ingest.webpage.parse_page`."""
+    from wit.ingest.sources import decode_body, payload_stream  # sources reads WATs with this module
+
     buf = io.BytesIO()
     writer = WARCWriter(buf, gzip=True)
     n = 0
@@ -115,10 +119,13 @@ def warc_to_wat(warc_url: str, wat_url: str) -> int:
             page = None
             http = record.http_headers
             if record.rec_type == "response" and http is not None:
-                body = record.content_stream().read()
                 if "html" in (http.get_header("Content-Type") or ""):
-                    decoded = decode_html(body)
-                    page = parse_page(decoded.markup) if decoded.text is not None else None
+                    # Not warcio's content_stream(): with Google's brotli installed (FastWARC needs
+                    # it) warcio's own br decoding fails; extract's decoding is the one to match.
+                    stream, codings = payload_stream(record.raw_stream, http)
+                    body, _ = decode_body(stream.read(_MAX_PAGE_BYTES + 1), codings, _MAX_PAGE_BYTES)
+                    decoded = decode_html(body) if body is not None else None
+                    page = parse_page(decoded.markup) if decoded is not None and decoded.text is not None else None
             doc = _envelope(record, page)
             data = json.dumps(doc, ensure_ascii=False).encode("utf-8")
             url = record.rec_headers.get_header("WARC-Target-URI")

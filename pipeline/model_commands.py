@@ -61,6 +61,7 @@ def train(dataset, out, grad_clip, weights, config_url, options):
     --pretrained starts from weights (a fresh optimizer and step 0); once this run has a checkpoint,
     --resume auto continues it instead. --lock-image / --lock-text freeze a tower (LiT).
     --eval-every N --eval-suite S evaluates zero-shot every N steps into OUT/metrics.parquet.
+    --decode gpu decodes JPEGs on the GPU (nvJPEG), with the crop boxes the CPU workers would draw.
 
     \b
     Example:

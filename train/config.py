@@ -22,6 +22,7 @@ from wit.manifests.options import Option, check_options, option_key, yaml_number
 
 PRECISIONS = ("fp32", "bf16", "amp")
 LOSSES = ("clip", "siglip")
+DECODES = ("cpu", "gpu")
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +43,10 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per step, contrastive batch kept whole (feature cache)
     grad_checkpointing: bool = False
     compile: bool = False
-    workers: int = 2  # DataLoader workers per rank
+    # DataLoader workers per rank; None: the node's cores per rank - 1, 1 to 8 (data.default_workers)
+    workers: int | None = None
+    decode: str = "cpu"  # cpu: JPEGs decoded by the workers | gpu: on the GPU, in the trainer (nvJPEG)
+    ddp_bf16_allreduce: bool = False  # DDP all-reduces gradients in bf16 (half the bytes between nodes)
     shuffle: bool = True  # shuffle shards per epoch and samples through a seeded buffer
     shuffle_buffer: int = 1000
     augment: bool = True  # open_clip's train transform (RandomResizedCrop); False: eval transform
@@ -77,7 +81,20 @@ class TrainConfig:
         Option("precision", "str", precision, choices=PRECISIONS),
         Option("loss", "str", loss, choices=LOSSES),
         Option("grad-accum", "int", grad_accum, "Micro-batches per step.", low=1),
-        Option("workers", "int", workers, "Data loader workers per rank.", low=0),
+        Option(
+            "workers",
+            "int",
+            workers,
+            "Data loader workers per rank.  [default: the node's cores per rank - 1, 1 to 8]",
+            low=0,
+        ),
+        Option(
+            "decode",
+            "str",
+            decode,
+            "Where JPEGs decode: cpu (the workers) or gpu (nvJPEG in the trainer; crop boxes as on cpu).",
+            choices=DECODES,
+        ),
         Option("save-every", "int", save_every, "Steps between checkpoints.", low=1),
         Option("keep", "int", keep, "Checkpoints kept.", low=1),
         Option("resume", "str", resume, "Continue from the newest or a given checkpoint.", metavar="auto|URL"),
@@ -114,6 +131,7 @@ class TrainConfig:
         Option("device", "str", device, "auto, cpu or cuda."),
         Option("grad-checkpointing", "bool", False),
         Option("compile", "bool", False, "torch.compile the model."),
+        Option("ddp-bf16-allreduce", "bool", False, "All-reduce gradients in bf16 (DDP's bf16_compress_hook)."),
     )
 
     def __post_init__(self) -> None:
@@ -142,7 +160,12 @@ class TrainConfig:
         )
         need(self.loss in LOSSES, f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         need(_int(self.grad_accum) and self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
-        need(_int(self.workers) and self.workers >= 0, f"workers must be >= 0, got {self.workers}")
+        need(
+            self.workers is None or (_int(self.workers) and self.workers >= 0),
+            f"workers must be >= 0 (or None: from the cores), got {self.workers}",
+        )
+        need(self.decode in DECODES, f"decode must be one of {', '.join(DECODES)}, got {self.decode!r}")
+        need(isinstance(self.ddp_bf16_allreduce, bool), "ddp_bf16_allreduce must be true or false")
         need(_int(self.shuffle_buffer) and self.shuffle_buffer >= 0, "shuffle_buffer must be >= 0")
         need(
             self.save_every is None or (_int(self.save_every) and self.save_every >= 1),

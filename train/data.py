@@ -56,14 +56,20 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import braceexpand
+import numpy as np
 import torch
+import torchvision.transforms as T
+import torchvision.transforms.v2.functional as F2
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchvision.transforms import InterpolationMode
 
 from wit.manifests import storage
 from wit.manifests.manifest import ManifestError, open_manifest
 from wit.manifests.runrecord import read_run_record
 from wit.manifests.tars import stream_members
+
+from .distributed import cpu_cores
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 TEXT_KEYS = ("txt", "text")
@@ -506,14 +512,170 @@ def sample_seed(seed: int, draw: int | str, uid: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed}:{draw}:{uid}".encode(), digest_size=8).digest(), "little") >> 1
 
 
+Box = tuple[int, int, int, int]  # (top, left, height, width), as RandomResizedCrop.get_params draws it
+DECODES = ("cpu", "gpu")
+# what PIL raises for bytes that are not an image it can decode
+_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+@dataclass(frozen=True, slots=True)
+class PixelTransform:
+    """open_clip's standard image transform, recognised, and done on uint8 tensors.
+
+    open_clip's train transform is ``RandomResizedCrop`` (bicubic, antialiased) -> convert to RGB ->
+    ``ToTensor`` -> ``Normalize``; its eval transform has ``Resize`` (shortest side) + ``CenterCrop``
+    in place of the first. Here the crop box is drawn by torchvision's own
+    ``RandomResizedCrop.get_params`` under the sample's seed (so it is the box the PIL transform
+    draws), the crop and resize run on the uint8 tensor (``torchvision.transforms.v2.functional``:
+    within about one grey level of PIL's resize), and ``(x / 255 - mean) / std`` is left to the
+    trainer's device (``train/device.py``). Anything else (colour jitter, timm's transforms, another
+    resize mode) is not recognised: the Decoder then runs the transform itself, sample by sample."""
+
+    size: tuple[int, int]  # output (height, width)
+    interpolation: InterpolationMode
+    antialias: bool
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    scale: tuple[float, float] | None = None  # RandomResizedCrop's; None: Resize + CenterCrop (eval)
+    ratio: tuple[float, float] | None = None
+    resize: int | None = None  # eval: the shortest side Resize gives
+
+    @classmethod
+    def recognise(cls, transform) -> PixelTransform | None:
+        steps = list(getattr(transform, "transforms", None) or []) if isinstance(transform, T.Compose) else []
+        if len(steps) < 4 or type(steps[-1]) is not T.Normalize or not isinstance(steps[-2], T.ToTensor):
+            return None
+        norm, head = steps[-1], steps[:-2]
+        if not _is_rgb_conversion(head[-1]):
+            return None
+        head = head[:-1]
+        common = dict(mean=tuple(float(m) for m in norm.mean), std=tuple(float(s) for s in norm.std))
+        if len(head) == 1 and type(head[0]) is T.RandomResizedCrop:
+            crop = head[0]
+            return cls(
+                size=_pair(crop.size),
+                interpolation=crop.interpolation,
+                antialias=bool(crop.antialias),
+                scale=(float(crop.scale[0]), float(crop.scale[1])),
+                ratio=(float(crop.ratio[0]), float(crop.ratio[1])),
+                **common,
+            )
+        if len(head) == 2 and type(head[0]) is T.Resize and type(head[1]) is T.CenterCrop:
+            resize, centre = head
+            side = resize.size if isinstance(resize.size, int) else None
+            if isinstance(resize.size, (list, tuple)) and len(resize.size) == 1:
+                side = int(resize.size[0])
+            if side is None or resize.max_size is not None:
+                return None  # a squash to (h, w), or a capped long side: not the shortest-side resize
+            return cls(
+                size=_pair(centre.size),
+                interpolation=resize.interpolation,
+                antialias=bool(resize.antialias),
+                resize=side,
+                **common,
+            )
+        return None
+
+    def box(self, width: int, height: int, seed: int) -> Box | None:
+        """The crop box of an image of ``width`` x ``height`` for the sample seeded ``seed``: what
+        ``RandomResizedCrop`` draws right after ``torch.manual_seed(seed)``. None for the eval
+        transform (its crop is the centre of the resized image)."""
+        if self.scale is None:
+            return None
+        torch.manual_seed(seed)
+        shape = torch.empty(1, 1, 1).expand(1, height, width)  # get_params reads the size only
+        return T.RandomResizedCrop.get_params(shape, list(self.scale), list(self.ratio))
+
+    def apply(self, pixels: torch.Tensor, box: Box | None) -> torch.Tensor:
+        """uint8 ``pixels`` (C, H, W), on any device -> the crop, resized: uint8 (C, *size)."""
+        if box is None:
+            pixels = F2.resize(pixels, [self.resize], interpolation=self.interpolation, antialias=self.antialias)
+            return F2.center_crop(pixels, list(self.size))
+        top, left, height, width = box
+        return F2.resized_crop(
+            pixels,
+            top,
+            left,
+            height,
+            width,
+            list(self.size),
+            interpolation=self.interpolation,
+            antialias=self.antialias,
+        )
+
+
+def _pair(size) -> tuple[int, int]:
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[-1]))
+
+
+def _is_rgb_conversion(step) -> bool:
+    """open_clip's convert-to-RGB step: ``MaybeConvertMode("RGB")``, or ``_convert_to_rgb`` (older)."""
+    if type(step).__name__ == "MaybeConvertMode":
+        return getattr(step, "mode", None) == "RGB"
+    return getattr(step, "__name__", "") == "_convert_to_rgb"
+
+
+def crop_box(decoder: Decoder, img_size: tuple[int, int], seed: int) -> Box | None:
+    """The crop box ``decoder`` draws for a sample seeded ``seed`` whose image, as the CPU path
+    decodes it (JPEG draft included), is ``img_size`` = (width, height)."""
+    if decoder.pixels is None:
+        raise ValueError("this decoder runs its transform sample by sample: it draws no box of its own")
+    return decoder.pixels.box(img_size[0], img_size[1], seed)
+
+
+def full_box(box: Box, scale: int, width: int, height: int) -> Box:
+    """``box``, drawn on a JPEG decoded at 1/``scale`` (draft), as a box on the full image of
+    ``width`` x ``height``: pixel j of the reduced image is the DCT-scaled block of full pixels
+    [j * scale, (j + 1) * scale), the last one cut at the image's edge (libjpeg's reduced size is
+    ceil(width / scale)). So the box covers the same part of the picture."""
+    top, left, h, w = box
+    y, x = top * scale, left * scale
+    return y, x, min((top + h) * scale, height) - y, min((left + w) * scale, width) - x
+
+
+def to_uint8(img: Image.Image) -> torch.Tensor:
+    """An RGB PIL image -> uint8 (3, H, W), a channels-last view (what torch's uint8 resize wants)."""
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1)
+
+
+@dataclass(slots=True)
+class EncodedImage:
+    """A JPEG left for the trainer to decode on its device (``decode="gpu"``), with its crop box
+    drawn here, on the image as the CPU path would decode it (at 1/``scale``: JPEG draft)."""
+
+    data: bytes
+    box: Box | None  # None: the eval transform's centre crop
+    scale: int  # 1, 2, 4 or 8
+    shard: str
+
+
 @dataclass(slots=True)
 class Decoder:
-    """Bytes -> (uid, image tensor, text). ``transform`` is open_clip's train (or eval) transform."""
+    """Bytes -> (uid, image, text). ``transform`` is open_clip's train (or eval) transform.
+
+    When :class:`PixelTransform` recognises it, the image is the crop as a uint8 (3, H, W) tensor,
+    which the trainer normalises on its device; otherwise it is ``transform``'s own output (float,
+    normalised here). With ``decode="gpu"`` a baseline RGB JPEG is not decoded at all: its image is
+    an :class:`EncodedImage` (the file and its crop box), for ``train/device.py`` to decode on the
+    GPU; every other image (PNG, WebP, greyscale, CMYK or progressive JPEGs) is decoded here as
+    with ``decode="cpu"``."""
 
     transform: Callable[[Image.Image], torch.Tensor]
     image_size: int
     seed: int = 0
     min_crop_scale: float = 0.9  # RandomResizedCrop's smallest area: bounds how far JPEG draft may shrink
+    decode: str = "cpu"  # cpu | gpu
+    pixels: PixelTransform | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        if self.decode not in DECODES:
+            raise ValueError(f"decode must be one of {', '.join(DECODES)}, got {self.decode!r}")
+        self.pixels = PixelTransform.recognise(self.transform)
+        if self.decode == "gpu" and self.pixels is None:
+            raise ValueError(
+                "decode on the GPU needs open_clip's standard transform (RandomResizedCrop, or Resize + "
+                f"CenterCrop, then RGB, ToTensor, Normalize); this run's is {self.transform!r}"
+            )
 
     def uid(self, sample: dict) -> str:
         if "json" in sample:
@@ -525,7 +687,33 @@ class Decoder:
                 pass  # metadata is optional; the tar key is the uid then
         return sample["__key__"]
 
-    def __call__(self, sample: dict, draw: int | str) -> tuple[str, torch.Tensor, str]:
+    def open(self, data: bytes) -> tuple[Image.Image, int]:
+        """The image opened, not decoded: its header read and, for a JPEG, the draft scale set
+        (JPEG decodes at 1/2, 1/4, 1/8 scale for free: never below what the crop needs). Returns
+        the image (its ``size`` the size it decodes to) and that scale."""
+        try:
+            img = Image.open(io.BytesIO(data))
+            need = int(self.image_size / self.min_crop_scale**0.5) + 1
+            img.draft("RGB", (need, need))
+        except _IMAGE_ERRORS as exc:
+            raise CorruptSample(_undecodable(exc)) from exc
+        config = getattr(img, "decoderconfig", None)
+        return img, int(config[0]) if config else 1
+
+    def load(self, img: Image.Image) -> Image.Image:
+        """Decode an opened image, as RGB."""
+        try:
+            return img.convert("RGB")
+        except _IMAGE_ERRORS as exc:
+            raise CorruptSample(_undecodable(exc)) from exc
+
+    def decode_pixels(self, data: bytes, box: Box | None) -> torch.Tensor:
+        """The CPU path's uint8 crop of an image file, given its box (the trainer's fallback for a
+        JPEG its device does not decode: the same pixels a worker would have made)."""
+        img, _ = self.open(data)
+        return self.pixels.apply(to_uint8(self.load(img)), box)
+
+    def __call__(self, sample: dict, draw: int | str) -> tuple[str, torch.Tensor | EncodedImage, str]:
         uid = self.uid(sample)
         img_key = next((k for k in IMAGE_KEYS if k in sample), None)
         txt_key = next((k for k in TEXT_KEYS if k in sample), None)
@@ -537,16 +725,78 @@ class Decoder:
             text = sample[txt_key].decode("utf-8")
         except UnicodeDecodeError as exc:
             raise CorruptSample(f"caption is not UTF-8 ({exc.reason})") from exc
-        try:
-            img = Image.open(io.BytesIO(sample[img_key]))
-            # JPEG decodes at 1/2, 1/4, 1/8 scale for free: never below what the crop needs
-            need = int(self.image_size / self.min_crop_scale**0.5) + 1
-            img.draft("RGB", (need, need))
-            img = img.convert("RGB")
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            raise CorruptSample(f"image does not decode ({type(exc).__name__}: {str(exc)[:120]})") from exc
-        torch.manual_seed(sample_seed(self.seed, draw, uid))
-        return uid, self.transform(img), text
+        seed = sample_seed(self.seed, draw, uid)
+        img, scale = self.open(sample[img_key])
+        if self.decode == "gpu" and _device_decodable(img):
+            # the box of the image the CPU path would decode (img.size: after the draft), so the
+            # same seed gives the same box; the device maps it onto the full image (full_box)
+            return uid, EncodedImage(sample[img_key], self.pixels.box(*img.size, seed), scale, sample["__url__"]), text
+        img = self.load(img)
+        if self.pixels is None:
+            torch.manual_seed(seed)
+            return uid, self.transform(img), text
+        return uid, self.pixels.apply(to_uint8(img), self.pixels.box(*img.size, seed)), text
+
+
+def _undecodable(exc: BaseException) -> str:
+    return f"image does not decode ({type(exc).__name__}: {str(exc)[:120]})"
+
+
+def _device_decodable(img: Image.Image) -> bool:
+    """A JPEG that nvJPEG decodes as is: baseline (not progressive), three colour components.
+    Greyscale, CMYK and progressive JPEGs, and other formats, are decoded by the worker."""
+    return img.format == "JPEG" and img.mode == "RGB" and not img.info.get("progressive")
+
+
+@dataclass(slots=True)
+class EncodedBatch:
+    """The JPEGs of a batch left for the device (``decode="gpu"``): the files one after another in
+    one uint8 tensor (one shared-memory block through the DataLoader, rather than a pickle of each),
+    their places in the batch, crop boxes, draft scales and shards; and the places of the images the
+    worker decoded itself (``batch["images"]``, in that order)."""
+
+    data: torch.Tensor
+    offsets: list[int]  # file i is data[offsets[i]:offsets[i + 1]]
+    index: list[int]
+    boxes: list[Box | None]
+    scales: list[int]
+    shards: list[str]
+    decoded: list[int]
+
+    @property
+    def size(self) -> int:
+        return len(self.index) + len(self.decoded)
+
+    def files(self) -> list[torch.Tensor]:
+        return [self.data[a:b] for a, b in zip(self.offsets, self.offsets[1:], strict=False)]
+
+
+def batch_images(images: list, pixels: PixelTransform | None) -> dict:
+    """A batch's images as the loader hands them on: ``images`` (float, normalised: the per-sample
+    transform's; uint8: crops to normalise on the device), ``normalize`` ((mean, std), or None when
+    that is done), and ``encoded`` (the JPEGs left for the device, or None)."""
+    if pixels is None:
+        return {"images": torch.stack(images), "normalize": None, "encoded": None}
+    norm = (pixels.mean, pixels.std)
+    encoded = [i for i, x in enumerate(images) if isinstance(x, EncodedImage)]
+    if not encoded:
+        return {"images": torch.stack(images), "normalize": norm, "encoded": None}
+    decoded = [i for i, x in enumerate(images) if not isinstance(x, EncodedImage)]
+    files = [images[i] for i in encoded]
+    offsets = [0, *itertools.accumulate(len(f.data) for f in files)]
+    stacked = (
+        torch.stack([images[i] for i in decoded]) if decoded else torch.empty((0, 3, *pixels.size), dtype=torch.uint8)
+    )
+    batch = EncodedBatch(
+        data=torch.frombuffer(bytearray(b"".join(f.data for f in files)), dtype=torch.uint8),
+        offsets=offsets,
+        index=encoded,
+        boxes=[f.box for f in files],
+        scales=[f.scale for f in files],
+        shards=[f.shard for f in files],
+        decoded=decoded,
+    )
+    return {"images": stacked, "normalize": norm, "encoded": batch}
 
 
 # -------------------------------------------------------------------------------------------------
@@ -582,8 +832,10 @@ class StreamState:
 
 
 class BatchStream(IterableDataset):
-    """Endless batches for one rank: ``{"images", "texts", "uids", "worker", "epoch", "position",
-    "skipped", "opened"}``; starts at ``state`` (a fresh run: every worker at epoch 0, sample 0)."""
+    """Endless batches for one rank: ``{"images", "normalize", "encoded", "texts", "uids", "worker",
+    "epoch", "position", "skipped", "opened"}`` (the images as :func:`batch_images` says: uint8 crops
+    for the device to normalise, with open_clip's standard transform); starts at ``state`` (a fresh
+    run: every worker at epoch 0, sample 0)."""
 
     def __init__(
         self,
@@ -643,7 +895,7 @@ class BatchStream(IterableDataset):
             texts.append(text)
             if len(uids) == self.batch_size:
                 yield {
-                    "images": torch.stack(images),
+                    **batch_images(images, self.decoder.pixels),
                     "texts": self.tokenizer(texts),
                     "uids": uids,
                     "worker": worker,
@@ -656,6 +908,25 @@ class BatchStream(IterableDataset):
                 skipped.clear()
                 opened.clear()
                 batches += 1
+
+
+MAX_DEFAULT_WORKERS = 8
+
+
+def default_workers(local_world_size: int, cores: int | None = None, shards: int | None = None) -> int:
+    """DataLoader workers per rank when ``--workers`` is not given: this rank's share of the node's
+    cores (``cores // local_world_size``), less one for the rank's own process (the training loop,
+    the pin-memory thread, and with ``--decode gpu`` the JPEG hand-off), at least 1 and at most
+    :data:`MAX_DEFAULT_WORKERS`; and no more than the shards a rank reads (``shards``, when the
+    stream is not resampled), so a small dataset does not fail for lack of shards.
+
+    Why 8 at most: a worker decodes, crops and tokenizes ~800 samples/s (256 px JPEGs to 224 px
+    uint8 crops, one core of this project's machine), so 8 feed ~6k samples/s per rank; each worker
+    also holds its prefetched batches in /dev/shm and RAM. Give ``--workers`` for more when the
+    data-wait share says so (larger images, slower storage); ``bench/bench_gpu.py`` measures it."""
+    cores = cores if cores is not None else cpu_cores()
+    n = max(1, min(MAX_DEFAULT_WORKERS, cores // max(1, local_world_size) - 1))
+    return max(1, min(n, shards)) if shards is not None else n
 
 
 def _worker_init(_: int) -> None:

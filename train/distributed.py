@@ -53,6 +53,21 @@ def detect() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
+def local_world_size(env: DistEnv) -> int:
+    """The ranks on this node: torchrun's ``LOCAL_WORLD_SIZE``, else SLURM's tasks per node
+    (``SLURM_NTASKS_PER_NODE``, as ``8`` or ``8(x2)``), else the world size (one node)."""
+    for var in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+        value = os.environ.get(var, "").split("(")[0].split(",")[0].strip()
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return max(1, env.world_size)
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on (its affinity mask: a container's or SLURM's share)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def init(device: str = "auto") -> DistEnv:
     """Join the process group (if launched as several processes) and pick this process's device."""
     rank, world, local = detect()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import math
 import os
 import random
@@ -47,7 +48,18 @@ from .checkpoint import (
     serialize_checkpoint,
 )
 from .config import TrainConfig
-from .data import BatchStream, Decoder, Position, StreamState, carry_over, make_loader, plan_stream, resolve_sources
+from .data import (
+    BatchStream,
+    Decoder,
+    Position,
+    StreamState,
+    carry_over,
+    default_workers,
+    make_loader,
+    plan_stream,
+    resolve_sources,
+)
+from .device import DeviceBatches
 from .models import ModelSpec, image_transform, lock_towers, register, resolve_model, set_preprocess
 
 CHECKPOINTS = "checkpoints"
@@ -114,7 +126,9 @@ def train_stage(config: TrainConfig, inputs: list[ManifestRef], out: str, progre
 def _train(cfg: TrainConfig, dataset_url, out: str, eval_callback, env: distributed.DistEnv) -> TrainResult:
     started, t_start = now(), time.perf_counter()
 
-    _cpu_threads(env, cfg.workers)
+    if cfg.decode == "gpu" and env.device.type != "cuda":
+        raise ValueError(f"--decode gpu decodes JPEGs with CUDA (nvJPEG), and this run is on {env.device.type}")
+    settings = _device_settings(cfg, env)  # TF32, fused AdamW, DDP's options: into the log and the record
     spec = _model_spec(cfg)
     # ---- resume or start: rank 0 chooses the checkpoint to resume (every rank loads that one, or
     # every rank stops, below). A checkpoint of this run wins over --pretrained: a preempted
@@ -163,13 +177,21 @@ def _train(cfg: TrainConfig, dataset_url, out: str, eval_callback, env: distribu
     # ---- data: rank 0 resolves the shards (listing, shard index) once, every rank gets them; then
     # every rank checks in O(shards) that each worker can fill a batch, before any worker starts ----
     sources = distributed.on_main(env, lambda: resolve_sources(dataset_url))
+    # --workers, or this rank's share of the node's cores (data.default_workers), never more than
+    # the shards each rank reads
+    workers = cfg.workers
+    if workers is None:
+        shards = None if cfg.resampled or cfg.weights else sum(len(s.shards) for s in sources) // env.world_size
+        workers = default_workers(distributed.local_world_size(env), shards=shards)
+    settings["workers"] = workers
+    _cpu_threads(env, workers)
     info = plan_stream(
         None,
         sources=sources,
         seed=cfg.seed,
         rank=env.rank,
         world_size=env.world_size,
-        workers=cfg.workers,
+        workers=workers,
         batch_size=cfg.batch_size,
         shuffle=cfg.shuffle,
         buffer=cfg.shuffle_buffer,
@@ -179,7 +201,8 @@ def _train(cfg: TrainConfig, dataset_url, out: str, eval_callback, env: distribu
     per_step = cfg.batch_size * cfg.grad_accum * env.world_size  # samples per optimiser step, all ranks
     total_steps = _total_steps(cfg, info.steps_per_epoch)
 
-    optimizer = optim.make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
+    fused = settings["fused_adamw"]
+    optimizer = optim.make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps, fused=fused)
     # fp16 needs loss scaling (its range is small); bf16 has fp32's range and does not
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "amp" and env.device.type == "cuda")
 
@@ -196,6 +219,7 @@ def _train(cfg: TrainConfig, dataset_url, out: str, eval_callback, env: distribu
         distributed.agree(env, error, CheckpointError)
         model.load_state_dict(ckpt["state_dict"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        optim.set_fused(optimizer, fused)  # the saved groups carry the saving run's kernel choice
         if isinstance(ckpt["wit"].get("preprocess"), dict):  # a pretrained tag's mean and std, ...
             set_preprocess(model, ckpt["wit"]["preprocess"])
         start = ckpt["wit"].get("pretrained")
@@ -248,16 +272,19 @@ def _train(cfg: TrainConfig, dataset_url, out: str, eval_callback, env: distribu
     # ---- wrap: DDP averages gradients across ranks during backward; compile last ----
     raw = model
     if env.distributed:
-        model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+        model = _wrap_ddp(model, env, cfg.ddp_bf16_allreduce)
     if cfg.compile:
         model = torch.compile(model)
     loss_fn = losses.make_loss(cfg.loss, env.rank, env.world_size)
     autocast = _autocast(cfg.precision, env.device)
 
     size = pp["size"][0] if isinstance(pp["size"], (tuple, list)) else pp["size"]  # an int for ResNets
-    stream = BatchStream(plan, Decoder(transform, size, cfg.seed), tokenizer, cfg.batch_size, state)
-    loader = make_loader(stream, cfg.workers, pin_memory=env.device.type == "cuda")
-    batches = iter(loader)
+    decoder = Decoder(transform, size, cfg.seed, decode=cfg.decode)
+    stream = BatchStream(plan, decoder, tokenizer, cfg.batch_size, state)
+    loader = make_loader(stream, workers, pin_memory=env.device.type == "cuda")
+    # on the device, normalised there; on CUDA the next batch's copy runs beside this step (device.py)
+    batches = DeviceBatches(iter(loader), decoder, env.device)
+    settings["images"] = "uint8, normalised on the device" if decoder.pixels else "float, normalised by the workers"
     flops = mx.flops_per_sample(raw, spec.config)
     peak = mx.peak_flops(env.device, cfg.precision)
     timer = mx.Timer()
@@ -269,8 +296,9 @@ def _train(cfg: TrainConfig, dataset_url, out: str, eval_callback, env: distribu
     if env.is_main:
         mx.log(
             f"training {spec.name} on {info.samples or '?'} samples/epoch, {total_steps} steps of "
-            f"{per_step} samples, {env.world_size} rank(s) x {cfg.workers} worker(s), {cfg.precision}"
+            f"{per_step} samples, {env.world_size} rank(s) x {workers} worker(s), {cfg.precision}"
         )
+        mx.log("settings: " + ", ".join(f"{k} {v}" for k, v in settings.items()))
 
     while step < total_steps:
         # -- data. Waiting here means the workers cannot keep up: that time is the data-wait share.
@@ -280,8 +308,8 @@ def _train(cfg: TrainConfig, dataset_url, out: str, eval_callback, env: distribu
         for b in micro:
             state.advance(b)  # the position after this batch: what a checkpoint saves
             tallies.add(b)
-        images = [b["images"].to(env.device, non_blocking=True) for b in micro]
-        texts = [b["texts"].to(env.device, non_blocking=True) for b in micro]
+        images = [b["images"] for b in micro]  # on the device, normalised (DeviceBatches)
+        texts = [b["texts"] for b in micro]
 
         # -- one optimiser step on the whole contrastive batch
         optim.set_lr(
@@ -342,7 +370,7 @@ def _train(cfg: TrainConfig, dataset_url, out: str, eval_callback, env: distribu
             evals.append({"step": step, **distributed.on_main(env, evaluate)})
 
     # ---- the end: final checkpoint, metrics, skipped samples, and the run record last ----
-    del batches  # stops the workers
+    del batches, loader  # stops the workers
     final = _checkpoint_url(out, step)
     if ckpt_url != final and not (resumed_from == final):
         ckpt_url = save()
@@ -369,6 +397,7 @@ def _train(cfg: TrainConfig, dataset_url, out: str, eval_callback, env: distribu
             optim.decay_summary(raw),
             start,
             locked,
+            settings,
         )
 
     # rank 0's work; an error there (an upload, the record) is raised on every rank, never a wait
@@ -456,9 +485,57 @@ def _cpu_threads(env, workers: int) -> None:
     than cores make OpenMP's spinning threads fight each other (10x slower steps on a busy machine)."""
     if env.device.type != "cpu" or "OMP_NUM_THREADS" in os.environ:
         return
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    per_rank = max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))))
+    per_rank = max(1, distributed.cpu_cores() // distributed.local_world_size(env))
     torch.set_num_threads(max(1, per_rank - (1 if workers else 0)))
+
+
+def _wrap_ddp(model: torch.nn.Module, env: distributed.DistEnv, bf16_allreduce: bool) -> DDP:
+    """DDP with gradients as views into its all-reduce buckets (no copy into and out of them each
+    step) and no broadcast of rank 0's buffers before every forward (a collective per step, for
+    nothing: the only buffers training changes are BatchNorm statistics, which a train-mode forward
+    does not read, and checkpoints hold rank 0's). ``bf16_allreduce``: gradients are all-reduced in
+    bf16 (DDP's ``bf16_compress_hook``): half the bytes between nodes, the sum in bf16's 8 bits."""
+    # newer torch (2.14) calls it forward_sync_buffers, and deprecates broadcast_buffers
+    newer = "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+    ddp = DDP(
+        model,
+        device_ids=[env.device.index] if env.device.type == "cuda" else None,
+        gradient_as_bucket_view=True,
+        **({"forward_sync_buffers": False} if newer else {"broadcast_buffers": False}),
+    )
+    if bf16_allreduce:
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
+    return ddp
+
+
+def _device_settings(cfg: TrainConfig, env: distributed.DistEnv) -> dict:
+    """Set what makes a step fast on CUDA, and say what was set (for the log and the run record).
+
+    - fp32 on CUDA: matrix products and convolutions in TF32 (tensor cores, 10-bit mantissa inputs,
+      fp32 accumulation), as open_clip_train does; bf16 / amp runs compute in 16 bits anyway.
+    - AdamW's fused CUDA kernel (one launch for every parameter) on CUDA; the default elsewhere.
+    - DDP: gradients as bucket views, no buffer broadcast, optionally bf16 all-reduce."""
+    cuda = env.device.type == "cuda"
+    tf32 = cuda and cfg.precision == "fp32"
+    if tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    settings: dict = {
+        "device": str(env.device),
+        "tf32": tf32,
+        "fused_adamw": cuda,
+        "decode": cfg.decode,
+        "compile": cfg.compile,
+    }
+    if env.distributed:
+        settings["ddp"] = {
+            "gradient_as_bucket_view": True,
+            "broadcast_buffers": False,
+            "allreduce": "bf16" if cfg.ddp_bf16_allreduce else "fp32",
+        }
+    return settings
 
 
 def _autocast(precision: str, device: torch.device):
@@ -772,6 +849,7 @@ def _write_record(
     decay: dict,
     start: dict | None,
     locked: dict | None,
+    settings: dict,
 ) -> None:
     if tallies.skipped:
         table = pa.table({k: [s[i] for s in tallies.skipped] for i, k in enumerate(("uid", "shard", "reason"))})
@@ -812,7 +890,12 @@ def _write_record(
     reasons = Counter(_skip_kind(s[2]) for s in tallies.skipped)
     record = build_run_record(
         stage="train",
-        config={**cfg.to_dict(), "model_resolved": spec.name, "world_size": env.world_size},
+        config={
+            **cfg.to_dict(),
+            "model_resolved": spec.name,
+            "world_size": env.world_size,
+            "workers_resolved": settings["workers"],
+        },
         inputs=inputs,
         output=ManifestRef(url=out, kind="checkpoint", digest=digest_of({n: f.sha256 for n, f in files.items()})),
         files=files,
@@ -834,6 +917,8 @@ def _write_record(
             # LiT: the towers locked and the parameters that did not train
             "locked": locked,
             "evals": evals,
+            # how this run used its device: TF32, fused AdamW, DDP's options, data workers, decode
+            "device_settings": settings,
             # what open_clip_train would do differently by default: train/README.md
             "optimizer": {
                 "weight_decay": cfg.weight_decay,

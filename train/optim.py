@@ -29,14 +29,30 @@ def decay_summary(model: torch.nn.Module) -> dict:
 
 
 def make_optimizer(
-    model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float
+    model: torch.nn.Module,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    eps: float,
+    fused: bool = False,
 ) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, in open_clip_train's two groups. ``fused``: the fused
+    CUDA kernel (one launch for all parameters, instead of a few per tensor); the trainer asks for
+    it on CUDA (on CPU the default, for-each implementation)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [
         {"params": [p for n, p in named if no_decay(n, p)], "weight_decay": 0.0},
         {"params": [p for n, p in named if not no_decay(n, p)], "weight_decay": weight_decay},
     ]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True if fused else None)
+
+
+def set_fused(optimizer: torch.optim.Optimizer, fused: bool) -> None:
+    """After ``load_state_dict``: the groups take the saved run's ``fused`` and ``foreach`` flags;
+    give them back this run's (a checkpoint of a GPU run resumed on CPU, or the other way)."""
+    for group in optimizer.param_groups:
+        group["fused"] = True if fused else None
+        group["foreach"] = None
 
 
 def lr_at(step: int, base_lr: float, warmup: int, total: int) -> float:

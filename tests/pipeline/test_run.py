@@ -240,7 +240,9 @@ def test_a_pipeline_file_is_validated_before_anything_runs(tmp_path):
 # Options that belong to one command line and not to a pipeline section: where to write (the file
 # names its folders), which slice of a job array this is, download's second pass over failures, and
 # train's own YAML file (the pipeline file is that).
-CLI_ONLY = {"out", "part", "retry_failed", "config_url"}
+# Made by hand: --grad-clip (a number or `none`, YAML's null) and --weights (W1,W2, YAML's list)
+# set config fields no option kind can spell.
+CLI_ONLY = {"out", "part", "retry_failed", "config_url", "grad_clip", "weights"}
 
 
 def _command(stage: str):
