@@ -65,7 +65,7 @@ from _report import commit, table, write_section  # noqa: E402
 
 from wit.ingest import sources  # noqa: E402
 from wit.ingest.extract import ExtractConfig, _language_identifier, extract_source  # noqa: E402
-from wit.ingest.urls import BadURL, absolutize, normalize_url, uid_of_normalized  # noqa: E402
+from wit.ingest.urls import BadURL, Resolver, uid_of_normalized  # noqa: E402
 from wit.ingest.webpage import decode_html, parse_page  # noqa: E402
 
 try:
@@ -393,8 +393,8 @@ def corpus_files(corpus: Path) -> dict[str, list[str]]:
 
 # What the profile groups into costs: (label, function-name match, file-name suffix).
 _COSTS = [
-    ("WARC reading (warcio records, HTTP headers, payload; with the tap below)", "read_warc", "ingest/sources.py"),
-    ("  SourceTap.read: sha256 of the source + gzip integrity inflate", "read", "ingest/sources.py"),
+    ("WARC reading (FastWARC while the file allows, else warcio; headers, payload)", "read_warc", "ingest/sources.py"),
+    ("  SourceTap.read: sha256 of the source (+ gzip check of what warcio reads)", "read", "ingest/sources.py"),
     ("    of which the gzip integrity check (a second inflate)", "feed", "ingest/sources.py"),
     ("decode_html (charset, control-byte count, bytes.decode)", "decode_html", "ingest/webpage.py"),
     ("parse_page (selectolax parse, css, attributes, captions)", "parse_page", "ingest/webpage.py"),
@@ -403,8 +403,8 @@ _COSTS = [
     ("  _source_keys (the URLs an image names, to drop <noscript> copies)", "_source_keys", "ingest/webpage.py"),
     ("add_image (skip reasons, URLs, uid, language, row)", "add_image", "ingest/extract.py"),
     ("  _lang: py3langid on each distinct alt text", "_lang", "ingest/extract.py"),
-    ("  absolutize (urljoin)", "absolutize", "ingest/urls.py"),
-    ("  normalize_url", "normalize_url", "ingest/urls.py"),
+    ("  Resolver.resolve (absolute, normalised URL)", "resolve", "ingest/urls.py"),
+    ("    of which urljoin + normalize_url (off the plain-URL fast path)", "_general", "ingest/urls.py"),
     ("  uid_of_normalized (sha256)", "uid_of_normalized", "ingest/urls.py"),
     ("candidates_table (pyarrow)", "candidates_table", "ingest/extract.py"),
 ]
@@ -450,10 +450,12 @@ def step_costs(paths: list[str], repeat: int) -> tuple[list[list[str]], str]:
     ]
 
     def urls() -> list[tuple[str, str]]:
-        out = []
+        out, page, resolver = [], None, None
         for src, url, base, alt in srcs:
+            if (url, base) != page:  # one Resolver per page, as extract makes
+                page, resolver = (url, base), Resolver(url, base)
             try:
-                out.append((normalize_url(absolutize(src, url, base)), alt))
+                out.append((resolver.resolve(src), alt))
             except BadURL:
                 pass
         return out
@@ -496,7 +498,7 @@ def step_costs(paths: list[str], repeat: int) -> tuple[list[list[str]], str]:
         ("bare: parse bytes + `css('img')` + src/alt", lambda: bare_parse(raw)),
         ("wit: `parse_page(text)` (all of it)", lambda: [parse_page(t) for t in texts]),
         ("  its parse + `base`, `link`, `figure`, `noscript img`, `img` queries", queries),
-        ("wit: `absolutize` + `normalize_url`, per image", urls),
+        ("wit: `Resolver.resolve` (absolute, normalised URL), per image", urls),
         ("wit: `uid_of_normalized`, per image", lambda: [uid_of_normalized(u, t) for u, t in pairs]),
         ("wit: py3langid `classify`, per distinct alt text of a file", lambda: [classify(a) for a in alts]),
     ]

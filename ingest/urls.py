@@ -90,7 +90,7 @@ def absolutize(src: str, page_url: str, base_href: str | None = None) -> str:
 # No `;` in the path: urljoin splits `;params` off the last segment and drops an empty one.
 _PATH_CHARS = r"[A-Za-z0-9/:@!$&'()*+,=\-._~]"
 _PLAIN_ABSOLUTE = re.compile(
-    rf"(https?)://([A-Za-z0-9.\-]*[A-Za-z0-9])((?:/{_PATH_CHARS}*)?)((?:\?[A-Za-z0-9/:@!$&'()*+,;=\-._~?]+)?)",
+    rf"(https?)://([A-Za-z0-9.\-]*[A-Za-z0-9])(?::([0-9]{{1,5}}))?((?:/{_PATH_CHARS}*)?)((?:\?[A-Za-z0-9/:@!$&'()*+,;=\-._~?]+)?)",
     re.IGNORECASE,
 )
 # A path, then a query of at least one character (urlunsplit drops an empty one).
@@ -98,13 +98,19 @@ _PLAIN_PATH = re.compile(rf"({_PATH_CHARS}*)((?:\?[A-Za-z0-9/:@!$&'()*+,;=\-._~?
 
 
 def _plain_absolute(url: str) -> str | None:
-    """normalize_url(url) for a plain absolute http(s) URL (no port, userinfo, escapes, fragment,
+    """normalize_url(url) for a plain absolute http(s) URL (no userinfo, escapes, fragment,
     non-ASCII or trailing-dot host); None for any other URL."""
     m = _PLAIN_ABSOLUTE.fullmatch(url)
     if m is None:
         return None
-    scheme, host, path, query = m.groups()
-    return f"{scheme.lower()}://{host.lower()}{path or '/'}{query}"
+    scheme, host, port, path, query = m.groups()
+    scheme = scheme.lower()
+    if port is not None:
+        number = int(port)
+        if number > 65535:
+            return None  # normalize_url's BadURL
+        host = host if number == DEFAULT_PORTS[scheme] else f"{host}:{number}"
+    return f"{scheme}://{host.lower()}{path or '/'}{query}"
 
 
 class Resolver:

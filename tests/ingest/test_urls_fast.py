@@ -13,7 +13,8 @@ from wit.ingest.urls import BadURL, Resolver, absolutize, normalize_url
 PIECES = [
     "a", "b.jpg", "IMG.PNG", "x-y_z~", "..", ".", "", "%20", "%7e", "%zz", "#f", "?", "?q=1", "?a?b",
     ";p=1", ":", "@", "é", " ", "\t", "//", "/", "http:", "https://", "HTTP://", "Host.COM", "h.com.",
-    ":8080", ":443", "user@", "data:", "javascript:", "..b", ".hidden", "(1)", "[", "\\", "&amp;",
+    ":8080", ":443", ":80", ":080", ":99999", "user@", "data:", "javascript:", "..b", ".hidden", "(1)", "[",
+    "\\", "&amp;",
 ]  # fmt: skip
 PAGES = [
     "https://example.com/a/b/page.html",
@@ -23,6 +24,7 @@ PAGES = [
     "https://example.com/a//b/c",
     "https://example.com/a/./b/c",
     "https://example.com:8443/a/b",
+    "http://127.0.0.1:8080/site/page.html",
     "https://example.com/a/b?x=1",
     "https://example.com/a;p/b;q",
     "file:///saved/page.html",
