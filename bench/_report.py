@@ -25,7 +25,12 @@ def commit() -> str:
     """The commit a table measured: ``git rev-parse --short HEAD``, marked when tracked files differ."""
     root = BENCHMARKS.parent
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True)
+    # BENCHMARKS.md itself is left out: an earlier script of the same run may have just written it
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!BENCHMARKS.md"],
+        cwd=root,
+        capture_output=True,
+    )
     return rev.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
 
 

@@ -31,7 +31,7 @@ from selectolax.lexbor import LexborHTMLParser
 from warcio.archiveiterator import ArchiveIterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import table, write_section  # noqa: E402
+from _report import commit, table, write_section  # noqa: E402
 
 from wit.ingest.extract import ExtractConfig, extract_source  # noqa: E402
 from wit.ingest.synthetic import generate_web  # noqa: E402
@@ -151,6 +151,7 @@ def main() -> None:
         for name, secs, pages, n_rows in results
     ]
     body = (
+        f"Commit `{commit()}`. "
         f"Synthetic web of {args.pages:,} pages ({warc_mb:.1f} MB of gzipped WARC in {len(paths)} files, "
         f"generated in {gen_s:.0f} s); one process pinned to one core; best of {args.repeat}. "
         "`wit extract` does more per page than the references (sha256 and gzip check of the source, "
