@@ -71,7 +71,6 @@ from wit.manifests.stage import Partition, PartitionResult, StageError
 
 MiB = 1 << 20
 SOURCE_KIND = "source"
-HTTP_SCHEMES = frozenset({"http", "https"})
 # By extension of the URL path: vector art and favicons are not pictures with captions.
 SKIPPED_EXTENSIONS = (".svg", ".svgz", ".ico")
 _LANG_CACHE_MAX = 200_000  # distinct alt texts remembered per partition (bounded memory)

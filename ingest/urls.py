@@ -89,12 +89,13 @@ def absolutize(src: str, page_url: str, base_href: str | None = None) -> str:
 # (tests/ingest/test_urls_fast.py checks the two agree on many generated URLs).
 # No `;` in the path: urljoin splits `;params` off the last segment and drops an empty one.
 _PATH_CHARS = r"[A-Za-z0-9/:@!$&'()*+,=\-._~]"
+# A query of at least one character (urlunsplit drops an empty one), in _CLEAN's characters.
+_PLAIN_QUERY = r"((?:\?[A-Za-z0-9/:@!$&'()*+,;=\-._~?]+)?)"
 _PLAIN_ABSOLUTE = re.compile(
-    rf"(https?)://([A-Za-z0-9.\-]*[A-Za-z0-9])(?::([0-9]{{1,5}}))?((?:/{_PATH_CHARS}*)?)((?:\?[A-Za-z0-9/:@!$&'()*+,;=\-._~?]+)?)",
+    rf"(https?)://([A-Za-z0-9.\-]*[A-Za-z0-9])(?::([0-9]{{1,5}}))?((?:/{_PATH_CHARS}*)?){_PLAIN_QUERY}",
     re.IGNORECASE,
 )
-# A path, then a query of at least one character (urlunsplit drops an empty one).
-_PLAIN_PATH = re.compile(rf"({_PATH_CHARS}*)((?:\?[A-Za-z0-9/:@!$&'()*+,;=\-._~?]+)?)")
+_PLAIN_PATH = re.compile(rf"({_PATH_CHARS}*){_PLAIN_QUERY}")
 
 
 def _plain_absolute(url: str) -> str | None:
