@@ -67,3 +67,12 @@ def train_testdata():
         sys.modules["wit_train_testdata"] = module
         spec.loader.exec_module(module)
     return sys.modules["wit_train_testdata"]
+
+
+# open_clip_train 3.3's own group_by_keys does not know the end-of-shard marker ({}) that webdataset
+# 0.2.9x's tar_file_expander yields (KeyError: 'fname'); the smallest fix: ask for no marker. Code
+# the benchmarks exec before importing open_clip_train.
+OPEN_CLIP_TRAIN_PATCH = (
+    "import functools, open_clip_train.data as d, webdataset.tariterators as t; "
+    "d.tar_file_expander = functools.partial(t.tar_file_expander, eof_value=None)"
+)

@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _report  # noqa: E402
-from _report import commit, table, train_testdata, write_section  # noqa: E402
+from _report import OPEN_CLIP_TRAIN_PATCH, commit, table, train_testdata, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 testdata = train_testdata()
@@ -42,11 +42,7 @@ WIT_RUN = (
     "train(TrainConfig(**json.loads(sys.argv[3])), sys.argv[1], sys.argv[2]); "
     "print('PEAK_BYTES', torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0)"
 )
-# open_clip_train 3.3 with webdataset 0.2.9x: see bench_train.py's PATCH
-PATCH = (
-    "import functools, open_clip_train.data as d, webdataset.tariterators as t; "
-    "d.tar_file_expander = functools.partial(t.tar_file_expander, eof_value=None)"
-)
+PATCH = OPEN_CLIP_TRAIN_PATCH
 OPEN_CLIP_PRECISION = {"bf16": "amp_bf16", "amp": "amp", "fp32": "fp32"}
 
 

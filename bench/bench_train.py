@@ -33,7 +33,7 @@ from wit.train.data import BatchStream, Decoder, make_loader, plan_stream
 from wit.train.device import DeviceBatches
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _report import commit, table, train_testdata, write_section  # noqa: E402
+from _report import OPEN_CLIP_TRAIN_PATCH, commit, table, train_testdata, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 testdata = train_testdata()
@@ -62,12 +62,7 @@ def bench_wit_pipeline(url: str, batch: int, n_batches: int, model: str = "wit-t
     return n_batches * batch / (time.perf_counter() - t)
 
 
-# open_clip_train 3.3's own group_by_keys does not know the end-of-shard marker ({}) that webdataset
-# 0.2.9x's tar_file_expander yields (KeyError: 'fname'); the smallest fix: ask for no marker.
-PATCH = (
-    "import functools, open_clip_train.data as d, webdataset.tariterators as t; "
-    "d.tar_file_expander = functools.partial(t.tar_file_expander, eof_value=None)"
-)
+PATCH = OPEN_CLIP_TRAIN_PATCH
 
 
 def bench_open_clip_pipeline(pattern: str, samples: int, batch: int, n_batches: int, model: str = "wit-tiny") -> float:

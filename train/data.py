@@ -69,6 +69,7 @@ from wit.manifests.manifest import ManifestError, open_manifest
 from wit.manifests.runrecord import read_run_record
 from wit.manifests.tars import stream_members
 
+from .config import DECODES
 from .distributed import cpu_cores
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -513,7 +514,6 @@ def sample_seed(seed: int, draw: int | str, uid: str) -> int:
 
 
 Box = tuple[int, int, int, int]  # (top, left, height, width), as RandomResizedCrop.get_params draws it
-DECODES = ("cpu", "gpu")
 # what PIL raises for bytes that are not an image it can decode
 _IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 

@@ -181,6 +181,10 @@ def _local_file(start: Pretrained) -> Iterator[str]:
         else:
             yield _hub_weights(start.source[len(HF_HUB) :].strip("/"), start.source)
         return
+    local = storage.local_path(start.file)
+    if local is not None:  # rank 0 hashed it already: the other ranks only need the path
+        yield local
+        return
     with local_copy(start.file) as (path, _, _):
         yield path
 
@@ -274,10 +278,9 @@ def _tag_file(tag: dict, source: str, model: str) -> str:
     url = tag.get("url", "")
     if url:
         cached = os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(url))
-        if os.path.isfile(cached):
-            # open_clip checks the file's sha256 against the one in its URL, and gives the path back
-            return _download(source, model, lambda: open_clip.download_pretrained_from_url(url))
-        _can_download(source, model, urlparse(url).hostname or "", hub=False)
+        if not os.path.isfile(cached):
+            _can_download(source, model, urlparse(url).hostname or "", hub=False)
+        # open_clip checks a cached file's sha256 against the one in its URL, and gives the path back
         return _download(source, model, lambda: open_clip.download_pretrained_from_url(url))
     raise ValueError(f"pretrained {source!r} of {model}: open_clip names no file for it")
 
