@@ -425,7 +425,7 @@ def _wit_reading(paths: list[str]) -> None:
     for path in paths:
         with open(path, "rb") as fh:
             tap = sources.SourceTap(fh, path)
-            for _ in sources.READERS["warc"](tap, path, 5 << 20, Counter()):
+            for _ in sources.READERS["warc"](tap, path, sources.MAX_PAGE_BYTES, Counter()):
                 pass
             tap.finish()
 
@@ -519,7 +519,7 @@ def step_costs(paths: list[str], repeat: int) -> tuple[list[list[str]], str]:
 def _read_pages(path: str):
     with open(path, "rb") as fh:
         tap = sources.SourceTap(fh, path)
-        yield from sources.READERS["warc"](tap, path, 5 << 20, Counter())
+        yield from sources.READERS["warc"](tap, path, sources.MAX_PAGE_BYTES, Counter())
 
 
 def profile_extract(paths: list[str], top: int) -> tuple[str, float]:

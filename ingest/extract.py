@@ -53,6 +53,7 @@ import pyarrow as pa
 
 from wit.ingest.sources import (
     EMPTY_SOURCE,
+    MAX_PAGE_BYTES,
     READERS,
     RawPage,
     SourceTap,
@@ -69,7 +70,6 @@ from wit.manifests.options import Option, check_options, resolve
 from wit.manifests.schemas import CANDIDATES
 from wit.manifests.stage import Partition, PartitionResult, StageError
 
-MiB = 1 << 20
 SOURCE_KIND = "source"
 # By extension of the URL path: vector art and favicons are not pictures with captions.
 SKIPPED_EXTENSIONS = (".svg", ".svgz", ".ico")
@@ -94,7 +94,7 @@ PAGE_URLS_SUFFIXES = (".csv", ".parquet")
 class ExtractConfig:
     """What `wit extract` does with a page. Written into `_run.json`."""
 
-    max_page_bytes: int = 5 * MiB  # larger pages are skipped (page_too_large), never read whole
+    max_page_bytes: int = MAX_PAGE_BYTES  # larger pages are skipped (page_too_large), never read whole
     detect_lang: bool = True  # py3langid on every distinct alt text; the main cost after parsing
     # Restrict language identification to these ISO 639 codes (empty: all the model knows). On short
     # alt texts the full model often answers a neighbour (English as Maltese or Pidgin); naming the

@@ -62,7 +62,7 @@ from warcio.recordloader import ArcWarcRecordLoader
 from warcio.statusandheaders import StatusAndHeadersParser, StatusAndHeadersParserException
 
 from wit.ingest.wat import read_envelope
-from wit.ingest.webpage import ParsedPage
+from wit.ingest.webpage import NOT_CONTROL, ParsedPage
 from wit.manifests import storage
 from wit.manifests.storage import StorageError
 
@@ -101,10 +101,8 @@ _HEADROOM = 1 << 16  # of a FastWARC record's block read past the page limit, fo
 _FAST_MAX = 32 << 20
 _GZIP_OUT = 1 << 20  # bound on what one step of the integrity check inflates (gzip bombs)
 HTTP_SCHEMES = frozenset({"http", "https"})
+MAX_PAGE_BYTES = 5 << 20  # extract's default --max-page-bytes
 _IDENTITY = frozenset({"", "identity", "none"})  # codings that change nothing
-# Bytes deleted to count control bytes (C0 but tab, newline, form feed, carriage return; DEL), as
-# decode_html does: compressed data is about 11% control bytes, text in any charset almost none.
-_NOT_CONTROL = bytes(b for b in range(256) if not (b < 32 and b not in (9, 10, 12, 13) or b == 127))
 
 # Counted per page or per source (image-level reasons live in extract).
 PAGES = "pages"
@@ -287,8 +285,7 @@ class SourceTap:
 
     def reread(self, offset: int) -> _Reread:
         """The file from ``offset`` (kept) on: the kept bytes from there, then what the tap reads."""
-        kept = b"".join(self._kept or ())
-        return _Reread(self, kept[offset - self._kept_at :], offset)
+        return _Reread(self, self.kept(offset, self.bytes), offset)
 
     def judge_gzip(self, head: bytes) -> None:
         """Stop keeping; :meth:`finish` judges the gzip framing of ``head`` (the file from the start
@@ -433,7 +430,8 @@ def _codings(value: str | None) -> list[str]:
 
 
 def _is_text(data: bytes) -> bool:
-    return len(data.translate(None, _NOT_CONTROL)) * 100 <= len(data)
+    # decode_html's test: compressed data is about 11% control bytes, text in any charset almost none
+    return len(data.translate(None, NOT_CONTROL)) * 100 <= len(data)
 
 
 def _inflate(data: bytes, wbits: int, limit: int) -> tuple[bytes, bool]:

@@ -1,10 +1,10 @@
 """Image URLs: made absolute, normalised, and turned into the `uid` every manifest row carries.
 
-`extract` resolves each `<img src>` with :func:`absolutize` (against `<base href>`, itself resolved
-against the page URL), normalises it with :func:`normalize_url`, and names the pair with
-:func:`uid_of`. Later stages (curate's URL de-duplication, download, filter) import the same
-functions, so one image URL written two ways (`HTTP://Host:80/a#top` and `http://host/a`) is one
-URL everywhere.
+`extract` resolves each `<img src>` with a per-page :class:`Resolver` (:func:`absolutize` against
+`<base href>`, itself resolved against the page URL, then :func:`normalize_url`, with a fast path for
+plain URLs), and names the pair with :func:`uid_of`. Later stages (curate's URL de-duplication,
+download, filter) import the same functions, so one image URL written two ways
+(`HTTP://Host:80/a#top` and `http://host/a`) is one URL everywhere.
 """
 
 from __future__ import annotations
@@ -164,7 +164,8 @@ class Resolver:
                     else:
                         break
                 m = _PLAIN_PATH.fullmatch(rest)
-                if m is not None and m.group(1) and "//" not in "/" + m.group(1) and "/." not in "/" + m.group(1):
+                path = "/" + m.group(1) if m is not None else ""
+                if len(path) > 1 and "//" not in path and "/." not in path:
                     return self._origin + folder + rest
             elif src[:4].lower() == "http":
                 url = _plain_absolute(src)

@@ -25,8 +25,6 @@ from warcio.warcwriter import WARCWriter
 from wit.ingest.webpage import ImgTag, ParsedPage, decode_html, parse_dimension, parse_page
 from wit.manifests import storage
 
-_MAX_PAGE_BYTES = 5 << 20  # extract's default --max-page-bytes: a larger page gets no links
-
 IMG_PATH = "IMG@/src"
 
 
@@ -109,7 +107,7 @@ def _envelope(record, page: ParsedPage | None) -> dict:
 def warc_to_wat(warc_url: str, wat_url: str) -> int:
     """Write the WAT (gzipped, one metadata record per WARC record) of a WARC file; returns the
     number of records written. Pages are parsed with :func:`~wit.ingest.webpage.parse_page`."""
-    from wit.ingest.sources import decode_body, payload_stream  # sources reads WATs with this module
+    from wit.ingest.sources import MAX_PAGE_BYTES, decode_body, payload_stream  # sources imports this module
 
     buf = io.BytesIO()
     writer = WARCWriter(buf, gzip=True)
@@ -123,7 +121,7 @@ def warc_to_wat(warc_url: str, wat_url: str) -> int:
                     # Not warcio's content_stream(): with Google's brotli installed (FastWARC needs
                     # it) warcio's own br decoding fails; extract's decoding is the one to match.
                     stream, codings = payload_stream(record.raw_stream, http)
-                    body, _ = decode_body(stream.read(_MAX_PAGE_BYTES + 1), codings, _MAX_PAGE_BYTES)
+                    body, _ = decode_body(stream.read(MAX_PAGE_BYTES + 1), codings, MAX_PAGE_BYTES)
                     decoded = decode_html(body) if body is not None else None
                     page = parse_page(decoded.markup) if decoded is not None and decoded.text is not None else None
             doc = _envelope(record, page)

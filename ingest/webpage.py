@@ -181,7 +181,7 @@ _ASCII_PROBE = '<meta charset="x"><img src="/a-b_c.jpg?x=1&y=2#z" alt=\'A;B\'>'
 # A <meta> that claims UTF-16 was found by an ASCII scan, so the bytes are not UTF-16.
 _UTF16 = {"utf-16", "utf-16-le", "utf-16-be"}
 # Bytes deleted to count control bytes (C0 controls but tab, newline, form feed, carriage return; DEL).
-_NOT_CONTROL = bytes(b for b in range(256) if not (b < 32 and b not in (9, 10, 12, 13) or b == 127))
+NOT_CONTROL = bytes(b for b in range(256) if not (b < 32 and b not in (9, 10, 12, 13) or b == 127))
 _BOMS = ((codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
 
 
@@ -385,7 +385,7 @@ def decode_html(body: bytes, http_charset: str | None = None) -> Decoded:
     # Text in a wrong encoding is still mostly markup with readable URLs; binary (an image or an
     # archive served as text/html) is full of control bytes that no text encoding uses.
     wide = bool(names) and names[0] in _UTF16  # a BOM or the HTTP header says so; its NULs are text
-    controls = body.translate(None, _NOT_CONTROL) if not wide else b""
+    controls = body.translate(None, NOT_CONTROL) if not wide else b""
     if names and names[0].startswith("iso2022"):
         controls = controls.replace(b"\x1b", b"")  # ISO-2022-JP switches character sets with ESC
     if len(controls) * 100 > len(body):
@@ -558,11 +558,6 @@ def choose_src(attrs: dict[str, str | None]) -> tuple[str | None, str | None]:
     if (url := pick_srcset(attrs.get("srcset"))) is not None:
         return url, "srcset"
     return (src, "src") if src is not None else (None, None)
-
-
-def pick_src(attrs: dict[str, str | None]) -> str | None:
-    """The image's URL as written (see :func:`choose_src`)."""
-    return choose_src(attrs)[0]
 
 
 def _source_keys(attrs: dict[str, str | None]) -> set[str]:
