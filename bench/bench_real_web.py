@@ -55,6 +55,7 @@ from pathlib import Path
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
+from py3langid.langid import MODEL_FILE, LanguageIdentifier  # noqa: E402
 from selectolax.lexbor import LexborHTMLParser  # noqa: E402
 from warcio.archiveiterator import ArchiveIterator as WarcioIterator  # noqa: E402
 from warcio.statusandheaders import StatusAndHeaders  # noqa: E402
@@ -64,7 +65,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import commit, table, write_section  # noqa: E402
 
 from wit.ingest import sources  # noqa: E402
-from wit.ingest.extract import ExtractConfig, _language_identifier, extract_source  # noqa: E402
+from wit.ingest.extract import ExtractConfig, extract_source  # noqa: E402
+from wit.ingest.language import batch_identifier  # noqa: E402
 from wit.ingest.urls import BadURL, Resolver, uid_of_normalized  # noqa: E402
 from wit.ingest.webpage import decode_html, parse_page  # noqa: E402
 
@@ -401,8 +403,8 @@ _COSTS = [
     ("  _captions (figure/figcaption lookups)", "_captions", "ingest/webpage.py"),
     ("  choose_src (src, lazy attributes, srcset)", "choose_src", "ingest/webpage.py"),
     ("  _source_keys (the URLs an image names, to drop <noscript> copies)", "_source_keys", "ingest/webpage.py"),
-    ("add_image (skip reasons, URLs, uid, language, row)", "add_image", "ingest/extract.py"),
-    ("  _lang: py3langid on each distinct alt text", "_lang", "ingest/extract.py"),
+    ("add_image (skip reasons, URLs, uid, row)", "add_image", "ingest/extract.py"),
+    ("  language: BatchIdentifier over each file's distinct alt texts", "classify_many", "ingest/language.py"),
     ("  Resolver.resolve (absolute, normalised URL)", "resolve", "ingest/urls.py"),
     ("    of which urljoin + normalize_url (off the plain-URL fast path)", "_general", "ingest/urls.py"),
     ("  uid_of_normalized (sha256)", "uid_of_normalized", "ingest/urls.py"),
@@ -434,12 +436,12 @@ def step_costs(paths: list[str], repeat: int) -> tuple[list[list[str]], str]:
     """Seconds per 100 MB of HTML of each step of `wit extract`, timed alone (no profiler), with the
     bare loop's equivalents beside them. Returns table rows and the HTML MB."""
     bodies: list[tuple[str, bytes]] = []  # (page URL, body) of every page
-    alts: list[str] = []  # distinct alt texts per file, as CandidateBuilder caches them
+    alts: list[list[str]] = []  # each file's distinct alt texts, as CandidateBuilder labels them
     for path in paths:
         pages = [(p.url, p.body) for p in _read_pages(path)]
         bodies += pages
         file_alts = (tag.alt for _, b in pages for tag in parse_page(decode_html(b).text).images)
-        alts += list(dict.fromkeys(a for a in file_alts if a))
+        alts.append(list(dict.fromkeys(a for a in file_alts if a)))
     raw = [b for _, b in bodies]
     mb = sum(map(len, raw)) / MB
     texts = [decode_html(b).text for b in raw]
@@ -461,7 +463,8 @@ def step_costs(paths: list[str], repeat: int) -> tuple[list[list[str]], str]:
         return out
 
     pairs = urls()
-    classify = _language_identifier(()).classify
+    batch = batch_identifier(()).classify_many
+    classify = LanguageIdentifier.from_model_file(MODEL_FILE).classify
 
     def bare_parse(docs) -> None:
         for doc in docs:
@@ -500,7 +503,8 @@ def step_costs(paths: list[str], repeat: int) -> tuple[list[list[str]], str]:
         ("  its parse + `base`, `link`, `figure`, `noscript img`, `img` queries", queries),
         ("wit: `Resolver.resolve` (absolute, normalised URL), per image", urls),
         ("wit: `uid_of_normalized`, per image", lambda: [uid_of_normalized(u, t) for u, t in pairs]),
-        ("wit: py3langid `classify`, per distinct alt text of a file", lambda: [classify(a) for a in alts]),
+        ("wit: `BatchIdentifier.classify_many`, each file's distinct alt texts", lambda: list(map(batch, alts))),
+        ("py3langid `classify` on the same texts, one call a text", lambda: [classify(a) for f in alts for a in f]),
     ]
     steps = [(label, fn) for label, fn in steps if FastIterator is not None or not label.startswith("bare: Fast")]
     best = [float("inf")] * len(steps)
@@ -510,7 +514,7 @@ def step_costs(paths: list[str], repeat: int) -> tuple[list[list[str]], str]:
     rows = [[label, f"{100 * secs / mb:.2f}"] for (label, _), secs in zip(steps, best, strict=True)]
     per_dict = _timed(attribute_dicts, repeat) / max(1, len(nodes))
     note = (
-        f"{len(images):,} images, {len(srcs):,} with a URL, {len(alts):,} distinct alt texts (per file) in "
+        f"{len(images):,} images, {len(srcs):,} with a URL, {sum(map(len, alts)):,} distinct alt texts (per file) in "
         f"{mb:.1f} MB; one `node.attributes` dict costs {1e6 * per_dict:.1f} µs."
     )
     return rows, note
@@ -751,7 +755,9 @@ def run_lang(corpus: Path) -> str:
     declared = tuple(sorted(set(page_lang.values())))
     # Pages that declare nothing: py3langid on the whole page text, among the declared languages
     # (the full model calls an English page with Chinese lyrics Nigerian Pidgin).
-    guess = _language_identifier(declared).classify
+    guess = LanguageIdentifier.from_model_file(MODEL_FILE)
+    guess.set_languages(list(declared))
+    guess = guess.classify
     for path, text in undeclared.items():
         page_lang[path] = guess(text)[0] if text else None
         lang_source["py3langid on the page's text (none declared)"] += 1

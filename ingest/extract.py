@@ -51,6 +51,7 @@ from typing import Any, ClassVar
 
 import pyarrow as pa
 
+from wit.ingest.language import batch_identifier
 from wit.ingest.sources import (
     EMPTY_SOURCE,
     MAX_PAGE_BYTES,
@@ -73,7 +74,6 @@ from wit.manifests.stage import Partition, PartitionResult, StageError
 SOURCE_KIND = "source"
 # By extension of the URL path: vector art and favicons are not pictures with captions.
 SKIPPED_EXTENSIONS = (".svg", ".svgz", ".ico")
-_LANG_CACHE_MAX = 200_000  # distinct alt texts remembered per partition (bounded memory)
 
 IMAGES_SEEN = "images_seen"
 KEPT = "kept"
@@ -95,7 +95,7 @@ class ExtractConfig:
     """What `wit extract` does with a page. Written into `_run.json`."""
 
     max_page_bytes: int = MAX_PAGE_BYTES  # larger pages are skipped (page_too_large), never read whole
-    detect_lang: bool = True  # py3langid on every distinct alt text; the main cost after parsing
+    detect_lang: bool = True  # py3langid's model on every distinct alt text of a file, one batch (language.py)
     # Restrict language identification to these ISO 639 codes (empty: all the model knows). On short
     # alt texts the full model often answers a neighbour (English as Maltese or Pidgin); naming the
     # languages a crawl can hold makes it far more accurate.
@@ -290,19 +290,8 @@ def candidates_table(rows: list[Candidate]) -> pa.Table:
     )
 
 
-@functools.lru_cache(maxsize=4)
-def _language_identifier(languages: tuple[str, ...]):
-    """A py3langid identifier, loaded once per process (about half a second) and per language set."""
-    from py3langid.langid import MODEL_FILE, LanguageIdentifier
-
-    identifier = LanguageIdentifier.from_model_file(MODEL_FILE)
-    if languages:
-        identifier.set_languages(list(languages))
-    return identifier
-
-
 def known_languages() -> list[str]:
-    return _language_identifier(()).labels
+    return batch_identifier().labels
 
 
 class CandidateBuilder:
@@ -313,8 +302,7 @@ class CandidateBuilder:
         self.config = config
         self.counts = counts
         self.rows: list[Candidate] = []
-        self._langs: dict[str, str] = {}
-        self._classify = _language_identifier(config.languages).classify if config.detect_lang else None
+        self._identifier = batch_identifier(config.languages) if config.detect_lang else None
 
     def add_page(self, page: RawPage) -> None:
         parsed = page.parsed if page.parsed is not None else self._parse(page)
@@ -398,21 +386,21 @@ class CandidateBuilder:
                 caption=tag.caption,
                 width_attr=tag.width,
                 height_attr=tag.height,
-                lang=self._lang(text),
+                lang=None,  # labelled per file in table()
                 source=self.source,
                 offset=offset,
             )
         )
 
-    def _lang(self, text: str) -> str | None:
-        if self._classify is None:
-            return None
-        lang = self._langs.get(text)
-        if lang is None:
-            if len(self._langs) >= _LANG_CACHE_MAX:
-                self._langs.clear()
-            lang = self._langs[text] = self._classify(text)[0]
-        return lang
+    def table(self) -> pa.Table:
+        """The rows as a candidates table, each labelled with its alt text's language."""
+        if self._identifier is not None and self.rows:
+            # One batch per source file, over its distinct alt texts (language.BatchIdentifier).
+            texts = list(dict.fromkeys(row.text for row in self.rows))
+            langs = dict(zip(texts, self._identifier.classify_many(texts), strict=True))
+            for row in self.rows:
+                row.lang = langs[row.text]
+        return candidates_table(self.rows)
 
 
 def extract_source(url: str, config: ExtractConfig) -> PartitionResult:
@@ -439,7 +427,7 @@ def extract_source(url: str, config: ExtractConfig) -> PartitionResult:
     elif tap.problem:
         counts[tap.problem] += 1
     extra = {"sources": {"url": url, "format": fmt, "sha256": tap.sha256, "bytes": tap.bytes}}
-    return PartitionResult(table=candidates_table(builder.rows), counts=dict(counts), extra=extra)
+    return PartitionResult(table=builder.table(), counts=dict(counts), extra=extra)
 
 
 def source_refs(urls: list[str]) -> list[ManifestRef]:
