@@ -107,6 +107,17 @@ def _training_eval(config):
     return TrainingEval(suite, resolve_model(config.model).name)
 
 
+def train_stage(config, inputs, out: str, progress: bool = True):
+    """The train stage of `wit run`: ``inputs[0]`` is the dataset; with ``eval_every`` and
+    ``eval_suite`` set, the trainer evaluates zero-shot as `wit train --eval-every` does.
+    ``progress`` changes nothing: the loop logs every ``log_every`` steps either way."""
+    with heavy_imports():
+        from wit.train.loop import train as run_training
+
+    callback = _training_eval(config) if config.eval_every and config.eval_suite else None
+    return run_training(config, inputs[0].url, out, eval_callback=callback)
+
+
 class _DefaultToRun(click.Group):
     """A group whose default subcommand is ``run``: ``wit eval CKPT -o OUT`` = ``wit eval run CKPT -o OUT``."""
 

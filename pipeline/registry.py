@@ -187,7 +187,7 @@ BUILTIN = (
         folder="train",
         config="wit.train.config:TrainConfig",
         input="shard",
-        entry="wit.train.loop:train_stage",
+        entry="wit.pipeline.model_commands:train_stage",  # with the eval callback
         kind="checkpoint",
         produces="checkpoint",
         # a killed training run continues from its newest checkpoint when the pipeline runs again

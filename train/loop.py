@@ -117,12 +117,6 @@ def train(
         distributed.shutdown(env)
 
 
-def train_stage(config: TrainConfig, inputs: list[ManifestRef], out: str, progress: bool = True) -> TrainResult:
-    """The train stage of a pipeline: ``inputs[0]`` is the dataset. ``progress`` changes nothing: the
-    loop logs every ``log_every`` steps either way."""
-    return train(config, inputs[0].url, out)
-
-
 def _train(cfg: TrainConfig, dataset_url, out: str, eval_callback, env: distributed.DistEnv) -> TrainResult:
     started, t_start = now(), time.perf_counter()
 

@@ -110,3 +110,17 @@ def test_the_filter_drops_only_that_message(caplog):
     messages = [r.getMessage() for r in caplog.records]
     assert "another warning" in messages and not any("initialized randomly" in m for m in messages)
     assert any("Instantiating model architecture" in m for m in messages)  # open_clip's other records pass
+
+
+def test_wit_run_train_stage_hands_the_eval_callback(captured, tmp_path):
+    # `wit run` calls the registry's train entry, not `wit train`: it must build the same callback
+    from wit.manifests.manifest import ManifestRef
+    from wit.pipeline import registry
+    from wit.train.config import TrainConfig
+
+    entry = registry.load(registry.get("train").entry)
+    config = TrainConfig(eval_every=3, eval_suite="synthetic-colour")
+    entry(config, [ManifestRef(url="ds")], str(tmp_path / "o"))
+    assert type(captured["callback"]).__name__ == "TrainingEval" and captured["config"] is config
+    entry(TrainConfig(), [ManifestRef(url="ds")], str(tmp_path / "o"))
+    assert captured["callback"] is None
