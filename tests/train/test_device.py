@@ -341,7 +341,8 @@ def test_cuda_settings_tf32_fused_adamw_and_ddp(request, tmp_path):
         not _device_settings(TrainConfig(precision="bf16"), cuda)["tf32"] and not torch.backends.cuda.matmul.allow_tf32
     )
     cpu = _device_settings(TrainConfig(ddp_bf16_allreduce=True), DistEnv(world_size=2, backend="gloo"))
-    assert not cpu["tf32"] and not cpu["fused_adamw"] and cpu["ddp"]["allreduce"] == "bf16"
+    assert not cpu["tf32"] and cpu["fused_adamw"] and cpu["ddp"]["allreduce"] == "bf16"  # fused on CPU too
+    assert not _device_settings(TrainConfig(), DistEnv(device=torch.device("mps")))["fused_adamw"]
 
     # a fused optimizer's state resumed by an unfused one (a GPU run's checkpoint on CPU) runs unfused
     model = torch.nn.Linear(4, 3)
@@ -400,3 +401,19 @@ def test_compile_trains_like_eager(tiny_dataset, tmp_path):
     assert math.isfinite(compiled.loss) and compiled.loss == pytest.approx(eager.loss, abs=1e-3)
     settings = read_run_record(str(tmp_path / "compiled")).extra["device_settings"]
     assert settings["compile"] and settings["workers"] == 0 and settings["images"].startswith("uint8")
+
+
+@pytest.mark.parametrize("cores, local, workers, threads", [(2, 1, 0, 2), (2, 1, 1, 2), (2, 1, 2, 1), (16, 2, 3, 6)])
+def test_cpu_threads_leave_a_core_per_extra_worker(monkeypatch, request, cores, local, workers, threads):
+    from wit.train import distributed, loop
+    from wit.train.distributed import DistEnv
+
+    request.addfinalizer(lambda n=torch.get_num_threads(): torch.set_num_threads(n))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(distributed, "cpu_cores", lambda: cores)
+    monkeypatch.setattr(distributed, "local_world_size", lambda env: local)
+    loop._cpu_threads(DistEnv(), workers)
+    assert torch.get_num_threads() == threads
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the user's choice stands
+    loop._cpu_threads(DistEnv(), 0)
+    assert torch.get_num_threads() == threads
