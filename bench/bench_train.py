@@ -158,7 +158,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--pipeline-batches", type=int, default=20)
-    p.add_argument("--repeat", type=int, default=2, help="training runs of each, taken in rotation; the best counts")
+    p.add_argument("--repeat", type=int, default=3, help="training runs of each, taken in rotation; the best counts")
     a = p.parse_args()
     if importlib.util.find_spec("open_clip_train") is None:
         sys.exit("open_clip_train is not installed (it ships with open_clip_torch >= 2.x): nothing to compare with")
