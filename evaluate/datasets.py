@@ -42,7 +42,7 @@ from wit.manifests import storage
 from wit.manifests.tars import BadTar, plain_members, random_access
 
 from . import world
-from .errors import EvalError
+from .errors import DatasetMissing, EvalError
 from .tasks import (
     BUILTIN_TASKS,
     COLOUR_TEMPLATES,
@@ -315,6 +315,8 @@ def _wds_sample(key: str, parts: dict[str, bytes]) -> Sample:
 
 def open_wds(root: str) -> Dataset:
     root = storage.normalize(root)
+    if not storage.exists(root):
+        raise DatasetMissing(f"not found at {root}")
     kind_lines = _lines(storage.join(root, DATASET_TYPE))
     kind = "retrieval" if kind_lines and kind_lines[0].lower() == "retrieval" else "classification"
     splits = {}
@@ -452,7 +454,7 @@ def infer_format(source: str) -> str:
     if source.endswith((".csv", ".parquet")):
         return "table"
     if not storage.exists(source):
-        raise EvalError(f"dataset {source} not found (and it is not a built-in: {', '.join(BUILTIN_DATASETS)})")
+        raise DatasetMissing(f"not found at {source} (and it is not a built-in: {', '.join(BUILTIN_DATASETS)})")
     names = storage.listdir(source, recursive=True)
     if any(n.endswith(".tar") for n in names):
         return "wds"

@@ -9,3 +9,9 @@ from __future__ import annotations
 
 class EvalError(ValueError):
     """A suite, task or dataset that cannot be evaluated as asked (missing class names, empty split...)."""
+
+
+class DatasetMissing(EvalError):
+    """A task's dataset is not where the suite says (a mirror without it): the task is reported
+    as missing and the rest of the suite runs. Anything else wrong with a dataset stays an
+    :class:`EvalError`, which stops the run before any work."""

@@ -216,3 +216,31 @@ def retrieval_scores(
         out.append(mean_score(f"image_retrieval_recall@{k}", t2i, resamples, seed))
         out.append(mean_score(f"text_retrieval_recall@{k}", i2t, resamples, seed))
     return out
+
+
+def average_precision_11pt(scores: np.ndarray, positive: np.ndarray) -> float:
+    """PASCAL VOC2007's 11-point interpolated average precision of one class: the mean, over
+    recall levels 0, 0.1, ..., 1, of the highest precision at that recall or beyond, the images
+    ranked by ``scores``. NaN when the class has no positive image."""
+    positive = np.asarray(positive, dtype=bool)
+    if not positive.any():
+        return float("nan")
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    hits = positive[order]
+    tp = np.cumsum(hits)
+    precision = tp / np.arange(1, len(hits) + 1)
+    recall = tp / positive.sum()
+    points = [precision[recall >= t].max() if (recall >= t).any() else 0.0 for t in np.linspace(0, 1, 11)]
+    return float(np.mean(points))
+
+
+def mean_average_precision_11pt(
+    scores: np.ndarray, labels: np.ndarray, num_classes: int, name: str = "mean_average_precision_11pt"
+) -> Score:
+    """The mean over classes with a test image of their 11-point AP (the CLIP paper's VOC2007
+    metric), each class's images ranked by their score for it. No interval: the bootstrap of a
+    ranking metric per class is not what the paper reports."""
+    labels = np.asarray(labels, dtype=np.int64)
+    aps = [average_precision_11pt(scores[:, c], labels == c) for c in range(num_classes)]
+    present = [a for a in aps if not np.isnan(a)]
+    return Score(name, float(np.mean(present)) if present else float("nan"), None, None, len(labels))

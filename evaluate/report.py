@@ -111,6 +111,102 @@ def fewshot_plot(task: dict, zeroshot: dict | None) -> bytes:
     return _png(fig)
 
 
+def _main(task: dict) -> dict | None:
+    """The task's main metric (its suite's first-named metric, recorded in its detail)."""
+    name = task.get("main_metric")
+    return next((m for m in task["metrics"] if m["metric"] == name), None) if name else headline(task)
+
+
+def suite_summary(lines: list[dict], tasks: list[dict], missing: dict[str, str], groups: dict[str, str]) -> list[dict]:
+    """Each summary line of the suite: the mean of the main metric over its group's evaluated
+    tasks, with how many of the group's tasks that is (a missing dataset is not averaged as 0)."""
+    out = []
+    for line in lines:
+        members = [t for t in tasks if t.get("group") == line["group"]]
+        values = [m["value"] for t in members if (m := _main(t)) is not None and not math.isnan(m["value"])]
+        absent = sorted(name for name in missing if groups.get(name) == line["group"])
+        out.append(
+            {
+                "name": line["name"],
+                "group": line["group"],
+                "value": float(np.mean(values)) if values else None,
+                "tasks": len(values),
+                "missing": absent,
+            }
+        )
+    return out
+
+
+def _robustness_rows(tasks: list[dict]) -> tuple[dict | None, list[dict]]:
+    """ImageNet's top-1 and each distribution shift's (groups ``imagenet`` and ``imagenet-shift``)."""
+    base = next((t for t in tasks if t.get("group") == "imagenet"), None)
+    acc = {m["metric"]: m for m in base["metrics"]}.get("acc1") if base else None
+    shifts = []
+    for t in tasks:
+        m = {m["metric"]: m for m in t["metrics"]}.get("acc1")
+        if t.get("group") == "imagenet-shift" and m is not None:
+            shifts.append(dict(m, task=t["task"]))
+    return (dict(acc, task=base["task"]) if acc else None), shifts
+
+
+def robustness_plot(base: dict, shifts: list[dict]) -> bytes:
+    """Each shift's top-1 against ImageNet's, with the y = x line a perfectly robust model is on
+    (CLIP paper figure 13 plots models on these axes; one evaluation is one column of points)."""
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    ax.plot([0, 1], [0, 1], color="grey", ls="--", lw=1, label="y = x (no drop under the shift)")
+    for m in shifts:
+        ax.scatter(base["value"], m["value"], s=40, zorder=3)
+        ax.annotate(m["task"], (base["value"], m["value"]), xytext=(6, 0), textcoords="offset points", fontsize=8)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel(f"{base['task']} top-1")
+    ax.set_ylabel("top-1 under the distribution shift")
+    ax.legend(loc="upper left", fontsize=8)
+    return _png(fig)
+
+
+def _summary_blocks(summary: list[dict], missing: dict[str, str]) -> tuple[list[Block], list[Block]]:
+    """The summary lines' table, and the missing datasets' section."""
+    b, gone = [], []
+    if summary:
+        rows = []
+        for line in summary:
+            over = f"{line['tasks']} task(s)" + (f"; missing: {', '.join(line['missing'])}" if line["missing"] else "")
+            rows.append((line["name"], _fmt(line["value"]), over))
+        b.append(Block("table", headers=("summary", "mean", "over"), rows=tuple(rows)))
+    if missing:
+        gone.append(Block("h2", "Missing datasets"))
+        gone.append(Block("p", "These tasks were not run (the rest of the suite was):"))
+        gone.append(Block("table", headers=("task", "reason"), rows=tuple(sorted(missing.items()))))
+    return b, gone
+
+
+def _robustness_blocks(tasks: list[dict]) -> list[Block]:
+    base, shifts = _robustness_rows(tasks)
+    if base is None or not shifts:
+        return []
+    rows = tuple(
+        (m["task"], _fmt(base["value"]), _fmt(m["value"]), f"{100 * (m['value'] - base['value']):+.1f}", _ci(m))
+        for m in shifts
+    )
+    return [
+        Block("h2", "Robustness to natural distribution shifts"),
+        Block(
+            "p",
+            f"Top-1 on each shifted dataset against `{base['task']}`'s (CLIP paper §3.3). Effective robustness "
+            "is the accuracy above what ImageNet-trained models of the same ImageNet accuracy reach on the "
+            "shift; this table gives the raw drop, the plot the position against y = x.",
+        ),
+        Block("table", headers=("shift", "ImageNet top-1", "shift top-1", "drop", "shift 95% CI"), rows=rows),
+        Block(
+            "figure",
+            "Top-1 under each shift against ImageNet top-1",
+            png=robustness_plot(base, shifts),
+            name="robustness.png",
+        ),
+    ]
+
+
 def confusion_plot(task: dict) -> bytes:
     m = np.asarray(task["confusion"], dtype=float)
     names = task["classnames"]
@@ -126,6 +222,8 @@ def confusion_plot(task: dict) -> bytes:
 
 
 def build_blocks(run: dict, tasks: list[dict]) -> list[Block]:
+    """The report: ``run`` is the run's header (model, checkpoint, suite...; ``summary`` and
+    ``missing`` when the suite has summary lines or datasets it did not find)."""
     b = [Block("h1", f"Evaluation of {run['model']}")]
     b.append(
         Block(
@@ -137,7 +235,10 @@ def build_blocks(run: dict, tasks: list[dict]) -> list[Block]:
         )
     )
     b.append(Block("h2", "Summary"))
+    summary, missing = _summary_blocks(run.get("summary") or [], run.get("missing") or {})
+    b += summary
     b.append(Block("figure", "Headline score per task", png=summary_plot(tasks), name="summary.png"))
+    b += missing
     rows = []
     for t in tasks:
         for m in t["metrics"]:
@@ -167,6 +268,7 @@ def build_blocks(run: dict, tasks: list[dict]) -> list[Block]:
             )
         )
         b.append(Block("table", headers=("task", "templates", "single template", "ensemble", "gain"), rows=tuple(ens)))
+    b += _robustness_blocks(tasks)
     by_dataset = {t["dataset"]: t for t in tasks if t["kind"] == "zeroshot_classification"}
     for t in tasks:
         if t["kind"] == "fewshot" and t.get("fewshot"):
@@ -283,3 +385,68 @@ def results_json(run: dict, tasks: list[dict]) -> str:
             }
         )
     return json.dumps(entries, indent=2) + "\n"
+
+
+def _load_output(out: str) -> tuple[dict, dict[str, dict]]:
+    """An eval output's header (``summary.json``; empty for outputs written before it existed)
+    and its task details (``tasks/NAME.json``), by task name."""
+    from wit.manifests import storage
+
+    from .errors import EvalError
+
+    out = storage.normalize(out)
+    if not storage.exists(storage.join(out, "results.json")):
+        raise EvalError(f"{out}: not a wit eval output (no results.json)")
+    head_url = storage.join(out, "summary.json")
+    head = json.loads(storage.read_text(head_url)) if storage.exists(head_url) else {}
+    tasks = {}
+    for name in storage.listdir(storage.join(out, "tasks")):
+        if name.endswith(".json") and "/" not in name:
+            t = json.loads(storage.read_text(storage.join(out, "tasks", name)))
+            tasks[t["task"]] = t
+    return head, tasks
+
+
+def _cell(m: dict | None) -> str:
+    if m is None:
+        return "–"
+    return _fmt(m["value"]) + (f" {_ci(m)}" if m.get("ci_low") is not None else "")
+
+
+def compare_table(outs: list[str], all_metrics: bool = False) -> str:
+    """Two or more eval outputs side by side (``wit eval compare``): a row per task and metric
+    (its main metric, or all), each output's value with its 95% interval, and with two outputs
+    the difference; then the suites' summary lines. Scores in percent; '–' where an output lacks it."""
+    loaded = [_load_output(o) for o in outs]
+    labels = [o.rstrip("/").rsplit("/", 1)[-1] for o in outs]
+    if len(set(labels)) < len(labels):
+        labels = [f"[{i + 1}] {label}" for i, label in enumerate(labels)]
+    names = list(dict.fromkeys(n for _, tasks in loaded for n in tasks))
+    header = ["task", "metric", *labels] + (["diff"] if len(outs) == 2 else [])
+    rows = []
+    for name in names:
+        per = [tasks.get(name) for _, tasks in loaded]
+        first = next(t for t in per if t is not None)
+        metrics = [m["metric"] for m in first["metrics"]] if all_metrics else [(_main(first) or {}).get("metric")]
+        for metric in metrics:
+            if metric is None:
+                continue
+            cells = [next((m for m in t["metrics"] if m["metric"] == metric), None) if t else None for t in per]
+            row = [name, metric, *(_cell(c) for c in cells)]
+            if len(outs) == 2:
+                a, b = cells
+                row.append(f"{100 * (b['value'] - a['value']):+.1f}" if a and b else "–")
+            rows.append(row)
+    lines = list(dict.fromkeys(line["name"] for head, _ in loaded for line in head.get("summary") or []))
+    for line in lines:
+        found = [next((x for x in head.get("summary") or [] if x["name"] == line), None) for head, _ in loaded]
+        cells = [_fmt(f["value"]) if f else "–" for f in found]
+        row = ["summary", line, *cells]
+        if len(outs) == 2:
+            a, b = found
+            ok = a and b and a["value"] is not None and b["value"] is not None
+            row.append(f"{100 * (b['value'] - a['value']):+.1f}" if ok else "–")
+        rows.append(row)
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    text = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
+    return "\n".join(text) + "\n\nscores in percent, [95% interval]\n"

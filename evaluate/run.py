@@ -47,10 +47,11 @@ from wit.train.checkpoint import LoadedModel, load_model
 
 from . import metrics as M
 from .datasets import DEFAULT_TEMPLATES, Dataset, open_dataset
-from .errors import EvalError
+from .errors import DatasetMissing, EvalError
 from .features import Encoder, FeatureCache, ImageFeatures, split_features
+from .mirror import mirror_digest
 from .probe import DEFAULT_CS, fewshot, linear_probe
-from .report import build_blocks, render_html, render_markdown, results_json
+from .report import build_blocks, render_html, render_markdown, results_json, suite_summary
 from .tasks import Suite, TaskSpec, load_suite, parse_suite
 
 
@@ -68,6 +69,7 @@ class EvalConfig:
     """How to evaluate (not what: that is the suite). Validated once, here."""
 
     model: str | None = None  # architecture of a foreign (open_clip) checkpoint; wit checkpoints name their own
+    data_root: str | None = None  # what a suite's {data_root} stands for: a CLIP_benchmark-layout mirror
     device: str = "auto"  # auto: cuda when there is one
     batch_size: int = 0  # 0: 64 on a CPU (its caches favour small batches), 256 on a GPU
     precision: str = "auto"  # auto: amp on a GPU, fp32 on a CPU; fp32; bf16; amp (fp16 on CUDA, bf16 on CPU)
@@ -142,6 +144,14 @@ class EvalStageConfig:
             "Architecture of a foreign open_clip checkpoint (wit checkpoints name their own).",
             metavar="NAME",
         ),
+        Option(
+            "data-root",
+            "path",
+            None,
+            "Where the suite's datasets are: a mirror in CLIP_benchmark's WebDataset layout "
+            "(ROOT/wds_<name>/test/*.tar), local, s3:// or hf://datasets/clip-benchmark.",
+            metavar="URL",
+        ),
         Option("device", "str", field_default(EvalConfig, "device"), "auto, cpu or cuda[:N]."),
         Option("batch-size", "int", field_default(EvalConfig, "batch_size"), "0: 64 on a CPU, 256 on a GPU.", low=0),
         Option(
@@ -168,6 +178,7 @@ class EvalStageConfig:
         v = check_options(cls.OPTIONS, values, "eval")
         config = EvalConfig(
             model=v["model"],
+            data_root=v["data_root"],
             device=v["device"],
             batch_size=v["batch_size"],
             precision=v["precision"],
@@ -248,6 +259,8 @@ class Session:
         self.device = config.resolved_device()
         self.use(loaded or load_model(self.checkpoint, model=config.model, device=self.device))
         self.cache = FeatureCache(config.cache or None)
+        self.full_suite = suite  # with the tasks whose datasets are missing (self.suite has the rest)
+        self.missing: dict[str, str] = {}  # task -> why it was not run (its dataset is not there)
         self.datasets: dict[tuple[str, str | None], Dataset] = {}
         self.splits: dict[tuple[str, str], object] = {}
         self.images_cached = 0
@@ -370,9 +383,15 @@ class EvalStage:
             "resamples": self.session.config.resamples,
             "seed": self.session.config.seed,
         }
+        full = self.session.full_suite
+        groups = {t.name: t.group for t in full.tasks}
+        lines = [{"name": n, "group": g} for n, g in full.summary]
+        run["summary"] = suite_summary(lines, tasks, self.session.missing, groups)
+        run["missing"] = dict(self.session.missing)
         blocks = build_blocks(run, tasks)
         files = [
             _commit_text(out, "results.json", results_json(run, tasks)),
+            _commit_text(out, "summary.json", json.dumps(run, indent=1) + "\n"),
             _commit_text(out, "report.md", render_markdown(blocks)),
             _commit_text(out, "report.html", render_html(blocks, f"wit eval: {run['model']}")),
         ]
@@ -385,7 +404,14 @@ def measure(s: Session, task: TaskSpec) -> tuple[list[dict], dict, dict]:
     ``tasks/NAME.json`` of a run) and its counts (kept and skipped images). Writes nothing."""
     cfg = s.config
     start = time.perf_counter()
-    detail: dict = {"task": task.name, "kind": task.kind, "dataset": task.dataset, "chance": None}
+    detail: dict = {
+        "task": task.name,
+        "kind": task.kind,
+        "dataset": task.dataset,
+        "chance": None,
+        "group": task.group,
+        "main_metric": task.main_metric,
+    }
     test = s.features(task, task.split)
     skipped = dict(test.skipped)
     templates_digest = None
@@ -417,6 +443,8 @@ def measure(s: Session, task: TaskSpec) -> tuple[list[dict], dict, dict]:
             single = x @ M.normalize(text[:, 0, :]).T
             scores = M.classification_scores(logits, y, len(names), "", cfg.resamples, cfg.seed)
             scores.append(M.mean_score("acc1_single_template", single.argmax(1) == y, cfg.resamples, cfg.seed))
+            if task.wants("mean_average_precision_11pt") and task.metrics:  # asked for by name (VOC2007)
+                scores.append(M.mean_average_precision_11pt(logits, y, len(names)))
             detail.update(
                 templates=len(templates),
                 confusion=M.confusion_matrix(y, logits.argmax(1), len(names)).tolist(),
@@ -567,31 +595,55 @@ def checkpoint_inputs(checkpoint: str, digest: str) -> list[ManifestRef]:
     return [ManifestRef(url=url, kind="source", digest=digest)]
 
 
+def _open_datasets(session: Session, suite: Suite) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
+    """Open every split first: a missing class-names file or an empty split fails before any
+    work; a dataset that is not there (DatasetMissing) puts its task in ``session.missing``.
+    Returns each dataset's split digests and the URL -> dataset string of the non-built-in ones."""
+    digests: dict[str, dict[str, str]] = {}
+    sources: dict[str, str] = {}
+    for t in suite.tasks:
+        try:
+            if t.kind == "zeroshot_classification":
+                session.classnames(t)
+            for sp in session.needed_splits(t):
+                digests.setdefault(t.dataset, {})[sp] = session.split(t, sp).digest
+        except DatasetMissing as exc:
+            session.missing[t.name] = str(exc)
+            continue
+        if session.dataset(t).format != "builtin":
+            sources[storage.normalize(t.dataset)] = t.dataset
+    return digests, sources
+
+
 def evaluate(checkpoint: str, out: str, suite: str | Suite = "default", config: EvalConfig | None = None) -> EvalResult:
     """Evaluate ``checkpoint`` on ``suite`` (a name, a YAML URL or a Suite) into the folder ``out``."""
     start = time.perf_counter()
     config = config or EvalConfig()
     suite = load_suite(suite) if isinstance(suite, str) else suite
+    suite = suite.with_data_root(config.data_root)
     out = storage.normalize(out)
     session = Session(checkpoint, suite, config)
-    # Open every split first: a missing class-names file or an empty split fails before any work.
-    digests: dict[str, dict[str, str]] = {}
-    sources: dict[str, str] = {}  # normalised URL -> the task's dataset string
-    for t in suite.tasks:
-        if t.kind == "zeroshot_classification":
-            session.classnames(t)
-        for sp in session.needed_splits(t):
-            digests.setdefault(t.dataset, {})[sp] = session.split(t, sp).digest
-        if session.dataset(t).format != "builtin":
-            sources[storage.normalize(t.dataset)] = t.dataset
+    digests, sources = _open_datasets(session, suite)
+    stage_suite = suite
+    if session.missing:
+        present = tuple(t for t in suite.tasks if t.name not in session.missing)
+        if not present:
+            first = next(iter(session.missing.items()))
+            raise EvalError(f"suite {suite.name}: no dataset of it was found ({first[0]}: {first[1]}, ...)")
+        session.suite = replace(suite, tasks=present, summary=())
+        if config.progress:
+            for name, why in session.missing.items():
+                print(f"eval: {name}: skipped, dataset {why}", file=sys.stderr)
     inputs = checkpoint_inputs(session.checkpoint, session.loaded.digest)
     for url, key in sources.items():
         d = _sha_text(*(f"{k}:{v}" for k, v in sorted(digests[key].items())))
         inputs.append(ManifestRef(url=url, kind="source", digest=d))
-    stage_config = decided_config(session.checkpoint, suite, config) | {
+    stage_config = decided_config(session.checkpoint, stage_suite, config) | {
         "checkpoint_digest": session.loaded.digest,
         "model": session.loaded.name,
         "dataset_digests": digests,
+        "missing": session.missing,
+        "mirror_sha256": mirror_digest(config.data_root),  # wit eval prepare's MIRROR.json, if any
     }
     stage = EvalStage(session)
     inputs = resolve_inputs(inputs)
@@ -599,7 +651,7 @@ def evaluate(checkpoint: str, out: str, suite: str | Suite = "default", config: 
     if ref is None:
         done = open_run(stage, stage_config, inputs, out)
         partitions = stage.partitions(stage_config, inputs)
-        session.build_text_classifiers([suite.tasks[p.index] for p in partitions[:-1] if p.index not in done])
+        session.build_text_classifiers([session.suite.tasks[p.index] for p in partitions[:-1] if p.index not in done])
         for p in partitions:
             if p.index not in done:
                 commit_partition(stage, p, stage.run_partition(stage_config, p, out), out)

@@ -13,6 +13,18 @@ A suite is a YAML file (or a built-in name)::
         classnames: classnames.txt           # optional: a list, or a file (relative to the YAML)
         templates: ["a photo of a {c}."]     # optional: a list, or a file
         metrics: [acc1, mean_per_class_recall]   # optional: default is every metric of the kind
+        group: transfer                      # optional: the summary averages a group's first metrics
+
+A dataset written ``{data_root}/NAME`` lives under ``--data-root`` (a mirror in CLIP_benchmark's
+layout: ``ROOT/wds_cifar10/test/0.tar``...); a suite may name its summary lines::
+
+    summary:
+      - {name: "mean over the transfer datasets", group: transfer}
+
+``classnames: open_clip:imagenet`` and ``templates: open_clip:openai_imagenet`` (or
+``open_clip:simple_imagenet``) take open_clip's ``zero_shot_metadata``: ImageNet's 1,000 names and
+the CLIP paper's 80 prompts. The package ships ``clip-paper``, ``imagenet-robustness``, ``vtab`` and
+``datacomp`` (``evaluate/suites/*.yaml``).
 
 Built-in tasks need no download: ``digits`` (scikit-learn's handwritten digits) and the held-out
 synthetic tasks; each is also a suite of one task under its own name, and ``default`` holds all.
@@ -21,7 +33,7 @@ synthetic tasks; each is also a suite of one task under its own name, and ``defa
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import yaml
 
@@ -29,6 +41,8 @@ from wit.manifests import storage
 
 from .errors import EvalError
 
+DATA_ROOT = "{data_root}"  # in a suite's dataset URL: the --data-root the run is given
+SUITES_DIR = "suites"  # the package's suite files, beside this module
 KINDS = ("zeroshot_classification", "zeroshot_retrieval", "linear_probe", "fewshot")
 FORMATS = ("builtin", "wds", "folder", "table")
 FEWSHOT_KS = (1, 2, 4, 8, 16)
@@ -36,7 +50,13 @@ RECALL_KS = (1, 5, 10)
 
 # Metric names follow CLIP_benchmark's, so the JSON reads like its output.
 _KIND_METRICS: dict[str, tuple[str, ...]] = {
-    "zeroshot_classification": ("acc1", "acc5", "mean_per_class_recall", "acc1_single_template"),
+    "zeroshot_classification": (
+        "acc1",
+        "acc5",
+        "mean_per_class_recall",
+        "acc1_single_template",
+        "mean_average_precision_11pt",  # VOC2007 in the CLIP paper: PASCAL's 11-point interpolated AP
+    ),
     "zeroshot_retrieval": tuple(f"{d}_retrieval_recall@{k}" for k in RECALL_KS for d in ("image", "text")),
     "linear_probe": ("lp_acc1", "lp_acc5", "lp_mean_per_class_recall"),
     "fewshot": (),  # fewshot_k{k}_acc1, fewshot_k{k}_mean_per_class_recall
@@ -92,6 +112,7 @@ class TaskSpec:
     templates: tuple[str, ...] | None = None  # overrides the dataset's
     metrics: tuple[str, ...] = ()  # empty: every metric of the kind
     fewshot_ks: tuple[int, ...] = FEWSHOT_KS
+    group: str | None = None  # a suite's summary averages the first metric of each task of a group
 
     def __post_init__(self) -> None:
         if not self.name or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", self.name):
@@ -115,6 +136,24 @@ class TaskSpec:
     def wants(self, metric: str) -> bool:
         return not self.metrics or metric in self.metrics
 
+    @property
+    def main_metric(self) -> str:
+        """The metric a summary averages: the first the task names, else its kind's headline."""
+        if self.metrics:
+            return self.metrics[0]
+        return {"zeroshot_retrieval": "image_retrieval_recall@1", "linear_probe": "lp_acc1"}.get(self.kind, "acc1")
+
+    def with_data_root(self, root: str | None) -> TaskSpec:
+        """This task with ``{data_root}`` in its dataset replaced by ``root``."""
+        if DATA_ROOT not in self.dataset:
+            return self
+        if not root:
+            raise EvalError(
+                f"task {self.name} reads its data from --data-root ({self.dataset}): give --data-root URL, a "
+                "mirror in CLIP_benchmark's WebDataset layout (wit eval prepare makes one)"
+            )
+        return replace(self, dataset=self.dataset.replace(DATA_ROOT, root.rstrip("/")))
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -123,6 +162,7 @@ class TaskSpec:
 class Suite:
     name: str
     tasks: tuple[TaskSpec, ...] = field(default_factory=tuple)
+    summary: tuple[tuple[str, str], ...] = ()  # (line name, task group) the report averages
 
     def __post_init__(self) -> None:
         if not self.tasks:
@@ -133,7 +173,13 @@ class Suite:
             raise EvalError(f"suite {self.name}: task names must be unique ({', '.join(dup)})")
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "tasks": [t.to_dict() for t in self.tasks]}
+        d: dict = {"name": self.name, "tasks": [t.to_dict() for t in self.tasks]}
+        if self.summary:
+            d["summary"] = [{"name": n, "group": g} for n, g in self.summary]
+        return d
+
+    def with_data_root(self, root: str | None) -> Suite:
+        return replace(self, tasks=tuple(t.with_data_root(root) for t in self.tasks))
 
 
 def _builtin_tasks() -> dict[str, TaskSpec]:
@@ -161,10 +207,31 @@ def builtin_suites() -> dict[str, Suite]:
     return suites
 
 
+def _open_clip_metadata(value: str, what: str, task: str) -> tuple[str, ...]:
+    """``open_clip:imagenet`` (class names), ``open_clip:openai_imagenet`` / ``open_clip:simple_imagenet``
+    (templates): open_clip's ``zero_shot_metadata``, its template functions written with ``{c}``."""
+    from open_clip import zero_shot_metadata as meta
+
+    known = {
+        "classnames": {"imagenet": meta.IMAGENET_CLASSNAMES},
+        "templates": {
+            "openai_imagenet": meta.OPENAI_IMAGENET_TEMPLATES,
+            "simple_imagenet": meta.SIMPLE_IMAGENET_TEMPLATES,
+        },
+    }[what]
+    name = value.split(":", 1)[1]
+    if name not in known:
+        raise EvalError(f"task {task}: {what} {value!r} is not in open_clip's metadata ({', '.join(known)})")
+    items = known[name]
+    return tuple(item("{c}") if callable(item) else str(item) for item in items)
+
+
 def _strings(value, what: str, base: str | None, task: str) -> tuple[str, ...] | None:
     """A list given inline, or the lines of a file (a URL, or a path relative to the suite file)."""
     if value is None:
         return None
+    if isinstance(value, str) and value.startswith("open_clip:"):
+        return _open_clip_metadata(value, what, task)
     if isinstance(value, str):
         url = value if ("://" in value or value.startswith("/") or base is None) else storage.join(base, value)
         if not storage.exists(url):
@@ -193,7 +260,8 @@ def _task_from(entry, base: str | None, where: str) -> TaskSpec:
     name = str(entry["name"])
     dataset = str(entry["dataset"])
     # A relative dataset path is relative to the suite file, like the class-name files.
-    if base and "://" not in dataset and not dataset.startswith("/") and (entry.get("format") != "builtin"):
+    relative = "://" not in dataset and not dataset.startswith(("/", DATA_ROOT))
+    if base and relative and entry.get("format") != "builtin":
         from .datasets import BUILTIN_DATASETS
 
         if dataset not in BUILTIN_DATASETS:
@@ -210,6 +278,7 @@ def _task_from(entry, base: str | None, where: str) -> TaskSpec:
         templates=_strings(entry.get("templates"), "templates", base, name),
         metrics=tuple(str(m) for m in entry.get("metrics", ()) or ()),
         fewshot_ks=tuple(int(k) for k in ks),
+        group=str(entry["group"]) if entry.get("group") is not None else None,
     )
 
 
@@ -226,7 +295,24 @@ def parse_suite(text: str, name: str = "suite", base: str | None = None) -> Suit
         raise EvalError(f"{name}: a suite is a mapping with a 'tasks' list")
     suite_name = str(data.get("name", name))
     tasks = tuple(_task_from(t, base, f"{name} task {i}") for i, t in enumerate(data["tasks"]))
-    return Suite(suite_name, tasks)
+    summary = []
+    for line in data.get("summary") or ():
+        if not isinstance(line, dict) or not {"name", "group"} <= set(line):
+            raise EvalError(f"{name}: a summary line is a mapping with 'name' and 'group'")
+        summary.append((str(line["name"]), str(line["group"])))
+        if summary[-1][1] not in {t.group for t in tasks}:
+            raise EvalError(
+                f"{name}: summary line {line['name']!r} averages group {line['group']!r}, which no task has"
+            )
+    return Suite(suite_name, tasks, tuple(summary))
+
+
+def packaged_suites() -> dict[str, str]:
+    """The suite files the package ships (``evaluate/suites/*.yaml``), by name."""
+    from importlib import resources
+
+    folder = resources.files("wit.evaluate") / SUITES_DIR
+    return {p.name.rsplit(".", 1)[0]: str(p) for p in folder.iterdir() if p.name.endswith(".yaml")}
 
 
 def load_suite(name_or_url: str) -> Suite:
@@ -234,8 +320,12 @@ def load_suite(name_or_url: str) -> Suite:
     suites = builtin_suites()
     if name_or_url in suites:
         return suites[name_or_url]
+    packaged = packaged_suites()
+    if name_or_url in packaged:
+        return parse_suite(storage.read_text(packaged[name_or_url]), name=name_or_url)
     if not name_or_url.endswith((".yaml", ".yml")):
-        raise EvalError(f"unknown suite {name_or_url!r}: give a .yaml file or one of {', '.join(suites)}")
+        names = ", ".join([*suites, *sorted(packaged)])
+        raise EvalError(f"unknown suite {name_or_url!r}: give a .yaml file or one of {names}")
     if not storage.exists(name_or_url):
         raise EvalError(f"suite file {name_or_url} not found")
     url = storage.normalize(name_or_url)

@@ -132,11 +132,16 @@ def eval_():
     """Zero-shot benchmark of a checkpoint on a task suite, with intervals and a report.
 
     `wit eval CHECKPOINT -o OUT` runs a suite (the `run` subcommand is implied);
+    `wit eval prepare SUITE -o URL` mirrors a suite's datasets (CLIP_benchmark's layout) once;
+    `wit eval compare OUT1 OUT2 ...` prints results side by side;
     `wit eval export NAME -o URL` writes a built-in dataset in CLIP_benchmark's layout.
 
     \b
     Example:
         wit eval out/train/checkpoints/step-00000500.pt -o out/eval --suite default
+        wit eval prepare clip-paper -o s3://bucket/clip-bench
+        wit eval out/b32.pt -o out/eval-paper --suite clip-paper --data-root s3://bucket/clip-bench
+        wit eval compare out/eval-a out/eval-b
         wit eval export digits -o out/wds_digits
     """
 
@@ -188,6 +193,56 @@ def _print_results(result) -> None:
             f"({result.images_encoded / max(result.seconds, 1e-9):.0f}/s), {result.images_cached} from the cache"
         )
     click.echo(f"report: {result.report_html}")
+
+
+@eval_.command(name="prepare")
+@click.argument("suite", metavar="SUITE")
+@output_option
+@click.option(
+    "--from",
+    "source",
+    default="hf://datasets/clip-benchmark",
+    show_default=True,
+    metavar="URL",
+    help="Where the datasets are now: a root holding wds_<name>/ folders in CLIP_benchmark's layout.",
+)
+@domain_errors
+def eval_prepare(suite, out, source):
+    """Mirror the datasets SUITE reads from --data-root to OUT (local, s3://, any fsspec URL), with
+    MIRROR.json listing every file's sha256; a dataset the source lacks is listed and skipped.
+
+    \b
+    Example:
+        wit eval prepare clip-paper -o s3://bucket/clip-bench
+        wit eval prepare my-suite.yaml -o /data/mirror --from /data/clip_benchmark_wds
+        wit eval CKPT -o out/eval --suite clip-paper --data-root s3://bucket/clip-bench
+    """
+    from wit.evaluate.mirror import MIRROR_FILE, prepare
+    from wit.evaluate.tasks import load_suite
+
+    mirror = prepare(load_suite(suite), out, source)
+    total = sum(f["bytes"] for f in mirror.files.values())
+    click.echo(f"prepare: {len(mirror.files)} files ({total / 1e6:.1f} MB) → {out}; manifest {out}/{MIRROR_FILE}")
+    for name, why in mirror.missing.items():
+        click.echo(f"prepare: {name}: {why}")
+
+
+@eval_.command(name="compare")
+@click.argument("results", nargs=-1, required=True, metavar="RESULTS...")
+@click.option("--all-metrics", is_flag=True, help="Every metric, not only each task's main one.")
+@domain_errors
+def eval_compare(results, all_metrics):
+    """Print two or more evaluation outputs side by side: per task its main metric (or every
+    metric) with 95% intervals, then the suites' summary lines.
+
+    \b
+    Example:
+        wit eval compare out/eval-step500 out/eval-step1000
+        wit eval compare out/eval-a out/eval-b --all-metrics
+    """
+    from wit.evaluate.report import compare_table
+
+    click.echo(compare_table(list(results), all_metrics=all_metrics))
 
 
 @eval_.command(name="export")

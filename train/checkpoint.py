@@ -24,7 +24,6 @@ import hashlib
 import io
 import json
 import os
-import pickle
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -162,8 +161,10 @@ class CheckpointWriter:
 
 
 def load_checkpoint(url: str, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
-    """The checkpoint at ``url``, loaded with ``weights_only=True``; anything that is not one (an
-    empty, truncated, YAML or random file, a pickle of code) is a one-line :class:`CheckpointError`.
+    """The checkpoint at ``url``, loaded with ``weights_only=True``; anything that is not one (a
+    missing, empty, truncated, YAML or random file, a pickle of code) is a one-line
+    :class:`CheckpointError` naming ``url`` and what is wrong with it. Never advice to load it with
+    ``weights_only=False``: a file from elsewhere must never run code.
 
     ``mmap``: a local file in torch.save's zip format is memory-mapped (its tensors are read when
     used): a quick look at a big file."""
@@ -172,53 +173,147 @@ def load_checkpoint(url: str, map_location: str | torch.device = "cpu", mmap: bo
         try:
             data = storage.read_bytes(url)
         except storage.StorageError as exc:
-            raise CheckpointError(str(exc)) from exc
-        head, size, source = data[:12], len(data), io.BytesIO(data)
+            raise CheckpointError(_read_error(url, exc)) from exc
+        head, tail, size, source = data[:HEAD], data[-TAIL:], len(data), io.BytesIO(data)
     else:
         try:
             size = os.path.getsize(path)
             with open(path, "rb") as fh:
-                head = fh.read(12)
+                head = fh.read(HEAD)
+                fh.seek(max(0, size - TAIL))
+                tail = fh.read()
         except OSError as exc:
-            raise CheckpointError(f"{url}: cannot read it ({exc.strerror or exc})") from exc
+            raise CheckpointError(_read_error(url, exc)) from exc
         source = path
-    if not size:
-        raise CheckpointError(f"{url}: not a loadable checkpoint (an empty file)")
-    if not head.startswith((ZIP_MAGIC, b"\x80")):  # torch.save's zip archive, or its older pickle
-        raise CheckpointError(
-            f"{url}: not a loadable checkpoint (neither a torch.save zip archive nor a pickle: it starts {head!r})"
-        )
+    why = _not_torch_file(head, tail, size)
+    if why:
+        raise CheckpointError(f"{url}: not a loadable checkpoint ({why})")
     try:
         with warnings.catch_warnings():  # a pickle of another protocol than torch's: refused below anyway
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             mapped = path is not None and head.startswith(ZIP_MAGIC)  # mmap reads zip archives only
             ckpt = torch.load(source, map_location=map_location, weights_only=True, mmap=mapped)
-    except (RuntimeError, EOFError, ValueError, TypeError, pickle.UnpicklingError) as exc:
-        raise CheckpointError(f"{url}: not a loadable checkpoint ({_load_error(exc)})") from exc
+    except Exception as exc:  # noqa: BLE001 - weights_only runs no code: whatever fails, the file is at fault
+        raise CheckpointError(f"{url}: not a loadable checkpoint ({_load_error(exc, size)})") from exc
     if not isinstance(ckpt, dict):
-        raise CheckpointError(f"{url}: not a checkpoint (a {type(ckpt).__name__})")
+        raise CheckpointError(f"{url}: not a checkpoint (a {type(ckpt).__name__}, not a dict of weights)")
+    return ckpt
+
+
+def load_weights(url: str, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """:func:`load_checkpoint`, and a one-line :class:`CheckpointError` unless the file holds model
+    weights: a wit checkpoint (its ``wit`` section naming the model and its config), an open_clip /
+    open_clip_train one (``{"state_dict": {...}}``) or a bare state dict, with tensors in it. The one
+    safe loader of weights files for ``wit train --pretrained``, ``wit eval`` and ``wit filter
+    --clip-score``."""
+    ckpt = load_checkpoint(url, map_location=map_location, mmap=mmap)
+    state = ckpt.get("state_dict", ckpt)
+    if not isinstance(state, dict) or not any(isinstance(v, torch.Tensor) for v in state.values()):
+        keys = ", ".join(map(str, list(ckpt)[:5]))
+        raise CheckpointError(f"{url}: holds no model weights (a dict of {keys or 'nothing'})")
+    wit = ckpt.get("wit")
+    if wit is not None and not (
+        isinstance(wit, dict) and isinstance(wit.get("model"), str) and isinstance(wit.get("model_config"), dict)
+    ):
+        raise CheckpointError(f"{url}: a damaged wit checkpoint (its wit section names no model and model config)")
     return ckpt
 
 
 ZIP_MAGIC = b"PK\x03\x04"
+ZIP_END = b"PK\x05\x06"  # a zip archive's end of central directory record: in its last 22 + 65535 bytes
+HEAD, TAIL = 512, 22 + 65535
 
 
-def _load_error(exc: BaseException) -> str:
+def _read_error(url: str, exc: BaseException) -> str:
+    """A file that cannot be read, in one line naming it."""
+    cause = exc if isinstance(exc, OSError) else exc.__cause__
+    if isinstance(cause, FileNotFoundError):
+        return f"{url}: no such file"
+    if isinstance(cause, IsADirectoryError):
+        return f"{url}: a folder, not a checkpoint file"
+    if isinstance(cause, OSError):
+        return f"{url}: cannot read it ({cause.strerror or cause})"
+    return str(exc).splitlines()[0] if str(exc) else f"{url}: cannot read it"
+
+
+def _not_torch_file(head: bytes, tail: bytes, size: int) -> str:
+    """Why a file of this start and end cannot be a torch.save file, or "" if it may be one."""
+    if not size:
+        return "an empty file"
+    if head.startswith(ZIP_MAGIC):  # torch.save's zip archive: cut short, it has lost its directory
+        if ZIP_END not in tail:
+            return f"truncated: {size:,} bytes, and a torch.save zip archive ends with a directory this one lacks"
+        return ""
+    if head.startswith(b"\x80"):  # a pickle (torch.save's legacy format): torch.load tells
+        return ""
+    if len(head) >= 10 and int.from_bytes(head[:8], "little") < size and head[8:10] in (b'{"', b"{'"):
+        return "a safetensors file: give it to wit train --pretrained, or torch.save its tensors"
+    if head.startswith(b"\x1f\x8b"):
+        return "a gzip file: decompress it first"
+    text = _as_text(head)
+    if text is not None:
+        return f"it is text, not a torch.save file{_text_kind(text)}"
+    return f"binary data, neither a torch.save zip archive nor a pickle: it starts {head[:12]!r}"
+
+
+def _as_text(head: bytes) -> str | None:
+    """The start of a text file (UTF-8, or UTF-16 with its byte order mark), or None for binary data."""
+    for bom, encoding in ((b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be")):
+        if head.startswith(bom):
+            return head[2:].decode(encoding, errors="ignore")
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 4:  # not just a character cut at the end of the sample
+            return None
+        text = head[: exc.start].decode("utf-8")
+    printable = sum(c.isprintable() or c in "\t\r\n" for c in text)
+    return text if text and printable == len(text) else None
+
+
+def _text_kind(text: str) -> str:
+    """A guess at what a text file is, for the error message."""
+    start = text.lstrip("\ufeff \t\r\n")
+    if start.startswith(("{", "[")):
+        return ": JSON?"
+    if start.lower().startswith(("<!doctype", "<html", "<?xml")):
+        return ": HTML or XML? (a download that got a web page?)"
+    if start.startswith("version https://git-lfs"):
+        return ": a Git LFS pointer (git lfs pull fetches the file)"
+    first = start.splitlines()[0] if start else ""
+    if start.startswith("---") or (":" in first and not first.startswith("#!")):
+        return ": YAML?"
+    return ""
+
+
+def _load_error(exc: BaseException, size: int) -> str:
     """torch.load's error in a few words. Its own are essays (a truncated zip, or a pickle that
     ``weights_only`` refuses, come with advice to load it unsafely, which we never take)."""
     text = str(exc).strip()
     if "Unsupported global" in text:  # a pickled object: say which
         culprit = text.split("Unsupported global:", 1)[1].split(" was ")[0].strip()
         return f"it holds pickled code: {culprit}"
+    lower = text.lower()
+    if (
+        isinstance(exc, (EOFError, IndexError))
+        or "truncated" in lower
+        or "unexpected eof" in lower
+        or "ran out of input" in lower
+    ):  # the unpickler reads past the end (an IndexError from its empty stack, or an EOF)
+        return f"truncated: {size:,} bytes, and its data ends early"
     if "WeightsUnpickler error:" in text:  # a pickle of other things than tensors and plain data
         why = " ".join(text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation")[0].split())
         return f"its pickle holds more than tensors and plain data: {why or 'refused'}"
-    if "PytorchStreamReader failed" in text:  # a zip archive cut short or damaged
+    if "PytorchStreamReader failed" in text:  # a zip archive damaged
         why = text.split("PytorchStreamReader failed", 1)[1].split(". ")[0].strip()
-        return f"truncated or damaged: {why}"
-    if isinstance(exc, EOFError):
-        return "truncated: it ends early"
-    return text.splitlines()[0] if text else type(exc).__name__
+        return f"damaged: {why}"
+    if "inline_container" in text:  # a zip archive torch.save did not write (no archive/ folder, ...)
+        why = text.split("]", 1)[-1].strip(" .").splitlines()[0]
+        return f"a zip archive, but not a torch.save one: {why}"
+    if "magic number" in lower:
+        return "a pickle, but not a torch.save file"
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return first.split(" Check the documentation")[0].split("weights_only")[0].rstrip(" (.,;:") or type(exc).__name__
 
 
 @dataclass(slots=True)
@@ -268,8 +363,8 @@ def load_model(url: str, model: str | None = None, device: str | torch.device = 
     """
     import open_clip
 
-    ckpt = load_checkpoint(url)
-    info = ckpt.get("wit") if isinstance(ckpt.get("wit"), dict) else {}
+    ckpt = load_weights(url)
+    info = ckpt.get("wit") or {}
     if info:
         name = info["model"]
         if model and model != name:
@@ -280,17 +375,23 @@ def load_model(url: str, model: str | None = None, device: str | torch.device = 
     else:
         raise CheckpointError(f"{url} is not a wit checkpoint; say which architecture with --model NAME")
     state = ckpt.get("state_dict", ckpt)
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+    state = {str(k).removeprefix("module."): v for k, v in state.items()}
     # every parameter is overwritten by the checkpoint just below: no random draws, no warning about them
-    with skip_random_init(), no_random_init_warning():
-        net, _, preprocess = open_clip.create_model_and_transforms(name, device=device)
+    try:
+        with skip_random_init(), no_random_init_warning():
+            net, _, preprocess = open_clip.create_model_and_transforms(name, device=device)
+    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as exc:
+        if not info:  # --model names an architecture open_clip cannot build: not the file's fault
+            raise
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{url}: its {name} model config does not build ({why})") from exc
     if isinstance(info.get("preprocess"), dict):  # the run's own (a pretrained tag's mean and std, ...)
         set_preprocess(net, info["preprocess"])
         preprocess = image_transform(net, is_train=False)
     try:
         net.load_state_dict(state)  # strict: a parameter left out would keep uninitialised memory
-    except RuntimeError as exc:
-        why = str(exc).splitlines()[0]
+    except (RuntimeError, TypeError, ValueError, AttributeError) as exc:
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{url}: weights do not fit the {name} architecture ({why})") from exc
     net.eval()
     digest = storage.sha256_url(url)

@@ -17,7 +17,7 @@ open_clip's ``~/.cache/clip``); only a file that is not there is downloaded, by 
 downloader. Where no download can work (``HF_HUB_OFFLINE`` set, or the host's name does not resolve
 and no proxy is set) that is one clear error at once, instead of a minute of retries.
 
-A file is looked at before open_clip reads it (``checkpoint.load_checkpoint``, memory-mapped:
+A file is looked at before open_clip reads it (``checkpoint.load_weights``, memory-mapped:
 one-line errors for an empty, truncated, YAML or random file), then the model is built with
 ``open_clip.create_model(name, pretrained=LOCAL_FILE)``, which calls ``open_clip.load_checkpoint``
 (strict, with its conversions of other layouts). The run record and every checkpoint name the
@@ -45,7 +45,7 @@ import torch
 
 from wit.manifests import storage
 
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import CheckpointError, load_weights
 from .metrics import log
 from .models import ModelSpec, no_random_init_warning, set_preprocess
 
@@ -112,6 +112,8 @@ def load(source: str, spec: ModelSpec, tag_model: str, device) -> tuple[Pretrain
             f"pretrained {source!r}: no such file, and not a pretrained tag of {tag_model} ({known}) "
             "nor hf-hub:ORG/REPO"
         )
+    if os.path.isdir(storage.local_path(source) or ""):
+        raise ValueError(f"pretrained {source!r}: a folder, not a checkpoint file")
     with local_copy(source) as (path, sha256, size):
         ckpt = _look_at(path, source)
         wit = ckpt.get("wit") if isinstance(ckpt.get("wit"), dict) else None
@@ -214,15 +216,10 @@ def _look_at(path: str, source: str) -> dict:
             raise ValueError(f"pretrained {source!r}: not a loadable safetensors file ({why})") from exc
         return {}
     try:
-        ckpt = load_checkpoint(path, mmap=True)
+        return load_weights(path, mmap=True)  # the same checks as wit eval's and wit filter's
     except CheckpointError as exc:
         why = str(exc).removeprefix(f"{path}: ")  # the file may be a temporary copy: name the source
         raise ValueError(f"pretrained {source!r}: {why}") from exc
-    state = ckpt.get("state_dict", ckpt)
-    if not isinstance(state, dict) or not any(isinstance(v, torch.Tensor) for v in state.values()):
-        keys = ", ".join(map(str, list(ckpt)[:5]))
-        raise ValueError(f"pretrained {source!r}: holds no model weights (a dict of {keys or 'nothing'})")
-    return ckpt
 
 
 def _check_wit_config(source: str, wit: dict, spec: ModelSpec) -> None:
