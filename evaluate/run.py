@@ -70,6 +70,9 @@ class EvalConfig:
 
     model: str | None = None  # architecture of a foreign (open_clip) checkpoint; wit checkpoints name their own
     data_root: str | None = None  # what a suite's {data_root} stands for: a CLIP_benchmark-layout mirror
+    # published weights instead of a checkpoint: an open_clip tag of `model`, hf-hub:ORG/REPO or a file
+    # (wit train --pretrained's resolution: train/pretrained.py, through open_clip's own loader)
+    pretrained: str | None = None
     device: str = "auto"  # auto: cuda when there is one
     batch_size: int = 0  # 0: 64 on a CPU (its caches favour small batches), 256 on a GPU
     precision: str = "auto"  # auto: amp on a GPU, fp32 on a CPU; fp32; bf16; amp (fp16 on CUDA, bf16 on CPU)
@@ -152,6 +155,14 @@ class EvalStageConfig:
             "(ROOT/wds_<name>/test/*.tar), local, s3:// or hf://datasets/clip-benchmark.",
             metavar="URL",
         ),
+        Option(
+            "pretrained",
+            "str",
+            None,
+            "Published weights instead of CHECKPOINT: an open_clip tag of --model (laion2b_s34b_b79k), "
+            "hf-hub:ORG/REPO, or a file, read by open_clip's own loader.",
+            metavar="TAG_OR_FILE",
+        ),
         Option("device", "str", field_default(EvalConfig, "device"), "auto, cpu or cuda[:N]."),
         Option("batch-size", "int", field_default(EvalConfig, "batch_size"), "0: 64 on a CPU, 256 on a GPU.", low=0),
         Option(
@@ -179,6 +190,7 @@ class EvalStageConfig:
         config = EvalConfig(
             model=v["model"],
             data_root=v["data_root"],
+            pretrained=v["pretrained"],
             device=v["device"],
             batch_size=v["batch_size"],
             precision=v["precision"],
@@ -210,6 +222,7 @@ def decided_config(checkpoint: str, suite: Suite, config: EvalConfig) -> dict:
     the model, the checkpoint's and the datasets' digests)."""
     return {
         "checkpoint": storage.normalize(checkpoint),
+        "pretrained": config.pretrained,
         "suite": suite.to_dict(),
         "resamples": config.resamples,
         "seed": config.seed,
@@ -595,6 +608,34 @@ def checkpoint_inputs(checkpoint: str, digest: str) -> list[ManifestRef]:
     return [ManifestRef(url=url, kind="source", digest=digest)]
 
 
+def load_for_eval(checkpoint: str | None, config: EvalConfig) -> LoadedModel:
+    """The model to evaluate: a checkpoint file (wit's, or open_clip's with ``config.model``), or
+    ``config.pretrained`` (an open_clip tag, hf-hub id or file) built by open_clip's own loader."""
+    device = config.resolved_device()
+    if not config.pretrained:
+        if not checkpoint:
+            raise EvalError("give a CHECKPOINT to evaluate, or --model NAME --pretrained TAG_OR_FILE")
+        return load_model(storage.normalize(checkpoint), model=config.model, device=device)
+    if checkpoint:
+        raise EvalError(f"give a CHECKPOINT ({checkpoint}) or --pretrained ({config.pretrained}), not both")
+    if not config.model:
+        raise EvalError(f"--pretrained {config.pretrained} needs --model NAME: the architecture its weights are for")
+    import open_clip
+
+    from wit.train import pretrained
+    from wit.train.models import image_transform, resolve_model
+
+    spec = resolve_model(config.model)
+    try:
+        info, net = pretrained.load(config.pretrained, spec, config.model, device)
+    except ValueError as exc:
+        raise EvalError(str(exc)) from exc
+    net.eval()
+    preprocess = image_transform(net, is_train=False)
+    tokenizer = open_clip.get_tokenizer(spec.name)
+    return LoadedModel(net, preprocess, tokenizer, spec.name, info.sha256, {"pretrained": info.to_dict()})
+
+
 def _open_datasets(session: Session, suite: Suite) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
     """Open every split first: a missing class-names file or an empty split fails before any
     work; a dataset that is not there (DatasetMissing) puts its task in ``session.missing``.
@@ -622,7 +663,10 @@ def evaluate(checkpoint: str, out: str, suite: str | Suite = "default", config: 
     suite = load_suite(suite) if isinstance(suite, str) else suite
     suite = suite.with_data_root(config.data_root)
     out = storage.normalize(out)
-    session = Session(checkpoint, suite, config)
+    loaded = load_for_eval(checkpoint, config)
+    if config.pretrained:  # the record names the file the tag or hub id resolved to, and its digest
+        checkpoint = loaded.info["pretrained"]["file"]
+    session = Session(checkpoint, suite, config, loaded)
     digests, sources = _open_datasets(session, suite)
     stage_suite = suite
     if session.missing:

@@ -147,11 +147,12 @@ def eval_():
 
 
 @eval_.command(name="run", cls=StageCommand, stage="eval")
-@click.argument("checkpoint", metavar="CHECKPOINT")
+@click.argument("checkpoint", metavar="[CHECKPOINT]", required=False)
 @output_option
 @domain_errors
 def eval_run(checkpoint, out, options):
-    """Evaluate CHECKPOINT (a wit checkpoint, or an open_clip file with --model) on a suite.
+    """Evaluate CHECKPOINT (a wit checkpoint, or an open_clip file with --model), or published
+    weights (--model NAME --pretrained TAG | hf-hub:ORG/REPO | FILE), on a suite.
 
     Writes a results manifest (one row per task and metric, with its 95% interval and n),
     results.json in CLIP_benchmark's shape, report.md and a self-contained report.html.
@@ -160,6 +161,8 @@ def eval_run(checkpoint, out, options):
     Example:
         wit eval out/train/checkpoints/step-00000500.pt -o out/eval --suite default
         wit eval ViT-B-32.pt --model ViT-B-32 -o out/eval-b32 --suite digits --device cuda
+        wit eval --model ViT-B-32 --pretrained laion2b_s34b_b79k -o out/eval-laion \\
+            --suite clip-paper --data-root s3://bucket/clip-bench --device cuda
     """
     with heavy_imports():
         import pyarrow as pa
@@ -171,7 +174,7 @@ def eval_run(checkpoint, out, options):
         pa.array([])
 
     stage = EvalStageConfig.from_options(options, out)
-    result = evaluate(checkpoint, out, stage.load_suite(), stage.config)
+    result = evaluate(checkpoint or "", out, stage.load_suite(), stage.config)
     _print_results(result)
 
 

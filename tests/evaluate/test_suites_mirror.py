@@ -153,3 +153,61 @@ def test_clip_paper_suite_names_every_dataset_with_the_papers_metric():
     assert all(t.dataset.startswith("{data_root}/wds_") for t in suite.tasks)
     for other, count in (("imagenet-robustness", 6), ("vtab", 19), ("datacomp", 37)):
         assert len(load_suite(other).tasks) == count
+
+
+def test_pretrained_file_goes_through_open_clips_loader(tmp_path, monkeypatch):
+    import open_clip
+    import open_clip.factory
+    import torch
+
+    torch.manual_seed(3)
+    weights = tmp_path / "published.pt"
+    torch.save(open_clip.create_model("wit-tiny").state_dict(), weights)  # a bare state dict, as published
+    calls = []
+    real = open_clip.factory.load_checkpoint
+    monkeypatch.setattr(open_clip.factory, "load_checkpoint", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    args = ["eval", "--model", "wit-tiny", "--pretrained", str(weights), "-o", str(tmp_path / "by-tag-route")]
+    args += ["--suite", "synthetic-colour", "--no-cache", "--resamples", "0"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert calls == [str(weights)]  # open_clip.create_model(pretrained=FILE) -> its load_checkpoint
+    by_file = evaluate(
+        str(weights),
+        str(tmp_path / "by-file"),
+        "synthetic-colour",
+        EvalConfig(model="wit-tiny", cache=None, resamples=0),
+    )
+    head = json.loads((tmp_path / "by-tag-route" / "summary.json").read_text())
+    assert head["checkpoint_digest"] == storage.sha256_url(str(weights)) == by_file.rows[0]["checkpoint_digest"]
+    route = pq_values(tmp_path / "by-tag-route")
+    assert route == {(r["task"], r["metric"]): r["value"] for r in by_file.rows}
+    both = CliRunner().invoke(cli, [*args[:1], str(weights), *args[1:]])
+    assert both.exit_code != 0 and "not both" in both.output
+    neither = CliRunner().invoke(cli, ["eval", "--pretrained", str(weights), "-o", str(tmp_path / "x")])
+    assert neither.exit_code != 0 and "needs --model" in neither.output
+
+
+def pq_values(out) -> dict:
+    from wit.manifests.manifest import read_table
+
+    return {(r["task"], r["metric"]): r["value"] for r in read_table(str(out)).to_pylist()}
+
+
+def test_robustness_table_and_plot_for_the_imagenet_family():
+    from wit.evaluate.report import build_blocks, render_markdown
+
+    def task(name, group, acc):
+        m = {"metric": "acc1", "value": acc, "ci_low": acc - 0.01, "ci_high": acc + 0.01, "n": 100}
+        return {"task": name, "kind": "zeroshot_classification", "dataset": name, "group": group, "metrics": [m],
+                "n": 100, "skipped": {}, "chance": 0.001, "main_metric": "acc1"}  # fmt: skip
+
+    run = {"model": "m", "checkpoint": "c", "checkpoint_digest": "0" * 64, "suite": "s", "resamples": 0, "seed": 0}
+    tasks = [task("imagenet1k", "imagenet", 0.62), task("imagenetv2", "imagenet-shift", 0.55)]
+    tasks.append(task("imagenet-r", "imagenet-shift", 0.70))
+    blocks = build_blocks(run, tasks)
+    md = render_markdown(blocks)
+    assert "## Robustness to natural distribution shifts" in md
+    assert "| imagenetv2 | 62.0 | 55.0 | -7.0 |" in md and "| imagenet-r | 62.0 | 70.0 | +8.0 |" in md
+    figure = next(b for b in blocks if b.name == "robustness.png")
+    assert figure.png.startswith(b"\x89PNG")
+    assert "Robustness" not in render_markdown(build_blocks(run, tasks[:1]))  # no shift, no section
