@@ -121,6 +121,62 @@ def run_timed(cmd: list[str], cwd: Path | None = None) -> tuple[float, str]:
     return took, proc.stdout
 
 
+def agreement_rows(work: Path, ckpt: Path, ldir: Path, cb_python: str) -> list[list[str]]:
+    """wit eval and clip_benchmark on the test mirror's datasets: every metric both report."""
+    from wit.evaluate import export
+    from wit.manifests.manifest import read_table
+
+    wit = str(Path(sys.executable).with_name("wit"))
+    rows = []
+    for name, task in (
+        ("digits", "zeroshot_classification"),
+        ("synthetic-shape", "zeroshot_classification"),
+        ("synthetic-retrieval", "zeroshot_retrieval"),
+    ):
+        data = work / "mirror" / f"wds_{name}"
+        if not data.exists():
+            export(name, str(data), samples_per_shard=100, splits=("test",))
+        suite = work / f"agree-{name}.yaml"
+        suite.write_text(f"tasks: [{{name: {name}, kind: {task}, dataset: {data}, format: wds}}]\n")
+        out = work / "agree" / name
+        run_timed([wit, "eval", str(ckpt), "-o", str(out), "--suite", str(suite), "--no-cache", "--precision", "fp32"])
+        cb_json = work / "agree" / f"{name}.cb.json"
+        run_timed(
+            [
+                cb_python,
+                "-c",
+                CB_SCRIPT,
+                "eval",
+                "--model_type",
+                "open_clip",
+                "--model",
+                f"local-dir:{ldir}",
+                "--pretrained",
+                "none",
+                "--dataset",
+                f"wds/{name}",
+                "--dataset_root",
+                str(data),
+                "--task",
+                task,
+                "--recall_k",
+                "1",
+                "5",
+                "10",
+                "--no_amp",
+                "--output",
+                str(cb_json),
+            ],  # fmt: skip
+            cwd=work,
+        )
+        ours = {r["metric"]: r["value"] for r in read_table(str(out), expect_kind="eval_results").to_pylist()}
+        theirs = json.loads(cb_json.read_text())["metrics"]
+        for metric in sorted(set(ours) & set(theirs)):
+            diff = 100 * (ours[metric] - theirs[metric])
+            rows.append([name, metric, f"{100 * ours[metric]:.2f}", f"{100 * theirs[metric]:.2f}", f"{diff:+.2f}"])
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", help="a wit checkpoint (default: a seeded random-init wit-tiny)")
@@ -211,6 +267,7 @@ def main() -> None:
                 f"{totals['cb_run'] / totals['wit_run']:.2f}x",
             ]
         )
+    agreement = agreement_rows(work, ckpt, ldir, args.cb_python)
     what = "given" if args.checkpoint else "seeded random-init wit-tiny"
     body = (
         f"Zero-shot classification of one checkpoint ({what}) "
@@ -241,6 +298,10 @@ def main() -> None:
             ],
             rows,
         )
+        + "\n\nAgreement on every metric both tools report, fp32, on the three datasets of the test mirror "
+        "(`tests/evaluate/test_suites_mirror.py`: digits, synthetic-shape, and synthetic-retrieval for "
+        "image-text retrieval; clip_benchmark with `--recall_k 1 5 10`):\n\n"
+        + table(["dataset", "metric", "wit", "clip_benchmark", "Δ points"], agreement)
     )
     print(write_section("eval", "Evaluation: wit eval vs clip_benchmark", body, "bench/bench_eval.py"))
 
