@@ -468,7 +468,7 @@ def measure(s: Session, task: TaskSpec) -> tuple[list[dict], dict, dict]:
             tx, ty = train.features[tv], train.labels[tv]
             detail["train_digest"] = s.split(task, task.train_split).digest
             if task.kind == "linear_probe":
-                probe = linear_probe(tx, ty, x, len(names), cfg.probe_cs, seed=cfg.seed)
+                probe = linear_probe(tx, ty, x, len(names), cfg.probe_cs, seed=cfg.seed, device=_fit_device(s))
                 scores = M.classification_scores(probe.scores, y, len(names), "lp_", cfg.resamples, cfg.seed)
                 detail.update(
                     best_c=probe.best_c,
@@ -478,7 +478,7 @@ def measure(s: Session, task: TaskSpec) -> tuple[list[dict], dict, dict]:
             else:
                 curve = {}
                 for k in task.fewshot_ks:
-                    fs = fewshot(tx, ty, x, len(names), k, cfg.fewshot_c, cfg.seed)
+                    fs = fewshot(tx, ty, x, len(names), k, cfg.fewshot_c, cfg.seed, device=_fit_device(s))
                     if fs is None:
                         continue  # some class has fewer than k training examples
                     top1 = fs.argmax(1) == y
@@ -524,6 +524,11 @@ def measure(s: Session, task: TaskSpec) -> tuple[list[dict], dict, dict]:
     )
     counts = {"kept": len(test.keys), **skipped}
     return rows, detail, counts
+
+
+def _fit_device(s: Session) -> str:
+    """Where probes fit: the model's CUDA device, else the CPU (their float64 sums are not MPS's)."""
+    return s.device if s.device.startswith("cuda") else "cpu"
 
 
 def _class_names(s: Session, task: TaskSpec) -> list[str]:
