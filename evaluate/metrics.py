@@ -209,12 +209,15 @@ def retrieval_scores(
     seed: int = 0,
 ) -> list[Score]:
     """Recall@k in CLIP_benchmark's names: ``image_retrieval_recall@k`` is text→image (a text
-    query retrieves images), ``text_retrieval_recall@k`` is image→text."""
+    query retrieves images), ``text_retrieval_recall@k`` is image→text; ``mean_recall@k`` is their
+    mean (DataComp's retrieval metric; no interval: the two directions count different units)."""
     out = []
     for k in ks:
         i2t, t2i = retrieval_hits(similarity, owner, k)
-        out.append(mean_score(f"image_retrieval_recall@{k}", t2i, resamples, seed))
-        out.append(mean_score(f"text_retrieval_recall@{k}", i2t, resamples, seed))
+        image = mean_score(f"image_retrieval_recall@{k}", t2i, resamples, seed)
+        text = mean_score(f"text_retrieval_recall@{k}", i2t, resamples, seed)
+        both = Score(f"mean_recall@{k}", (image.value + text.value) / 2, None, None, image.n + text.n)
+        out += [image, text, both]
     return out
 
 

@@ -6,11 +6,13 @@ WebDataset layout, as the published ``hf://datasets/clip-benchmark/wds_<name>`` 
 copies every file of each of those datasets from a source root to a bucket or folder, streaming
 (nothing is unpacked), and writes ``MIRROR.json`` beside them::
 
-    {"suite": "clip-paper", "source": "hf://datasets/clip-benchmark",
+    {"suites": ["clip-paper"], "sources": ["hf://datasets/clip-benchmark"],
      "files": {"wds_cifar10/test/0.tar": {"sha256": "...", "bytes": 123}, ...},
      "missing": {"wds_objectnet": "not found at hf://..."}}
 
-A dataset the source does not have is listed under ``missing`` and the rest are copied. A later
+Only the splits the suite reads are copied (``test``; the training split of a probe or few-shot
+task). A dataset the source does not have is listed under ``missing`` and the rest are copied; a
+second ``prepare`` into the same place (another source for those) adds to the record. A later
 ``wit eval --data-root MIRROR`` records the sha256 of ``MIRROR.json`` in its run, and each split's
 digest is the sha256 of its shards, so every number names the bytes it was measured on.
 """
@@ -42,13 +44,20 @@ class Mirror:
     missing: dict[str, str] = field(default_factory=dict)  # dataset folder -> why
 
 
-def dataset_folders(suite: Suite) -> list[str]:
-    """The folders under ``{data_root}`` that the suite's tasks read, in suite order, once each."""
+def dataset_folders(suite: Suite) -> dict[str, set[str]]:
+    """The folders under ``{data_root}`` that the suite's tasks read, in suite order, each with the
+    splits its tasks read (``test``; the training split too for a linear probe or few-shot task)."""
     prefix = DATA_ROOT + "/"
-    names = [t.dataset[len(prefix) :].strip("/") for t in suite.tasks if t.dataset.startswith(prefix)]
-    if not names:
+    folders: dict[str, set[str]] = {}
+    for t in suite.tasks:
+        if t.dataset.startswith(prefix):
+            splits = folders.setdefault(t.dataset[len(prefix) :].strip("/"), set())
+            splits.add(t.split)
+            if t.kind in ("linear_probe", "fewshot"):
+                splits.add(t.train_split)
+    if not folders:
         raise EvalError(f"suite {suite.name} names no dataset under {DATA_ROOT}: there is nothing to mirror")
-    return list(dict.fromkeys(names))
+    return folders
 
 
 def _copy(src: str, dst: str) -> dict:
@@ -63,25 +72,42 @@ def _copy(src: str, dst: str) -> dict:
 
 
 def prepare(suite: Suite, out: str, source: str = DEFAULT_SOURCE, progress: bool = True) -> Mirror:
-    """Copy the suite's datasets from ``source`` to ``out`` and write ``out/MIRROR.json``."""
+    """Copy the splits the suite reads of its datasets from ``source`` to ``out`` and write
+    ``out/MIRROR.json``. A mirror made earlier at ``out`` (another suite, another source) is added
+    to: its files stay listed, and a dataset this source provides leaves its missing list."""
     out, source = storage.normalize(out), source.rstrip("/")
     mirror = Mirror(suite.name, source)
-    for name in dataset_folders(suite):
+    for name, splits in dataset_folders(suite).items():
         root = f"{source}/{name}"
         if not storage.exists(root):
             mirror.missing[name] = f"not found at {root}"
             if progress:
                 print(f"prepare: {name}: not found at {root}", file=sys.stderr)
             continue
-        files = sorted(f for f in storage.listdir(root, recursive=True) if f.endswith(_COPIED))
+        files = sorted(
+            f
+            for f in storage.listdir(root, recursive=True)
+            if f.endswith(_COPIED) and ("/" not in f or f.split("/", 1)[0] in splits)
+        )
         for i, rel in enumerate(files, 1):
             mirror.files[f"{name}/{rel}"] = _copy(f"{root}/{rel}", storage.join(out, name, rel))
             if progress:
                 print(f"\rprepare: {name}: {i}/{len(files)} files", end="", file=sys.stderr)
         if progress:
             print(file=sys.stderr)
-    record = {"suite": mirror.suite, "source": mirror.source, "files": mirror.files, "missing": mirror.missing}
-    storage.write_text(storage.join(out, MIRROR_FILE), json.dumps(record, indent=1, sort_keys=True) + "\n")
+    url = storage.join(out, MIRROR_FILE)
+    before = json.loads(storage.read_text(url)) if storage.exists(url) else {}
+    files = {**before.get("files", {}), **mirror.files}
+    present = {path.split("/", 1)[0] for path in files}
+    missing = {k: v for k, v in {**before.get("missing", {}), **mirror.missing}.items() if k not in present}
+    record = {
+        "suites": sorted({*before.get("suites", []), mirror.suite}),
+        "sources": sorted({*before.get("sources", []), mirror.source}),
+        "files": files,
+        "missing": missing,
+    }
+    storage.write_text(url, json.dumps(record, indent=1, sort_keys=True) + "\n")
+    mirror.missing = {k: v for k, v in mirror.missing.items() if k not in present}
     return mirror
 
 

@@ -114,7 +114,8 @@ def fewshot_plot(task: dict, zeroshot: dict | None) -> bytes:
 def _main(task: dict) -> dict | None:
     """The task's main metric (its suite's first-named metric, recorded in its detail)."""
     name = task.get("main_metric")
-    return next((m for m in task["metrics"] if m["metric"] == name), None) if name else headline(task)
+    found = next((m for m in task["metrics"] if m["metric"] == name), None) if name else None
+    return found or headline(task)
 
 
 def suite_summary(lines: list[dict], tasks: list[dict], missing: dict[str, str], groups: dict[str, str]) -> list[dict]:

@@ -654,6 +654,8 @@ def _open_datasets(session: Session, suite: Suite) -> tuple[dict[str, dict[str, 
             for sp in session.needed_splits(t):
                 digests.setdefault(t.dataset, {})[sp] = session.split(t, sp).digest
         except DatasetMissing as exc:
+            if not t.skippable:
+                raise EvalError(f"task {t.name}: dataset {exc}") from exc
             session.missing[t.name] = str(exc)
             continue
         if session.dataset(t).format != "builtin":

@@ -57,7 +57,9 @@ _KIND_METRICS: dict[str, tuple[str, ...]] = {
         "acc1_single_template",
         "mean_average_precision_11pt",  # VOC2007 in the CLIP paper: PASCAL's 11-point interpolated AP
     ),
-    "zeroshot_retrieval": tuple(f"{d}_retrieval_recall@{k}" for k in RECALL_KS for d in ("image", "text")),
+    "zeroshot_retrieval": tuple(
+        f"{d}recall@{k}" for k in RECALL_KS for d in ("image_retrieval_", "text_retrieval_", "mean_")
+    ),
     "linear_probe": ("lp_acc1", "lp_acc5", "lp_mean_per_class_recall"),
     "fewshot": (),  # fewshot_k{k}_acc1, fewshot_k{k}_mean_per_class_recall
 }
@@ -113,6 +115,9 @@ class TaskSpec:
     metrics: tuple[str, ...] = ()  # empty: every metric of the kind
     fewshot_ks: tuple[int, ...] = FEWSHOT_KS
     group: str | None = None  # a suite's summary averages the first metric of each task of a group
+    # a dataset under --data-root: when the mirror lacks it the task is reported missing and skipped
+    # (any other dataset that is not there stops the run: a typo in a path is not a missing mirror)
+    skippable: bool = False
 
     def __post_init__(self) -> None:
         if not self.name or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", self.name):
@@ -141,7 +146,9 @@ class TaskSpec:
         """The metric a summary averages: the first the task names, else its kind's headline."""
         if self.metrics:
             return self.metrics[0]
-        return {"zeroshot_retrieval": "image_retrieval_recall@1", "linear_probe": "lp_acc1"}.get(self.kind, "acc1")
+        if self.kind == "fewshot":
+            return f"fewshot_k{max(self.fewshot_ks)}_acc1"
+        return {"zeroshot_retrieval": "mean_recall@1", "linear_probe": "lp_acc1"}.get(self.kind, "acc1")
 
     def with_data_root(self, root: str | None) -> TaskSpec:
         """This task with ``{data_root}`` in its dataset replaced by ``root``."""
@@ -152,7 +159,7 @@ class TaskSpec:
                 f"task {self.name} reads its data from --data-root ({self.dataset}): give --data-root URL, a "
                 "mirror in CLIP_benchmark's WebDataset layout (wit eval prepare makes one)"
             )
-        return replace(self, dataset=self.dataset.replace(DATA_ROOT, root.rstrip("/")))
+        return replace(self, dataset=self.dataset.replace(DATA_ROOT, root.rstrip("/")), skippable=True)
 
     def to_dict(self) -> dict:
         return asdict(self)

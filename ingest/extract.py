@@ -291,7 +291,7 @@ def candidates_table(rows: list[Candidate]) -> pa.Table:
 
 
 def known_languages() -> list[str]:
-    return batch_identifier().labels
+    return batch_identifier().distinct_labels()
 
 
 class CandidateBuilder:

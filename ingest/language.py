@@ -27,6 +27,8 @@ MIN_VECTOR_ROWS = 16
 # (feature, count) pairs scored at once: their rows of the table (about 140 float32 each) stay
 # in the CPU cache instead of making a pass over memory per numpy call.
 SCORE_PAIRS = 2048
+# Texts labelled in one go: the walk's (text, feature) hits take about 2 kB a text.
+TEXTS_AT_ONCE = 50_000
 
 
 class BatchIdentifier:
@@ -39,7 +41,7 @@ class BatchIdentifier:
         if languages:
             model.set_languages(list(languages))
         self._encode = model._encode  # lower-case an all-capitals text, NFC, UTF-8: py3langid's own
-        self.labels: list[str] = list(model.nb_classes)
+        self.labels: list[str] = list(model.nb_classes)  # one per column: aliases (srl -> sr) repeat a label
         self._next = np.frombuffer(model.tk_nextmove, dtype=np.uint32)  # the model's array, not a copy
         self._rowbase = np.asarray(model._rowbase, dtype=np.int64)
         self._feature = np.asarray(model.tk_output, dtype=np.int64)  # state → feature, -1 for none
@@ -50,8 +52,19 @@ class BatchIdentifier:
         # the same automaton as Python sequences, for the few long texts walked one at a time
         self.tk_nextmove, self.tk_rowbase, self.tk_output = model.tk_nextmove, model._rowbase, model.tk_output
 
+    def distinct_labels(self) -> list[str]:
+        return list(dict.fromkeys(self.labels))
+
     def classify_many(self, texts: Sequence[str]) -> list[str]:
-        """The language label of each text, as ``py3langid.classify(text)[0]`` gives it."""
+        """The language label of each text, as ``py3langid.classify(text)[0]`` gives it, in slices
+        of :data:`TEXTS_AT_ONCE` texts (the walk holds about 2 kB per text)."""
+        if len(texts) > TEXTS_AT_ONCE:
+            return [
+                x for i in range(0, len(texts), TEXTS_AT_ONCE) for x in self._classify(texts[i : i + TEXTS_AT_ONCE])
+            ]
+        return self._classify(texts)
+
+    def _classify(self, texts: Sequence[str]) -> list[str]:
         if not texts:
             return []
         encoded = [self._encode(t) for t in texts]

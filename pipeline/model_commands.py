@@ -103,7 +103,15 @@ def _training_eval(config):
         from wit.evaluate.tasks import parse_suite
         from wit.train.models import resolve_model
 
-    suite = parse_suite(config.eval_suite, name="train") if "\n" in config.eval_suite else config.eval_suite
+    from wit.evaluate.tasks import DATA_ROOT, load_suite
+
+    suite = parse_suite(config.eval_suite, name="train") if "\n" in config.eval_suite else load_suite(config.eval_suite)
+    mirrored = [t.name for t in suite.tasks if DATA_ROOT in t.dataset]
+    if mirrored:
+        raise click.UsageError(
+            f"--eval-suite {suite.name}: its tasks read --data-root ({', '.join(mirrored[:3])}...), which training "
+            "evaluation does not take; give a suite of built-in tasks or a YAML whose datasets are URLs"
+        )
     return TrainingEval(suite, resolve_model(config.model).name)
 
 

@@ -36,9 +36,9 @@ def make_optimizer(
     eps: float,
     fused: bool = False,
 ) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters, in open_clip_train's two groups. ``fused``: the fused
-    CUDA kernel (one launch for all parameters, instead of a few per tensor); the trainer asks for
-    it on CUDA (on CPU the default, for-each implementation)."""
+    """AdamW over the trainable parameters, in open_clip_train's two groups. ``fused``: torch's fused
+    kernel (on CUDA one launch for all parameters instead of a few per tensor; on CPU one pass per
+    tensor instead of a dozen elementwise ops); the trainer asks for it on CUDA and on CPU."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [
         {"params": [p for n, p in named if no_decay(n, p)], "weight_decay": 0.0},

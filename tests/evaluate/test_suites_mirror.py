@@ -39,7 +39,8 @@ def mirror(tmp_path_factory):
     and the held-out synthetic world), each with its class names and templates (or captions)."""
     root = tmp_path_factory.mktemp("mirror")
     for name in ("digits", "synthetic-shape", "synthetic-retrieval"):
-        export(name, str(root / "src" / f"wds_{name}"), samples_per_shard=200, splits=("test",))
+        splits = ("test", "train") if name == "digits" else ("test",)  # a train split no task reads
+        export(name, str(root / "src" / f"wds_{name}"), samples_per_shard=200, splits=splits)
     (root / "suite.yaml").write_text(SUITE)
     ckpt = _checkpoint(str(root / "ckpt.pt"))
     return root, ckpt
@@ -57,6 +58,7 @@ def test_local_and_s3_mirrors_give_the_same_results(mirror, s3_bucket, tmp_path)
 
     made = prepare(suite, f"{s3_bucket}/bench", str(root / "src"), progress=False)
     assert set(made.missing) == {"wds_not-mirrored"}
+    assert not any("/train/" in k for k in made.files)  # only the splits the suite reads
     record = json.loads(storage.read_text(f"{s3_bucket}/bench/{MIRROR_FILE}"))
     tar = next(k for k in record["files"] if k.startswith("wds_digits/test/") and k.endswith(".tar"))
     assert record["files"][tar]["sha256"] == storage.sha256_url(str(root / "src" / tar))
@@ -67,12 +69,13 @@ def test_local_and_s3_mirrors_give_the_same_results(mirror, s3_bucket, tmp_path)
         head = json.loads(storage.read_text(storage.join(res.out, "summary.json")))
         assert set(head["missing"]) == {"absent"} and "not found at" in head["missing"]["absent"]
         cls = next(line for line in head["summary"] if line["group"] == "cls")
-        digits_acc = next(r["value"] for r in res.rows if r["task"] == "digits" and r["metric"] == "acc1")
-        shape_mpcr = next(
-            r["value"] for r in res.rows if r["task"] == "shape" and r["metric"] == "mean_per_class_recall"
-        )
+        value = {(r["task"], r["metric"]): r["value"] for r in res.rows}
+        digits_acc, shape_mpcr = value["digits", "acc1"], value["shape", "mean_per_class_recall"]
         assert cls["tasks"] == 2 and cls["missing"] == ["absent"]
         assert cls["value"] == pytest.approx((digits_acc + shape_mpcr) / 2)
+        assert 0 < value["shape", "mean_average_precision_11pt"] <= 1
+        ret = value["retrieval", "image_retrieval_recall@1"], value["retrieval", "text_retrieval_recall@1"]
+        assert value["retrieval", "mean_recall@1"] == pytest.approx(sum(ret) / 2)
         report = storage.read_text(res.report_md)
         assert "## Missing datasets" in report and "absent" in report and "mean over the classification sets" in report
     run = json.loads(storage.read_text(f"{tmp_path}/s3/_run.json"))
@@ -112,6 +115,20 @@ def test_prepare_command_and_data_root_errors(mirror, tmp_path):
         evaluate(ckpt, str(tmp_path / "e"), load_suite(str(root / "suite.yaml")), EvalConfig(data_root=str(tmp_path)))
     with pytest.raises(EvalError, match="which no task has"):
         parse_suite("summary: [{name: x, group: nope}]\ntasks: [digits]")
+    # a dataset path that is not there is an error, not a skip: only a --data-root mirror may lack one
+    typo = parse_suite(f"tasks: [digits, {{name: t, kind: zeroshot_classification, dataset: {tmp_path}/nope}}]")
+    with pytest.raises(EvalError, match="task t: dataset not found at"):
+        evaluate(ckpt, str(tmp_path / "e2"), typo, EvalConfig(cache=None, resamples=0))
+    # a second prepare into the same mirror adds to its record (another source for what was missing)
+    other = tmp_path / "other" / "wds_not-mirrored"
+    export("synthetic-colour", str(other), samples_per_shard=500, splits=("test",))
+    more = prepare(load_suite(str(root / "suite.yaml")), str(tmp_path / "m"), str(tmp_path / "other"), progress=False)
+    assert set(more.missing) == set() and all(k.startswith("wds_not-mirrored/") for k in more.files)
+    record = json.loads((tmp_path / "m" / MIRROR_FILE).read_text())
+    assert record["missing"] == {} and len(record["sources"]) == 2
+    assert {k.split("/")[0] for k in record["files"]} == {
+        "wds_digits", "wds_synthetic-shape", "wds_synthetic-retrieval", "wds_not-mirrored"
+    }  # fmt: skip
 
 
 def test_eleven_point_map_by_hand():
@@ -137,7 +154,7 @@ CLIP_PAPER = {
     "gtsrb": "acc1", "mnist": "acc1", "svhn": "acc1", "country211": "acc1", "sst2": "acc1", "pcam": "acc1",
     "fer2013": "acc1", "sun397": "acc1", "caltech101": "mean_per_class_recall",
     "voc2007": "mean_average_precision_11pt", "kitti_distance": "acc1",
-    "flickr30k": "image_retrieval_recall@1", "mscoco": "image_retrieval_recall@1",
+    "flickr30k": "mean_recall@1", "mscoco": "mean_recall@1",
 }  # fmt: skip
 
 
@@ -146,13 +163,26 @@ def test_clip_paper_suite_names_every_dataset_with_the_papers_metric():
     got = {t.name: t.main_metric for t in suite.tasks}
     assert got == CLIP_PAPER
     by_name = {t.name: t for t in suite.tasks}
-    for name in ("flickr30k", "mscoco"):
+    for name in ("flickr30k", "mscoco"):  # Recall@1, 5, 10 in both directions, as the paper's table 13
         assert by_name[name].kind == "zeroshot_retrieval"
+        assert {f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10)} <= set(
+            by_name[name].metrics
+        )
     imagenet = by_name["imagenet1k"]
     assert len(imagenet.classnames) == 1000 and len(imagenet.templates) == 80
     assert all(t.dataset.startswith("{data_root}/wds_") for t in suite.tasks)
     for other, count in (("imagenet-robustness", 6), ("vtab", 19), ("datacomp", 37)):
         assert len(load_suite(other).tasks) == count
+    datacomp = {t.name: t.main_metric for t in load_suite("datacomp").tasks}
+    assert {n for n, m in datacomp.items() if m == "mean_per_class_recall"} == {
+        "caltech101",
+        "fgvc_aircraft",
+        "flowers",
+        "pets",
+    }
+    assert datacomp["flickr30k"] == datacomp["mscoco"] == "mean_recall@1"
+    few = parse_suite("tasks: [digits-fewshot, synthetic-retrieval]").tasks
+    assert [t.main_metric for t in few] == ["fewshot_k16_acc1", "mean_recall@1"]
 
 
 def test_pretrained_file_goes_through_open_clips_loader(tmp_path, monkeypatch):

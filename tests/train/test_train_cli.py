@@ -58,6 +58,7 @@ def test_flags_win_over_the_yaml_and_grad_clip_none(captured, tmp_path):
     [
         (["--eval-every", "5"], "--eval-every needs --eval-suite"),
         (["--eval-every", "5", "--eval-suite", "nonsense"], "unknown suite 'nonsense'"),
+        (["--eval-every", "5", "--eval-suite", "clip-paper"], "which training evaluation does not take"),
         (["--lock-text-unlocked-layers", "2"], "lock_text_unlocked_layers needs lock_text"),
         (["--grad-clip", "big"], "neither a number nor 'none'"),
         (["--weights", "0.7,x"], "give numbers separated by commas"),
