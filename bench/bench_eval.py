@@ -3,7 +3,8 @@
 Both tools evaluate zero-shot classification on built-in datasets exported in CLIP_benchmark's
 WebDataset layout (``wit.evaluate.export``). CLIP_benchmark runs from its own virtualenv
 (``/tmp/cbvenv``: ``python3 -m venv /tmp/cbvenv && /tmp/cbvenv/bin/pip install torch==2.14.1
-torchvision==0.29.1 clip_benchmark``) and loads the very same weights through open_clip's
+torchvision==0.29.1 clip_benchmark "numpy<2.4" requests``; clip_benchmark 1.6 imports requests
+without declaring it) and loads the very same weights through open_clip's
 ``local-dir:`` schema (an ``open_clip_config.json`` beside the weights). It runs with its defaults
 (batch 64, 4 loader workers) except ``--no_amp``: on CPU its autocast is bfloat16, and the point
 is to compare the same fp32 computation.
