@@ -38,7 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from _report import table, write_section  # noqa: E402
+from _report import commit, table, write_section  # noqa: E402
 
 DATASETS = ("synthetic-colour", "synthetic-shape", "digits", "colour-4k")
 BIG = "colour-4k"
@@ -271,6 +271,7 @@ def main() -> None:
     agreement = agreement_rows(work, ckpt, ldir, args.cb_python)
     what = "given" if args.checkpoint else "seeded random-init wit-tiny"
     body = (
+        f"Commit `{commit()}`. "
         f"Zero-shot classification of one checkpoint ({what}) "
         "on built-in datasets exported with `wit.evaluate.export` in CLIP_benchmark's wds layout; "
         "`clip_benchmark eval --model_type open_clip --model local-dir:...` (PyPI clip_benchmark, "
