@@ -136,7 +136,7 @@ def agreement_rows(work: Path, ckpt: Path, ldir: Path, cb_python: str) -> list[l
     ):
         data = work / "mirror" / f"wds_{name}"
         if not data.exists():
-            export(name, str(data), samples_per_shard=100, splits=("test",))
+            export(name, str(data), samples_per_shard=25, splits=("test",))  # >= 4 shards: its 4 loader workers
         suite = work / f"agree-{name}.yaml"
         suite.write_text(f"tasks: [{{name: {name}, kind: {task}, dataset: {data}, format: wds}}]\n")
         out = work / "agree" / name
