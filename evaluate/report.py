@@ -245,32 +245,45 @@ def build_blocks(run: dict, tasks: list[dict]) -> list[Block]:
         for m in t["metrics"]:
             rows.append((t["task"], t["kind"], m["metric"], _fmt(m["value"]), _ci(m), str(m["n"])))
     b.append(Block("table", headers=("task", "kind", "metric", "value", "95% CI", "n"), rows=tuple(rows)))
+    b += _ensembling_blocks(tasks)
+    b += _robustness_blocks(tasks)
+    b += _fewshot_blocks(tasks)
+    b += _confusion_blocks(tasks)
+    skips = [
+        (t["task"], str(t["n"]), ", ".join(f"{k}: {v}" for k, v in sorted(t["skipped"].items())) or "none")
+        for t in tasks
+    ]
+    b.append(Block("h2", "Data"))
+    b.append(Block("table", headers=("task", "images evaluated", "skipped"), rows=tuple(skips)))
+    return b
+
+
+def _ensembling_blocks(tasks: list[dict]) -> list[Block]:
+    """Single template against the ensemble, for each task that reports both."""
     ens = []
     for t in tasks:
         ms = {m["metric"]: m for m in t["metrics"]}
         if "acc1" in ms and "acc1_single_template" in ms:
             gain = ms["acc1"]["value"] - ms["acc1_single_template"]["value"]
-            ens.append(
-                (
-                    t["task"],
-                    str(t.get("templates", "")),
-                    _fmt(ms["acc1_single_template"]["value"]),
-                    _fmt(ms["acc1"]["value"]),
-                    f"{100 * gain:+.1f}",
-                )
-            )
-    if ens:
-        b.append(Block("h2", "Prompt ensembling"))
-        b.append(
-            Block(
-                "p",
-                "Top-1 with the first template alone against the ensemble of all templates "
-                "(mean of normalised text embeddings, renormalised; CLIP §3.1.4).",
-            )
-        )
-        b.append(Block("table", headers=("task", "templates", "single template", "ensemble", "gain"), rows=tuple(ens)))
-    b += _robustness_blocks(tasks)
+            single, ensemble = _fmt(ms["acc1_single_template"]["value"]), _fmt(ms["acc1"]["value"])
+            ens.append((t["task"], str(t.get("templates", "")), single, ensemble, f"{100 * gain:+.1f}"))
+    if not ens:
+        return []
+    return [
+        Block("h2", "Prompt ensembling"),
+        Block(
+            "p",
+            "Top-1 with the first template alone against the ensemble of all templates "
+            "(mean of normalised text embeddings, renormalised; CLIP §3.1.4).",
+        ),
+        Block("table", headers=("task", "templates", "single template", "ensemble", "gain"), rows=tuple(ens)),
+    ]
+
+
+def _fewshot_blocks(tasks: list[dict]) -> list[Block]:
+    """Each few-shot curve, with the zero-shot top-1 of the same dataset as its line."""
     by_dataset = {t["dataset"]: t for t in tasks if t["kind"] == "zeroshot_classification"}
+    b = []
     for t in tasks:
         if t["kind"] == "fewshot" and t.get("fewshot"):
             zs = by_dataset.get(t["dataset"])
@@ -279,31 +292,25 @@ def build_blocks(run: dict, tasks: list[dict]) -> list[Block]:
                 m = next((m for m in zs["metrics"] if m["metric"] == "acc1"), None)
                 zline = dict(m, task=zs["task"]) if m else None
             b.append(Block("h2", f"Few-shot: {t['task']}"))
+            png = fewshot_plot(t, zline)
             b.append(
                 Block(
                     "figure",
                     f"Few-shot curve of {t['task']} against zero-shot",
-                    png=fewshot_plot(t, zline),
+                    png=png,
                     name=f"fewshot-{t['task']}.png",
                 )
             )
+    return b
+
+
+def _confusion_blocks(tasks: list[dict]) -> list[Block]:
+    b = []
     for t in tasks:
         if t.get("confusion") is not None and len(t["classnames"]) <= CONFUSION_MAX_CLASSES:
             b.append(Block("h2", f"Confusion: {t['task']}"))
-            b.append(
-                Block(
-                    "figure",
-                    f"Confusion matrix of {t['task']}",
-                    png=confusion_plot(t),
-                    name=f"confusion-{t['task']}.png",
-                )
-            )
-    skips = [
-        (t["task"], str(t["n"]), ", ".join(f"{k}: {v}" for k, v in sorted(t["skipped"].items())) or "none")
-        for t in tasks
-    ]
-    b.append(Block("h2", "Data"))
-    b.append(Block("table", headers=("task", "images evaluated", "skipped"), rows=tuple(skips)))
+            png = confusion_plot(t)
+            b.append(Block("figure", f"Confusion matrix of {t['task']}", png=png, name=f"confusion-{t['task']}.png"))
     return b
 
 

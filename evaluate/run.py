@@ -414,8 +414,8 @@ class EvalStage:
 
 def measure(s: Session, task: TaskSpec) -> tuple[list[dict], dict, dict]:
     """One task on the session's model: its result rows (``EVAL_RESULTS``), its detail (the
-    ``tasks/NAME.json`` of a run) and its counts (kept and skipped images). Writes nothing."""
-    cfg = s.config
+    ``tasks/NAME.json`` of a run) and its counts (kept and skipped images). Writes nothing.
+    The measurement itself is the task kind's function in :data:`MEASURES`."""
     start = time.perf_counter()
     detail: dict = {
         "task": task.name,
@@ -427,75 +427,7 @@ def measure(s: Session, task: TaskSpec) -> tuple[list[dict], dict, dict]:
     }
     test = s.features(task, task.split)
     skipped = dict(test.skipped)
-    templates_digest = None
-    scores: list[M.Score] = []
-    if task.kind == "zeroshot_retrieval":
-        texts = [c for caps in test.captions for c in caps]
-        if not texts:
-            raise EvalError(f"task {task.name}: {task.dataset} has no captions (a retrieval dataset needs txt)")
-        owner = np.repeat(np.arange(len(test.captions)), [len(c) for c in test.captions])
-        txt = s.encoder.encode_texts(texts)
-        scores = M.retrieval_scores(test.features @ txt.T, owner, (1, 5, 10), cfg.resamples, cfg.seed)
-        detail.update(captions=len(texts))
-    else:
-        names = _class_names(s, task)
-        valid = (test.labels >= 0) & (test.labels < len(names))
-        if (~valid).any():
-            skipped["no_label"] = skipped.get("no_label", 0) + int((~valid).sum())
-        x, y = test.features[valid], test.labels[valid]
-        if len(y) == 0:
-            raise EvalError(f"task {task.name}: no test image has a class label")
-        detail.update(classnames=names, chance=1.0 / len(names))
-        if task.kind == "zeroshot_classification":
-            if task.name not in s.text:
-                s.build_text_classifiers([task])
-            text = s.text[task.name]
-            templates = s.templates(task)
-            templates_digest = _sha_text(*templates, "\n", *names)
-            logits = x @ M.ensemble_classifier(text).T
-            single = x @ M.normalize(text[:, 0, :]).T
-            scores = M.classification_scores(logits, y, len(names), "", cfg.resamples, cfg.seed)
-            scores.append(M.mean_score("acc1_single_template", single.argmax(1) == y, cfg.resamples, cfg.seed))
-            if task.wants("mean_average_precision_11pt") and task.metrics:  # asked for by name (VOC2007)
-                scores.append(M.mean_average_precision_11pt(logits, y, len(names)))
-            detail.update(
-                templates=len(templates),
-                confusion=M.confusion_matrix(y, logits.argmax(1), len(names)).tolist(),
-            )
-        else:
-            train = s.features(task, task.train_split)
-            tv = (train.labels >= 0) & (train.labels < len(names))
-            tx, ty = train.features[tv], train.labels[tv]
-            detail["train_digest"] = s.split(task, task.train_split).digest
-            if task.kind == "linear_probe":
-                probe = linear_probe(tx, ty, x, len(names), cfg.probe_cs, seed=cfg.seed, device=_fit_device(s))
-                scores = M.classification_scores(probe.scores, y, len(names), "lp_", cfg.resamples, cfg.seed)
-                detail.update(
-                    best_c=probe.best_c,
-                    validation={str(k): v for k, v in probe.validation.items()},
-                    confusion=M.confusion_matrix(y, probe.scores.argmax(1), len(names)).tolist(),
-                )
-            else:
-                curve = {}
-                for k in task.fewshot_ks:
-                    fs = fewshot(tx, ty, x, len(names), k, cfg.fewshot_c, cfg.seed, device=_fit_device(s))
-                    if fs is None:
-                        continue  # some class has fewer than k training examples
-                    top1 = fs.argmax(1) == y
-                    a = M.mean_score(f"fewshot_k{k}_acc1", top1, cfg.resamples, cfg.seed)
-                    r = M.mean_per_class_recall_score(
-                        f"fewshot_k{k}_mean_per_class_recall",
-                        top1,
-                        y,
-                        len(names),
-                        cfg.resamples,
-                        cfg.seed,
-                    )
-                    scores += [a, r]
-                    curve[str(k)] = {"value": a.value, "ci_low": a.ci_low, "ci_high": a.ci_high}
-                if not curve:
-                    raise EvalError(f"task {task.name}: no class has {min(task.fewshot_ks)} training examples")
-                detail["fewshot"] = curve
+    scores, templates_digest = MEASURES[task.kind](s, task, test, skipped, detail)
     scores = [sc for sc in scores if task.wants(sc.metric)]
     dataset_digest = s.split(task, task.split).digest
     rows = [
@@ -524,6 +456,100 @@ def measure(s: Session, task: TaskSpec) -> tuple[list[dict], dict, dict]:
     )
     counts = {"kept": len(test.keys), **skipped}
     return rows, detail, counts
+
+
+# Each kind's measurement: (session, task, test features, skipped counts to add to, detail to fill)
+# -> (scores, templates digest or None).
+Measured = tuple[list[M.Score], str | None]
+
+
+def _retrieval(s: Session, task: TaskSpec, test: ImageFeatures, skipped: dict, detail: dict) -> Measured:
+    texts = [c for caps in test.captions for c in caps]
+    if not texts:
+        raise EvalError(f"task {task.name}: {task.dataset} has no captions (a retrieval dataset needs txt)")
+    owner = np.repeat(np.arange(len(test.captions)), [len(c) for c in test.captions])
+    txt = s.encoder.encode_texts(texts)
+    detail.update(captions=len(texts))
+    return M.retrieval_scores(test.features @ txt.T, owner, (1, 5, 10), s.config.resamples, s.config.seed), None
+
+
+def _labelled(s: Session, task: TaskSpec, test: ImageFeatures, skipped: dict, detail: dict):
+    """(class names, features, labels) of the test images with a label in range; the others are
+    counted ``no_label``."""
+    names = _class_names(s, task)
+    valid = (test.labels >= 0) & (test.labels < len(names))
+    if (~valid).any():
+        skipped["no_label"] = skipped.get("no_label", 0) + int((~valid).sum())
+    x, y = test.features[valid], test.labels[valid]
+    if len(y) == 0:
+        raise EvalError(f"task {task.name}: no test image has a class label")
+    detail.update(classnames=names, chance=1.0 / len(names))
+    return names, x, y
+
+
+def _training_split(s: Session, task: TaskSpec, n_classes: int, detail: dict) -> tuple[np.ndarray, np.ndarray]:
+    train = s.features(task, task.train_split)
+    keep = (train.labels >= 0) & (train.labels < n_classes)
+    detail["train_digest"] = s.split(task, task.train_split).digest
+    return train.features[keep], train.labels[keep]
+
+
+def _zeroshot(s: Session, task: TaskSpec, test: ImageFeatures, skipped: dict, detail: dict) -> Measured:
+    cfg = s.config
+    names, x, y = _labelled(s, task, test, skipped, detail)
+    if task.name not in s.text:
+        s.build_text_classifiers([task])
+    text = s.text[task.name]
+    templates = s.templates(task)
+    logits = x @ M.ensemble_classifier(text).T
+    single = x @ M.normalize(text[:, 0, :]).T
+    scores = M.classification_scores(logits, y, len(names), "", cfg.resamples, cfg.seed)
+    scores.append(M.mean_score("acc1_single_template", single.argmax(1) == y, cfg.resamples, cfg.seed))
+    if task.wants("mean_average_precision_11pt") and task.metrics:  # asked for by name (VOC2007)
+        scores.append(M.mean_average_precision_11pt(logits, y, len(names)))
+    detail.update(templates=len(templates), confusion=M.confusion_matrix(y, logits.argmax(1), len(names)).tolist())
+    return scores, _sha_text(*templates, "\n", *names)
+
+
+def _linear_probe(s: Session, task: TaskSpec, test: ImageFeatures, skipped: dict, detail: dict) -> Measured:
+    cfg = s.config
+    names, x, y = _labelled(s, task, test, skipped, detail)
+    tx, ty = _training_split(s, task, len(names), detail)
+    probe = linear_probe(tx, ty, x, len(names), cfg.probe_cs, seed=cfg.seed, device=_fit_device(s))
+    detail.update(
+        best_c=probe.best_c,
+        validation={str(k): v for k, v in probe.validation.items()},
+        confusion=M.confusion_matrix(y, probe.scores.argmax(1), len(names)).tolist(),
+    )
+    return M.classification_scores(probe.scores, y, len(names), "lp_", cfg.resamples, cfg.seed), None
+
+
+def _fewshot(s: Session, task: TaskSpec, test: ImageFeatures, skipped: dict, detail: dict) -> Measured:
+    cfg = s.config
+    names, x, y = _labelled(s, task, test, skipped, detail)
+    tx, ty = _training_split(s, task, len(names), detail)
+    scores, curve = [], {}
+    for k in task.fewshot_ks:
+        fs = fewshot(tx, ty, x, len(names), k, cfg.fewshot_c, cfg.seed, device=_fit_device(s))
+        if fs is None:
+            continue  # some class has fewer than k training examples
+        top1 = fs.argmax(1) == y
+        a = M.mean_score(f"fewshot_k{k}_acc1", top1, cfg.resamples, cfg.seed)
+        name = f"fewshot_k{k}_mean_per_class_recall"
+        scores += [a, M.mean_per_class_recall_score(name, top1, y, len(names), cfg.resamples, cfg.seed)]
+        curve[str(k)] = {"value": a.value, "ci_low": a.ci_low, "ci_high": a.ci_high}
+    if not curve:
+        raise EvalError(f"task {task.name}: no class has {min(task.fewshot_ks)} training examples")
+    detail["fewshot"] = curve
+    return scores, None
+
+
+MEASURES = {
+    "zeroshot_classification": _zeroshot,
+    "zeroshot_retrieval": _retrieval,
+    "linear_probe": _linear_probe,
+    "fewshot": _fewshot,
+}
 
 
 def _fit_device(s: Session) -> str:
