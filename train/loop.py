@@ -832,25 +832,10 @@ def _dataset_str(dataset_url) -> str:
 # the run record
 
 
-def _write_record(
-    out,
-    cfg,
-    spec,
-    dataset_url,
-    info,
-    tallies: _Tallies,
-    step,
-    samples_seen,
-    last_loss,
-    evals,
-    resumed_from,
-    started,
-    env,
-    decay: dict,
-    start: dict | None,
-    locked: dict | None,
-    settings: dict,
-) -> None:
+def _output_files(out: str, tallies: _Tallies) -> tuple[dict[str, FileInfo], int]:
+    """Write ``skipped.parquet`` (when a sample was skipped) and the checkpoint index; return every
+    file the record lists (kept checkpoints and sidecars, the index, metrics, skipped) and the
+    number of kept checkpoints."""
     if tallies.skipped:
         table = pa.table({k: [s[i] for s in tallies.skipped] for i, k in enumerate(("uid", "shard", "reason"))})
         buf = pa.BufferOutputStream()
@@ -878,6 +863,12 @@ def _write_record(
         url = storage.join(out, name)
         if storage.exists(url):
             files[name] = FileInfo(name=name, sha256=storage.sha256_url(url), bytes=storage.size(url))
+    return files, len(index_rows)
+
+
+def _record_inputs(info) -> list[ManifestRef]:
+    """The run's inputs: each wit dataset as its finished output (lineage goes on through it), other
+    shard sets as shard URLs."""
     inputs = []
     for src in info.sources:
         if src.is_wit_dataset:
@@ -887,6 +878,30 @@ def _write_record(
                 inputs.append(ManifestRef(url=src.url, digest=src.digest))
         else:
             inputs.append(ManifestRef(url=src.url, kind="shards"))
+    return inputs
+
+
+def _write_record(
+    out,
+    cfg,
+    spec,
+    dataset_url,
+    info,
+    tallies: _Tallies,
+    step,
+    samples_seen,
+    last_loss,
+    evals,
+    resumed_from,
+    started,
+    env,
+    decay: dict,
+    start: dict | None,
+    locked: dict | None,
+    settings: dict,
+) -> None:
+    files, n_checkpoints = _output_files(out, tallies)
+    inputs = _record_inputs(info)
     reasons = Counter(_skip_kind(s[2]) for s in tallies.skipped)
     record = build_run_record(
         stage="train",
@@ -901,7 +916,7 @@ def _write_record(
         files=files,
         rows=samples_seen,
         counts=dict(reasons),
-        partitions=len(index_rows),
+        partitions=n_checkpoints,
         started=started,
         extra={
             "checkpoint": f"{CHECKPOINTS}/step-{step:08d}.pt",
