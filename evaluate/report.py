@@ -421,6 +421,13 @@ def _cell(m: dict | None) -> str:
     return _fmt(m["value"]) + (f" {_ci(m)}" if m.get("ci_low") is not None else "")
 
 
+def _diff(a: dict | None, b: dict | None) -> str:
+    """The second output's value minus the first's, in points; '–' when either lacks one."""
+    if not a or not b or a["value"] is None or b["value"] is None:
+        return "–"
+    return f"{100 * (b['value'] - a['value']):+.1f}"
+
+
 def compare_table(outs: list[str], all_metrics: bool = False) -> str:
     """Two or more eval outputs side by side (``wit eval compare``): a row per task and metric
     (its main metric, or all), each output's value with its 95% interval, and with two outputs
@@ -442,8 +449,7 @@ def compare_table(outs: list[str], all_metrics: bool = False) -> str:
             cells = [next((m for m in t["metrics"] if m["metric"] == metric), None) if t else None for t in per]
             row = [name, metric, *(_cell(c) for c in cells)]
             if len(outs) == 2:
-                a, b = cells
-                row.append(f"{100 * (b['value'] - a['value']):+.1f}" if a and b else "–")
+                row.append(_diff(*cells))
             rows.append(row)
     lines = list(dict.fromkeys(line["name"] for head, _ in loaded for line in head.get("summary") or []))
     for line in lines:
@@ -451,9 +457,7 @@ def compare_table(outs: list[str], all_metrics: bool = False) -> str:
         cells = [_fmt(f["value"]) if f else "–" for f in found]
         row = ["summary", line, *cells]
         if len(outs) == 2:
-            a, b = found
-            ok = a and b and a["value"] is not None and b["value"] is not None
-            row.append(f"{100 * (b['value'] - a['value']):+.1f}" if ok else "–")
+            row.append(_diff(*found))
         rows.append(row)
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     text = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]

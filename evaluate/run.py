@@ -52,7 +52,7 @@ from .features import Encoder, FeatureCache, ImageFeatures, split_features
 from .mirror import mirror_digest
 from .probe import DEFAULT_CS, fewshot, linear_probe
 from .report import build_blocks, render_html, render_markdown, results_json, suite_summary
-from .tasks import Suite, TaskSpec, load_suite, parse_suite
+from .tasks import Suite, TaskSpec, load_suite, suite_of
 
 
 def default_cache() -> str:
@@ -201,11 +201,7 @@ class EvalStageConfig:
         return cls(suite=v["suite"], config=config)
 
     def __post_init__(self) -> None:
-        if "\n" in self.suite:  # inline
-            parsed = parse_suite(self.suite, name="pipeline")
-        else:
-            parsed = load_suite(self.suite)
-        object.__setattr__(self, "parsed", parsed)
+        object.__setattr__(self, "parsed", suite_of(self.suite, "pipeline"))
 
     def load_suite(self) -> Suite:
         """The suite, as loaded when this config was made."""
@@ -265,12 +261,12 @@ def _sha_text(*parts: str) -> str:
 class Session:
     """What the partitions of one evaluate() call share: the model, the opened datasets, the cache."""
 
-    def __init__(self, checkpoint: str, suite: Suite, config: EvalConfig, loaded: LoadedModel | None = None):
+    def __init__(self, checkpoint: str, suite: Suite, config: EvalConfig, loaded: LoadedModel):
         self.config = config
         self.suite = suite
         self.checkpoint = storage.normalize(checkpoint)
         self.device = config.resolved_device()
-        self.use(loaded or load_model(self.checkpoint, model=config.model, device=self.device))
+        self.use(loaded)  # load_for_eval's model, or the trainer's at an evaluation step
         self.cache = FeatureCache(config.cache or None)
         self.full_suite = suite  # with the tasks whose datasets are missing (self.suite has the rest)
         self.missing: dict[str, str] = {}  # task -> why it was not run (its dataset is not there)
@@ -701,7 +697,6 @@ def evaluate(checkpoint: str, out: str, suite: str | Suite = "default", config: 
         checkpoint = loaded.info["pretrained"]["file"]
     session = Session(checkpoint, suite, config, loaded)
     digests, sources = _open_datasets(session, suite)
-    stage_suite = suite
     if session.missing:
         present = tuple(t for t in suite.tasks if t.name not in session.missing)
         if not present:
@@ -715,7 +710,7 @@ def evaluate(checkpoint: str, out: str, suite: str | Suite = "default", config: 
     for url, key in sources.items():
         d = _sha_text(*(f"{k}:{v}" for k, v in sorted(digests[key].items())))
         inputs.append(ManifestRef(url=url, kind="source", digest=d))
-    stage_config = decided_config(session.checkpoint, stage_suite, config) | {
+    stage_config = decided_config(session.checkpoint, suite, config) | {
         "checkpoint_digest": session.loaded.digest,
         "model": session.loaded.name,
         "dataset_digests": digests,

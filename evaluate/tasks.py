@@ -322,6 +322,12 @@ def packaged_suites() -> dict[str, str]:
     return {p.name.rsplit(".", 1)[0]: str(p) for p in folder.iterdir() if p.name.endswith(".yaml")}
 
 
+def suite_of(value: str, name: str) -> Suite:
+    """A suite given as a config value: inline YAML text (it has a newline; ``name`` names it), else
+    a built-in or packaged suite name or a suite YAML URL (:func:`load_suite`)."""
+    return parse_suite(value, name=name) if "\n" in value else load_suite(value)
+
+
 def load_suite(name_or_url: str) -> Suite:
     """A built-in suite by name (``default``, or any built-in task's name), or a suite YAML file."""
     suites = builtin_suites()

@@ -100,12 +100,10 @@ def _training_eval(config):
     so an unknown one fails before training starts."""
     with heavy_imports():
         from wit.evaluate.run import TrainingEval
-        from wit.evaluate.tasks import parse_suite
+        from wit.evaluate.tasks import DATA_ROOT, suite_of
         from wit.train.models import resolve_model
 
-    from wit.evaluate.tasks import DATA_ROOT, load_suite
-
-    suite = parse_suite(config.eval_suite, name="train") if "\n" in config.eval_suite else load_suite(config.eval_suite)
+    suite = suite_of(config.eval_suite, "train")
     mirrored = [t.name for t in suite.tasks if DATA_ROOT in t.dataset]
     if mirrored:
         raise click.UsageError(
