@@ -60,9 +60,10 @@ def write_big(url: str, n: int = BIG_IMAGES, seed: int = 8_000_000) -> None:
     import random
 
     from wit.evaluate import world
-    from wit.evaluate.datasets import CLASSNAMES, TEMPLATES, _png, _tar_bytes
+    from wit.evaluate.datasets import CLASSNAMES, TEMPLATES, _png
     from wit.evaluate.tasks import COLOUR_TEMPLATES
     from wit.manifests import storage
+    from wit.manifests.tarwrite import tar_bytes
 
     rng = random.Random(seed)
     classes = world.task_classes("colour")
@@ -76,7 +77,7 @@ def write_big(url: str, n: int = BIG_IMAGES, seed: int = 8_000_000) -> None:
     per = 1000 * 2
     shards = [members[k : k + per] for k in range(0, len(members), per)]
     for k, chunk in enumerate(shards):
-        storage.write_bytes(storage.join(url, "test", f"{k}.tar"), _tar_bytes(chunk))
+        storage.write_bytes(storage.join(url, "test", f"{k}.tar"), tar_bytes(chunk))
     storage.write_text(storage.join(url, "test", "nshards.txt"), f"{len(shards)}\n")
     storage.write_text(storage.join(url, CLASSNAMES), "\n".join(classes) + "\n")
     storage.write_text(storage.join(url, TEMPLATES), "\n".join(COLOUR_TEMPLATES) + "\n")

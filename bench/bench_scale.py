@@ -371,7 +371,7 @@ def shard_plan(rows: int, out: str) -> dict:
 
 def shard_reference(rows: int, out: str) -> dict:
     """Today's PLAN: every kept filtered row and curated row in one process, one global sort."""
-    from wit.ingest.shard import plan_rows
+    from wit.ingest.shardplan import plan_rows
     from wit.manifests.manifest import open_manifest
 
     start = time.perf_counter()

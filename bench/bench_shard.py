@@ -34,7 +34,7 @@ from _report import table, write_section  # noqa: E402
 
 from wit.ingest import shard as shard_module  # noqa: E402
 from wit.ingest.shard import SHARD_PHASES, ShardConfig  # noqa: E402
-from wit.manifests import storage  # noqa: E402
+from wit.manifests import storage, tarwrite  # noqa: E402
 from wit.pipeline.executor import run_stage  # noqa: E402
 
 from conftest import moto_process  # noqa: E402  (the test suite's own moto_server)
@@ -73,17 +73,17 @@ def hash_once(src: list[Path]) -> None:
 def shard(filtered, dest: Path | str, readahead: bool = True, direct: bool = True) -> None:
     config = ShardConfig(samples_per_shard=PER_SHARD, card=False)
     ref = filtered
-    hint, set_direct = shard_module.Readahead, shard_module.set_direct
+    hint, set_direct = shard_module.Readahead, tarwrite.set_direct
     if not readahead:
         shard_module.Readahead = lambda images, then=(): nullcontext()  # the write phase as it was without it
     if not direct:
-        shard_module.set_direct = lambda fd, on: False  # a durable shard through the page cache, then fsync
+        tarwrite.set_direct = lambda fd, on: False  # a durable shard through the page cache, then fsync
     try:
         for stage, sub in SHARD_PHASES:
             out = storage.join(str(dest), sub) if sub else str(dest)
             ref = run_stage(stage, config, [ref], out, progress=False).ref
     finally:
-        shard_module.Readahead, shard_module.set_direct = hint, set_direct
+        shard_module.Readahead, tarwrite.set_direct = hint, set_direct
 
 
 @contextmanager

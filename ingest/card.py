@@ -13,11 +13,9 @@ import textwrap
 
 from PIL import Image
 
-from wit.manifests.lineage import LineageNode, lineage
+from wit.manifests.lineage import LineageNode, find_upstream, lineage
 from wit.manifests.runrecord import read_run_record
 from wit.manifests.stage import StageError
-
-from .filter import find_upstream
 
 CARD = "CARD.md"
 QUERY_PLOT = "card/queries.png"

@@ -70,7 +70,7 @@ from wit.manifests.runrecord import RunRecord, read_run_record
 from wit.manifests.schemas import with_kind
 from wit.manifests.stage import Partition, PartitionResult, StageError, input_parts
 
-from .queries import QueryMatcher, cached_matcher, default_queries_url, read_queries
+from .queries import QueryMatcher, cached_matcher, default_queries_url, read_queries, selection_draw
 from .safety import host_problem
 from .text import TextRules, clean_texts, normalize_lang, text_problems
 
@@ -466,12 +466,6 @@ class CurateCount:
 # BALANCE: keep at most about t pairs per query
 
 QUERY_SUM_ROWS = 4_000_000  # per-bucket count rows gathered before they are summed by query
-
-
-def selection_draw(seed: int, uid: str, query: str) -> float:
-    """``u(seed, uid, q)``: a uniform number in [0, 1), the same for the same three on any machine."""
-    digest = hashlib.blake2b(f"{seed}\x1f{uid}\x1f{query}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64
 
 
 def _sum_by_query(tables: list[pa.Table]) -> pa.Table:

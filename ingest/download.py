@@ -58,8 +58,9 @@ http_429, connection) into new shards there, planned like the download (ranges o
 ledger's parts of the rows to retry, never the rows in the driver), and carries every other row
 over unchanged except that its ``shard`` becomes the absolute URL of the shard in the old folder.
 The old folder is never written, so its run record, digest and shards stay valid, and the new
-folder's run record names the old ledger as its input. Use :func:`shard_url` to open a ledger
-row's shard: it handles both relative (``shards/000001.tar``) and absolute shard values.
+folder's run record names the old ledger as its input. Use
+:func:`~wit.manifests.manifest.shard_url` to open a ledger row's shard: it handles both relative
+(``shards/000001.tar``) and absolute shard values.
 """
 
 from __future__ import annotations
@@ -74,7 +75,6 @@ import os
 import re
 import shutil
 import socket
-import tarfile
 import tempfile
 import urllib.error
 import urllib.request
@@ -93,10 +93,11 @@ import pyarrow.parquet as pq
 
 from wit.ingest.safety import PRIVATE_HOST, host_problem
 from wit.manifests import storage
-from wit.manifests.manifest import FileInfo, ManifestRef, open_manifest, read_part
+from wit.manifests.manifest import FileInfo, ManifestRef, open_manifest, read_part, shard_name, shard_url
 from wit.manifests.options import Option, check_options
 from wit.manifests.schemas import DOWNLOADED
 from wit.manifests.stage import Partition, PartitionResult, StageError
+from wit.manifests.tarwrite import rename_members
 
 # Honest by default; a crawl at scale should add a contact URL or address (--user-agent), so site
 # owners can reach whoever runs it.
@@ -131,7 +132,6 @@ ERROR_CLASSES = (
     "other",
 )
 TRANSIENT = ("timeout", "http_5xx", "http_429", "connection")
-SHARDS_DIR = "shards"
 _REFUSED = "wit-refused:"  # prefix of the error our redirect guard raises, then parsed back
 
 
@@ -791,17 +791,6 @@ def _scratch(out: str, index: int):
         shutil.rmtree(work, ignore_errors=True)
 
 
-def shard_name(number: int) -> str:
-    return f"{SHARDS_DIR}/{number:06d}.tar"
-
-
-def shard_url(ledger_url: str, shard: str) -> str:
-    """The URL of a ledger row's shard: relative values are under the ledger folder."""
-    if "://" in shard or os.path.isabs(shard):
-        return shard
-    return storage.join(ledger_url, shard)
-
-
 def _sha256_file(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -859,13 +848,13 @@ def _rekey_tar(tar: str, rows: list[LedgerRow]) -> str:
     downloads that made them.
     """
     uid_of = {r.key: r.uid for r in rows if r.key is not None}
+
+    def rekey(name: str) -> str:
+        key, dot, ext = name.partition(".")
+        return f"{uid_of[key]}{dot}{ext}"
+
     out = tar + ".uid"
-    with tarfile.open(tar) as src, tarfile.open(out, "w") as dst:
-        for member in src:
-            key, dot, ext = member.name.partition(".")
-            data = src.extractfile(member) if member.isfile() else None
-            member.name, member.mtime = f"{uid_of[key]}{dot}{ext}", 0
-            dst.addfile(member, data)
+    rename_members(tar, out, rekey)
     for r in rows:
         r.key = r.uid if r.key is not None else None
     return out
@@ -1001,5 +990,4 @@ __all__ = [
     "plan_ranges",
     "read_ranges",
     "refusals",
-    "shard_url",
 ]

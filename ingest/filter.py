@@ -41,7 +41,7 @@ no reason, in this order and with ``duplicate_of`` naming the kept row:
   (leader clustering in uid order, so the representative is the smallest uid of its group and
   the choice depends on nothing but the rows);
 - ``over_cap`` (``--rebalance``): MetaCLIP's per-query cap re-applied to the rows still kept,
-  with curate's rule :func:`wit.ingest.curate.selection_draw`. With curate's own cap and seed
+  with curate's rule :func:`wit.ingest.queries.selection_draw`. With curate's own cap and seed
   nothing can drop (link rot only lowers counts, so every draw that passed still passes); a
   lower cap gives the subset curate would have kept with that cap.
 - ``low_clip_score``: among the rows still kept, a CLIP score below ``min_clip_score``, or below
@@ -84,7 +84,8 @@ the phases split their decisions by scan part) and writes FILTERED rows, with
 (``clip_score``) and of the kept ones (``clip_score_kept``) in buckets of 0.05 keyed by lower edge.
 
 The curated manifest (queries, for ``--rebalance``) is ``config.curated`` when given, otherwise
-the nearest ``curated`` output up the run records' inputs (:func:`find_upstream`).
+the nearest ``curated`` output up the run records' inputs
+(:func:`wit.manifests.lineage.find_upstream`).
 """
 
 from __future__ import annotations
@@ -94,8 +95,7 @@ import hashlib
 import math
 import posixpath
 import re
-import tarfile
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
@@ -108,14 +108,16 @@ from xxhash import xxh3_128_hexdigest
 from wit.manifests import buckets, storage
 from wit.manifests.buckets import ROWS_PER_BUCKET
 from wit.manifests.buckets import option as buckets_option  # the config field is `buckets`
-from wit.manifests.manifest import ManifestError, ManifestRef, open_manifest, part_name, read_part
+from wit.manifests.lineage import find_upstream
+from wit.manifests.manifest import ManifestRef, open_manifest, part_name, read_part
+from wit.manifests.manifest import shard_url as locate_shard
 from wit.manifests.options import Option, check_options, split_ref
 from wit.manifests.runrecord import read_run_record
 from wit.manifests.schemas import conform, with_kind
 from wit.manifests.stage import Partition, PartitionResult, Resources, StageError, input_parts
+from wit.manifests.tars import IMAGE_EXTENSIONS, TarError, read_files
 
 from . import neardup
-from .download import shard_url as locate_shard
 from .imaging import HashIndex, check_image, hash_hex, hash_int
 
 if TYPE_CHECKING:  # torch is imported only when a CLIP model is asked for
@@ -134,8 +136,6 @@ LOW_CLIP_SCORE = "low_clip_score"
 
 SCAN_KIND = "filter_scan"
 GROUP_KIND = "filter_group"
-
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 
 SCAN_SCHEMA = with_kind(
     pa.schema(
@@ -404,31 +404,6 @@ def _task_name(url: str) -> str:
     return name[4:] if name.startswith("wds_") else name
 
 
-def find_upstream(url: str, kind: str) -> ManifestRef | None:
-    """The nearest finished output of ``kind`` up the run records' inputs of ``url`` (breadth first).
-
-    Returns its ref as recorded by the run that read it (URL and digest at that time), or None.
-    """
-    queue = deque([storage.normalize(url)])
-    seen = set()
-    while queue:
-        here = queue.popleft()
-        if here in seen:
-            continue
-        seen.add(here)
-        try:
-            rec = read_run_record(here)
-        except ManifestError:
-            continue
-        if rec is None:
-            continue
-        for ref in rec.inputs:
-            if ref.kind == kind:
-                return ManifestRef(url=storage.normalize(ref.url), kind=ref.kind, digest=ref.digest)
-            queue.append(storage.normalize(ref.url))
-    return None
-
-
 # ---------------------------------------------------------------------------------------------
 # SCAN: read each image once
 
@@ -443,18 +418,12 @@ def read_members(shard_url: str, keys: set[str]) -> dict[str, Member]:
     found: dict[str, Member] = {}
     with storage.open_url(shard_url, "rb") as fh:
         try:
-            with tarfile.open(fileobj=fh, mode="r|*") as tar:
-                plain = getattr(tar.fileobj, "comptype", "tar") == "tar"
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    name = posixpath.basename(member.name)
-                    key, dot, ext = name.partition(".")
-                    if not dot or key not in keys or ext.lower() not in IMAGE_EXTENSIONS or key in found:
-                        continue
-                    data = tar.extractfile(member).read()
-                    found[key] = Member(ext.lower(), member.offset_data if plain else None, data)
-        except tarfile.TarError as exc:
+            for file in read_files(fh):
+                key, dot, ext = posixpath.basename(file.name).partition(".")
+                if not dot or key not in keys or ext.lower() not in IMAGE_EXTENSIONS or key in found:
+                    continue
+                found[key] = Member(ext.lower(), file.offset, file.read())
+        except TarError as exc:
             raise StageError(f"{shard_url}: not a readable tar shard ({exc})") from exc
     return found
 
@@ -670,14 +639,10 @@ def reference_hashes(url: str, max_pixels: int) -> list[int]:
     blobs: list[bytes] = []
     if tars:
         for name in tars:
-            with (
-                storage.open_url(storage.join(url, name), "rb") as fh,
-                tarfile.open(fileobj=fh, mode="r|*") as tar,
-            ):
-                for member in tar:
-                    ext = member.name.rsplit(".", 1)[-1].lower()
-                    if member.isfile() and ext in IMAGE_EXTENSIONS:
-                        blobs.append(tar.extractfile(member).read())
+            with storage.open_url(storage.join(url, name), "rb") as fh:
+                for file in read_files(fh):
+                    if file.name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS:
+                        blobs.append(file.read())
     else:
         blobs = [
             storage.read_bytes(storage.join(url, n)) for n in names if n.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
@@ -1612,8 +1577,8 @@ def over_cap_decisions(
     uids: list[str], queries: list[list[str] | None], over: Mapping[str, int], cap: int, seed: int
 ) -> dict[str, Decision]:
     """``over_cap`` for the rows whose every query is over the cap (``over``: the kept count of
-    each such query) and loses curate's draw for each (:func:`wit.ingest.curate.selection_draw`)."""
-    from .curate import selection_draw
+    each such query) and loses curate's draw for each (:func:`wit.ingest.queries.selection_draw`)."""
+    from .queries import selection_draw
 
     drops = {}
     for u, qs in zip(uids, queries, strict=True):

@@ -12,6 +12,9 @@ alphanumeric, so "red" matches "a red star" but not "bored" or "redo".
 
 ``queries_default.txt`` (shipped next to this module) is built from the synthetic world's
 vocabulary by :func:`default_query_lines`; it is what the demo curates with.
+
+:func:`selection_draw` is MetaCLIP's draw per pair and query, the same in curate's balancing and
+in filter's ``--rebalance``, so both keep the same pairs for the same seed and cap.
 """
 
 from __future__ import annotations
@@ -147,6 +150,12 @@ class QueryMatcher:
         if not text or not self.size:
             return False
         return next(self._hits(text), None) is not None
+
+
+def selection_draw(seed: int, uid: str, query: str) -> float:
+    """``u(seed, uid, q)``: a uniform number in [0, 1), the same for the same three on any machine."""
+    digest = hashlib.blake2b(f"{seed}\x1f{uid}\x1f{query}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
 
 
 @functools.lru_cache(maxsize=4)

@@ -7,6 +7,8 @@ Everything above this package reads and writes data through it:
 - ``manifest``   part files, the manifest digest, reading a manifest back
 - ``runrecord``  ``_run.json``, written last into every output folder
 - ``stage``      the stage contract: partitions, per-partition commit markers, finalize
+- ``tars``       reading tar shards (every stage's one reader; the image extensions)
+- ``tarwrite``   writing tar shards (``wit shard``'s I/O engine, exported and re-keyed shards)
 - ``lineage``    walk run records back to the sources
 - ``verify``     recompute digests and shard sha256s; report changed, missing and extra files
 - ``describe``   ``wit manifest show`` / ``diff``

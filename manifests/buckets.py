@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import storage
-from .manifest import FileInfo
+from .manifest import FileInfo, commit_file
 from .options import Option
 
 ROWS_PER_BUCKET = 500_000  # rows one bucketed task holds, by default (a few hundred MB at most)
@@ -114,10 +114,7 @@ def encode(table: pa.Table, buckets: np.ndarray, count: int) -> bytes:
 
 def write(out: str, index: int, table: pa.Table, buckets: np.ndarray, count: int, name: str) -> FileInfo:
     """Commit ``table`` split into ``count`` buckets as ``name/part-<index>.arrow`` of ``out``."""
-    data = encode(table, buckets, count)
-    rel = bucket_name(index, name)
-    storage.write_bytes(storage.join(out, rel), data)
-    return FileInfo(name=rel, sha256=hashlib.sha256(data).hexdigest(), bytes=len(data), rows=table.num_rows)
+    return commit_file(out, bucket_name(index, name), encode(table, buckets, count), rows=table.num_rows)
 
 
 def read(url: str, bucket: int) -> pa.Table:

@@ -8,10 +8,11 @@ silently as the same lineage.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 from . import storage
-from .manifest import ManifestError
+from .manifest import ManifestError, ManifestRef
 from .runrecord import RunRecord, folder_of, read_run_record
 from .storage import StorageError
 
@@ -52,6 +53,31 @@ def lineage(url: str, max_depth: int = 64) -> LineageNode:
             raise ManifestError(f"{url}: no _run.json (not a finished wit output)")
         raise ManifestError(f"{url}: no such output")
     return _Walker(max_depth).node(url, rec, None, max_depth, ())
+
+
+def find_upstream(url: str, kind: str) -> ManifestRef | None:
+    """The nearest finished output of ``kind`` up the run records' inputs of ``url`` (breadth first).
+
+    Returns its ref as recorded by the run that read it (URL and digest at that time), or None.
+    """
+    queue = deque([storage.normalize(url)])
+    seen = set()
+    while queue:
+        here = queue.popleft()
+        if here in seen:
+            continue
+        seen.add(here)
+        try:
+            rec = read_run_record(here)
+        except ManifestError:
+            continue
+        if rec is None:
+            continue
+        for ref in rec.inputs:
+            if ref.kind == kind:
+                return ManifestRef(url=storage.normalize(ref.url), kind=ref.kind, digest=ref.digest)
+            queue.append(storage.normalize(ref.url))
+    return None
 
 
 class _Walker:

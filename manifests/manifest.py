@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -81,6 +82,20 @@ def part_name(index: int, table: str | None = None) -> str:
     return f"{table}/{name}" if table else name
 
 
+SHARDS_DIR = "shards"  # a downloaded ledger's and a dataset's tar shards: shards/NNNNNN.tar
+
+
+def shard_name(number: int) -> str:
+    return f"{SHARDS_DIR}/{number:06d}.tar"
+
+
+def shard_url(ledger_url: str, shard: str) -> str:
+    """The URL of a ledger row's shard: relative values are under the ledger folder."""
+    if "://" in shard or os.path.isabs(shard):
+        return shard
+    return storage.join(ledger_url, shard)
+
+
 def is_part(name: str, table: str | None = None) -> bool:
     m = PART_RE.match(name)
     return bool(m) and m.group("table") == table
@@ -111,10 +126,14 @@ def write_part(out: str, index: int, table: pa.Table, schema: pa.Schema, table_n
     from .schemas import conform
 
     table = conform(table, schema)
-    data = encode_table(table, schema)
-    name = part_name(index, table_name)
+    return commit_file(out, part_name(index, table_name), encode_table(table, schema), rows=table.num_rows)
+
+
+def commit_file(out: str, name: str, data: bytes, rows: int | None = None) -> FileInfo:
+    """Commit ``data`` atomically as the file ``name`` of the output folder ``out``; its
+    :class:`FileInfo` for the run record (``rows``: of a part file)."""
     storage.write_bytes(storage.join(out, name), data)
-    return FileInfo(name=name, sha256=hashlib.sha256(data).hexdigest(), bytes=len(data), rows=table.num_rows)
+    return FileInfo(name=name, sha256=hashlib.sha256(data).hexdigest(), bytes=len(data), rows=rows)
 
 
 def list_parts(url: str, table: str | None = None) -> list[str]:

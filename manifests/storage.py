@@ -70,7 +70,8 @@ def env_number(name: str, default: float, integer: bool = False) -> float:
 
 
 def durable() -> bool:
-    """Whether local commits fsync the file before the rename (``WIT_FSYNC=1``)."""
+    """Whether local commits reach the disk before their rename (``WIT_FSYNC=1``, read here and
+    nowhere else): an fsync, or a shard's ``O_DIRECT`` writes (:class:`.tarwrite.TarStream`)."""
     return env_flag("WIT_FSYNC")
 
 

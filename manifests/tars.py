@@ -1,6 +1,10 @@
-"""Reading tar shards: fast header parsing for plain shards, shared by ``wit shard`` (which indexes
-downloaded shards) and ``wit eval`` (which reads CLIP_benchmark-layout shards), and a forward
-reader with byte offsets for ``wit train`` (:func:`stream_members`, which resumes mid-shard).
+"""Reading tar shards, the one reader of every stage: fast header parsing for plain shards, shared
+by ``wit shard`` (which indexes downloaded shards, :func:`tar_members`) and ``wit eval`` (which
+reads CLIP_benchmark-layout shards), a forward stream of file members for whoever reads a shard
+once from its start (:func:`read_files`: filter, its reference sets, eval's fallback, the pipeline
+report), and a forward reader with byte offsets for ``wit train`` (:func:`stream_members`, which
+resumes mid-shard). The image members' extensions are defined here once. Writing shards is
+:mod:`.tarwrite`'s.
 
 tarfile's header parser costs ~80 µs a member, most of the time spent on a shard of small images.
 img2dataset, webdataset's writers and ``wit`` itself write plain ustar/GNU members, whose headers
@@ -10,6 +14,7 @@ or base-256 sizes gets ``None`` back, and the caller hands it to tarfile, which 
 
 from __future__ import annotations
 
+import functools
 import io
 import mmap
 import tarfile
@@ -22,6 +27,18 @@ from . import storage
 BLOCK = 512
 ZERO_BLOCK = bytes(BLOCK)
 Read = Callable[[int, int], Any]  # (offset, size) -> a bytes-like of at most size bytes
+TarError = tarfile.TarError  # what tarfile raises on an archive it cannot read
+
+# The extensions (lower case) of the members that hold a sample's image, defined here once. Filter
+# (downloaded shards and reference sets) and shard (which indexes downloaded shards) take any of
+# them as the image.
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
+# The sample readers' (``wit train``, the pipeline report): a sample's image is its member of the
+# first of these it has.
+SAMPLE_IMAGE_EXTENSIONS = IMAGE_EXTENSIONS[:4]
+# The same four in the order ``wit eval`` tries them in a CLIP_benchmark-layout shard (and in an
+# image folder, where the order does not matter).
+CLIP_BENCHMARK_IMAGE_EXTENSIONS = ("webp", "png", "jpg", "jpeg")
 
 
 class BadTar(ValueError):
@@ -74,6 +91,38 @@ def stream_members(fh: IO[bytes], start: int = 0, compressed: bool = False) -> I
             raise tarfile.ReadError(f"{why} at byte {stop}")
 
 
+class File(NamedTuple):
+    """A file member met by :func:`read_files`: its name, where its data starts in the file (None
+    in a compressed archive, where it is no byte offset of the file) and how to read its data."""
+
+    name: str
+    offset: int | None
+    read: Callable[[], bytes]  # its data: call it before the next member (a stream is read once)
+
+
+def read_files(fh: IO[bytes], compressed: bool = True) -> Iterator[File]:
+    """The file members of the tar ``fh``, read forward once through tarfile's stream mode, so a
+    remote file is read sequentially, never seeked, and every header kind tarfile knows works;
+    a member whose data is not read is passed over. ``compressed``: a gzip, bzip2 or xz archive is
+    read too (False: a plain tar only). Raises ``tarfile.TarError`` at once on a first header that
+    does not parse, and while iterating on a member cut short; like tarfile it ends quietly at a
+    bad header past the first (:func:`stream_members` checks where it stopped instead)."""
+    tar = tarfile.open(fileobj=fh, mode="r|*" if compressed else "r|")
+    return _files(tar)
+
+
+def _files(tar: tarfile.TarFile) -> Iterator[File]:
+    with tar:
+        plain = getattr(tar.fileobj, "comptype", "tar") == "tar"
+        for member in tar:
+            if member.isfile():
+                yield File(member.name, member.offset_data if plain else None, functools.partial(_data, tar, member))
+
+
+def _data(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    return tar.extractfile(member).read()
+
+
 class Member(NamedTuple):
     name: str  # with its ustar prefix folder, if any
     is_file: bool
@@ -106,6 +155,19 @@ def random_access(url: str) -> Iterator[Read]:
             view.release()
             with suppress(BufferError):  # slices still held: the map closes when the last goes
                 mm.close()
+
+
+def tar_members(url: str, checksums: bool = True) -> list[Member]:
+    """Every member of the tar shard at ``url``, from its headers alone: :func:`plain_members` over
+    :func:`random_access` (a memory map when local, ranged reads otherwise), or tarfile's for an
+    archive with extended headers (pax, GNU long names). Raises :class:`BadTar` or
+    ``tarfile.TarError`` on one it cannot read."""
+    with random_access(url) as read:
+        members = plain_members(read, checksums=checksums)
+    if members is not None:
+        return members
+    with storage.open_url(url, "rb") as fh, tarfile.open(fileobj=fh, mode="r:") as tar:
+        return [Member(m.name, m.isfile(), m.offset_data, m.size) for m in tar]
 
 
 def plain_members(read: Read, checksums: bool = True) -> list[Member] | None:

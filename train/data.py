@@ -50,7 +50,6 @@ import io
 import itertools
 import json
 import random
-import tarfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -67,12 +66,11 @@ from torchvision.transforms import InterpolationMode
 from wit.manifests import storage
 from wit.manifests.manifest import ManifestError, open_manifest
 from wit.manifests.runrecord import read_run_record
-from wit.manifests.tars import stream_members
+from wit.manifests.tars import SAMPLE_IMAGE_EXTENSIONS, TarError, stream_members
 
 from .config import DECODES
 from .distributed import cpu_cores
 
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 TEXT_KEYS = ("txt", "text")
 
 
@@ -347,7 +345,7 @@ def _shard_samples(url: str, start: int, skipped: list[Skipped]) -> Iterator[dic
             return
         except GeneratorExit:  # the consumer stopped: close, never retry
             raise
-        except tarfile.TarError as exc:
+        except TarError as exc:
             if current is not None:
                 resume_at = current["_offset"]  # the sample being read is lost with the rest
             skipped.append(Skipped("", url, f"unreadable tar from byte {resume_at}: {exc}"))
@@ -715,7 +713,7 @@ class Decoder:
 
     def __call__(self, sample: dict, draw: int | str) -> tuple[str, torch.Tensor | EncodedImage, str]:
         uid = self.uid(sample)
-        img_key = next((k for k in IMAGE_KEYS if k in sample), None)
+        img_key = next((k for k in SAMPLE_IMAGE_EXTENSIONS if k in sample), None)
         txt_key = next((k for k in TEXT_KEYS if k in sample), None)
         if img_key is None:
             raise CorruptSample("no image")

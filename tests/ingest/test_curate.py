@@ -27,9 +27,14 @@ from wit.ingest.curate import (
     count_queries,
     curate_summary,
     host_problems,
+)
+from wit.ingest.queries import (
+    QueryMatcher,
+    default_queries_url,
+    default_query_lines,
+    read_queries,
     selection_draw,
 )
-from wit.ingest.queries import QueryMatcher, default_queries_url, default_query_lines, read_queries
 from wit.ingest.safety import host_problem
 from wit.ingest.synthetic import generate_web
 from wit.ingest.text import TextRules, clean_text, clean_texts, text_problem, text_problems

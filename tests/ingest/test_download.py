@@ -48,11 +48,10 @@ from wit.ingest.download import (
     classify,
     interleave_hosts,
     refusals,
-    shard_url,
 )
 from wit.ingest.synthetic import MessConfig, SyntheticWebServer, generate_web
 from wit.manifests import storage
-from wit.manifests.manifest import ManifestRef, read_table
+from wit.manifests.manifest import ManifestRef, read_table, shard_url
 from wit.manifests.stage import Partition, PartitionResult
 from wit.manifests.verify import verify
 from wit.pipeline.executor import run_stage

@@ -21,9 +21,9 @@ import pytest
 from PIL import Image
 
 from wit.evaluate import world
-from wit.ingest.curate import selection_draw
 from wit.ingest.filter import FILTER_PHASES, FilterConfig, group_decisions, reference_root
 from wit.ingest.imaging import HashIndex, check_image, hash_hex, phash
+from wit.ingest.queries import selection_draw
 from wit.ingest.synthetic.mess import bomb_png
 from wit.manifests.manifest import read_table
 from wit.manifests.runrecord import read_run_record

@@ -20,7 +20,7 @@ import webdataset as wds
 from PIL import Image
 
 from wit.ingest.filter import FILTER_PHASES, FilterConfig
-from wit.ingest.shard import DELAY_ENV, SHARD_PHASES, ShardConfig
+from wit.ingest.shard import SHARD_PHASES, ShardConfig
 from wit.manifests import storage
 from wit.manifests.buckets import MAX_BUCKETS
 from wit.manifests.manifest import ManifestRef, open_manifest, read_table
@@ -142,17 +142,25 @@ def test_killed_shard_run_resumes_to_the_same_digest(filtered, dataset, tmp_path
     out = tmp_path / "killed"
     script = textwrap.dedent(
         f"""
-        import sys
+        import sys, time
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from _downloaded import run_phases
-        from wit.ingest.shard import SHARD_PHASES, ShardConfig
+        from wit.ingest.shard import SHARD_PHASES, ShardConfig, ShardWrite
         from wit.manifests.manifest import ManifestRef
+
+        # every shard but the first waits, so the kill finds exactly one committed
+        write = ShardWrite.run_partition
+        def slow(self, config, partition, out):
+            if partition.index > 0:
+                time.sleep(30)
+            return write(self, config, partition, out)
+        ShardWrite.run_partition = slow
+
         run_phases(SHARD_PHASES, ShardConfig(samples_per_shard=5, seed=3),
                    ManifestRef(**{filtered[1].to_dict()!r}), {str(out)!r})
         """
     )
-    env = {**os.environ, DELAY_ENV: "30"}
-    proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True, env=env)
+    proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not committed(str(out)):
@@ -230,7 +238,7 @@ def test_filter_locates_every_kept_image_where_the_tar_index_finds_it(filtered):
     shard, an older manifest) it indexes the tar headers. Both give the same places."""
     import pyarrow as pa
 
-    from wit.ingest.shard import locate_images
+    from wit.ingest.shardplan import locate_images
 
     d, ref = filtered
     rows = read_table(ref.url, expect_kind="filtered")
@@ -295,30 +303,33 @@ def _reference_shards(filtered_url: str, curated_url: str, config: ShardConfig, 
 
     import pyarrow as pa
 
-    from wit.ingest import shard
-    from wit.ingest.filter import find_upstream
+    from wit.ingest import shardplan
+    from wit.manifests import tarwrite
+    from wit.manifests.lineage import find_upstream
     from wit.manifests.schemas import conform
 
     downloaded = find_upstream(filtered_url, "downloaded").url
     curated = open_manifest(curated_url, expect_kind="curated").table(["uid", "page_url", "queries", "keep"])
-    rows = shard.plan_rows(read_table(filtered_url), curated.filter(curated.column("keep")), config.seed)
-    where = shard.locate_images(downloaded, rows)
+    rows = shardplan.plan_rows(read_table(filtered_url), curated.filter(curated.column("keep")), config.seed)
+    where = shardplan.locate_images(downloaded, rows)
     table = pa.table(
         {
-            **{n: rows.column(n) for n in shard.PLAN_ROWS_SCHEMA.names if n in rows.column_names},
+            **{n: rows.column(n) for n in shardplan.PLAN_ROWS_SCHEMA.names if n in rows.column_names},
             "ext": [w[0] for w in where],
             "source": rows.column("shard"),
             "offset": [w[1] for w in where],
             "size": [w[2] for w in where],
         }
     )
-    table = conform(table, shard.PLAN_ROWS_SCHEMA)
+    table = conform(table, shardplan.PLAN_ROWS_SCHEMA)
     shards = []
     n = config.samples_per_shard
     for k, start in enumerate(range(0, table.num_rows, n)):
         chunk = table.slice(start, n)
         with ExitStack() as stack:
-            info = shard.write_shard(str(folder / f"{k:06d}.tar"), chunk, shard.load_images(downloaded, chunk, stack))
+            info = tarwrite.write_shard(
+                str(folder / f"{k:06d}.tar"), chunk, tarwrite.load_images(downloaded, chunk, stack)
+            )
         samples = chunk.select(["uid", "text", "page_url", "queries"]).to_pylist()
         shards.append({"shard": f"shards/{k:06d}.tar", "samples": samples, "sha256": info.sha256})
     return shards
@@ -417,12 +428,12 @@ def test_ties_duplicates_and_empty_buckets_keep_the_reference_order(filtered, tm
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from wit.ingest import shard
+    from wit.ingest import shardplan
 
     def coarse(seed: int, uid: str) -> bytes:
         return bytes([hashlib.blake2b(f"{seed}{uid}".encode()).digest()[0] % 4 * 64]) + bytes(7)
 
-    monkeypatch.setattr(shard, "order_key", coarse)  # workers=1: PLAN runs in this process
+    monkeypatch.setattr(shardplan, "order_key", coarse)  # workers=1: PLAN runs in this process
     d, ref = filtered
     flt, cur = tmp_path / "filtered", tmp_path / "curated"
     shutil.copytree(ref.url, flt)
@@ -469,7 +480,7 @@ def test_a_plan_partition_reads_only_its_bucket(filtered, tmp_path, monkeypatch)
     the number of samples in the buckets before it."""
     import pyarrow.parquet as pq
 
-    from wit.ingest import shard
+    from wit.ingest import shard, shardplan
     from wit.manifests import buckets
 
     _, ref = filtered
@@ -479,7 +490,9 @@ def test_a_plan_partition_reads_only_its_bucket(filtered, tmp_path, monkeypatch)
     kept = rows.filter(rows.column("keep")).column("uid").to_pylist()
     files = [f"{split.url}/filtered/part-{k:05d}.arrow" for k in range(len(open_manifest(ref.url).parts))]
     files.append(f"{split.url}/curated/part-00000.arrow")
-    in_bucket = {b: [u for u in kept if int.from_bytes(shard.order_key(3, u), "big") * 4 >> 64 == b] for b in range(4)}
+    in_bucket = {
+        b: [u for u in kept if int.from_bytes(shardplan.order_key(3, u), "big") * 4 >> 64 == b] for b in range(4)
+    }
     assert all(in_bucket.values())
     reads = []
     real = buckets.read
@@ -524,7 +537,7 @@ def test_order_buckets_are_equal_ranges_of_the_key():
 
     import numpy as np
 
-    from wit.ingest.shard import order_buckets
+    from wit.ingest.shardplan import order_buckets
 
     rng = random.Random(7)
     for count in (1, 2, 3, 7, 8, 1000, 65_521, MAX_BUCKETS):
@@ -547,7 +560,7 @@ def test_order_buckets_are_equal_ranges_of_the_key():
     ],
 )
 def test_a_bucket_is_cut_at_the_global_shard_boundaries(start, count, pieces):
-    from wit.ingest.shard import shard_pieces
+    from wit.ingest.shardplan import shard_pieces
 
     assert shard_pieces(start, count, 5) == pieces
 
@@ -555,7 +568,7 @@ def test_a_bucket_is_cut_at_the_global_shard_boundaries(start, count, pieces):
 def test_headers_read_back_with_tarfile():
     import tarfile
 
-    from wit.ingest.shard import ustar_headers
+    from wit.manifests.tarwrite import ustar_headers
 
     names = ["a.jpg", "x" * 96 + ".txt", "ü-ключ.json", "0.png"]
     sizes = [0, 1, 8**11 - 1, 123456789]
@@ -585,7 +598,7 @@ def test_headers_read_back_with_tarfile():
     ],
 )  # fmt: skip
 def test_sample_json_is_what_json_dumps_gives(row):
-    from wit.ingest.shard import sample_json
+    from wit.manifests.tarwrite import sample_json
 
     meta = {
         "uid": row["uid"],
@@ -607,7 +620,7 @@ def _plan_rows(images: list[bytes], xxh3: bool, ext: str = "jpg"):
     import pyarrow as pa
     from xxhash import xxh3_128_hexdigest
 
-    from wit.ingest.shard import PLAN_ROWS_SCHEMA
+    from wit.ingest.shardplan import PLAN_ROWS_SCHEMA
 
     offsets = [sum(map(len, images[:i])) for i in range(len(images))]
     rows = [
@@ -642,22 +655,22 @@ def test_written_shard_is_the_same_bytes_for_any_buffer_size(tmp_path, monkeypat
     import tarfile
     from contextlib import ExitStack
 
-    from wit.ingest import shard
+    from wit.manifests import tarwrite
 
     images = [os.urandom(n) for n in (0, 1, 511, 512, 513, 5000, 70000, 3)]
     (tmp_path / "src.bin").write_bytes(b"".join(images))
     rows = _plan_rows(images, xxh3=True, ext=ext)
     written = []
     for buffer in (4 << 20, 4096, 1000):
-        monkeypatch.setattr(shard, "BUFFER", buffer)
+        monkeypatch.setattr(tarwrite, "BUFFER", buffer)
         for local in (True, False):
             with ExitStack() as stack:
-                loaded = shard.load_images(str(tmp_path), rows, stack)
-                assert all(isinstance(x, shard.Span) for x in loaded)
+                loaded = tarwrite.load_images(str(tmp_path), rows, stack)
+                assert all(isinstance(x, tarwrite.Span) for x in loaded)
                 if not local:
-                    loaded = [shard.image_bytes(x) for x in loaded]
+                    loaded = [tarwrite.image_bytes(x) for x in loaded]
                 out = tmp_path / f"out-{buffer}-{local}.tar"
-                info = shard.write_shard(str(out), rows, loaded)
+                info = tarwrite.write_shard(str(out), rows, loaded)
             data = out.read_bytes()
             assert info.sha256 == hashlib.sha256(data).hexdigest() and info.bytes == len(data)
             assert len(data) % (20 * 512) == 0
@@ -684,17 +697,17 @@ def test_write_shard_refuses_an_image_filter_did_not_see(tmp_path, monkeypatch, 
     shard and no temporary file are left."""
     from contextlib import ExitStack
 
-    from wit.ingest import shard
+    from wit.manifests import tarwrite
     from wit.manifests.stage import StageError
 
-    monkeypatch.setattr(shard, "BUFFER", buffer)
+    monkeypatch.setattr(tarwrite, "BUFFER", buffer)
     images = [os.urandom(n) for n in (3000, 4000, 5000)]
     rows = _plan_rows(images, xxh3=xxh3)
     images[1] = images[1][:100] + bytes([images[1][100] ^ 1]) + images[1][101:]
     (tmp_path / "src.bin").write_bytes(b"".join(images))
     out = tmp_path / "out" / "000000.tar"
     with ExitStack() as stack, pytest.raises(StageError, match=f"{1:032x} is not the one filter saw"):
-        shard.write_shard(str(out), rows, shard.load_images(str(tmp_path), rows, stack))
+        tarwrite.write_shard(str(out), rows, tarwrite.load_images(str(tmp_path), rows, stack))
     assert not list((tmp_path / "out").iterdir())
 
 
@@ -702,17 +715,17 @@ def test_write_shard_refuses_an_image_filter_did_not_see(tmp_path, monkeypatch, 
 def test_a_source_shorter_than_the_plan_says_is_a_clear_error(tmp_path, monkeypatch, buffer):
     from contextlib import ExitStack
 
-    from wit.ingest import shard
+    from wit.manifests import tarwrite
     from wit.manifests.stage import StageError
 
-    monkeypatch.setattr(shard, "BUFFER", buffer)
+    monkeypatch.setattr(tarwrite, "BUFFER", buffer)
     images = [os.urandom(n) for n in (3000, 4000)]
     rows = _plan_rows(images, xxh3=True)
     (tmp_path / "src.bin").write_bytes(b"".join(images)[:-10])
     out = tmp_path / "out" / "000000.tar"
     message = f"the image of {1:032x}: its downloaded shard ends inside it"
     with ExitStack() as stack, pytest.raises(StageError, match=message):
-        shard.write_shard(str(out), rows, shard.load_images(str(tmp_path), rows, stack))
+        tarwrite.write_shard(str(out), rows, tarwrite.load_images(str(tmp_path), rows, stack))
     assert not list((tmp_path / "out").iterdir())
 
 
@@ -723,13 +736,15 @@ def test_buffers_are_not_reused_before_their_write_and_hash_are_done(tmp_path, m
     import time
     from contextlib import ExitStack
 
-    from wit.ingest import shard
+    from wit.manifests import tarwrite
 
     images = [os.urandom(n) for n in (700, 1500, 300, 2500, 900, 100, 1800)]
     (tmp_path / "src.bin").write_bytes(b"".join(images))
     rows = _plan_rows(images, xxh3=True)
     with ExitStack() as stack:
-        expected = shard.write_shard(str(tmp_path / "fast.tar"), rows, shard.load_images(str(tmp_path), rows, stack))
+        expected = tarwrite.write_shard(
+            str(tmp_path / "fast.tar"), rows, tarwrite.load_images(str(tmp_path), rows, stack)
+        )
 
     real = hashlib.sha256
 
@@ -744,12 +759,12 @@ def test_buffers_are_not_reused_before_their_write_and_hash_are_done(tmp_path, m
         def hexdigest(self):
             return self.inner.hexdigest()
 
-    write = shard.TarStream._write
-    monkeypatch.setattr(shard, "BUFFER", 1024)
-    monkeypatch.setattr(shard.TarStream, "_write", lambda self, chunk: (time.sleep(0.002), write(self, chunk)))
-    monkeypatch.setattr(shard.hashlib, "sha256", SlowSha)
+    write = tarwrite.TarStream._write
+    monkeypatch.setattr(tarwrite, "BUFFER", 1024)
+    monkeypatch.setattr(tarwrite.TarStream, "_write", lambda self, chunk: (time.sleep(0.002), write(self, chunk)))
+    monkeypatch.setattr(tarwrite.hashlib, "sha256", SlowSha)
     with ExitStack() as stack:
-        slow = shard.write_shard(str(tmp_path / "slow.tar"), rows, shard.load_images(str(tmp_path), rows, stack))
+        slow = tarwrite.write_shard(str(tmp_path / "slow.tar"), rows, tarwrite.load_images(str(tmp_path), rows, stack))
     assert (tmp_path / "slow.tar").read_bytes() == (tmp_path / "fast.tar").read_bytes()
     assert slow.sha256 == expected.sha256
 
@@ -762,7 +777,7 @@ def test_the_xxh3_is_what_is_checked_when_filter_recorded_one(tmp_path):
 
     import pyarrow as pa
 
-    from wit.ingest import shard
+    from wit.manifests import tarwrite
     from wit.manifests.stage import StageError
 
     images = [os.urandom(n) for n in (3000, 4000)]
@@ -774,17 +789,17 @@ def test_the_xxh3_is_what_is_checked_when_filter_recorded_one(tmp_path):
 
     wrong_xxh3 = with_column("xxh3", [rows["xxh3"][0].as_py(), "0" * 32])
     with ExitStack() as stack, pytest.raises(StageError, match=f"{1:032x} is not the one filter saw"):
-        shard.write_shard(str(tmp_path / "a.tar"), wrong_xxh3, shard.load_images(str(tmp_path), rows, stack))
+        tarwrite.write_shard(str(tmp_path / "a.tar"), wrong_xxh3, tarwrite.load_images(str(tmp_path), rows, stack))
     wrong_sha = with_column("sha256", ["0" * 64, "0" * 64])
     with ExitStack() as stack:
-        shard.write_shard(str(tmp_path / "b.tar"), wrong_sha, shard.load_images(str(tmp_path), rows, stack))
+        tarwrite.write_shard(str(tmp_path / "b.tar"), wrong_sha, tarwrite.load_images(str(tmp_path), rows, stack))
     assert (tmp_path / "b.tar").exists()
 
 
 def test_readahead_asks_for_each_local_image_once_in_file_order(tmp_path):
     """The plan's order is shuffled; the readahead hint goes out in file order per source,
     neighbours merged into one range, every local image covered and remote bytes left out."""
-    from wit.ingest.shard import Span, readahead_ranges
+    from wit.manifests.tarwrite import Span, readahead_ranges
 
     a, b = 3, 4  # two source shards' descriptors
     images = [Span(b, 9000, 10), Span(a, 5000, 100), b"remote", Span(a, 0, 1000), Span(a, 1512, 512), Span(b, 0, 7)]
@@ -803,7 +818,7 @@ def test_readahead_hints_the_kernel_and_stops_before_the_files_close(tmp_path, m
     import threading
     from contextlib import ExitStack
 
-    from wit.ingest import shard
+    from wit.manifests import tarwrite
 
     path = tmp_path / "src.bin"
     path.write_bytes(os.urandom(1 << 20))
@@ -821,8 +836,8 @@ def test_readahead_hints_the_kernel_and_stops_before_the_files_close(tmp_path, m
     with ExitStack() as stack:
         fd = os.open(path, os.O_RDONLY)
         stack.callback(os.close, fd)
-        images = [shard.Span(fd, k * 200_000, 1000) for k in (4, 0, 2)]
-        ra = stack.enter_context(shard.Readahead(images))
+        images = [tarwrite.Span(fd, k * 200_000, 1000) for k in (4, 0, 2)]
+        ra = stack.enter_context(tarwrite.Readahead(images))
         assert started.wait(5)
         release.set()  # the first hint returns 0.2 s later, after the stop is asked for
     assert not ra.thread.is_alive()  # joined before the descriptor closed
@@ -838,21 +853,21 @@ def test_a_broken_next_shard_costs_the_readahead_hint_not_this_shard(tmp_path):
 
     import pyarrow as pa
 
-    from wit.ingest import shard
+    from wit.ingest import shardplan
 
     images = [os.urandom(700), os.urandom(300), os.urandom(500)]
     (tmp_path / "src.bin").write_bytes(b"".join(images))
     rows = _plan_rows(images, xxh3=True)
     plan = str(tmp_path / "plan")
-    good = shard.write_row_groups(plan, 0, rows, [2, 1]).name  # a shard's piece in each row group
+    good = shardplan.write_row_groups(plan, 0, rows, [2, 1]).name  # a shard's piece in each row group
     gone = rows.set_column(rows.schema.get_field_index("source"), "source", pa.array(["gone.bin"] * 3))
-    broken = shard.write_row_groups(plan, 1, gone, [3]).name
+    broken = shardplan.write_row_groups(plan, 1, gone, [3]).name
     with ExitStack() as stack:
-        found = shard.following_images(str(tmp_path), [(f"{plan}/{good}", 1), (f"{plan}/{good}", 0)], stack)
+        found = shardplan.following_images(str(tmp_path), [(f"{plan}/{good}", 1), (f"{plan}/{good}", 0)], stack)
         assert [(s.offset, s.size) for s in found] == [(1000, 500), (0, 700), (700, 300)]  # pieces in order
-        assert shard.following_images(str(tmp_path), [(f"{plan}/{broken}", 0)], stack) == []
-        assert shard.following_images(str(tmp_path), [(f"{plan}/{good}", 2)], stack) == []  # no such row group
-        assert shard.following_images(str(tmp_path), [(f"{plan}/part-00009.parquet", 0)], stack) == []
+        assert shardplan.following_images(str(tmp_path), [(f"{plan}/{broken}", 0)], stack) == []
+        assert shardplan.following_images(str(tmp_path), [(f"{plan}/{good}", 2)], stack) == []  # no such row group
+        assert shardplan.following_images(str(tmp_path), [(f"{plan}/part-00009.parquet", 0)], stack) == []
 
 
 # O_DIRECT, and /proc/self/fd to tell which file a write goes to
@@ -891,14 +906,14 @@ def test_a_durable_shard_goes_to_disk_with_o_direct_in_whole_blocks(tmp_path, mo
     import hashlib
     from contextlib import ExitStack
 
-    from wit.ingest import shard
+    from wit.manifests import tarwrite
 
-    monkeypatch.setattr(shard, "BUFFER", buffer)
+    monkeypatch.setattr(tarwrite, "BUFFER", buffer)
     images = [os.urandom(n) for n in (5000, 70000, 511, 12000, 3)]
     (tmp_path / "src.bin").write_bytes(b"".join(images))
     rows = _plan_rows(images, xxh3=True)
     probe = os.open(tmp_path / "probe", os.O_WRONLY | os.O_CREAT)
-    supported = shard.set_direct(probe, True)
+    supported = tarwrite.set_direct(probe, True)
     os.close(probe)
     shards = {}
     for durable in ("0", "1"):
@@ -906,16 +921,18 @@ def test_a_durable_shard_goes_to_disk_with_o_direct_in_whole_blocks(tmp_path, mo
         folder = tmp_path / f"out{durable}"
         with monkeypatch.context() as m, ExitStack() as stack:
             writes = _writes_into(folder, m)
-            info = shard.write_shard(str(folder / "000000.tar"), rows, shard.load_images(str(tmp_path), rows, stack))
+            info = tarwrite.write_shard(
+                str(folder / "000000.tar"), rows, tarwrite.load_images(str(tmp_path), rows, stack)
+            )
         shards[durable] = data = (folder / "000000.tar").read_bytes()
         assert info.sha256 == hashlib.sha256(data).hexdigest()
         assert sum(n for _, n, _ in writes) == len(data)
         direct = [(at, n) for at, n, d in writes if d]
-        if durable == "0" or not supported or buffer % shard.DIRECT_ALIGN:
+        if durable == "0" or not supported or buffer % tarwrite.DIRECT_ALIGN:
             assert not direct
             continue
-        assert all(at % shard.DIRECT_ALIGN == 0 and n % shard.DIRECT_ALIGN == 0 for at, n in direct)
-        assert len(data) - sum(n for _, n in direct) < shard.DIRECT_ALIGN  # only the last block buffered
+        assert all(at % tarwrite.DIRECT_ALIGN == 0 and n % tarwrite.DIRECT_ALIGN == 0 for at, n in direct)
+        assert len(data) - sum(n for _, n in direct) < tarwrite.DIRECT_ALIGN  # only the last block buffered
         assert all(d for _, _, d in writes[: len(direct)])  # and it is the last write
     assert shards["0"] == shards["1"]
 
@@ -927,19 +944,21 @@ def test_a_refused_direct_write_goes_through_the_page_cache(tmp_path, monkeypatc
     import hashlib
     from contextlib import ExitStack
 
-    from wit.ingest import shard
+    from wit.manifests import tarwrite
 
-    monkeypatch.setattr(shard, "BUFFER", 8192)
+    monkeypatch.setattr(tarwrite, "BUFFER", 8192)
     images = [os.urandom(n) for n in (5000, 30000, 12000)]
     (tmp_path / "src.bin").write_bytes(b"".join(images))
     rows = _plan_rows(images, xxh3=True)
     with ExitStack() as stack:
-        plain = shard.write_shard(str(tmp_path / "plain.tar"), rows, shard.load_images(str(tmp_path), rows, stack))
+        plain = tarwrite.write_shard(
+            str(tmp_path / "plain.tar"), rows, tarwrite.load_images(str(tmp_path), rows, stack)
+        )
     monkeypatch.setenv("WIT_FSYNC", "1")
     folder = tmp_path / "out"
     with ExitStack() as stack:
         writes = _writes_into(folder, monkeypatch, refuse_direct=True)
-        info = shard.write_shard(str(folder / "000000.tar"), rows, shard.load_images(str(tmp_path), rows, stack))
+        info = tarwrite.write_shard(str(folder / "000000.tar"), rows, tarwrite.load_images(str(tmp_path), rows, stack))
     assert (folder / "000000.tar").read_bytes() == (tmp_path / "plain.tar").read_bytes()
     assert info.sha256 == plain.sha256 == hashlib.sha256((folder / "000000.tar").read_bytes()).hexdigest()
     assert writes and not any(d for _, _, d in writes)

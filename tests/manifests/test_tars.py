@@ -80,3 +80,36 @@ def test_without_checksums_only_the_first_header_is_summed(tmp_path):
         with pytest.raises(BadTar, match="checksum at byte 1536"):
             plain_members(read)
         assert [m.name for m in plain_members(read, checksums=False)] == [n for n, _ in FILES]
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.PAX_FORMAT], ids=["plain", "pax"])
+def test_tar_members_from_headers_or_tarfile_match_tarfile(tmp_path, fmt):
+    """The headers' members, parsed here for a plain archive and by tarfile for one with extended
+    headers (a long name): the same names, kinds, data offsets and sizes as tarfile gives."""
+    from wit.manifests.tars import tar_members
+
+    files = [*FILES, ("y" * 120 + ".jpg", b"\xff\xd8" * 10)] if fmt == tarfile.PAX_FORMAT else FILES
+    (tmp_path / "s.tar").write_bytes(_tar(files, fmt=fmt))
+    with tarfile.open(tmp_path / "s.tar") as tar:
+        want = [(m.name, m.isfile(), m.offset_data, m.size) for m in tar]
+    assert [tuple(m) for m in tar_members(str(tmp_path / "s.tar"))] == want
+
+
+def test_read_files_streams_plain_and_compressed_archives(tmp_path):
+    """Every file member once, in order, with its bytes read only when asked; its data offset in a
+    plain archive, None in a compressed one (no byte of the file); a plain-only read refuses gzip."""
+    import gzip
+
+    from wit.manifests.tars import TarError, read_files
+
+    data = _tar(FILES)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        offsets = [m.offset_data for m in tar if m.isfile()]
+    got = [(f.name, f.offset, f.read() if f.name.endswith(".txt") else None) for f in read_files(io.BytesIO(data))]
+    assert got == [(n, o, d if n.endswith(".txt") else None) for (n, d), o in zip(FILES, offsets, strict=True)]
+    packed = gzip.compress(data)
+    assert [(f.name, f.offset, f.read()) for f in read_files(io.BytesIO(packed))] == [(n, None, d) for n, d in FILES]
+    with pytest.raises(TarError):
+        read_files(io.BytesIO(packed), compressed=False)
+    with pytest.raises(TarError):  # a member cut short
+        [f.read() for f in read_files(io.BytesIO(data[:700]))]
