@@ -31,7 +31,6 @@ import hashlib
 import io
 import json
 import random
-import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -39,7 +38,15 @@ import numpy as np
 from PIL import Image
 
 from wit.manifests import storage
-from wit.manifests.tars import BadTar, plain_members, random_access
+from wit.manifests.tars import (
+    CLIP_BENCHMARK_IMAGE_EXTENSIONS,
+    BadTar,
+    TarError,
+    plain_members,
+    random_access,
+    read_files,
+)
+from wit.manifests.tarwrite import tar_bytes
 
 from . import world
 from .errors import DatasetMissing, EvalError
@@ -52,7 +59,6 @@ from .tasks import (
 
 EVAL_SEED_BASE = 10**9
 TRAINING_SEED_LIMIT = 10**6  # generators of training data (the synthetic web) stay below this
-IMAGE_EXTS = ("webp", "png", "jpg", "jpeg")
 CLASSNAMES = "classnames.txt"
 TEMPLATES = "zeroshot_classification_templates.txt"
 DATASET_TYPE = "dataset_type.txt"
@@ -118,6 +124,7 @@ class BuiltinSpec:
     train_per_class: int = 40
     size: int = 64
     captions_per_image: int = 5
+    style: str | None = None  # world.render's; None: the style the synthetic web draws
 
 
 BUILTIN_DATASETS: dict[str, BuiltinSpec] = {
@@ -128,6 +135,8 @@ BUILTIN_DATASETS: dict[str, BuiltinSpec] = {
         BuiltinSpec("synthetic-colour", "classification", 2),
         BuiltinSpec("synthetic-digit", "classification", 3, test_per_class=40, train_per_class=32),
         BuiltinSpec("synthetic-retrieval", "retrieval", 4),
+        # the shapes as outline sketches: a distribution shift the synthetic web never shows
+        BuiltinSpec("synthetic-shape-outline", "classification", 5, style="outline"),
     )
 }
 _SPLIT_NUMBER = {"test": 0, "train": 1}
@@ -136,6 +145,7 @@ _BUILTIN_TEMPLATES = {
     "synthetic-shape": SHAPE_TEMPLATES,
     "synthetic-colour": COLOUR_TEMPLATES,
     "synthetic-digit": DIGIT_TEMPLATES,
+    "synthetic-shape-outline": SHAPE_TEMPLATES,
 }
 
 
@@ -150,7 +160,12 @@ def _builtin_classes(name: str) -> list[str] | None:
         return list(world.DIGITS)
     if name == "synthetic-retrieval":
         return None
-    return world.task_classes(name.removeprefix("synthetic-"))  # type: ignore[arg-type]
+    return world.task_classes(_world_task(name))
+
+
+def _world_task(name: str) -> world.Task:
+    """The synthetic world's task a built-in dataset draws: shape, colour or digit."""
+    return name.removeprefix("synthetic-").split("-")[0]  # type: ignore[return-value]
 
 
 def _digits_images(split: str, size: int) -> list[Sample]:
@@ -176,7 +191,7 @@ def _digits_images(split: str, size: int) -> list[Sample]:
 
 def _synthetic_images(spec: BuiltinSpec, split: str) -> list[Sample]:
     rng = random.Random(builtin_seed(spec, split))
-    task = spec.name.removeprefix("synthetic-")
+    task = _world_task(spec.name)
     out: list[Sample] = []
     if spec.kind == "retrieval":
         # Every concept exactly once, so each caption has exactly one right image.
@@ -199,7 +214,7 @@ def _synthetic_images(spec: BuiltinSpec, split: str) -> list[Sample]:
             else:
                 other = world.sample_concept(rng)
                 concept = world.Concept(other.kind, cls, shape=other.shape, digit=other.digit)
-            img = world.render(concept, rng, spec.size)
+            img = world.render(concept, rng, spec.size, style=spec.style)
             out.append(Sample(key=f"{spec.name}-{split}-{j * len(classes) + label:05d}", image=img, label=label))
     return out
 
@@ -285,24 +300,22 @@ def _grouped(files: Iterable[tuple[str, bytes]]) -> Iterator[Sample]:
 def _tarfile_samples(url: str) -> Iterator[Sample]:
     with storage.open_url(url) as fh:
         try:
-            tar = tarfile.open(fileobj=fh, mode="r|*")
-        except tarfile.TarError as exc:
+            members = read_files(fh)
+        except TarError as exc:
             raise EvalError(f"{url}: not a tar shard ({exc})") from exc
 
         def files() -> Iterator[tuple[str, bytes]]:
             try:
-                for member in tar:
-                    if member.isfile():
-                        data = tar.extractfile(member)
-                        yield member.name, data.read() if data else b""
-            except tarfile.TarError as exc:
+                for member in members:
+                    yield member.name, member.read()
+            except TarError as exc:
                 raise EvalError(f"{url}: truncated or corrupt tar shard ({exc})") from exc
 
         yield from _grouped(files())
 
 
 def _wds_sample(key: str, parts: dict[str, bytes]) -> Sample:
-    image = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
+    image = next((parts[e] for e in CLIP_BENCHMARK_IMAGE_EXTENSIONS if e in parts), None)
     label = -1
     if "cls" in parts:
         try:
@@ -374,7 +387,7 @@ def _file_split(source: str, split: str, items: list[tuple[str, str, int]]) -> C
 def open_folder(root: str) -> Dataset:
     root = storage.normalize(root)
     names = storage.listdir(root, recursive=True)
-    images = [n for n in names if n.rsplit(".", 1)[-1].lower() in IMAGE_EXTS]
+    images = [n for n in names if n.rsplit(".", 1)[-1].lower() in CLIP_BENCHMARK_IMAGE_EXTENSIONS]
     by_split: dict[str, list[tuple[str, str]]] = {}
     for n in images:
         parts = n.split("/")
@@ -479,18 +492,6 @@ def open_dataset(source: str, format: str | None = None) -> Dataset:
 # export
 
 
-def _tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mtime = 0  # byte-identical on every export, so the digest is stable
-            info.mode = 0o644
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
 def _png(image: bytes | Image.Image) -> bytes:
     img = image if isinstance(image, Image.Image) else Image.open(io.BytesIO(image))
     buf = io.BytesIO()
@@ -525,7 +526,7 @@ def export(
                     members.append((f"{key}.txt", "\n".join(s.captions).encode()))
                 else:
                     members.append((f"{key}.cls", str(s.label).encode()))
-            storage.write_bytes(storage.join(url, split, f"{i}.tar"), _tar_bytes(members))
+            storage.write_bytes(storage.join(url, split, f"{i}.tar"), tar_bytes(members))
         storage.write_text(storage.join(url, split, "nshards.txt"), f"{len(shards)}\n")
         written[split] = len(samples)
     if dataset.classnames:

@@ -13,6 +13,7 @@ import html
 import io
 import json
 import math
+import re
 from dataclasses import dataclass
 
 import matplotlib
@@ -20,6 +21,8 @@ import matplotlib
 matplotlib.use("Agg")  # no display here, and a report must render the same anywhere
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from .findings import findings, shift_rows  # noqa: E402
 
 CONFUSION_MAX_CLASSES = 20
 _HEADLINE = {
@@ -222,9 +225,10 @@ def confusion_plot(task: dict) -> bytes:
     return _png(fig)
 
 
-def build_blocks(run: dict, tasks: list[dict]) -> list[Block]:
+def build_blocks(run: dict, tasks: list[dict], with_findings: bool = True) -> list[Block]:
     """The report: ``run`` is the run's header (model, checkpoint, suite...; ``summary`` and
-    ``missing`` when the suite has summary lines or datasets it did not find)."""
+    ``missing`` when the suite has summary lines or datasets it did not find). ``with_findings``:
+    open with :func:`findings` (a page that shows them itself, with links, leaves them out)."""
     b = [Block("h1", f"Evaluation of {run['model']}")]
     b.append(
         Block(
@@ -235,6 +239,10 @@ def build_blocks(run: dict, tasks: list[dict]) -> list[Block]:
             "scores in percent.",
         )
     )
+    found = findings(tasks) if with_findings else []
+    if found:
+        b.append(Block("h2", "Findings"))
+        b += [Block("p", f"**{f.title}.** {f.text()}") for f in found]
     b.append(Block("h2", "Summary"))
     summary, missing = _summary_blocks(run.get("summary") or [], run.get("missing") or {})
     b += summary
@@ -247,6 +255,7 @@ def build_blocks(run: dict, tasks: list[dict]) -> list[Block]:
     b.append(Block("table", headers=("task", "kind", "metric", "value", "95% CI", "n"), rows=tuple(rows)))
     b += _ensembling_blocks(tasks)
     b += _robustness_blocks(tasks)
+    b += _shift_blocks(tasks)
     b += _fewshot_blocks(tasks)
     b += _confusion_blocks(tasks)
     skips = [
@@ -277,6 +286,57 @@ def _ensembling_blocks(tasks: list[dict]) -> list[Block]:
             "(mean of normalised text embeddings, renormalised; CLIP §3.1.4).",
         ),
         Block("table", headers=("task", "templates", "single template", "ensemble", "gain"), rows=tuple(ens)),
+    ]
+
+
+def shift_plot(rows: list[dict]) -> bytes:
+    """Zero-shot and the in-distribution probe, each an arrow from its top-1 in distribution (x =
+    y) down to its top-1 under the shift: the longer drop is the less robust classifier."""
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    ax.plot([0, 1], [0, 1], color="grey", ls="--", lw=1, label="y = x (no drop under the shift)")
+    for r in rows:
+        for key, label, colour in (("zeroshot", "zero-shot", "C0"), ("probe", "linear probe", "C3")):
+            before, _, after, _ = r[key]
+            ax.scatter(before["value"], after["value"], s=50, color=colour, zorder=3, label=f"{label}: {r['shift']}")
+            ax.annotate(
+                "",
+                (before["value"], after["value"]),
+                (before["value"], before["value"]),
+                arrowprops={"arrowstyle": "->", "color": colour, "lw": 1},
+            )
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("top-1 in distribution")
+    ax.set_ylabel("top-1 under the shift")
+    ax.legend(loc="upper left", fontsize=8)
+    return _png(fig)
+
+
+def _shift_blocks(tasks: list[dict]) -> list[Block]:
+    """Zero-shot against a linear probe fit in distribution, in distribution and under a shift."""
+    rows = shift_rows(tasks)
+    if not rows:
+        return []
+    table = []
+    for r in rows:
+        for key, label in (("zeroshot", "zero-shot"), ("probe", f"linear probe fit on {r['base']}")):
+            before, task, after, shifted = r[key]
+            drop = f"{100 * (after['value'] - before['value']):+.1f}"
+            table.append((shifted, label, _fmt(before["value"]), _fmt(after["value"]), drop, _ci(after)))
+    return [
+        Block("h2", "Effective robustness: zero-shot against a probe fit in distribution"),
+        Block(
+            "p",
+            "Top-1 of each classifier on the dataset the probe was fit on and under a shift neither the "
+            "probe's training split nor the model's training data shows (CLIP paper §3.3, figure 14: the "
+            "probe is better in distribution and loses more under the shift).",
+        ),
+        Block(
+            "table",
+            headers=("task", "classifier", "in distribution", "under the shift", "drop", "shift 95% CI"),
+            rows=tuple(table),
+        ),
+        Block("figure", "Top-1 in distribution and under the shift", png=shift_plot(rows), name="shift.png"),
     ]
 
 
@@ -342,7 +402,8 @@ _CSS = (
 
 def _inline_code(text: str) -> str:
     parts = html.escape(text).split("`")
-    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+    text = "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+    return re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", text)
 
 
 def render_html(blocks: list[Block], title: str) -> str:

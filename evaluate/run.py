@@ -302,8 +302,11 @@ class Session:
             self.splits[key] = self.dataset(task).split(name)
         return self.splits[key]
 
-    def needed_splits(self, task: TaskSpec) -> list[str]:
-        return [task.train_split, task.split] if task.kind in ("linear_probe", "fewshot") else [task.split]
+    def needed_splits(self, task: TaskSpec) -> list[tuple[TaskSpec, str]]:
+        """(the task whose dataset holds it, split) of each split the task reads."""
+        if task.kind in ("linear_probe", "fewshot"):
+            return [(task.training_task(), task.train_split), (task, task.split)]
+        return [(task, task.split)]
 
     def classnames(self, task: TaskSpec) -> list[str]:
         ds = self.dataset(task)
@@ -484,9 +487,12 @@ def _labelled(s: Session, task: TaskSpec, test: ImageFeatures, skipped: dict, de
 
 
 def _training_split(s: Session, task: TaskSpec, n_classes: int, detail: dict) -> tuple[np.ndarray, np.ndarray]:
-    train = s.features(task, task.train_split)
+    fit_on = task.training_task()
+    train = s.features(fit_on, task.train_split)
     keep = (train.labels >= 0) & (train.labels < n_classes)
-    detail["train_digest"] = s.split(task, task.train_split).digest
+    detail["train_digest"] = s.split(fit_on, task.train_split).digest
+    if task.train_dataset is not None:
+        detail["train_dataset"] = task.train_dataset
     return train.features[keep], train.labels[keep]
 
 
@@ -673,15 +679,16 @@ def _open_datasets(session: Session, suite: Suite) -> tuple[dict[str, dict[str, 
         try:
             if t.kind == "zeroshot_classification":
                 session.classnames(t)
-            for sp in session.needed_splits(t):
-                digests.setdefault(t.dataset, {})[sp] = session.split(t, sp).digest
+            for spec, sp in session.needed_splits(t):
+                digests.setdefault(spec.dataset, {})[sp] = session.split(spec, sp).digest
         except DatasetMissing as exc:
             if not t.skippable:
                 raise EvalError(f"task {t.name}: dataset {exc}") from exc
             session.missing[t.name] = str(exc)
             continue
-        if session.dataset(t).format != "builtin":
-            sources[storage.normalize(t.dataset)] = t.dataset
+        for spec in {t.dataset: t, t.training_task().dataset: t.training_task()}.values():
+            if session.dataset(spec).format != "builtin":
+                sources[storage.normalize(spec.dataset)] = spec.dataset
     return digests, sources
 
 

@@ -14,6 +14,10 @@ A suite is a YAML file (or a built-in name)::
         templates: ["a photo of a {c}."]     # optional: a list, or a file
         metrics: [acc1, mean_per_class_recall]   # optional: default is every metric of the kind
         group: transfer                      # optional: the summary averages a group's first metrics
+      - name: sketch-probe
+        kind: linear_probe                   # fit on train_dataset's train split, tested on dataset
+        dataset: s3://bench/wds_sketches     # (a shift: effective robustness in the report)
+        train_dataset: s3://bench/wds_photos
 
 A dataset written ``{data_root}/NAME`` lives under ``--data-root`` (a mirror in CLIP_benchmark's
 layout: ``ROOT/wds_cifar10/test/0.tar``...); a suite may name its summary lines::
@@ -110,6 +114,9 @@ class TaskSpec:
     format: str | None = None  # inferred from the dataset when None
     split: str = "test"
     train_split: str = "train"  # linear probe and few-shot fit on it (a validation part is held out)
+    # where linear probe and few-shot fit, when not on ``dataset``: a probe fit on one distribution
+    # and tested under a shift (CLIP paper §3.3's effective robustness)
+    train_dataset: str | None = None
     classnames: tuple[str, ...] | None = None  # overrides the dataset's
     templates: tuple[str, ...] | None = None  # overrides the dataset's
     metrics: tuple[str, ...] = ()  # empty: every metric of the kind
@@ -150,16 +157,25 @@ class TaskSpec:
             return f"fewshot_k{max(self.fewshot_ks)}_acc1"
         return {"zeroshot_retrieval": "mean_recall@1", "linear_probe": "lp_acc1"}.get(self.kind, "acc1")
 
+    def training_task(self) -> TaskSpec:
+        """The task whose ``train_split`` a linear probe or few-shot fits on: this one, or the same
+        on ``train_dataset``."""
+        if self.train_dataset is None:
+            return self
+        return replace(self, dataset=self.train_dataset, format=None, train_dataset=None)
+
     def with_data_root(self, root: str | None) -> TaskSpec:
         """This task with ``{data_root}`` in its dataset replaced by ``root``."""
-        if DATA_ROOT not in self.dataset:
+        if DATA_ROOT not in self.dataset and DATA_ROOT not in (self.train_dataset or ""):
             return self
         if not root:
             raise EvalError(
                 f"task {self.name} reads its data from --data-root ({self.dataset}): give --data-root URL, a "
                 "mirror in CLIP_benchmark's WebDataset layout (wit eval prepare makes one)"
             )
-        return replace(self, dataset=self.dataset.replace(DATA_ROOT, root.rstrip("/")), skippable=True)
+        root = root.rstrip("/")
+        train = self.train_dataset.replace(DATA_ROOT, root) if self.train_dataset else None
+        return replace(self, dataset=self.dataset.replace(DATA_ROOT, root), train_dataset=train, skippable=True)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -201,6 +217,16 @@ def _builtin_tasks() -> dict[str, TaskSpec]:
         TaskSpec("digits-fewshot", "fewshot", "digits", "builtin"),
         TaskSpec("synthetic-shape-linear-probe", "linear_probe", "synthetic-shape", "builtin"),
         TaskSpec("synthetic-shape-fewshot", "fewshot", "synthetic-shape", "builtin"),
+        # a held-out shift: outline sketches of the shapes, a style the synthetic web never shows;
+        # the probe fits on filled shapes (in distribution) and is tested on sketches
+        TaskSpec("synthetic-shape-outline", zs, "synthetic-shape-outline", "builtin"),
+        TaskSpec(
+            "synthetic-shape-outline-linear-probe",
+            "linear_probe",
+            "synthetic-shape-outline",
+            "builtin",
+            train_dataset="synthetic-shape",
+        ),
     ]
     return {t.name: t for t in tasks}
 
@@ -265,14 +291,7 @@ def _task_from(entry, base: str | None, where: str) -> TaskSpec:
         if need not in entry:
             raise EvalError(f"{where}: a task needs '{need}'")
     name = str(entry["name"])
-    dataset = str(entry["dataset"])
-    # A relative dataset path is relative to the suite file, like the class-name files.
-    relative = "://" not in dataset and not dataset.startswith(("/", DATA_ROOT))
-    if base and relative and entry.get("format") != "builtin":
-        from .datasets import BUILTIN_DATASETS
-
-        if dataset not in BUILTIN_DATASETS:
-            dataset = storage.join(base, dataset)
+    dataset = str(entry["dataset"]) if entry.get("format") == "builtin" else _dataset_url(str(entry["dataset"]), base)
     ks = entry.get("fewshot_ks", FEWSHOT_KS)
     return TaskSpec(
         name=name,
@@ -286,7 +305,18 @@ def _task_from(entry, base: str | None, where: str) -> TaskSpec:
         metrics=tuple(str(m) for m in entry.get("metrics", ()) or ()),
         fewshot_ks=tuple(int(k) for k in ks),
         group=str(entry["group"]) if entry.get("group") is not None else None,
+        train_dataset=_dataset_url(str(entry["train_dataset"]), base) if entry.get("train_dataset") else None,
     )
+
+
+def _dataset_url(dataset: str, base: str | None) -> str:
+    """A relative dataset path is relative to the suite file, like the class-name files."""
+    from .datasets import BUILTIN_DATASETS
+
+    relative = "://" not in dataset and not dataset.startswith(("/", DATA_ROOT))
+    if base and relative and dataset not in BUILTIN_DATASETS:
+        return storage.join(base, dataset)
+    return dataset
 
 
 def parse_suite(text: str, name: str = "suite", base: str | None = None) -> Suite:

@@ -23,6 +23,8 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from . import handwriting
+
 Kind = Literal["shape", "digit"]
 Task = Literal["shape", "colour", "digit"]
 Lang = Literal["en", "de", "fr", "es"]
@@ -63,6 +65,10 @@ BACKGROUNDS: tuple[tuple[int, int, int], ...] = (
     (215, 235, 210),
 )
 MIN_CONTRAST = 120.0
+# How the web draws a digit: a font, pen strokes, or pen strokes scanned at 8x8 (wit.evaluate.handwriting).
+DIGIT_STYLE_SHARES: tuple[tuple[str, float], ...] = (("print", 0.4), ("hand", 0.3), ("scan", 0.3))
+# Every style of each kind; `outline` (shape sketches) is for a held-out distribution shift only.
+STYLES: dict[str, tuple[str, ...]] = {"shape": ("filled", "outline"), "digit": ("print", "hand", "scan")}
 # Shapes stand roughly upright, as clipart and icons do. Any angle would make shape a rotation-
 # invariance problem: measured on 4,000 pairs, a tiny CLIP then stays at chance on shape, while
 # with this tilt its zero-shot shape accuracy passes 0.6 in a few hundred steps.
@@ -233,22 +239,43 @@ def _canvas(w: int, h: int, bg: tuple[int, int, int], rng: random.Random) -> Ima
     return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8), "RGB")
 
 
+def sample_style(concept: Concept, rng: random.Random) -> str:
+    """The style the web draws `concept` in: shapes are always `filled`; a digit is `print` (a
+    font), `hand` (pen strokes) or `scan` (pen strokes on a form scanned at 8x8) by
+    :data:`DIGIT_STYLE_SHARES`."""
+    if concept.kind == "shape":
+        return "filled"
+    r, acc = rng.random(), 0.0
+    for style, share in DIGIT_STYLE_SHARES:
+        acc += share
+        if r < acc:
+            return style
+    return DIGIT_STYLE_SHARES[-1][0]
+
+
 def render(
     concept: Concept,
     rng: random.Random,
     size: int | tuple[int, int] = 96,
     *,
     background: tuple[int, int, int] | None = None,
+    style: str | None = None,
 ) -> Image.Image:
-    """Draw `concept` on a canvas of `size` (an int for a square, or `(width, height)`).
+    """Draw `concept` on a canvas of `size` (an int for a square, or `(width, height)`) in `style`
+    (None: :func:`sample_style`'s draw; see :data:`STYLES`).
 
     The background is never the object's colour (see `background_choices`); the object covers 35–80%
     of the shorter side, sits anywhere it fits and is tilted: shapes up to `SHAPE_TILT` degrees
-    either way, digits up to 20 (so a 6 stays a 6).
+    either way, digits up to 20 (so a 6 stays a 6). Handwritten digits fill most of the picture, as
+    a form's box does.
     """
     w, h = (size, size) if isinstance(size, int) else size
     if w < 1 or h < 1:
         raise ValueError(f"size must be positive, got {size!r}")
+    if style is None:
+        style = sample_style(concept, rng)
+    if style not in STYLES[concept.kind]:
+        raise ValueError(f"a {concept.kind} is drawn in one of {STYLES[concept.kind]}, not {style!r}")
     colour = COLOURS[concept.colour]
     if background is None:
         background = rng.choice(background_choices(concept.colour))
@@ -264,16 +291,24 @@ def render(
 
     if concept.kind == "shape":
         draw = ImageDraw.Draw(img)
+        # an outline sketch: the same shape, its edge only (a style the synthetic web never shows)
+        paint = {"fill": fill} if style == "filled" else {"outline": fill, "width": max(1, round(radius * 0.14))}
         if concept.shape == "circle":
             # A slight squash, so circles vary the way the other shapes vary by rotation.
             rx, ry = radius * rng.uniform(0.85, 1.0), radius * rng.uniform(0.85, 1.0)
-            draw.ellipse((cx - rx, cy - ry, cx + rx, cy + ry), fill=fill)
+            draw.ellipse((cx - rx, cy - ry, cx + rx, cy + ry), **paint)
         else:
             angle = math.radians(rng.uniform(-SHAPE_TILT, SHAPE_TILT))
             ca, sa = math.cos(angle), math.sin(angle)
             outline = _OUTLINES[concept.shape or ""]
             pts = [(cx + radius * (x * ca - y * sa), cy + radius * (x * sa + y * ca)) for x, y in outline]
-            draw.polygon(pts, fill=fill)
+            draw.polygon(pts, **paint)
+        return img
+    if style != "print":
+        # most of the picture, as a form's box is filled; the border stays paper
+        side = max(1, int(min(w, h) * rng.uniform(0.8, 0.92)))
+        mask = handwriting.digit_mask(concept.digit or "", rng, side, scan=style == "scan")
+        img.paste(fill, ((w - side) // 2, (h - side) // 2), mask)
         return img
 
     fonts = font_paths()

@@ -29,19 +29,20 @@ import io
 import json
 import posixpath
 import re
-import tarfile
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
+from wit.evaluate.findings import findings
 from wit.evaluate.report import build_blocks
 from wit.manifests import storage
 from wit.manifests.lineage import LineageNode, lineage
 from wit.manifests.manifest import RUN_RECORD, ManifestError
 from wit.manifests.runrecord import RunRecord, read_run_record
 from wit.manifests.storage import StorageError
+from wit.manifests.tars import SAMPLE_IMAGE_EXTENSIONS, TarError, read_files
 from wit.pipeline import registry  # the stages, and the folder `wit run` gives each under the root
 
 REPORT = "report.html"
@@ -426,7 +427,7 @@ def _samples(page: _Page, shard: StageRun | None) -> None:
     url = shard.file(names[0])
     try:
         samples = read_samples(url, SAMPLES_SHOWN)
-    except (StorageError, tarfile.TarError) as exc:
+    except (StorageError, TarError) as exc:
         page.add(f"<p class='problem'>cannot read {page.a(names[0], url)}: {_esc(exc)}</p>")
         return
     cells = []
@@ -450,16 +451,13 @@ class Sample:
     png: bytes  # a thumbnail, re-encoded: the page shows only PNG, whatever the shard holds
 
 
-_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-
-
 def read_samples(shard_url: str, limit: int) -> list[Sample]:
     """The first ``limit`` decodable samples of a webdataset shard, streamed: shards may be GBs."""
     members: dict[str, dict[str, bytes]] = {}
     order: list[str] = []
-    with storage.open_url(shard_url) as f, tarfile.open(fileobj=f, mode="r|") as tar:
-        for m in tar:
-            if not m.isfile() or "." not in m.name:
+    with storage.open_url(shard_url) as f:
+        for m in read_files(f, compressed=False):
+            if "." not in m.name:
                 continue
             key, ext = m.name.split(".", 1)
             if key not in members:
@@ -467,11 +465,11 @@ def read_samples(shard_url: str, limit: int) -> list[Sample]:
                     break
                 members[key] = {}
                 order.append(key)
-            members[key][ext.lower()] = tar.extractfile(m).read()
+            members[key][ext.lower()] = m.read()
     out = []
     for key in order:
         parts = members[key]
-        image = next((parts[e] for e in _IMAGE_EXTS if e in parts), None)
+        image = next((parts[e] for e in SAMPLE_IMAGE_EXTENSIONS if e in parts), None)
         if image is None:
             continue
         try:
@@ -611,15 +609,9 @@ def _training_plot(m: dict[str, list], evals: dict[str, tuple[list, list]] | Non
 _NUMERIC = re.compile(r"^[\s\d.,:%+\-–\[\]]*\d[\s\d.,:%+\-–\[\]]*$")
 
 
-def _evaluation(page: _Page, layout: RunLayout) -> None:
-    page.add("<section id='evaluation'><h2>Evaluation</h2>")
-    run = layout.get("eval")
-    if run is None:
-        page.missing("eval")
-        page.add("</section>")
-        return
-    cfg = run.record.config
-    names = [t["name"] for t in cfg.get("suite", {}).get("tasks", [])]
+def _eval_tasks(page: _Page, run: StageRun) -> tuple[list[dict], dict[str, str]]:
+    """The detail (``tasks/NAME.json``) of each task of the eval run, and each one's URL."""
+    names = [t["name"] for t in run.record.config.get("suite", {}).get("tasks", [])]
     tasks, task_urls = [], {}
     for name in names:
         url = run.file(f"tasks/{name}.json")
@@ -629,6 +621,37 @@ def _evaluation(page: _Page, layout: RunLayout) -> None:
             page.add(f"<p class='problem'>cannot read {page.a(f'tasks/{name}.json', url)}: {_esc(exc)}</p>")
             continue
         task_urls[name] = url
+    return tasks, task_urls
+
+
+def _findings(page: _Page, layout: RunLayout) -> None:
+    """What the evaluation shows, in plain words (wit.evaluate.findings), each number linked to the
+    task file it was read from."""
+    run = layout.get("eval")
+    if run is None:
+        return
+    tasks, task_urls = _eval_tasks(_Page(page.links), run)  # problems are reported in the evaluation
+    found = findings(tasks)
+    if not found:
+        return
+    page.add("<section id='findings'><h2>Findings</h2><ol class='findings'>")
+    for f in found:
+        text = "".join(
+            _esc(p) if isinstance(p, str) else page.a(p[0], task_urls.get(p[1], run.record_url)) for p in f.parts
+        )
+        page.add(f"<li><strong>{_esc(f.title)}.</strong> {text}</li>")
+    page.add("</ol></section>")
+
+
+def _evaluation(page: _Page, layout: RunLayout) -> None:
+    page.add("<section id='evaluation'><h2>Evaluation</h2>")
+    run = layout.get("eval")
+    if run is None:
+        page.missing("eval")
+        page.add("</section>")
+        return
+    cfg = run.record.config
+    tasks, task_urls = _eval_tasks(page, run)
     if not tasks:
         page.add("<p>No task results.</p></section>")
         return
@@ -641,7 +664,7 @@ def _evaluation(page: _Page, layout: RunLayout) -> None:
         "seed": cfg.get("seed"),
     }
     results = run.file("part-00000.parquet")
-    for blk in build_blocks(meta, tasks):
+    for blk in build_blocks(meta, tasks, with_findings=False):
         if blk.type == "h1":
             page.add(f"<h3>{_esc(blk.text)}</h3>")
         elif blk.type == "h2":
@@ -735,9 +758,11 @@ def build_report(root: str, out_html: str | None = None, stages: dict[str, str] 
         f"<meta name='viewport' content='width=device-width'><style>{_CSS}</style></head><body>"
         f"<h1>wit run report</h1><p>Run root {page.a(root, root)}. Every number links to "
         "the run record, part file or metrics file it was read from.</p>"
-        "<nav><a href='#overview'>stages</a><a href='#dataset'>dataset</a><a href='#training'>training</a>"
+        "<nav><a href='#findings'>findings</a><a href='#overview'>stages</a><a href='#dataset'>dataset</a>"
+        "<a href='#training'>training</a>"
         "<a href='#evaluation'>evaluation</a><a href='#lineage'>lineage</a></nav>"
     )
+    _findings(page, layout)
     _overview(page, layout)
     _dataset(page, layout)
     _training(page, layout)

@@ -65,10 +65,17 @@ def run(pipeline_yaml, from_stage, until_stage, overrides, dry_run, executor, ra
 @click.option("--root", metavar="URL", help="Where the stages write (default: OUT), e.g. s3://bucket/demo.")
 @click.option("--pages", type=click.IntRange(min=10), default=None, help="Pages of the synthetic web.")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Training steps (shorter demo).")
+@click.option(
+    "--seed",
+    type=click.IntRange(min=0, max=999_999),
+    default=0,
+    show_default=True,
+    help="Seed of the synthetic web and of training (the evaluation's held-out seeds never change).",
+)
 @click.option("--set", "overrides", multiple=True, metavar="STAGE.KEY=VALUE", help="Override a demo option.")
 @cluster_options
 @domain_errors
-def demo(out, root, pages, steps, overrides, executor, ray_address):
+def demo(out, root, pages, steps, seed, overrides, executor, ray_address):
     """The whole pipeline on a generated web served on 127.0.0.1, then a score table and a report.
 
     Generates the synthetic web under OUT/web, serves it, runs extract → ... → eval with the demo
@@ -78,12 +85,13 @@ def demo(out, root, pages, steps, overrides, executor, ray_address):
     \b
     Example:
         wit demo -o demo-out
+        wit demo -o demo-seed1 --seed 1
         AWS_ENDPOINT_URL=http://127.0.0.1:9000 wit demo -o demo-out --root s3://bucket/demo
     """
     from wit.pipeline.demo import DEMO_PAGES, run_demo
 
     overrides = (*overrides, *_cluster_overrides(executor, ray_address))
-    run_demo(out, root=root, pages=pages or DEMO_PAGES, steps=steps, overrides=overrides, echo=click.echo)
+    run_demo(out, root=root, pages=pages or DEMO_PAGES, steps=steps, seed=seed, overrides=overrides, echo=click.echo)
 
 
 COMMANDS = [run, demo]

@@ -214,16 +214,27 @@ def _eval_digit(rng: random.Random) -> tuple[Image.Image, int]:
     return rng.choice(_eval_digits())
 
 
-def _near_duplicate(orig: _Original, rng: random.Random) -> tuple[Image.Image, str]:
+def _near_duplicate(orig: _Original, fmt: str, rng: random.Random) -> tuple[Image.Image, bytes, str]:
+    """A variant of ``orig`` and its bytes in ``fmt``, within NEAR_DUPLICATE_BITS of the original as
+    both are served (decoded bytes against decoded bytes: a JPEG's blocks move the hash too)."""
     import imagehash
 
-    base = imagehash.phash(orig.image)
+    def served_hash(data: bytes) -> imagehash.ImageHash:
+        return imagehash.phash(Image.open(io.BytesIO(data)))
+
+    base = served_hash(orig.data)
     for _ in range(4):
         how = rng.choice(("resize", "crop", "reencode", "brightness"))
         img = _variant(orig.image, how, rng)
-        if imagehash.phash(img) - base <= NEAR_DUPLICATE_BITS:
-            return img, how
-    return orig.image, "reencode"  # the caller re-encodes it as JPEG: always within the bound
+        data = _encode(img, fmt, rng)
+        # half the bound: room for what a downloader does to both (resize, re-encode)
+        if data != orig.data and served_hash(data) - base <= NEAR_DUPLICATE_BITS // 2:
+            return img, data, how
+    # the original's pixels as served, re-encoded near losslessly: other bytes, the same hash
+    img = Image.open(io.BytesIO(orig.data)).convert("RGB")
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=100, subsampling=0)
+    return img, buf.getvalue(), "reencode"
 
 
 def _variant(img: Image.Image, how: str, rng: random.Random) -> Image.Image:
@@ -412,10 +423,7 @@ class _WebWriter:
         if kind == "duplicate" and orig is not None:
             out.data, out.size = orig.data, orig.image.size
         elif kind == "near_duplicate" and orig is not None:
-            out.image, out.detail = _near_duplicate(orig, rng)
-            out.data = _encode(out.image, fmt, rng)
-            if out.data == orig.data:  # a re-encode at the very same settings: nudge the quality
-                out.data = _encode(out.image, fmt, random.Random(rng.random()))
+            out.image, out.data, out.detail = _near_duplicate(orig, fmt, rng)
         elif kind == "huge":
             out.data, out.size = bomb_png(mess.huge_side), (mess.huge_side, mess.huge_side)
         elif kind == "tracking_pixel":

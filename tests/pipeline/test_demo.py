@@ -5,6 +5,8 @@ S3 server builds the same dataset digest as the local one."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from wit.manifests import storage
@@ -44,7 +46,8 @@ def test_the_demo_prints_the_scores_and_the_report(local_demo):
     assert row[:2] == ["synthetic-colour", "acc1"] and row[-2:] == ["400", "0.125"]
     assert [s["task"] for s in result.scores] == ["synthetic-colour"]
     assert 0 <= result.scores[0]["ci_low"] <= result.scores[0]["value"] <= result.scores[0]["ci_high"] <= 1
-    assert lines[-1] == f"report: {result.report}"
+    assert lines[-2] == f"report: {result.report}"
+    assert re.fullmatch(r"demo: \d+\.\d minutes in all", lines[-1])
     assert storage.exists(result.report)
     assert set(result.timings) >= {"web", *STAGES, "total"}
     assert verify(str(out / "dataset")).ok
@@ -69,6 +72,24 @@ def test_the_shipped_demo_config_is_valid(tmp_path):
     model = resolve_model(cfg.config("train").model)
     assert model.name == "wit-tiny-rn"
     assert cfg.config("download").image_size == model.config["vision_cfg"]["image_size"]
+    # the paper's findings in miniature: zero-shot, a shift scored zero-shot and by an
+    # in-distribution probe, and a few-shot curve beside its zero-shot score
+    suite = cfg.config("eval").load_suite()
+    kinds = {(t.kind, t.dataset, t.train_dataset) for t in suite.tasks}
+    assert {
+        ("zeroshot_classification", "digits", None),
+        ("zeroshot_classification", "synthetic-shape", None),
+        ("zeroshot_classification", "synthetic-shape-outline", None),
+        ("linear_probe", "synthetic-shape", None),
+        ("linear_probe", "synthetic-shape-outline", "synthetic-shape"),
+        ("fewshot", "digits", None),
+    } <= kinds
+
+
+def test_demo_seeds_stay_below_the_evaluation_seeds(tmp_path):
+    with pytest.raises(ValueError, match="seed must be in"):
+        run_demo(tmp_path, seed=10**6, echo=lambda _: None, progress=False, **SMOKE)
+    assert not (tmp_path / "web").exists()
 
 
 @pytest.mark.slow

@@ -34,6 +34,7 @@ pytestmark = pytest.mark.slow
 STAGES = registry.names()
 
 SECTIONS = (
+    "findings",
     "overview",
     "dataset",
     "counts",
@@ -82,8 +83,26 @@ def run_root(tmp_path_factory) -> Path:
     _wit("shard", out["filtered"], "--samples-per-shard", "16", "-o", out["dataset"])
     cfg = TrainConfig.from_dict({}, steps=5, batch_size=8, workers=0, log_every=1, device="cpu")
     result = train(cfg, str(out["dataset"]), str(root / "train"))
-    evaluate(result.checkpoint, str(root / "eval"), "synthetic-colour", EvalConfig(cache=None, resamples=100))
+    # tasks enough for each of the report's four findings
+    suite = base / "suite.yaml"
+    suite.write_text(FINDINGS_SUITE)
+    evaluate(result.checkpoint, str(root / "eval"), str(suite), EvalConfig(cache=None, resamples=100))
     return root
+
+
+FINDINGS_SUITE = """
+tasks:
+  - synthetic-colour
+  - synthetic-shape
+  - synthetic-shape-outline
+  - synthetic-shape-linear-probe
+  - synthetic-shape-outline-linear-probe
+  - name: synthetic-shape-fewshot
+    kind: fewshot
+    dataset: synthetic-shape
+    fewshot_ks: [1, 2]
+"""
+FINDINGS = ("Zero-shot transfer", "Prompt ensembling", "Effective robustness", "Zero-shot against few-shot")
 
 
 class _Page(HTMLParser):
@@ -164,6 +183,11 @@ def test_report_has_every_section_and_every_number_links_to_its_manifest(run_roo
     assert re.search(rf"<td>synthetic</td><td><a href='filtered/_run.json'>{overlap}</a></td>", text)
     assert "<a href='train/metrics.parquet'>" in text
     assert re.search(r"<a href='eval/tasks/synthetic-colour.json'>\d+\.\d</a>", text)
+    # the report opens with the findings, each number linked to the task it was read from
+    findings = text[text.index("id='findings'") : text.index("id='overview'")]
+    assert [t in findings for t in FINDINGS] == [True] * 4
+    for task in ("synthetic-colour", "synthetic-shape-outline-linear-probe", "synthetic-shape-fewshot"):
+        assert re.search(rf"<a href='eval/tasks/{task}.json'>[+-]?\d+\.\d( points|%)</a>", findings), task
     for stage in STAGES:
         assert f"<b>{stage}</b>" in text, f"lineage misses {stage}"
 
@@ -171,9 +195,7 @@ def test_report_has_every_section_and_every_number_links_to_its_manifest(run_roo
 def test_missing_stages_say_not_run_yet(run_root, tmp_path):
     empty = build_report(str(tmp_path / "nothing"))
     text = Path(empty).read_text()
-    assert (
-        text.count("not run yet") >= 7 and set(SECTIONS[:1]) | {"dataset", "training", "evaluation"} <= _Page(text).ids
-    )
+    assert text.count("not run yet") >= 7 and {"overview", "dataset", "training", "evaluation"} <= _Page(text).ids
     partial = tmp_path / "partial"
     for folder in ("candidates", "curated", "downloaded", "filtered", "dataset"):
         shutil.copytree(run_root / folder, partial / folder)
@@ -274,8 +296,10 @@ def test_report_renders_in_headless_chromium_with_every_image_loaded(run_root, t
     assert total >= 17 and loaded == total, f"{loaded} of {total} images loaded"
     rendered = _Page(dom)
     assert set(SECTIONS) <= rendered.ids
-    for heading in ("Stages", "Dataset", "Training", "Evaluation", "Lineage"):
+    for heading in ("Findings", "Stages", "Dataset", "Training", "Evaluation", "Lineage"):
         assert f"<h2>{heading}</h2>" in dom
+    findings = dom[dom.index('id="findings"') : dom.index('id="overview"')]
+    assert findings.count("<li>") == 4 and all(f"<strong>{t}.</strong>" in findings for t in FINDINGS)
 
 
 def test_stages_are_found_in_the_folders_wit_run_gives_them(run_root):
