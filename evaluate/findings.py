@@ -70,6 +70,14 @@ def shift_rows(tasks: list[dict]) -> list[dict]:
     return [r for r in rows if all(r[k][0] and r[k][2] for k in ("zeroshot", "probe"))]
 
 
+def _against_chance(m: dict, chance: float) -> str:
+    """Where the 95% interval lies against chance ("" above it, or no interval to say)."""
+    lo, hi = m.get("ci_low"), m.get("ci_high")
+    if lo is None or hi is None or lo > chance:
+        return ""
+    return ", below it" if hi < chance else ", within the interval"
+
+
 def _transfer(tasks: list[dict]) -> Finding | None:
     zs = [t for t in _zeroshot(tasks) if t.get("chance")]
     if not zs:
@@ -78,12 +86,11 @@ def _transfer(tasks: list[dict]) -> Finding | None:
     f.parts.append("With no labelled example, the model classifies ")
     for i, t in enumerate(zs):
         m = metric(t, "acc1")
-        above = m.get("ci_low") is not None and m["ci_low"] > t["chance"]
         f.parts += [
             ", " if 0 < i < len(zs) - 1 else (" and " if i else ""),
             f"{t['task']} at ",
             (_pct(m["value"]), t["task"]),
-            f" (chance {_pct(t['chance'])}{'' if above else ', within the interval'})",
+            f" (chance {_pct(t['chance'])}{_against_chance(m, t['chance'])})",
         ]
     f.parts.append(" by naming the classes in text.")
     return f
@@ -97,7 +104,7 @@ def _ensembling(tasks: list[dict]) -> Finding | None:
     gains = [e["value"] - s["value"] for _, s, e in pairs]
     f = Finding("Prompt ensembling")
     f.parts.append("Averaging the class embeddings of all prompt templates, against the first template alone, ")
-    f.parts.append("gains " if sum(gains) >= 0 else "loses ")
+    f.parts.append("changes top-1 by ")
     for i, ((t, s, e), g) in enumerate(zip(pairs, gains, strict=True)):
         f.parts += [
             "; " if i else "",

@@ -50,11 +50,12 @@ def dataset_folders(suite: Suite) -> dict[str, set[str]]:
     prefix = DATA_ROOT + "/"
     folders: dict[str, set[str]] = {}
     for t in suite.tasks:
-        if t.dataset.startswith(prefix):
-            splits = folders.setdefault(t.dataset[len(prefix) :].strip("/"), set())
-            splits.add(t.split)
-            if t.kind in ("linear_probe", "fewshot"):
-                splits.add(t.train_split)
+        reads = [(t.dataset, t.split)]
+        if t.kind in ("linear_probe", "fewshot"):
+            reads.append((t.training_task().dataset, t.train_split))  # its own, or train_dataset's
+        for dataset, split in reads:
+            if dataset.startswith(prefix):
+                folders.setdefault(dataset[len(prefix) :].strip("/"), set()).add(split)
     if not folders:
         raise EvalError(f"suite {suite.name} names no dataset under {DATA_ROOT}: there is nothing to mirror")
     return folders

@@ -488,6 +488,11 @@ def _labelled(s: Session, task: TaskSpec, test: ImageFeatures, skipped: dict, de
 
 def _training_split(s: Session, task: TaskSpec, n_classes: int, detail: dict) -> tuple[np.ndarray, np.ndarray]:
     fit_on = task.training_task()
+    if fit_on is not task and s.classnames(fit_on) != s.classnames(task):
+        raise EvalError(
+            f"task {task.name}: {task.train_dataset} and {task.dataset} name their classes differently; "
+            "a probe fit on one scores the other only when labels mean the same classes"
+        )
     train = s.features(fit_on, task.train_split)
     keep = (train.labels >= 0) & (train.labels < n_classes)
     detail["train_digest"] = s.split(fit_on, task.train_split).digest
@@ -679,14 +684,15 @@ def _open_datasets(session: Session, suite: Suite) -> tuple[dict[str, dict[str, 
         try:
             if t.kind == "zeroshot_classification":
                 session.classnames(t)
-            for spec, sp in session.needed_splits(t):
+            read = session.needed_splits(t)
+            for spec, sp in read:
                 digests.setdefault(spec.dataset, {})[sp] = session.split(spec, sp).digest
         except DatasetMissing as exc:
             if not t.skippable:
                 raise EvalError(f"task {t.name}: dataset {exc}") from exc
             session.missing[t.name] = str(exc)
             continue
-        for spec in {t.dataset: t, t.training_task().dataset: t.training_task()}.values():
+        for spec, _ in read:
             if session.dataset(spec).format != "builtin":
                 sources[storage.normalize(spec.dataset)] = spec.dataset
     return digests, sources

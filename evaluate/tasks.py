@@ -136,6 +136,8 @@ class TaskSpec:
         bad = [m for m in self.metrics if not metric_known(self.kind, m)]
         if bad:
             raise EvalError(f"task {self.name}: {', '.join(bad)} is not a {self.kind} metric")
+        if self.train_dataset is not None and self.kind not in ("linear_probe", "fewshot"):
+            raise EvalError(f"task {self.name}: train_dataset is for linear_probe and fewshot tasks, not {self.kind}")
         if not self.fewshot_ks or any(k < 1 for k in self.fewshot_ks):
             raise EvalError(f"task {self.name}: few-shot k must be positive integers")
         if self.templates is not None:
@@ -169,8 +171,9 @@ class TaskSpec:
         if DATA_ROOT not in self.dataset and DATA_ROOT not in (self.train_dataset or ""):
             return self
         if not root:
+            where = self.dataset if DATA_ROOT in self.dataset else self.train_dataset
             raise EvalError(
-                f"task {self.name} reads its data from --data-root ({self.dataset}): give --data-root URL, a "
+                f"task {self.name} reads its data from --data-root ({where}): give --data-root URL, a "
                 "mirror in CLIP_benchmark's WebDataset layout (wit eval prepare makes one)"
             )
         root = root.rstrip("/")

@@ -145,12 +145,18 @@ def _demo_port(echo: Callable[[str], Any]) -> int:
 def _web(web: Path, pages: int, port: int, seed: int, echo: Callable[[str], Any]) -> Path:
     """The synthetic web for this port and size: reused when OUT/web already holds exactly it."""
     from wit.ingest.synthetic import generate_web
+    from wit.ingest.synthetic.generate import WEB_VERSION
 
     base_url = f"http://127.0.0.1:{port}"
     meta = web / "web.json"
     if meta.exists():
         have = json.loads(meta.read_text())
-        if (have.get("pages"), have.get("seed"), have.get("base_url")) == (pages, seed, base_url):
+        if (have.get("version"), have.get("pages"), have.get("seed"), have.get("base_url")) == (
+            WEB_VERSION,
+            pages,
+            seed,
+            base_url,
+        ):
             return web
         echo(f"demo: regenerating {web} ({pages} pages for {base_url})")
     info = generate_web(web, pages=pages, seed=seed, base_url=base_url, overwrite=True)

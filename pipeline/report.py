@@ -634,6 +634,7 @@ def _findings(page: _Page, layout: RunLayout) -> None:
     found = findings(tasks)
     if not found:
         return
+    page.parts[0] = page.parts[0].replace("<nav>", "<nav><a href='#findings'>findings</a>", 1)
     page.add("<section id='findings'><h2>Findings</h2><ol class='findings'>")
     for f in found:
         text = "".join(
@@ -758,7 +759,7 @@ def build_report(root: str, out_html: str | None = None, stages: dict[str, str] 
         f"<meta name='viewport' content='width=device-width'><style>{_CSS}</style></head><body>"
         f"<h1>wit run report</h1><p>Run root {page.a(root, root)}. Every number links to "
         "the run record, part file or metrics file it was read from.</p>"
-        "<nav><a href='#findings'>findings</a><a href='#overview'>stages</a><a href='#dataset'>dataset</a>"
+        "<nav><a href='#overview'>stages</a><a href='#dataset'>dataset</a>"
         "<a href='#training'>training</a>"
         "<a href='#evaluation'>evaluation</a><a href='#lineage'>lineage</a></nav>"
     )

@@ -214,6 +214,11 @@ def _eval_digit(rng: random.Random) -> tuple[Image.Image, int]:
     return rng.choice(_eval_digits())
 
 
+# What a web of one seed holds changes with the generator: 2 = handwritten digits, near duplicates
+# checked on their served bytes. A web of another version is never reused for this one.
+WEB_VERSION = 2
+
+
 def _near_duplicate(orig: _Original, fmt: str, rng: random.Random) -> tuple[Image.Image, bytes, str]:
     """A variant of ``orig`` and its bytes in ``fmt``, within NEAR_DUPLICATE_BITS of the original as
     both are served (decoded bytes against decoded bytes: a JPEG's blocks move the hash too)."""
@@ -627,6 +632,7 @@ def generate_web(
         },
     )
     meta = {
+        "version": WEB_VERSION,
         "seed": seed,
         "pages": pages,
         "images": info.images,

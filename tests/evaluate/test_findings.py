@@ -175,3 +175,26 @@ def test_styles_of_the_world():
     assert styles == {"print", "hand", "scan"} and world.sample_style(shape, rng) == "filled"
     with pytest.raises(ValueError, match="outline"):
         world.render(digit, rng, 32, style="outline")
+
+
+def test_chance_is_compared_with_the_interval_when_there_is_one():
+    def said(lo, hi):
+        t = _zs("t", "d", 0.12, 0.12, 0.125)
+        t["metrics"][0].update(ci_low=lo, ci_high=hi)
+        return findings([t])[0].text()
+
+    assert "(chance 12.5%)" in said(None, None)  # no resamples: no interval to speak of
+    assert "(chance 12.5%, within the interval)" in said(0.1, 0.15)
+    assert "(chance 12.5%, below it)" in said(0.08, 0.11)
+
+
+def test_train_dataset_only_for_probes_and_mirrored_with_its_training_split():
+    from wit.evaluate.mirror import dataset_folders
+    from wit.evaluate.tasks import Suite, TaskSpec
+
+    with pytest.raises(EvalError, match="train_dataset is for linear_probe"):
+        TaskSpec("z", "zeroshot_classification", "digits", "builtin", train_dataset="synthetic-shape")
+    probe = TaskSpec("p", "linear_probe", f"{DATA_ROOT}/wds_sketch", train_dataset=f"{DATA_ROOT}/wds_photo")
+    assert dataset_folders(Suite("s", (probe,))) == {"wds_sketch": {"test"}, "wds_photo": {"train"}}
+    with pytest.raises(EvalError, match=r"--data-root \(\{data_root\}/wds_photo\)"):
+        TaskSpec("q", "linear_probe", "/data/sketch", train_dataset=f"{DATA_ROOT}/wds_photo").with_data_root(None)
