@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import table, write_section  # noqa: E402
+from _report import commit, table, write_section  # noqa: E402
 
 from wit.ingest.download import DOWNLOAD, DownloadConfig  # noqa: E402
 from wit.ingest.synthetic import SyntheticWebServer, generate_web  # noqa: E402
@@ -162,7 +162,7 @@ def main() -> None:
         )
     ratio = best["img2dataset"] / best["wit download"]
     body = (
-        f"{args.images} URLs of small images (32 to 512 px PNG/JPEG) from the synthetic web on "
+        f"Commit `{commit()}`. {args.images} URLs of small images (32 to 512 px PNG/JPEG) from the synthetic web on "
         f"127.0.0.1, {args.processes} processes x {args.threads} threads, {args.samples_per_shard} "
         f"samples per shard, resized to {args.image_size} (border), JPEG q95, sha256 of the originals; "
         f"{args.rounds} rounds, alternating. wit: `run_stage(DOWNLOAD, workers={args.processes})`, one "

@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 from _ingest_data import images, write_downloaded, write_filtered  # noqa: E402
-from _report import table, write_section  # noqa: E402
+from _report import commit, table, write_section  # noqa: E402
 
 from wit.ingest import shard as shard_module  # noqa: E402
 from wit.ingest.shard import SHARD_PHASES, ShardConfig  # noqa: E402
@@ -197,6 +197,7 @@ def main() -> None:
             figures = [f"{med:.2f}", "", f"{mb / med:.0f}", f"{base / med:.2f}", f"{best / low:.2f}"]
             rows.append(["S3 (moto)", label, *figures])
         body = (
+            f"Commit `{commit()}`. "
             f"{args.samples:,} samples (256 px JPEG, {mb * 1e3 / args.samples:.0f} kB) in {len(src)} shards, "
             f"{mb:.0f} MB, local disk, page cache warm but in the cold-cache rows; {PER_SHARD} samples per "
             f"output shard; {args.trials} runs "
