@@ -342,20 +342,7 @@ class _WebWriter:
             status, redirect_to = self._serve(kind, img_path, name, content.served)
         alt, lang, alt_detail = self._alt(kind, concept)
 
-        title = figcaption = None
-        described = concept or world.sample_concept(rng)
-        if kind != "tracking_pixel" and rng.random() < 0.15:
-            title = rng.choice(("Click to enlarge", "view full size", world.caption(described, rng)))
-        if kind != "tracking_pixel" and rng.random() < 0.15:
-            figcaption = f"Figure {img_id % 50 + 1}: " + world.caption(described, rng)
-        declared: tuple[int, int] | None = (1, 1) if kind == "tracking_pixel" else None
-        if declared is None and content.size is not None and rng.random() < 0.3:
-            declared = content.size
-        width, height = declared if declared else (None, None)
-        attrs = [("src", src), ("alt", alt), ("title", title), ("width", width), ("height", height)]
-        tag = "<img" + "".join(_attr(k, v) for k, v in attrs) + ">"
-        if figcaption is not None:
-            tag = f"<figure>{tag}<figcaption>{html.escape(figcaption)}</figcaption></figure>"
+        tag, title, figcaption, (width, height) = self._img_tag(kind, img_id, src, alt, concept, content)
 
         copyable = content.image is not None and content.data is not None and concept is not None
         if kind in _COPYABLE and copyable:
@@ -394,6 +381,27 @@ class _WebWriter:
             n_bytes=len(served) if served is not None else None,
         )
         return row, tag
+
+    def _img_tag(
+        self, kind: str, img_id: int, src: str, alt: str | None, concept: Concept | None, content: _Content
+    ) -> tuple[str, str | None, str | None, tuple[int | None, int | None]]:
+        """The `<img>` tag (in a `<figure>` when it has a caption), its title, caption and declared size."""
+        rng = self.rng
+        title = figcaption = None
+        described = concept or world.sample_concept(rng)
+        if kind != "tracking_pixel" and rng.random() < 0.15:
+            title = rng.choice(("Click to enlarge", "view full size", world.caption(described, rng)))
+        if kind != "tracking_pixel" and rng.random() < 0.15:
+            figcaption = f"Figure {img_id % 50 + 1}: " + world.caption(described, rng)
+        declared: tuple[int, int] | None = (1, 1) if kind == "tracking_pixel" else None
+        if declared is None and content.size is not None and rng.random() < 0.3:
+            declared = content.size
+        width, height = declared if declared else (None, None)
+        attrs = [("src", src), ("alt", alt), ("title", title), ("width", width), ("height", height)]
+        tag = "<img" + "".join(_attr(k, v) for k, v in attrs) + ">"
+        if figcaption is not None:
+            tag = f"<figure>{tag}<figcaption>{html.escape(figcaption)}</figcaption></figure>"
+        return tag, title, figcaption, (width, height)
 
     def _src(
         self,
@@ -533,6 +541,39 @@ def _page_html(title: str, base_href: str | None, body: list[str]) -> str:
     return html_head + "\n".join(body) + "\n</body></html>\n"
 
 
+def _write_page(
+    writer: _WebWriter, page_id: int, page_paths: list[str], count: int, kinds: list[str], img_id: int
+) -> int:
+    """Page ``page_id`` with ``count`` images from ``img_id`` on; returns the next image id."""
+    rng, mess, page_path = writer.rng, writer.mess, page_paths[page_id]
+    section = page_path.split("/")[1]
+    base_href = None
+    if rng.random() < mess.base_href_rate:
+        base_href = (BASE_PLACEHOLDER if rng.random() < 0.5 else "") + f"/media/{section}/"
+    body = ['<header><a href="/index.html">Home</a></header>', "<main>"]
+    topic = rng.choice(_TOPICS)
+    title = f"{section.capitalize()} #{page_id}: {topic}"
+    body.append(f"<h1>{html.escape(title)}</h1>")
+    for _ in range(count):
+        row, tag = writer.image(img_id, page_id, page_path, section, base_href, kinds[img_id])
+        writer.rows.append(row)
+        hint = None
+        if row.kind in ("shape", "digit") and row.colour:
+            hint = world.Concept(row.kind, row.colour, row.shape, row.digit)  # type: ignore[arg-type]
+        body.append(f"<p>{html.escape(_page_text(rng, hint))}</p>")
+        body.append(tag)
+        img_id += 1
+    body.append(f"<p>{html.escape(_page_text(rng, None))}</p>")
+    links = []
+    pages = len(page_paths)
+    for other in rng.sample(range(pages), min(3, pages)):
+        href = (BASE_PLACEHOLDER if rng.random() < 0.3 else "") + page_paths[other]
+        links.append(f'<a href="{href}">more #{other}</a>')
+    body.append("</main>\n<footer>" + " | ".join(links) + "</footer>")
+    writer.write_file(page_path, _page_html(title, base_href, body).encode("utf-8"))
+    return img_id
+
+
 def generate_web(
     out_dir: str | Path,
     pages: int = 1000,
@@ -572,32 +613,15 @@ def generate_web(
     page_paths = [f"/{rng.choice(SECTIONS)}/p{i:05d}.html" for i in range(pages)]
 
     img_id = 0
-    for page_id, (page_path, count) in enumerate(zip(page_paths, per_page, strict=True)):
-        section = page_path.split("/")[1]
-        base_href = None
-        if rng.random() < mess.base_href_rate:
-            base_href = (BASE_PLACEHOLDER if rng.random() < 0.5 else "") + f"/media/{section}/"
-        body = ['<header><a href="/index.html">Home</a></header>', "<main>"]
-        topic = rng.choice(_TOPICS)
-        title = f"{section.capitalize()} #{page_id}: {topic}"
-        body.append(f"<h1>{html.escape(title)}</h1>")
-        for _ in range(count):
-            row, tag = writer.image(img_id, page_id, page_path, section, base_href, kinds[img_id])
-            writer.rows.append(row)
-            hint = None
-            if row.kind in ("shape", "digit") and row.colour:
-                hint = world.Concept(row.kind, row.colour, row.shape, row.digit)  # type: ignore[arg-type]
-            body.append(f"<p>{html.escape(_page_text(rng, hint))}</p>")
-            body.append(tag)
-            img_id += 1
-        body.append(f"<p>{html.escape(_page_text(rng, None))}</p>")
-        links = []
-        for other in rng.sample(range(pages), min(3, pages)):
-            href = (BASE_PLACEHOLDER if rng.random() < 0.3 else "") + page_paths[other]
-            links.append(f'<a href="{href}">more #{other}</a>')
-        body.append("</main>\n<footer>" + " | ".join(links) + "</footer>")
-        writer.write_file(page_path, _page_html(title, base_href, body).encode("utf-8"))
+    for page_id, count in enumerate(per_page):
+        img_id = _write_page(writer, page_id, page_paths, count, kinds, img_id)
 
+    return _finish_web(writer, seed, page_paths, pages_per_warc, t0)
+
+
+def _finish_web(writer: _WebWriter, seed: int, page_paths: list[str], pages_per_warc: int, t0: float) -> WebInfo:
+    """The index page, robots.txt, ground truth, routes, WARC copy and web.json of a written site."""
+    root, base_url, mess, pages = writer.root, writer.base_url, writer.mess, len(page_paths)
     index = [f'<li><a href="{p}">{p}</a></li>' for p in page_paths]
     index_html = _page_html("wit synthetic web", None, ["<ul>", *index, "</ul>"])
     writer.write_file("/index.html", index_html.encode("utf-8"))
