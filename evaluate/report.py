@@ -156,17 +156,23 @@ def _robustness_rows(tasks: list[dict]) -> tuple[dict | None, list[dict]]:
 def robustness_plot(base: dict, shifts: list[dict]) -> bytes:
     """Each shift's top-1 against ImageNet's, with the y = x line a perfectly robust model is on
     (CLIP paper figure 13 plots models on these axes; one evaluation is one column of points)."""
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    ax.plot([0, 1], [0, 1], color="grey", ls="--", lw=1, label="y = x (no drop under the shift)")
+    fig, ax = _shift_axes(f"{base['task']} top-1", "top-1 under the distribution shift")
     for m in shifts:
         ax.scatter(base["value"], m["value"], s=40, zorder=3)
         ax.annotate(m["task"], (base["value"], m["value"]), xytext=(6, 0), textcoords="offset points", fontsize=8)
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.set_xlabel(f"{base['task']} top-1")
-    ax.set_ylabel("top-1 under the distribution shift")
     ax.legend(loc="upper left", fontsize=8)
     return _png(fig)
+
+
+def _shift_axes(xlabel: str, ylabel: str):
+    """Top-1 against top-1 on [0, 1] axes, with the y = x line of a classifier that loses nothing."""
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    ax.plot([0, 1], [0, 1], color="grey", ls="--", lw=1, label="y = x (no drop under the shift)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    return fig, ax
 
 
 def _summary_blocks(summary: list[dict], missing: dict[str, str]) -> tuple[list[Block], list[Block]]:
@@ -292,8 +298,7 @@ def _ensembling_blocks(tasks: list[dict]) -> list[Block]:
 def shift_plot(rows: list[dict]) -> bytes:
     """Zero-shot and the in-distribution probe, each an arrow from its top-1 in distribution (x =
     y) down to its top-1 under the shift: the longer drop is the less robust classifier."""
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    ax.plot([0, 1], [0, 1], color="grey", ls="--", lw=1, label="y = x (no drop under the shift)")
+    fig, ax = _shift_axes("top-1 in distribution", "top-1 under the shift")
     for r in rows:
         for key, label, colour in (("zeroshot", "zero-shot", "C0"), ("probe", "linear probe", "C3")):
             before, _, after, _ = r[key]
@@ -304,10 +309,6 @@ def shift_plot(rows: list[dict]) -> bytes:
                 (before["value"], before["value"]),
                 arrowprops={"arrowstyle": "->", "color": colour, "lw": 1},
             )
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("top-1 in distribution")
-    ax.set_ylabel("top-1 under the shift")
     ax.legend(loc="upper left", fontsize=8)
     return _png(fig)
 
@@ -400,7 +401,8 @@ _CSS = (
 )
 
 
-def _inline_code(text: str) -> str:
+def inline_code(text: str) -> str:
+    """Escaped HTML of a paragraph: `code` spans and **bold** (the run report renders these paragraphs too)."""
     parts = html.escape(text).split("`")
     text = "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
     return re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", text)
@@ -415,7 +417,7 @@ def render_html(blocks: list[Block], title: str) -> str:
         if blk.type in ("h1", "h2"):
             out.append(f"<{blk.type}>{html.escape(blk.text)}</{blk.type}>")
         elif blk.type == "p":
-            out.append(f"<p>{_inline_code(blk.text)}</p>")
+            out.append(f"<p>{inline_code(blk.text)}</p>")
         elif blk.type == "figure":
             data = base64.b64encode(blk.png).decode()
             out.append(

@@ -35,8 +35,8 @@ from urllib.parse import quote
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
-from wit.evaluate.findings import findings
-from wit.evaluate.report import build_blocks
+from wit.evaluate.findings import Finding, findings
+from wit.evaluate.report import build_blocks, inline_code
 from wit.manifests import storage
 from wit.manifests.lineage import LineageNode, lineage
 from wit.manifests.manifest import RUN_RECORD, ManifestError
@@ -609,50 +609,58 @@ def _training_plot(m: dict[str, list], evals: dict[str, tuple[list, list]] | Non
 _NUMERIC = re.compile(r"^[\s\d.,:%+\-–\[\]]*\d[\s\d.,:%+\-–\[\]]*$")
 
 
-def _eval_tasks(page: _Page, run: StageRun) -> tuple[list[dict], dict[str, str]]:
-    """The detail (``tasks/NAME.json``) of each task of the eval run, and each one's URL."""
-    names = [t["name"] for t in run.record.config.get("suite", {}).get("tasks", [])]
-    tasks, task_urls = [], {}
-    for name in names:
-        url = run.file(f"tasks/{name}.json")
-        try:
-            tasks.append(json.loads(storage.read_text(url)))
-        except (StorageError, json.JSONDecodeError) as exc:
-            page.add(f"<p class='problem'>cannot read {page.a(f'tasks/{name}.json', url)}: {_esc(exc)}</p>")
-            continue
-        task_urls[name] = url
-    return tasks, task_urls
+@dataclass(slots=True)
+class _EvalRead:
+    """The eval run's task details (``tasks/NAME.json``), read once for the findings and the
+    evaluation section, with each one's URL and the files that could not be read."""
+
+    run: StageRun
+    tasks: list[dict]
+    task_urls: dict[str, str]
+    problems: list[tuple[str, str, str]]  # (name, url, error)
 
 
-def _findings(page: _Page, layout: RunLayout) -> None:
-    """What the evaluation shows, in plain words (wit.evaluate.findings), each number linked to the
-    task file it was read from."""
+FINDINGS_LINK = "<a href='#findings'>findings</a>"
+
+
+def _read_eval(layout: RunLayout) -> _EvalRead | None:
     run = layout.get("eval")
     if run is None:
-        return
-    tasks, task_urls = _eval_tasks(_Page(page.links), run)  # problems are reported in the evaluation
-    found = findings(tasks)
-    if not found:
-        return
-    page.parts[0] = page.parts[0].replace("<nav>", "<nav><a href='#findings'>findings</a>", 1)
+        return None
+    read = _EvalRead(run, [], {}, [])
+    for name in [t["name"] for t in run.record.config.get("suite", {}).get("tasks", [])]:
+        url = run.file(f"tasks/{name}.json")
+        try:
+            read.tasks.append(json.loads(storage.read_text(url)))
+        except (StorageError, json.JSONDecodeError) as exc:
+            read.problems.append((name, url, str(exc)))
+            continue
+        read.task_urls[name] = url
+    return read
+
+
+def _findings(page: _Page, found: list[Finding], ev: _EvalRead) -> None:
+    """What the evaluation shows, in plain words (wit.evaluate.findings), each number linked to the
+    task file it was read from."""
     page.add("<section id='findings'><h2>Findings</h2><ol class='findings'>")
     for f in found:
         text = "".join(
-            _esc(p) if isinstance(p, str) else page.a(p[0], task_urls.get(p[1], run.record_url)) for p in f.parts
+            _esc(p) if isinstance(p, str) else page.a(p[0], ev.task_urls.get(p[1], ev.run.record_url)) for p in f.parts
         )
         page.add(f"<li><strong>{_esc(f.title)}.</strong> {text}</li>")
     page.add("</ol></section>")
 
 
-def _evaluation(page: _Page, layout: RunLayout) -> None:
+def _evaluation(page: _Page, ev: _EvalRead | None) -> None:
     page.add("<section id='evaluation'><h2>Evaluation</h2>")
-    run = layout.get("eval")
-    if run is None:
+    if ev is None:
         page.missing("eval")
         page.add("</section>")
         return
+    run, tasks, task_urls = ev.run, ev.tasks, ev.task_urls
+    for name, url, error in ev.problems:
+        page.add(f"<p class='problem'>cannot read {page.a(f'tasks/{name}.json', url)}: {_esc(error)}</p>")
     cfg = run.record.config
-    tasks, task_urls = _eval_tasks(page, run)
     if not tasks:
         page.add("<p>No task results.</p></section>")
         return
@@ -671,7 +679,7 @@ def _evaluation(page: _Page, layout: RunLayout) -> None:
         elif blk.type == "h2":
             page.add(f"<h4>{_esc(blk.text)}</h4>")
         elif blk.type == "p":
-            page.add(f"<p>{_inline_code(blk.text)} Source: {page.a(RUN_RECORD, run.record_url)}.</p>")
+            page.add(f"<p>{inline_code(blk.text)} Source: {page.a(RUN_RECORD, run.record_url)}.</p>")
         elif blk.type == "figure":
             page.figure(blk.png, blk.text, page.a("results", results))
         elif blk.type == "table":
@@ -686,11 +694,6 @@ def _evaluation(page: _Page, layout: RunLayout) -> None:
         f"{page.a('report.md', run.file('report.md'))}, {page.a('results manifest', results)}.</p>"
     )
     page.add("</section>")
-
-
-def _inline_code(text: str) -> str:
-    parts = html.escape(text).split("`")
-    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
 
 
 def _lineage_section(page: _Page, layout: RunLayout) -> None:
@@ -754,20 +757,24 @@ def build_report(root: str, out_html: str | None = None, stages: dict[str, str] 
     out_html = storage.normalize(out_html) if out_html else storage.join(root, REPORT)
     layout = find_stages(root, stages)
     page = _Page(_Links(out_html))
+    ev = _read_eval(layout)
+    found = findings(ev.tasks) if ev is not None else []
     page.add(
         f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>wit run report: {_esc(root)}</title>"
         f"<meta name='viewport' content='width=device-width'><style>{_CSS}</style></head><body>"
         f"<h1>wit run report</h1><p>Run root {page.a(root, root)}. Every number links to "
         "the run record, part file or metrics file it was read from.</p>"
-        "<nav><a href='#overview'>stages</a><a href='#dataset'>dataset</a>"
+        f"<nav>{FINDINGS_LINK if found else ''}"
+        "<a href='#overview'>stages</a><a href='#dataset'>dataset</a>"
         "<a href='#training'>training</a>"
         "<a href='#evaluation'>evaluation</a><a href='#lineage'>lineage</a></nav>"
     )
-    _findings(page, layout)
+    if found:
+        _findings(page, found, ev)
     _overview(page, layout)
     _dataset(page, layout)
     _training(page, layout)
-    _evaluation(page, layout)
+    _evaluation(page, ev)
     _lineage_section(page, layout)
     page.add("</body></html>\n")
     storage.write_text(out_html, "\n".join(page.parts))
