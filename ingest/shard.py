@@ -171,14 +171,14 @@ class ShardSplit:
         partitions = []
         for table, m in tables:
             for k, part in enumerate(m.parts):
-                params = (table, k, m.url, part, m.older.get(part, ()), *common)
+                params = (table, k, m.url, part, *common)
                 partitions.append(Partition(index=len(partitions), source=storage.join(m.url, part), params=params))
         return partitions
 
     def run_partition(self, config: ShardConfig, partition: Partition, out: str) -> PartitionResult:
-        table, k, url, part, lacks, count, downloaded, curated_url, sizes = partition.params
+        table, k, url, part, count, downloaded, curated_url, sizes = partition.params
         filtered = table == FILTERED_TABLE
-        split, keys = split_part(table, url, part, lacks, downloaded, config.seed)
+        split, keys = split_part(table, url, part, downloaded, config.seed)
         which = order_buckets(keys, count)
         info = buckets.write(out, k, split, which, count, table)
         counts, tallies, extra = {}, {}, {}

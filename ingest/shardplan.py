@@ -20,8 +20,8 @@ import pyarrow.parquet as pq
 
 from wit.manifests import buckets, storage
 from wit.manifests.buckets import MAX_BUCKETS
-from wit.manifests.manifest import FileInfo, Manifest, ManifestError, commit_file, open_manifest, part_name, shard_name
-from wit.manifests.schemas import conform, schema_for, with_kind
+from wit.manifests.manifest import FileInfo, ManifestError, commit_file, open_manifest, part_name, read_part, shard_name
+from wit.manifests.schemas import conform, with_kind
 from wit.manifests.stage import StageError
 from wit.manifests.tars import IMAGE_EXTENSIONS, BadTar, TarError, tar_members
 from wit.manifests.tarwrite import load_images
@@ -80,7 +80,6 @@ SPLIT_CURATED_SCHEMA = with_kind(
     "shard_split_curated",
 )
 FILTERED_TABLE, CURATED_TABLE = "filtered", "curated"  # SPLIT's bucket files: filtered/part-NNNNN.arrow
-# Null in parts of an older filter: located here, checked by sha256.
 FILTERED_COLUMNS = ["uid", "url", "text", "sha256", "width", "height", "shard", "key", "keep", "phash", "clip_score"]
 FILTERED_COLUMNS += ["ext", "offset", "bytes", "xxh3"]
 
@@ -224,22 +223,13 @@ def located(rows: pa.Table, downloaded: str) -> pa.Table:
     )
 
 
-def read_manifest_part(url: str, kind: str, part: str, lacks: Sequence[str], columns: list[str]) -> pa.Table:
-    """``columns`` of one part of the manifest at ``url`` (as :meth:`Manifest.table` reads it:
-    the columns an older part ``lacks`` as nulls), without opening every other part."""
-    older = {part: tuple(lacks)} if lacks else {}
-    return Manifest(url=url, kind=kind, schema=schema_for(kind), parts=[part], older=older).table(columns)
-
-
-def split_part(
-    table: str, url: str, part: str, lacks: Sequence[str], downloaded: str, seed: int
-) -> tuple[pa.Table, np.ndarray]:
+def split_part(table: str, url: str, part: str, downloaded: str, seed: int) -> tuple[pa.Table, np.ndarray]:
     """SPLIT's rows of one part of the filtered or curated manifest (``table``, as its kind) and
     their order keys: a filtered part's kept rows :func:`located` with their order key, a curated
     part's kept rows' curate columns."""
     filtered = table == FILTERED_TABLE
     columns = FILTERED_COLUMNS if filtered else ["uid", *CURATE_COLUMNS, "keep"]
-    rows = read_manifest_part(url, table, part, lacks, columns)  # the tables are named as their kinds
+    rows = read_part(storage.join(url, part), columns)  # the stage opened (and checked) the manifest
     rows = rows.filter(rows.column("keep"))
     keys = order_keys(seed, rows.column("uid").to_pylist())
     if filtered:

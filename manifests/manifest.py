@@ -20,14 +20,14 @@ import hashlib
 import io
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import storage
-from .schemas import kind_of, schema_for
+from .schemas import SCHEMA_VERSION, kind_of, schema_for, version_of
 
 if TYPE_CHECKING:
     import pyarrow.dataset as pads
@@ -151,9 +151,6 @@ class Manifest:
     schema: pa.Schema
     parts: list[str]
     table_name: str | None = None
-    # Parts written before a nullable column joined their kind's schema, and the columns each
-    # lacks: read as nulls.
-    older: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def part_urls(self) -> list[str]:
         return [storage.join(self.url, p) for p in self.parts]
@@ -176,17 +173,7 @@ class Manifest:
         empty = self.schema.empty_table()
         if not self.parts:
             return empty if columns is None else empty.select(columns)
-        if not self.older:
-            return pa.concat_tables([read_part(u, columns) for u in self.part_urls()])
-        names = columns if columns is not None else self.schema.names
-        target = pa.schema([self.schema.field(n) for n in names], metadata=self.schema.metadata)
-        tables = []
-        for part, url in zip(self.parts, self.part_urls(), strict=True):
-            lacks = self.older.get(part, ())
-            t = read_part(url, [n for n in names if n not in lacks])
-            cols = [pa.nulls(t.num_rows, f.type) if f.name in lacks else t.column(f.name) for f in target]
-            tables.append(pa.Table.from_arrays(cols, schema=target))
-        return pa.concat_tables(tables)
+        return pa.concat_tables([read_part(u, columns) for u in self.part_urls()])
 
     def to_pandas(self, columns: list[str] | None = None):
         return self.table(columns).to_pandas()
@@ -230,15 +217,29 @@ def same_columns(a: pa.Schema, b: pa.Schema) -> bool:
     return [(f.name, f.type) for f in a] == [(f.name, f.type) for f in b]
 
 
-def lacked_columns(part: pa.Schema, schema: pa.Schema) -> tuple[str, ...] | None:
-    """The columns of ``schema`` that ``part`` lacks, when it is an older version of it (the same
-    columns in the same order but for some nullable ones, added since); None when it is not."""
-    names = set(part.names)
-    lacks = tuple(f.name for f in schema if f.name not in names)
-    if any(not schema.field(n).nullable for n in lacks):
-        return None
-    kept = pa.schema([f for f in schema if f.name in names])
-    return lacks if same_columns(part, kept) else None
+def check_version(url: str, schema: pa.Schema) -> None:
+    """Refuse a part file of a typed manifest written in another manifest format than this wit's
+    (:data:`~wit.manifests.schemas.SCHEMA_VERSION`), naming both: its columns may mean other things.
+    An untyped part (no ``wit.kind``: a table a user wrote) carries no version and is not checked."""
+    if kind_of(schema) is None:
+        return
+    got = version_of(schema)
+    if got != SCHEMA_VERSION:
+        wrote = f"manifest format {got}" if got else "a wit without manifest format versions"
+        raise ManifestError(
+            f"{url}: written by {wrote}; this wit reads manifest format {SCHEMA_VERSION} only."
+            " Run the stage that wrote it again with this wit"
+        )
+
+
+def _column_change(got: pa.Schema, expected: pa.Schema) -> str:
+    """How ``got``'s columns differ from ``expected``'s, in a few words."""
+    want = {f.name: f.type for f in expected}
+    have = {f.name: f.type for f in got}
+    said = [f"lacks {', '.join(n for n in want if n not in have)}"] if set(want) - set(have) else []
+    said += [f"has {', '.join(n for n in have if n not in want)} too"] if set(have) - set(want) else []
+    said += [f"{n} is {have[n]}, not {t}" for n, t in want.items() if n in have and have[n] != t]
+    return "; ".join(said) or "its columns are in another order"
 
 
 def open_manifest(url: str, table: str | None = None, expect_kind: str | None = None) -> Manifest:
@@ -267,17 +268,13 @@ def open_manifest(url: str, table: str | None = None, expect_kind: str | None = 
             expected = None  # a custom kind (a test stage's): the first part defines the columns
         if expected is not None:
             schema = expected
-    older: dict[str, tuple[str, ...]] = {}
     for i, p in enumerate(parts):
         s = first if i == 0 else read_part_schema(storage.join(url, p))
-        lacks = lacked_columns(s, schema)
-        if lacks is None or kind_of(s) != kind:
-            raise ManifestError(
-                f"{url}/{p}: schema does not match the {kind or 'first part'}'s (got columns {', '.join(s.names)})"
-            )
-        if lacks:
-            older[p] = lacks
-    return Manifest(url=url, kind=kind, schema=schema, parts=parts, table_name=table, older=older)
+        check_version(f"{url}/{p}", s)
+        if kind_of(s) != kind or not same_columns(s, schema):
+            what = f"is a {kind_of(s) or 'untyped'} part" if kind_of(s) != kind else _column_change(s, schema)
+            raise ManifestError(f"{url}/{p}: schema does not match the {kind or 'first part'}'s ({what})")
+    return Manifest(url=url, kind=kind, schema=schema, parts=parts, table_name=table)
 
 
 def read_table(url: str, columns: list[str] | None = None, expect_kind: str | None = None) -> pa.Table:

@@ -174,6 +174,12 @@ def kind_of(schema: pa.Schema) -> str | None:
     return raw.decode() if raw else None
 
 
+def version_of(schema: pa.Schema) -> str | None:
+    """The manifest format a part file was written in (``wit.schema_version``), None when unmarked."""
+    raw = (schema.metadata or {}).get(VERSION_KEY)
+    return raw.decode() if raw else None
+
+
 def with_kind(schema: pa.Schema, kind: str) -> pa.Schema:
     """A custom schema (a test stage's, a user's) tagged with a kind name."""
     meta = dict(schema.metadata or {})

@@ -23,7 +23,7 @@ from wit.ingest.filter import FILTER_PHASES, FilterConfig
 from wit.ingest.shard import SHARD_PHASES, ShardConfig
 from wit.manifests import storage
 from wit.manifests.buckets import MAX_BUCKETS
-from wit.manifests.manifest import ManifestRef, open_manifest, read_table
+from wit.manifests.manifest import ManifestError, ManifestRef, open_manifest, read_table
 from wit.manifests.stage import committed
 from wit.manifests.verify import verify
 from wit.pipeline.executor import PartSpec, run_stage
@@ -235,7 +235,7 @@ def test_an_image_moved_since_filter_stops_the_shard_before_commit(tmp_path):
 
 def test_filter_locates_every_kept_image_where_the_tar_index_finds_it(filtered):
     """Plan takes each image's place from filter's ext/offset/bytes; without them (a compressed
-    shard, an older manifest) it indexes the tar headers. Both give the same places."""
+    shard) it indexes the tar headers. Both give the same places."""
     import pyarrow as pa
 
     from wit.ingest.shardplan import locate_images
@@ -246,7 +246,7 @@ def test_filter_locates_every_kept_image_where_the_tar_index_finds_it(filtered):
     by_filter = locate_images(d.downloaded.url, rows)
     assert all(w is not None and w[1] > 0 and w[2] > 0 for w in by_filter)
     unlocated = rows
-    for name in ("ext", "offset", "bytes"):  # as an older filter's parts read: nulls
+    for name in ("ext", "offset", "bytes"):  # as filter writes them for a compressed shard: nulls
         at = unlocated.schema.get_field_index(name)
         unlocated = unlocated.set_column(at, name, pa.nulls(rows.num_rows, unlocated.schema.field(name).type))
     by_index = locate_images(d.downloaded.url, unlocated)
@@ -265,30 +265,29 @@ def test_filter_locates_every_kept_image_where_the_tar_index_finds_it(filtered):
             assert xxh3_128_hexdigest(fh.read(size)) == row["xxh3"]
 
 
-@pytest.mark.parametrize("dropped", [("xxh3",), ("ext", "offset", "bytes", "xxh3")], ids=["no-xxh3", "no-location"])
-def test_a_filtered_manifest_from_an_older_filter_gives_the_same_dataset(filtered, dataset, tmp_path, dropped):
-    """Part files written before filter recorded xxh3 (or the image's place) still open, their
-    missing columns read as nulls; shard then checks sha256 (and indexes the tar headers) and
-    writes the very same shards."""
+def test_a_filtered_manifest_from_another_manifest_format_is_refused(filtered, tmp_path):
+    """Shard reads no part of another manifest format (nor one lacking a column, as filters before
+    xxh3 wrote): it stops before its first partition, naming both versions, and writes nothing."""
     import shutil
 
     import pyarrow.parquet as pq
 
+    from wit.manifests.schemas import SCHEMA_VERSION, VERSION_KEY
+
     d, ref = filtered
     old = tmp_path / "filtered"
     shutil.copytree(ref.url, old)
-    parts = sorted(old.glob("part-*.parquet"))
-    assert len(parts) >= 2  # a part after the first is held to the schema too
-    for part in parts:
-        table = pq.read_table(part)
-        pq.write_table(table.drop_columns(list(dropped)), part)
-    manifest = open_manifest(str(old), expect_kind="filtered")
-    assert set(manifest.older.values()) == {dropped}
-    assert manifest.table(["uid", "xxh3"]).column("xxh3").null_count == manifest.num_rows
-    again = run_phases(SHARD_PHASES, CONFIG, ManifestRef(url=str(old), kind="filtered"), str(tmp_path / "ds"))
-    index = {r["shard"]: r["sha256"] for r in read_table(str(tmp_path / "ds" / "shard_index")).to_pylist()}
-    expected = {r["shard"]: r["sha256"] for r in read_table(str(dataset[1] / "shard_index")).to_pylist()}
-    assert index == expected and again.digest == dataset[0].digest
+    part = sorted(old.glob("part-*.parquet"))[-1]
+    table = pq.read_table(part)
+    pq.write_table(table.drop_columns(["xxh3"]), part)
+    out = tmp_path / "ds"
+    with pytest.raises(ManifestError, match=r"schema does not match the filtered's \(lacks xxh3\)"):
+        run_phases(SHARD_PHASES, CONFIG, ManifestRef(url=str(old), kind="filtered"), str(out))
+    meta = {**table.schema.metadata, VERSION_KEY: b"0"}
+    pq.write_table(table.replace_schema_metadata(meta), part)
+    with pytest.raises(ManifestError, match=f"manifest format 0; this wit reads manifest format {SCHEMA_VERSION} only"):
+        run_phases(SHARD_PHASES, CONFIG, ManifestRef(url=str(old), kind="filtered"), str(out))
+    assert not list(out.rglob("*.tar")) and not list(out.rglob("*.parquet"))
 
 
 # ---------------------------------------------------------------------------------------------

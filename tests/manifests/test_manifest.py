@@ -105,6 +105,48 @@ def test_part_with_wrong_schema(tmp_path):
         open_manifest(str(out))
 
 
+def test_a_part_of_another_manifest_format_is_refused_naming_both_versions(tmp_path):
+    out = tmp_path / "m"
+    write_part(str(out), 0, _curated(3), schemas.CURATED)
+    write_part(str(out), 1, _curated(3, start=3), schemas.CURATED)
+    assert open_manifest(str(out)).num_rows == 6
+    part = out / "part-00001.parquet"
+    table = pq.read_table(part)
+    meta = dict(table.schema.metadata)
+    meta[schemas.VERSION_KEY] = b"0"
+    pq.write_table(table.replace_schema_metadata(meta), part)
+    v = schemas.SCHEMA_VERSION
+    expected = f"part-00001.parquet: written by manifest format 0; this wit reads manifest format {v} only"
+    with pytest.raises(ManifestError, match=expected):
+        open_manifest(str(out))
+    del meta[schemas.VERSION_KEY]
+    pq.write_table(table.replace_schema_metadata(meta), part)
+    with pytest.raises(ManifestError, match="written by a wit without manifest format versions"):
+        open_manifest(str(out))
+    # a table a user wrote (no kind) carries no version and opens as before
+    pq.write_table(pa.table({"uid": ["a"], "url": ["http://x/a.jpg"]}), tmp_path / "mine.parquet")
+    (tmp_path / "user").mkdir()
+    (tmp_path / "mine.parquet").rename(tmp_path / "user" / "part-00000.parquet")
+    assert open_manifest(str(tmp_path / "user")).num_rows == 1
+
+
+def test_a_part_without_a_column_of_its_kind_is_refused_not_read_as_nulls(tmp_path):
+    """No part is read with a column filled in: one that lacks a nullable column its kind has is
+    refused with the columns named, as one with a column too many is."""
+    out = tmp_path / "m"
+    write_part(str(out), 0, _curated(3), schemas.CURATED)
+    write_part(str(out), 1, _curated(3, start=3), schemas.CURATED)
+    part = out / "part-00001.parquet"
+    table = pq.read_table(part)
+    pq.write_table(table.drop_columns(["lang", "reason"]), part)
+    lacks = r"part-00001.parquet: schema does not match the curated's \(lacks lang, reason\)"
+    with pytest.raises(ManifestError, match=lacks):
+        open_manifest(str(out))
+    pq.write_table(table.append_column("extra", pa.array([1, 2, 3])), part)
+    with pytest.raises(ManifestError, match=r"\(has extra too\)"):
+        open_manifest(str(out))
+
+
 def test_truncated_part(tmp_path):
     out = tmp_path / "m"
     write_part(str(out), 0, _curated(50), schemas.CURATED)
