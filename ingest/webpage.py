@@ -584,10 +584,10 @@ def _clean(value: str | None) -> str | None:
     return value or None
 
 
-def _captions(tree: LexborHTMLParser) -> dict[int, str]:
+def _captions(figures: list) -> dict[int, str]:
     """Caption text by img node id, for images inside a <figure> that has a <figcaption>."""
     captions: dict[int, str] = {}
-    for figure in tree.css("figure"):
+    for figure in figures:
         node = figure.css_first("figcaption")
         text = _clean(node.text(deep=True, separator="")) if node is not None else None
         if text:
@@ -597,12 +597,17 @@ def _captions(tree: LexborHTMLParser) -> dict[int, str]:
     return captions
 
 
-def _canonical(tree: LexborHTMLParser) -> str | None:
-    for link in tree.css("link[rel]"):
+def _canonical(links: list) -> str | None:
+    for link in links:
         attrs = link.attributes
         if "canonical" in (attrs.get("rel") or "").lower().split() and attrs.get("href"):
             return attrs["href"].strip() or None
     return None
+
+
+# What parse_page looks at, found in one walk of the tree (one css() call per selector would walk
+# it once each: five walks cost as much as parsing the page); lexbor returns them in document order.
+_PAGE_NODES = "base[href], link[rel], img, figure, noscript"
 
 
 def _noscript_is_markup() -> bool:
@@ -614,10 +619,10 @@ def _noscript_is_markup() -> bool:
 NOSCRIPT_IS_MARKUP = _noscript_is_markup()
 
 
-def _noscript_images(tree: LexborHTMLParser) -> list:
+def _noscript_images(noscripts: list) -> list:
     """The <img>s written inside <noscript>, for a parser that keeps <noscript> as raw text."""
     found = []
-    for noscript in tree.css("noscript"):
+    for noscript in noscripts:
         text = noscript.text(deep=True, separator="")
         if "<img" in text.lower():
             found.extend(LexborHTMLParser(text).css("img"))
@@ -628,21 +633,23 @@ def parse_page(text: str | bytes) -> ParsedPage:
     """Every ``<img>`` of a page in document order, with the page's ``<base href>`` and canonical
     link; a ``<noscript>`` copy of an image the page shows anyway is left out. ``text`` is the
     decoded page, or its UTF-8 bytes (:attr:`Decoded.markup`)."""
-    tree = LexborHTMLParser(text)
-    base = tree.css_first("base[href]")
+    found: dict[str, list] = {"base": [], "link": [], "img": [], "figure": [], "noscript": []}
+    for node in LexborHTMLParser(text).css(_PAGE_NODES):
+        found.setdefault(node.tag.lower(), []).append(node)  # (a foreign element may keep its case)
+    base = found["base"][0] if found["base"] else None
     href = (base.attributes.get("href") or "").strip() if base is not None else ""
     page = ParsedPage(base_href=href or None)
-    page.canonical = _canonical(tree)
-    images = tree.css("img")
+    page.canonical = _canonical(found["link"])
+    images = found["img"]
     if NOSCRIPT_IS_MARKUP:
-        hidden = {node.mem_id for node in tree.css("noscript img")} if images else set()
+        hidden = {img.mem_id for node in found["noscript"] for img in node.css("img")} if images else set()
     else:
-        extra = _noscript_images(tree)
+        extra = _noscript_images(found["noscript"])
         hidden = {node.mem_id for node in extra}
         images = [*images, *extra]
     if not images:
         return page
-    captions = _captions(tree)
+    captions = _captions(found["figure"])
     # The alt texts of the shown images, by each URL they name: a <noscript> image naming one of
     # them is a copy unless its alt says something they do not.
     tags = [(node, node.attributes) for node in images]
