@@ -8,21 +8,16 @@ HTML page with the same figures inlined as base64 PNG.
 
 from __future__ import annotations
 
-import base64
-import html
-import io
+import itertools
 import json
 import math
-import re
 from dataclasses import dataclass
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")  # no display here, and a report must render the same anywhere
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from wit.manifests import render
 
-from .findings import findings, shift_rows  # noqa: E402
+from .findings import findings, shift_rows
 
 CONFUSION_MAX_CLASSES = 20
 _HEADLINE = {
@@ -62,30 +57,24 @@ def headline(task: dict) -> dict | None:
     return metrics.get(_HEADLINE[task["kind"]])
 
 
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
-
-
 def summary_plot(tasks: list[dict]) -> bytes:
     items = [(t, headline(t)) for t in tasks]
     items = [(t, m) for t, m in items if m is not None]
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(items) + 1.2))
+    fig = render.figure(7, 0.45 * len(items) + 1.2)
+    ax = fig.subplots()
     y = np.arange(len(items))
     vals = [m["value"] for _, m in items]
     lo = [m["value"] - (m["ci_low"] if m["ci_low"] is not None else m["value"]) for _, m in items]
     hi = [(m["ci_high"] if m["ci_high"] is not None else m["value"]) - m["value"] for _, m in items]
-    ax.barh(y, vals, xerr=[lo, hi], color="#4c72b0", ecolor="black", capsize=3)
+    ax.barh(y, vals, xerr=[lo, hi], color=render.BLUE, ecolor="black", capsize=3)
     for i, (t, _) in enumerate(items):
         if t.get("chance"):
-            ax.plot([t["chance"]] * 2, [i - 0.4, i + 0.4], color="#c44e52", lw=2)
+            ax.plot([t["chance"]] * 2, [i - 0.4, i + 0.4], color=render.RED, lw=2)
     ax.set_yticks(y, [f"{t['task']} ({m['metric']})" for t, m in items])
     ax.invert_yaxis()
     ax.set_xlim(0, 1)
     ax.set_xlabel("score with 95% bootstrap interval (red: chance)")
-    return _png(fig)
+    return render.png(fig)
 
 
 def fewshot_plot(task: dict, zeroshot: dict | None) -> bytes:
@@ -95,23 +84,24 @@ def fewshot_plot(task: dict, zeroshot: dict | None) -> bytes:
     v = [curve[k]["value"] for k in ks]
     lo = [curve[k]["ci_low"] for k in ks]
     hi = [curve[k]["ci_high"] for k in ks]
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    ax.plot(x, v, marker="o", label=f"{task['task']} (linear, k per class)")
+    fig = render.figure(6, 3.6)
+    ax = fig.subplots()
+    ax.plot(x, v, marker="o", color=render.BLUE, label=f"{task['task']} (linear, k per class)")
     if all(a is not None for a in lo + hi):
-        ax.fill_between(x, lo, hi, alpha=0.2)
+        ax.fill_between(x, lo, hi, color=render.BLUE, alpha=0.2)
     if zeroshot is not None:
-        ax.axhline(zeroshot["value"], color="#c44e52", ls="--", label=f"zero-shot ({zeroshot['task']})")
+        ax.axhline(zeroshot["value"], color=render.RED, ls="--", label=f"zero-shot ({zeroshot['task']})")
         if zeroshot.get("ci_low") is not None:
-            ax.axhspan(zeroshot["ci_low"], zeroshot["ci_high"], color="#c44e52", alpha=0.1)
+            ax.axhspan(zeroshot["ci_low"], zeroshot["ci_high"], color=render.RED, alpha=0.1)
     if task.get("chance"):
-        ax.axhline(task["chance"], color="grey", ls=":", label="chance")
+        ax.axhline(task["chance"], color=render.GREY, ls=":", label="chance")
     ax.set_xscale("log", base=2)
     ax.set_xticks(x, [str(k) for k in x])
     ax.set_ylim(0, 1)
     ax.set_xlabel("training examples per class")
     ax.set_ylabel("top-1 accuracy")
     ax.legend(loc="lower right", fontsize=8)
-    return _png(fig)
+    return render.png(fig)
 
 
 def _main(task: dict) -> dict | None:
@@ -157,17 +147,18 @@ def robustness_plot(base: dict, shifts: list[dict]) -> bytes:
     """Each shift's top-1 against ImageNet's, with the y = x line a perfectly robust model is on
     (CLIP paper figure 13 plots models on these axes; one evaluation is one column of points)."""
     fig, ax = _shift_axes(f"{base['task']} top-1", "top-1 under the distribution shift")
-    for m in shifts:
-        ax.scatter(base["value"], m["value"], s=40, zorder=3)
+    for m, colour in zip(shifts, itertools.cycle(render.CYCLE)):
+        ax.scatter(base["value"], m["value"], s=40, color=colour, zorder=3)
         ax.annotate(m["task"], (base["value"], m["value"]), xytext=(6, 0), textcoords="offset points", fontsize=8)
     ax.legend(loc="upper left", fontsize=8)
-    return _png(fig)
+    return render.png(fig)
 
 
 def _shift_axes(xlabel: str, ylabel: str):
     """Top-1 against top-1 on [0, 1] axes, with the y = x line of a classifier that loses nothing."""
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    ax.plot([0, 1], [0, 1], color="grey", ls="--", lw=1, label="y = x (no drop under the shift)")
+    fig = render.figure(5.5, 4.5)
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], color=render.GREY, ls="--", lw=1, label="y = x (no drop under the shift)")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_xlabel(xlabel)
@@ -221,14 +212,15 @@ def confusion_plot(task: dict) -> bytes:
     m = np.asarray(task["confusion"], dtype=float)
     names = task["classnames"]
     rows = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(0.4 * len(names) + 2.5, 0.4 * len(names) + 2))
+    fig = render.figure(0.4 * len(names) + 2.5, 0.4 * len(names) + 2)
+    ax = fig.subplots()
     ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(len(names)), names, rotation=90, fontsize=8)
     ax.set_yticks(range(len(names)), names, fontsize=8)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(f"{task['task']}: row-normalised confusion", fontsize=9)
-    return _png(fig)
+    return render.png(fig)
 
 
 def build_blocks(run: dict, tasks: list[dict], with_findings: bool = True) -> list[Block]:
@@ -300,7 +292,7 @@ def shift_plot(rows: list[dict]) -> bytes:
     y) down to its top-1 under the shift: the longer drop is the less robust classifier."""
     fig, ax = _shift_axes("top-1 in distribution", "top-1 under the shift")
     for r in rows:
-        for key, label, colour in (("zeroshot", "zero-shot", "C0"), ("probe", "linear probe", "C3")):
+        for key, label, colour in (("zeroshot", "zero-shot", render.RED), ("probe", "linear probe", render.BLUE)):
             before, _, after, _ = r[key]
             ax.scatter(before["value"], after["value"], s=50, color=colour, zorder=3, label=f"{label}: {r['shift']}")
             ax.annotate(
@@ -310,7 +302,7 @@ def shift_plot(rows: list[dict]) -> bytes:
                 arrowprops={"arrowstyle": "->", "color": colour, "lw": 1},
             )
     ax.legend(loc="upper left", fontsize=8)
-    return _png(fig)
+    return render.png(fig)
 
 
 def _shift_blocks(tasks: list[dict]) -> list[Block]:
@@ -394,40 +386,17 @@ def render_markdown(blocks: list[Block], figure_dir: str = "report") -> str:
     return "\n".join(out) + "\n"
 
 
-_CSS = (
-    "body{font-family:sans-serif;max-width:60em;margin:2em auto;color:#222}"
-    "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:2px 8px;text-align:left}"
-    "th{background:#f0f0f0}img{max-width:100%}"
-)
-
-
-def inline_code(text: str) -> str:
-    """Escaped HTML of a paragraph: `code` spans and **bold** (the run report renders these paragraphs too)."""
-    parts = html.escape(text).split("`")
-    text = "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
-    return re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", text)
-
-
 def render_html(blocks: list[Block], title: str) -> str:
-    out = [
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-        f"<style>{_CSS}</style></head><body>"
-    ]
+    out = [render.html_head(title)]
     for blk in blocks:
         if blk.type in ("h1", "h2"):
-            out.append(f"<{blk.type}>{html.escape(blk.text)}</{blk.type}>")
+            out.append(f"<{blk.type}>{render.esc(blk.text)}</{blk.type}>")
         elif blk.type == "p":
-            out.append(f"<p>{inline_code(blk.text)}</p>")
+            out.append(f"<p>{render.inline_code(blk.text)}</p>")
         elif blk.type == "figure":
-            data = base64.b64encode(blk.png).decode()
-            out.append(
-                f"<figure><img alt='{html.escape(blk.text)}' src='data:image/png;base64,{data}'>"
-                f"<figcaption>{html.escape(blk.text)}</figcaption></figure>"
-            )
+            out.append(render.html_figure(blk.png, blk.text))
         elif blk.type == "table":
-            head = "".join(f"<th>{html.escape(h)}</th>" for h in blk.headers)
-            body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in blk.rows)
-            out.append(f"<table><tr>{head}</tr>{body}</table>")
+            out.append(render.html_table(blk.headers, [[render.esc(c) for c in r] for r in blk.rows]))
     out.append("</body></html>")
     return "\n".join(out)
 

@@ -13,6 +13,7 @@ import textwrap
 
 from PIL import Image
 
+from wit.manifests import render
 from wit.manifests.lineage import LineageNode, find_upstream, lineage
 from wit.manifests.runrecord import read_run_record
 from wit.manifests.stage import StageError
@@ -110,43 +111,30 @@ def _stages(tree: LineageNode) -> list[LineageNode]:
     return found
 
 
-def _figure(width: float, height: float):
-    # Agg only: no display, and the same bytes for the same figure on any machine with these fonts.
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), dpi=100)
-
-
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})
-    return buf.getvalue()
-
-
 def query_plot(ranked: list[tuple[str, int]]) -> bytes:
     """Two panels: the top queries by samples, and the histogram of samples per query."""
-    fig = _figure(11, 4.5)
+    fig = render.figure(11, 4.5)
     left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
     top = ranked[:TOP_QUERIES]
-    left.barh(range(len(top)), [n for _, n in top], color="#4c72b0")
+    left.barh(range(len(top)), [n for _, n in top], color=render.BLUE)
     left.set_yticks(range(len(top)), [q[:28] for q, _ in top], fontsize=7)
     left.invert_yaxis()
     left.set_xlabel("samples")
     left.set_title(f"top {len(top)} queries")
     counts = [n for _, n in ranked]
-    right.hist(counts or [0], bins=min(30, max(1, len(set(counts)))), color="#55a868")
+    right.hist(counts or [0], bins=min(30, max(1, len(set(counts)))), color=render.GREEN)
     right.set_xlabel("samples per query")
     right.set_ylabel("queries")
     right.set_title("samples per query")
     fig.tight_layout()
-    return _png(fig)
+    return render.png(fig)
 
 
 def sample_grid(rows: list[dict], images: list[bytes], columns: int = 4) -> bytes:
     """A grid of the first samples of shard 0 with their captions."""
     n = max(1, len(rows))
     grid_rows = -(-n // columns)
-    fig = _figure(3 * columns, 3.2 * grid_rows)
+    fig = render.figure(3 * columns, 3.2 * grid_rows)
     axes = fig.subplots(grid_rows, columns, squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
@@ -158,4 +146,4 @@ def sample_grid(rows: list[dict], images: list[bytes], columns: int = 4) -> byte
         ax.imshow(thumb)
         ax.set_title("\n".join(textwrap.wrap(rows[i]["text"] or "", 32)[:3]), fontsize=7)
     fig.tight_layout()
-    return _png(fig)
+    return render.png(fig)

@@ -12,6 +12,7 @@ Everything above this package reads and writes data through it:
 - ``lineage``    walk run records back to the sources
 - ``verify``     recompute digests and shard sha256s; report changed, missing and extra files
 - ``describe``   ``wit manifest show`` / ``diff``
+- ``render``     what the dataset card, eval report and run report share: plot style, PNG bytes, HTML
 """
 
 from .manifest import ManifestError, ManifestRef, open_manifest, read_frame, read_table

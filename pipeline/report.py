@@ -23,9 +23,8 @@ All reads and the final write go through :mod:`wit.manifests.storage`, so ``root
 
 from __future__ import annotations
 
-import base64
-import html
 import io
+import itertools
 import json
 import posixpath
 import re
@@ -36,8 +35,8 @@ import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
 from wit.evaluate.findings import Finding, findings
-from wit.evaluate.report import build_blocks, inline_code
-from wit.manifests import storage
+from wit.evaluate.report import build_blocks
+from wit.manifests import render, storage
 from wit.manifests.lineage import LineageNode, lineage
 from wit.manifests.manifest import RUN_RECORD, ManifestError
 from wit.manifests.runrecord import RunRecord, read_run_record
@@ -189,64 +188,30 @@ def _parent(url: str) -> str:
     return url.rsplit("/", 1)[0] if "/" in url else url
 
 
-def _esc(text) -> str:
-    return html.escape(str(text), quote=True)
-
-
-def _num(value) -> str:
-    if isinstance(value, bool) or value is None:
-        return str(value)
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, float):
-        return f"{value:,.4g}" if abs(value) < 1000 else f"{value:,.0f}"
-    return str(value)
-
-
 class _Page:
     def __init__(self, links: _Links):
         self.links = links
         self.parts: list[str] = []
 
     def a(self, text, url: str) -> str:
-        return f"<a href='{_esc(self.links.href(url))}'>{_esc(text)}</a>"
+        return f"<a href='{render.esc(self.links.href(url))}'>{render.esc(text)}</a>"
 
     def n(self, value, url: str) -> str:
         """A number, linked to the file it came from."""
-        return self.a(_num(value), url)
+        return self.a(render.num(value), url)
 
     def add(self, fragment: str) -> None:
         self.parts.append(fragment)
 
     def table(self, headers: tuple[str, ...], rows: list[tuple[str, ...]], cls: str = "") -> None:
         """Rows of already-escaped HTML cells."""
-        head = "".join(f"<th>{_esc(h)}</th>" for h in headers)
-        body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
-        self.add(f"<table class='{cls}'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+        self.add(render.html_table(headers, rows, cls))
 
     def figure(self, png: bytes, caption: str, source_html: str = "") -> None:
-        data = base64.b64encode(png).decode("ascii")
-        src = f" ({source_html})" if source_html else ""
-        self.add(
-            f"<figure><img alt='{_esc(caption)}' src='data:image/png;base64,{data}'>"
-            f"<figcaption>{_esc(caption)}{src}</figcaption></figure>"
-        )
+        self.add(render.html_figure(png, caption, source_html))
 
     def missing(self, what: str) -> None:
-        self.add(f"<p class='missing'>{_esc(what)}: {_NOT_RUN}.</p>")
-
-
-def _figure(width: float, height: float):
-    # the object API, not pyplot: no global state, no display, safe in a library
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), dpi=100)
-
-
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None}, bbox_inches="tight")
-    return buf.getvalue()
+        self.add(f"<p class='missing'>{render.esc(what)}: {_NOT_RUN}.</p>")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -264,12 +229,12 @@ def _overview(page: _Page, layout: RunLayout) -> None:
     for stage in registry.names():
         run = layout.get(stage)
         if run is None:
-            rows.append((_esc(stage), "–", "–", "–", f"<span class='missing'>{_NOT_RUN}</span>"))
+            rows.append((render.esc(stage), "–", "–", "–", f"<span class='missing'>{_NOT_RUN}</span>"))
             continue
         rec = run.record
         rows.append(
             (
-                _esc(stage),
+                render.esc(stage),
                 page.a(run.url, run.record_url),
                 page.n(rec.rows, run.record_url),
                 page.a((rec.output.digest or "")[:12] or "–", run.record_url),
@@ -278,7 +243,7 @@ def _overview(page: _Page, layout: RunLayout) -> None:
         )
     page.table(("stage", "output", "rows", "digest", "ran"), rows)
     for problem in layout.problems:
-        page.add(f"<p class='problem'>unreadable: {_esc(problem)}</p>")
+        page.add(f"<p class='problem'>unreadable: {render.esc(problem)}</p>")
     page.add("</section>")
 
 
@@ -296,10 +261,10 @@ def _dataset(page: _Page, layout: RunLayout) -> None:
     funnel = _funnel_rows(layout)
     if funnel:
         page.figure(_funnel_plot(funnel), "Rows in, then rows kept after each stage", page.a(RUN_RECORD, funnel[-1][2]))
-        page.table(("step", "rows"), [(_esc(label), page.n(n, url)) for label, n, url in funnel], "funnel")
+        page.table(("step", "rows"), [(render.esc(label), page.n(n, url)) for label, n, url in funnel], "funnel")
     page.add("<div class='stages'>")
     for spec in dataset_stages:
-        page.add(f"<div class='stage'><h4>{_esc(spec.name)} → {_esc(spec.produces)}</h4>")
+        page.add(f"<div class='stage'><h4>{render.esc(spec.name)} → {render.esc(spec.produces)}</h4>")
         run = layout.get(spec.name)
         if run is None:
             page.missing(spec.name)
@@ -323,7 +288,7 @@ def _stage_counts(page: _Page, run: StageRun) -> None:
     if "kept" in counts:
         rows.append(("kept", page.n(counts.pop("kept"), src)))
     for reason, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
-        rows.append((_esc(reason), page.n(n, src)))
+        rows.append((render.esc(reason), page.n(n, src)))
     page.table(("reason", "count"), rows, "counts")
 
 
@@ -348,17 +313,17 @@ def _funnel_rows(layout: RunLayout) -> list[tuple[str, int, str]]:
 
 
 def _funnel_plot(rows: list[tuple[str, int, str]]) -> bytes:
-    fig = _figure(7, 0.4 * len(rows) + 1)
+    fig = render.figure(7, 0.4 * len(rows) + 1)
     ax = fig.subplots()
     values = [n for _, n, _ in rows]
-    ax.barh(range(len(rows)), values, color="#4c72b0")
+    ax.barh(range(len(rows)), values, color=render.BLUE)
     ax.set_yticks(range(len(rows)), [label for label, _, _ in rows], fontsize=8)
     ax.invert_yaxis()
     for i, v in enumerate(values):
         ax.text(v, i, f" {v:,}", va="center", fontsize=8)
     ax.set_xlim(0, max(values + [1]) * 1.15)
     ax.set_xlabel("rows")
-    return _png(fig)
+    return render.png(fig)
 
 
 def _queries(page: _Page, curate: StageRun | None) -> None:
@@ -384,36 +349,36 @@ def _queries(page: _Page, curate: StageRun | None) -> None:
     ranked = sorted(before.items(), key=lambda kv: (-kv[1], kv[0]))[:10]
     page.table(
         ("query", "before", "after"),
-        [(_esc(q), page.n(n, src), page.n(after.get(q, 0), src)) for q, n in ranked],
+        [(render.esc(q), page.n(n, src), page.n(after.get(q, 0), src)) for q, n in ranked],
         "queries",
     )
 
 
 def _query_plot(before: dict[str, int], after: dict[str, int], cap) -> bytes:
-    fig = _figure(11, 4)
+    fig = render.figure(11, 4)
     left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
     top = sorted(before.items(), key=lambda kv: (-kv[1], kv[0]))[:TOP_QUERIES]
     y = list(range(len(top)))
-    left.barh([i - 0.2 for i in y], [n for _, n in top], height=0.4, color="#c4c4c4", label="before")
-    left.barh([i + 0.2 for i in y], [after.get(q, 0) for q, _ in top], height=0.4, color="#4c72b0", label="after")
+    left.barh([i - 0.2 for i in y], [n for _, n in top], height=0.4, color=render.LIGHT_GREY, label="before")
+    left.barh([i + 0.2 for i in y], [after.get(q, 0) for q, _ in top], height=0.4, color=render.BLUE, label="after")
     left.set_yticks(y, [q[:28] for q, _ in top], fontsize=7)
     left.invert_yaxis()
     if isinstance(cap, int):
-        left.axvline(cap, color="#c44e52", ls="--", lw=1, label=f"cap {cap}")
+        left.axvline(cap, color=render.RED, ls="--", lw=1, label=f"cap {cap}")
     left.set_xlabel("pairs")
     left.set_title(f"top {len(top)} queries")
     left.legend(fontsize=8, loc="lower right")
     values = list(before.values()) + list(after.values())
     top_value = max(values + [1])
     bins = list(range(0, top_value + 2, max(1, (top_value + 1) // 30 or 1)))
-    right.hist(list(before.values()) or [0], bins=bins, color="#c4c4c4", label="before")
-    right.hist(list(after.values()) or [0], bins=bins, histtype="step", lw=2, color="#4c72b0", label="after")
+    right.hist(list(before.values()) or [0], bins=bins, color=render.LIGHT_GREY, label="before")
+    right.hist(list(after.values()) or [0], bins=bins, histtype="step", lw=2, color=render.BLUE, label="after")
     right.set_yscale("log")
     right.set_xlabel("pairs per query")
     right.set_ylabel("queries")
     right.set_title("histogram")
     right.legend(fontsize=8)
-    return _png(fig)
+    return render.png(fig)
 
 
 def _samples(page: _Page, shard: StageRun | None) -> None:
@@ -428,14 +393,13 @@ def _samples(page: _Page, shard: StageRun | None) -> None:
     try:
         samples = read_samples(url, SAMPLES_SHOWN)
     except (StorageError, TarError) as exc:
-        page.add(f"<p class='problem'>cannot read {page.a(names[0], url)}: {_esc(exc)}</p>")
+        page.add(f"<p class='problem'>cannot read {page.a(names[0], url)}: {render.esc(exc)}</p>")
         return
     cells = []
     for s in samples:
-        data = base64.b64encode(s.png).decode("ascii")
         cells.append(
-            f"<figure class='sample'><img alt='{_esc(s.caption)}' src='data:image/png;base64,{data}'>"
-            f"<figcaption>{_esc(s.caption)}<br><small>{page.a(s.key[:12], url)}</small></figcaption></figure>"
+            f"<figure class='sample'><img alt='{render.esc(s.caption)}' src='{render.data_uri(s.png)}'>"
+            f"<figcaption>{render.esc(s.caption)}<br><small>{page.a(s.key[:12], url)}</small></figcaption></figure>"
         )
     page.add(
         f"<p>The first {page.n(len(samples), url)} samples of {page.a(names[0], url)}, "
@@ -515,7 +479,7 @@ def _decontamination(page: _Page, flt: StageRun | None) -> None:
     )
     page.table(
         ("task", "near duplicates dropped"),
-        [(_esc(task), page.n(n, src)) for task, n in sorted(by_task.items())],
+        [(render.esc(task), page.n(n, src)) for task, n in sorted(by_task.items())],
         "decontamination",
     )
 
@@ -532,7 +496,7 @@ def _training(page: _Page, layout: RunLayout) -> None:
     steps = rec.extra.get("steps", 0)
     ckpt = rec.extra.get("checkpoint", "checkpoints")
     page.add(
-        f"<p>{_esc(cfg.get('model_resolved') or cfg.get('model', '?'))}, {page.n(steps, src)} steps of "
+        f"<p>{render.esc(cfg.get('model_resolved') or cfg.get('model', '?'))}, {page.n(steps, src)} steps of "
         f"{page.n(cfg.get('batch_size'), src)} samples on {page.n(cfg.get('world_size', 1), src)} rank(s); "
         f"checkpoint {page.a(ckpt, run.file(ckpt))}.</p>"
     )
@@ -562,7 +526,9 @@ def _training(page: _Page, layout: RunLayout) -> None:
         ("mean data wait", page.n(sum(m["data_wait_frac"]) / len(m["data_wait_frac"]), murl)),
         ("samples skipped", page.n(len(rec.extra.get("skipped", [])), src)),
     ]
-    rows += [(_esc(f"zero-shot {name} at step {xs[-1]}"), page.n(ys[-1], murl)) for name, (xs, ys) in evals.items()]
+    rows += [
+        (render.esc(f"zero-shot {name} at step {xs[-1]}"), page.n(ys[-1], murl)) for name, (xs, ys) in evals.items()
+    ]
     page.table(("", "value"), rows, "training")
     page.add("</section>")
 
@@ -584,26 +550,26 @@ def _eval_curves(m: dict[str, list]) -> dict[str, tuple[list, list]]:
 
 
 def _training_plot(m: dict[str, list], evals: dict[str, tuple[list, list]] | None = None) -> bytes:
-    fig = _figure(16 if evals else 12, 3.2)
+    fig = render.figure(16 if evals else 12, 3.2)
     axes = fig.subplots(1, 4 if evals else 3)
     loss, temp, speed = axes[:3]
     if evals:
-        for name, (xs, ys) in evals.items():
-            axes[3].plot(xs, ys, marker="o", label=name)
+        for (name, (xs, ys)), colour in zip(evals.items(), itertools.cycle(render.CYCLE)):
+            axes[3].plot(xs, ys, marker="o", color=colour, label=name)
         axes[3].set_title("zero-shot evaluation")
         axes[3].legend(fontsize=7)
     steps = m["step"]
-    loss.plot(steps, m["loss"], color="#4c72b0")
+    loss.plot(steps, m["loss"], color=render.BLUE)
     loss.set_title("loss")
-    temp.plot(steps, [1 / s if s else float("nan") for s in m["logit_scale"]], color="#dd8452")
+    temp.plot(steps, [1 / s if s else float("nan") for s in m["logit_scale"]], color=render.ORANGE)
     temp.set_title("temperature (1 / logit scale)")
-    speed.plot(steps, m["samples_per_s"], color="#55a868")
+    speed.plot(steps, m["samples_per_s"], color=render.GREEN)
     speed.set_title("samples/s (all ranks)")
     for ax in axes:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _png(fig)
+    return render.png(fig)
 
 
 _NUMERIC = re.compile(r"^[\s\d.,:%+\-–\[\]]*\d[\s\d.,:%+\-–\[\]]*$")
@@ -645,9 +611,10 @@ def _findings(page: _Page, found: list[Finding], ev: _EvalRead) -> None:
     page.add("<section id='findings'><h2>Findings</h2><ol class='findings'>")
     for f in found:
         text = "".join(
-            _esc(p) if isinstance(p, str) else page.a(p[0], ev.task_urls.get(p[1], ev.run.record_url)) for p in f.parts
+            render.esc(p) if isinstance(p, str) else page.a(p[0], ev.task_urls.get(p[1], ev.run.record_url))
+            for p in f.parts
         )
-        page.add(f"<li><strong>{_esc(f.title)}.</strong> {text}</li>")
+        page.add(f"<li><strong>{render.esc(f.title)}.</strong> {text}</li>")
     page.add("</ol></section>")
 
 
@@ -659,7 +626,7 @@ def _evaluation(page: _Page, ev: _EvalRead | None) -> None:
         return
     run, tasks, task_urls = ev.run, ev.tasks, ev.task_urls
     for name, url, error in ev.problems:
-        page.add(f"<p class='problem'>cannot read {page.a(f'tasks/{name}.json', url)}: {_esc(error)}</p>")
+        page.add(f"<p class='problem'>cannot read {page.a(f'tasks/{name}.json', url)}: {render.esc(error)}</p>")
     cfg = run.record.config
     if not tasks:
         page.add("<p>No task results.</p></section>")
@@ -675,11 +642,11 @@ def _evaluation(page: _Page, ev: _EvalRead | None) -> None:
     results = run.file("part-00000.parquet")
     for blk in build_blocks(meta, tasks, with_findings=False):
         if blk.type == "h1":
-            page.add(f"<h3>{_esc(blk.text)}</h3>")
+            page.add(f"<h3>{render.esc(blk.text)}</h3>")
         elif blk.type == "h2":
-            page.add(f"<h4>{_esc(blk.text)}</h4>")
+            page.add(f"<h4>{render.esc(blk.text)}</h4>")
         elif blk.type == "p":
-            page.add(f"<p>{inline_code(blk.text)} Source: {page.a(RUN_RECORD, run.record_url)}.</p>")
+            page.add(f"<p>{render.inline_code(blk.text)} Source: {page.a(RUN_RECORD, run.record_url)}.</p>")
         elif blk.type == "figure":
             page.figure(blk.png, blk.text, page.a("results", results))
         elif blk.type == "table":
@@ -687,7 +654,7 @@ def _evaluation(page: _Page, ev: _EvalRead | None) -> None:
             for r in blk.rows:
                 # every eval table starts with the task: its numbers come from tasks/TASK.json
                 src = task_urls.get(r[0], run.record_url)
-                rows.append(tuple(page.a(c, src) if _NUMERIC.match(c) else _esc(c) for c in r))
+                rows.append(tuple(page.a(c, src) if _NUMERIC.match(c) else render.esc(c) for c in r))
             page.table(blk.headers, rows, "eval")
     page.add(
         f"<p>Files: {page.a('results.json', run.file('results.json'))} (CLIP_benchmark's shape), "
@@ -722,29 +689,27 @@ def _lineage_section(page: _Page, layout: RunLayout) -> None:
 def _lineage_item(page: _Page, node: LineageNode) -> str:
     rec = node.record
     if rec is None:
-        text = f"<span class='source'>{_esc(node.status)}</span> {page.a(node.url, node.url)}"
+        text = f"<span class='source'>{render.esc(node.status)}</span> {page.a(node.url, node.url)}"
     else:
         src = storage.join(node.url, RUN_RECORD)
-        status = "" if node.status == "ok" else f" <strong class='problem'>{_esc(node.status)}</strong>"
+        status = "" if node.status == "ok" else f" <strong class='problem'>{render.esc(node.status)}</strong>"
         text = (
-            f"<b>{_esc(rec.stage)}</b> [{_esc(rec.output.kind)}] {page.n(rec.rows, src)} rows, digest "
+            f"<b>{render.esc(rec.stage)}</b> [{render.esc(rec.output.kind)}] {page.n(rec.rows, src)} rows, digest "
             f"{page.a((rec.output.digest or '–')[:12], src)}, {page.a(node.url, src)}{status}"
         )
     children = "".join(_lineage_item(page, c) for c in node.inputs)
     return f"<li>{text}" + (f"<ul>{children}</ul>" if children else "") + "</li>"
 
 
-_CSS = """
-body{font-family:system-ui,sans-serif;max-width:72em;margin:1.5em auto;padding:0 1em;color:#222;line-height:1.4}
-nav a{margin-right:1em}h2{border-bottom:2px solid #4c72b0;padding-bottom:.2em;margin-top:2em}
-table{border-collapse:collapse;margin:.6em 0;font-size:.9em}td,th{border:1px solid #ccc;padding:2px 8px;text-align:left}
-th{background:#f0f3f8}td a{text-decoration:none}img{max-width:100%}
-figure{margin:1em 0}figcaption{font-size:.85em;color:#555}
+_CSS = (
+    render.CSS
+    + """nav a{margin-right:1em}td a{text-decoration:none}
 .stages{display:flex;flex-wrap:wrap;gap:1em}.stage{flex:0 1 auto}.stage h4{margin:.5em 0 0}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(150px,1fr));gap:.8em}
 .sample{margin:0}.sample img{width:128px;height:auto;image-rendering:pixelated}
 .missing{color:#888;font-style:italic}.problem{color:#b00}ul.lineage{font-size:.9em}
 """
+)
 
 
 def build_report(root: str, out_html: str | None = None, stages: dict[str, str] | None = None) -> str:
@@ -760,9 +725,8 @@ def build_report(root: str, out_html: str | None = None, stages: dict[str, str] 
     ev = _read_eval(layout)
     found = findings(ev.tasks) if ev is not None else []
     page.add(
-        f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>wit run report: {_esc(root)}</title>"
-        f"<meta name='viewport' content='width=device-width'><style>{_CSS}</style></head><body>"
-        f"<h1>wit run report</h1><p>Run root {page.a(root, root)}. Every number links to "
+        render.html_head(f"wit run report: {root}", _CSS)
+        + f"<h1>wit run report</h1><p>Run root {page.a(root, root)}. Every number links to "
         "the run record, part file or metrics file it was read from.</p>"
         f"<nav>{FINDINGS_LINK if found else ''}"
         "<a href='#overview'>stages</a><a href='#dataset'>dataset</a>"
