@@ -65,6 +65,11 @@ BACKGROUNDS: tuple[tuple[int, int, int], ...] = (
     (215, 235, 210),
 )
 MIN_CONTRAST = 120.0
+# Pens write in black or blue: half the digits are drawn in an ink colour, and a handwritten digit
+# in ink is on paper, as on a scanned form (real handwritten digits are dark ink on white paper).
+INK_COLOURS: tuple[str, ...] = ("black", "black", "blue")
+INK_SHARE = 0.5
+PAPER: tuple[tuple[int, int, int], ...] = ((250, 250, 250), (250, 245, 225), (235, 222, 195))
 # How the web draws a digit: a font, pen strokes, or pen strokes scanned at 8x8 (wit.evaluate.handwriting).
 DIGIT_STYLE_SHARES: tuple[tuple[str, float], ...] = (("print", 0.4), ("hand", 0.3), ("scan", 0.3))
 # Every style of each kind; `outline` (shape sketches) is for a held-out distribution shift only.
@@ -107,6 +112,8 @@ def sample_concept(rng: random.Random, kind: Kind | None = None, shape_share: fl
     colour = rng.choice(tuple(COLOURS))
     if kind == "shape":
         return Concept("shape", colour, shape=rng.choice(SHAPES))
+    if rng.random() < INK_SHARE:
+        colour = rng.choice(INK_COLOURS)
     return Concept("digit", colour, digit=rng.choice(DIGITS))
 
 
@@ -277,7 +284,9 @@ def render(
     if style not in STYLES[concept.kind]:
         raise ValueError(f"a {concept.kind} is drawn in one of {STYLES[concept.kind]}, not {style!r}")
     colour = COLOURS[concept.colour]
-    if background is None:
+    if background is None and style in ("hand", "scan") and concept.colour in INK_COLOURS:
+        background = rng.choice(PAPER)  # pen on paper
+    elif background is None:
         background = rng.choice(background_choices(concept.colour))
     elif _distance(background, colour) < MIN_CONTRAST:
         raise ValueError(f"background {background} is too close to {concept.colour}")
