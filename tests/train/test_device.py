@@ -106,6 +106,20 @@ def test_other_transforms_run_sample_by_sample():
             crop_box(d, (128, 128), 0)
 
 
+def test_seed_cpu_draws_what_torch_manual_seed_draws():
+    """The workers seed only the CPU generator (seed_cpu: torch.manual_seed formats a stack trace
+    per call while CUDA is uninitialised); the boxes and every draw after it must not change."""
+    from wit.train.data import seed_cpu
+
+    for seed in (0, 1, 2**31 - 1, 2**63 + 5):
+        torch.manual_seed(seed)
+        expected = (T.RandomResizedCrop.get_params(torch.empty(1, 300, 200), [0.9, 1.0], [0.75, 4 / 3]), torch.rand(3))
+        torch.manual_seed(seed + 1)  # another state first: seed_cpu must set it, not inherit it
+        seed_cpu(seed)
+        got = (T.RandomResizedCrop.get_params(torch.empty(1, 300, 200), [0.9, 1.0], [0.75, 4 / 3]), torch.rand(3))
+        assert got[0] == expected[0] and torch.equal(got[1], expected[1])
+
+
 @pytest.mark.parametrize("px, size, scale", [(256, 224, 1), (256, 64, 2), (520, 64, 4), (1100, 64, 8), (301, 64, 4)])
 def test_gpu_path_boxes_equal_the_cpu_paths_and_map_exactly_onto_the_full_image(px, size, scale, monkeypatch):
     # the acceptance test of --decode gpu: the worker reads the JPEG's header only, yet draws the box
