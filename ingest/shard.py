@@ -43,7 +43,7 @@ WRITE in full.
 
 WRITE builds shard ``k`` from its pieces (a row group of a plan part each): per sample
 ``{uid}.{ext}`` (the image bytes as downloaded, checked against the xxh3-128 filter recorded when
-it read them, or its sha256 for a manifest without one), ``{uid}.txt`` and ``{uid}.json``, in
+it read them), ``{uid}.txt`` and ``{uid}.json``, in
 plan order with members sorted, mtime 0 and uid/gid 0, so the same input and seed give the same
 bytes. The tar stream is gathered in reused buffers that images are read straight into, written
 and hashed by threads while the next ones fill, and a thread reads the images ahead in file order
@@ -287,7 +287,7 @@ class ShardWrite:
 
     def run_partition(self, config: ShardConfig, partition: Partition, out: str) -> PartitionResult:
         downloaded, plan_url, pieces, following = partition.params
-        rows = conform(read_pieces(pieces), PLAN_ROWS_SCHEMA)  # a plan part from before xxh3: nulls
+        rows = conform(read_pieces(pieces), PLAN_ROWS_SCHEMA)
         name = shard_name(partition.index)
         with ExitStack() as stack:
             images = load_images(downloaded, rows, stack)

@@ -228,7 +228,7 @@ def check_version(url: str, schema: pa.Schema) -> None:
         wrote = f"manifest format {got}" if got else "a wit without manifest format versions"
         raise ManifestError(
             f"{url}: written by {wrote}; this wit reads manifest format {SCHEMA_VERSION} only."
-            " Run the stage that wrote it again with this wit"
+            " Run the stage that wrote it again with this wit, into a new folder (or delete this one first)"
         )
 
 
@@ -273,7 +273,10 @@ def open_manifest(url: str, table: str | None = None, expect_kind: str | None = 
         check_version(f"{url}/{p}", s)
         if kind_of(s) != kind or not same_columns(s, schema):
             what = f"is a {kind_of(s) or 'untyped'} part" if kind_of(s) != kind else _column_change(s, schema)
-            raise ManifestError(f"{url}/{p}: schema does not match the {kind or 'first part'}'s ({what})")
+            raise ManifestError(
+                f"{url}/{p}: schema does not match the {kind or 'first part'}'s ({what});"
+                " written by another wit? Run the stage that wrote it again into a new folder"
+            )
     return Manifest(url=url, kind=kind, schema=schema, parts=parts, table_name=table)
 
 

@@ -34,7 +34,7 @@ import torch
 
 from wit.manifests import storage
 
-from .models import image_transform, no_random_init_warning, register, set_preprocess
+from .models import image_transform, no_random_init_warning, register_own, set_preprocess
 
 FORMAT = 1
 
@@ -369,9 +369,10 @@ def load_model(url: str, model: str | None = None, device: str | torch.device = 
         name = info["model"]
         if model and model != name:
             raise CheckpointError(f"{url} holds a {name} model, not {model}")
-        register(name, info["model_config"])
+        # the file's own config, under a derived name if the shipped one has changed since
+        build = register_own(name, info["model_config"])
     elif model:
-        name = model
+        name = build = model
     else:
         raise CheckpointError(f"{url} is not a wit checkpoint; say which architecture with --model NAME")
     state = ckpt.get("state_dict", ckpt)
@@ -379,7 +380,7 @@ def load_model(url: str, model: str | None = None, device: str | torch.device = 
     # every parameter is overwritten by the checkpoint just below: no random draws, no warning about them
     try:
         with skip_random_init(), no_random_init_warning():
-            net, _, preprocess = open_clip.create_model_and_transforms(name, device=device)
+            net, _, preprocess = open_clip.create_model_and_transforms(build, device=device)
     except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as exc:
         if not info:  # --model names an architecture open_clip cannot build: not the file's fault
             raise
@@ -395,4 +396,4 @@ def load_model(url: str, model: str | None = None, device: str | torch.device = 
         raise CheckpointError(f"{url}: weights do not fit the {name} architecture ({why})") from exc
     net.eval()
     digest = storage.sha256_url(url)
-    return LoadedModel(net, preprocess, open_clip.get_tokenizer(name), name, digest, info)
+    return LoadedModel(net, preprocess, open_clip.get_tokenizer(build), name, digest, info)

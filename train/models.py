@@ -20,6 +20,7 @@ checkpoint `wit eval` loads, so that one message is dropped), and :func:`lock_to
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 from collections.abc import Iterator
@@ -89,6 +90,19 @@ def register(name: str, config: dict) -> None:
     if existing is not None and existing != config:
         raise ValueError(f"model name {name!r} is already registered with another config")
     _factory._MODEL_CONFIGS[name] = config
+
+
+def register_own(name: str, config: dict) -> str:
+    """Register a checkpoint's own ``config`` and return the name open_clip builds it by: ``name``,
+    or ``name@<hash of the config>`` when ``name`` already means another config (a checkpoint of
+    ``wit-tiny-rn`` from before its config changed, a user's model of the same name)."""
+    existing = open_clip.get_model_config(name)
+    if existing is None or existing == config:
+        register(name, config)
+        return name
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
+    register(f"{name}@{digest}", config)
+    return f"{name}@{digest}"
 
 
 # open_clip.factory.create_model: logging.warning(f"No pretrained weights loaded for model '{name}'. ...")

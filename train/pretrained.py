@@ -230,9 +230,14 @@ def _check_wit_config(source: str, wit: dict, spec: ModelSpec) -> None:
         return {k: v for k, v in (cfg or {}).items() if not k.startswith("init_")}
 
     if arch(wit.get("model_config")) != arch(spec.config):
+        name = wit.get("model", "?")
+        if name == spec.name:  # saved before the shipped config of that name changed
+            raise ValueError(
+                f"pretrained {source!r} holds a {name} model whose config differs from today's {name}: "
+                "give --model the checkpoint's model_config as a JSON file"
+            )
         raise ValueError(
-            f"pretrained {source!r} holds a {wit.get('model', '?')} model, not {spec.name}: "
-            f"give --model {wit.get('model', 'NAME')} (or its JSON config)"
+            f"pretrained {source!r} holds a {name} model, not {spec.name}: give --model {name} (or its JSON config)"
         )
 
 

@@ -7,6 +7,7 @@ import json
 import open_clip
 import pytest
 import torch
+from open_clip.model import CLIP
 
 from wit.train.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
 from wit.train.models import resolve_model
@@ -62,6 +63,30 @@ def test_loaded_model_computes_what_the_saved_one_did(name, tmp_path):
     for key, buf in loaded.named_buffers():
         assert torch.equal(buf, originals[key]), key
     assert torch.nn.init.normal_ is not None and torch.nn.init.normal_.__module__ == "torch.nn.init"  # restored
+
+
+def test_a_checkpoint_of_a_model_whose_shipped_config_changed_since_still_loads(tmp_path):
+    """A wit checkpoint brings its own architecture: one saved when wit-tiny-rn read 32 tokens
+    loads with that config (under a derived name), its tokenizer 32 tokens long, while the name
+    keeps meaning the shipped config."""
+    import copy
+
+    config = copy.deepcopy(resolve_model("wit-tiny-rn").config)
+    config["text_cfg"]["context_length"] = config["text_cfg"]["context_length"] * 2
+    torch.manual_seed(0)
+    old = CLIP(**config)
+    url = str(tmp_path / "old.pt")
+    save_checkpoint(
+        url, {"state_dict": old.state_dict(), "wit": {"format": 1, "model": "wit-tiny-rn", "model_config": config}}
+    )
+    loaded = load_model(url)
+    assert loaded.name == "wit-tiny-rn"
+    assert loaded.tokenizer(["seven"]).shape[1] == config["text_cfg"]["context_length"]
+    assert open_clip.get_model_config("wit-tiny-rn") == resolve_model("wit-tiny-rn").config
+    with torch.no_grad():
+        text = loaded.tokenizer(["a red seven"])
+        assert torch.equal(loaded.model.encode_text(text), old.eval().encode_text(text))
+    assert load_model(url).name == "wit-tiny-rn"  # again: the derived name is registered once, to the same config
 
 
 def test_json_config_model(tmp_path):
