@@ -123,9 +123,11 @@ def test_planted_defects_never_reach_the_shards(web, tmp_path, run_wit):
             if kind == "eval_image":
                 assert why == "filtered:eval_overlap:digits", why
         assert reached, f"no planted {kind} reached {stage}"
-    # duplicates and near duplicates: at most one image of each group reaches the shards
+    # duplicates and near duplicates: at most one image of each group reaches the shards (but a
+    # near duplicate the web could only plant beyond its margin, "reencode, N bits": a flat picture
+    # whose every copy moves its hash, which resizing may move past the filter's bound)
     for t in truth:
-        if t["mess"] in ("duplicate", "near_duplicate"):
+        if t["mess"] in ("duplicate", "near_duplicate") and "bits" not in (t["detail"] or ""):
             group = url_uids.get(t["img_url"], set()) | url_uids.get(t["duplicate_of"], set())
             assert len(group & in_shards) <= 1, (t["mess"], t["img_url"])
     for name in ("candidates", "curated", "downloaded", "filtered", "dataset"):
