@@ -215,8 +215,9 @@ def _eval_digit(rng: random.Random) -> tuple[Image.Image, int]:
 
 
 # What a web of one seed holds changes with the generator: 2 = handwritten digits, near duplicates
-# checked on their served bytes. A web of another version is never reused for this one.
-WEB_VERSION = 2
+# checked on their served bytes; 3 = digits in pen ink on paper, near-duplicate fallbacks checked.
+# A web of another version is never reused for this one.
+WEB_VERSION = 3
 
 
 def _near_duplicate(orig: _Original, fmt: str, rng: random.Random) -> tuple[Image.Image, bytes, str]:
