@@ -432,9 +432,10 @@ def _wit_reading(paths: list[str]) -> None:
             tap.finish()
 
 
-def step_costs(paths: list[str], repeat: int) -> tuple[list[list[str]], str]:
+def step_costs(paths: list[str], repeat: int) -> tuple[list[list[str]], str, str]:
     """Seconds per 100 MB of HTML of each step of `wit extract`, timed alone (no profiler), with the
-    bare loop's equivalents beside them. Returns table rows and the HTML MB."""
+    bare loop's equivalents beside them. Returns table rows, a note on the counts, and what the
+    target leaves each image (a paragraph)."""
     bodies: list[tuple[str, bytes]] = []  # (page URL, body) of every page
     alts: list[list[str]] = []  # each file's distinct alt texts, as CandidateBuilder labels them
     for path in paths:
@@ -517,7 +518,30 @@ def step_costs(paths: list[str], repeat: int) -> tuple[list[list[str]], str]:
         f"{len(images):,} images, {len(srcs):,} with a URL, {sum(map(len, alts)):,} distinct alt texts (per file) in "
         f"{mb:.1f} MB; one `node.attributes` dict costs {1e6 * per_dict:.1f} µs."
     )
-    return rows, note
+    return rows, note, _budget(dict(zip([label for label, _ in steps], best, strict=True)), len(images), mb)
+
+
+def _budget(secs: dict[str, float], images: int, mb: float) -> str:
+    """What 0.5x of the bare loop leaves for the Python work per image, once the steps not paid image
+    by image (reading, decoding, parsing, language identification of distinct alt texts) are paid."""
+
+    def get(prefix: str) -> float:  # seconds per 100 MB of the step whose label starts so
+        return next(100 * v / mb for k, v in secs.items() if k.startswith(prefix))
+
+    reading = get("wit: WARC reading")
+    bare = get("bare: FastWARC") + get("bare: parse bytes")
+    fixed = reading + get("wit: `decode_html`") + get("  its parse") + get("wit: `BatchIdentifier")
+    per_image = 1e6 * (get("wit: `Resolver") + get("wit: `uid_of")) * mb / 100 / max(1, images)
+    left = bare / TARGET - fixed
+    return (
+        f"What the target leaves per image: the bare loop costs {bare:.2f} s per 100 MB, so `wit extract` may "
+        f"spend {bare / TARGET:.2f}. The steps not paid image by image (reading {reading:.2f}, "
+        f"`decode_html` {get('wit: `decode_html`'):.2f}, the parse and its queries {get('  its parse'):.2f}, language "
+        f"identification {get('wit: `BatchIdentifier'):.2f}) take {fixed:.2f}, which leaves {max(0.0, left):.2f} s per "
+        f"100 MB for {images * 100 / mb:,.0f} images: {max(0.0, 1e6 * left * mb / 100 / max(1, images)):.1f} µs an "
+        f"image, for its attribute dict, source choice, skip checks, URL, uid and row. Resolving the URL and the uid "
+        f"alone take {per_image:.1f} µs an image here."
+    )
 
 
 def _read_pages(path: str):
@@ -618,7 +642,7 @@ def run_speed(args, corpus: Path | None) -> str:
             f"{rate['read_only']:.0f} MB/s; `wit extract` kept {res['wit'][1][2]:,} candidates of {images:,} `<img>`."
         )
 
-    steps, steps_note = step_costs(synth, args.repeat)
+    steps, steps_note, budget = step_costs(synth, args.repeat)
     profile, _ = profile_extract(synth, args.top)
     tmp.cleanup()
     r = synth_rates
@@ -661,6 +685,7 @@ def run_speed(args, corpus: Path | None) -> str:
         f"{args.repeat}; {steps_note}\n\n"
     )
     body += table(["step", "s per 100 MB"], steps) + "\n\n"
+    body += budget + "\n\n"
     body += profile
     return body
 

@@ -43,10 +43,9 @@ import csv
 import functools
 import hashlib
 import io
-import operator
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import pyarrow as pa
@@ -259,32 +258,14 @@ def cached_page_urls(url: str, sha256: str) -> PageURLs:
     return _parse_page_urls(url, data)
 
 
-@dataclass(slots=True)
-class Candidate:
-    """One row of the candidates manifest; fields in `CANDIDATES` schema order."""
-
-    uid: str
-    url: str
-    text: str
-    page_url: str
-    title: str | None
-    caption: str | None
-    width_attr: int | None
-    height_attr: int | None
-    lang: str | None
-    source: str
-    offset: int | None
+# A candidate row is a tuple in CANDIDATES schema order (a page's images are made by the tens of
+# thousands; a dataclass costs a microsecond each). LANG is filled per file in table().
+_COLUMNS = CANDIDATES.names
+LANG = _COLUMNS.index("lang")
 
 
-_COLUMNS = [f.name for f in fields(Candidate)]
-assert _COLUMNS == CANDIDATES.names, "Candidate fields must follow the CANDIDATES schema"
-
-
-_ROW = operator.attrgetter(*_COLUMNS)  # a row as a tuple; dataclasses.astuple deep-copies every value
-
-
-def candidates_table(rows: list[Candidate]) -> pa.Table:
-    columns = list(zip(*map(_ROW, rows), strict=True)) if rows else [[] for _ in _COLUMNS]
+def candidates_table(rows: list[tuple]) -> pa.Table:
+    columns = list(zip(*rows, strict=True)) if rows else [[] for _ in _COLUMNS]
     return pa.Table.from_arrays(
         [pa.array(c, type=f.type) for c, f in zip(columns, CANDIDATES, strict=True)], schema=CANDIDATES
     )
@@ -301,7 +282,7 @@ class CandidateBuilder:
         self.source = source
         self.config = config
         self.counts = counts
-        self.rows: list[Candidate] = []
+        self.rows: list[tuple] = []  # in CANDIDATES order
         self._identifier = batch_identifier(config.languages) if config.detect_lang else None
 
     def add_page(self, page: RawPage) -> None:
@@ -315,8 +296,14 @@ class CandidateBuilder:
             self.counts[IMAGES_SEEN] += parsed.noscript_copies
             self.counts[NOSCRIPT_COPY] += parsed.noscript_copies
         resolver = Resolver(page_url, parsed.base_href)
+        if not parsed.images:
+            return
+        kept = len(self.rows)
         for tag in parsed.images:
             self.add_image(tag, page_url, resolver, page.offset)
+        self.counts[IMAGES_SEEN] += len(parsed.images)
+        if len(self.rows) > kept:
+            self.counts[KEPT] += len(self.rows) - kept
 
     def _parse(self, page: RawPage) -> ParsedPage | None:
         decoded = decode_html(page.body or b"", page.charset)
@@ -365,42 +352,42 @@ class CandidateBuilder:
         return None, url
 
     def add_image(self, tag: ImgTag, page_url: str, resolver: Resolver, offset: int | None) -> None:
-        self.counts[IMAGES_SEEN] += 1
+        """A row for ``tag``, or its skip reason counted (``images_seen`` and ``kept`` are counted
+        per page, by add_page)."""
         reason, url = self._skip(tag, resolver)
         if reason is not None:
             self.counts[reason] += 1
             return
         text = tag.alt or ""
-        self.counts[KEPT] += 1
         # Rows whose URL a lazy-loading attribute (data-src, data-srcset, ...) or srcset gave
         # instead of src (webpage.choose_src); informational, not skip reasons.
-        if tag.src_attr is not None and tag.src_attr != "src":
+        if tag.src_attr != "src" and tag.src_attr is not None:
             self.counts["src_from_srcset" if tag.src_attr == "srcset" else "src_from_lazy"] += 1
         self.rows.append(
-            Candidate(
-                uid=uid_of_normalized(url, text),
-                url=url,
-                text=text,
-                page_url=page_url,
-                title=tag.title,
-                caption=tag.caption,
-                width_attr=tag.width,
-                height_attr=tag.height,
-                lang=None,  # labelled per file in table()
-                source=self.source,
-                offset=offset,
+            (
+                uid_of_normalized(url, text),
+                url,
+                text,
+                page_url,
+                tag.title,
+                tag.caption,
+                tag.width,
+                tag.height,
+                None,  # lang: labelled per file in table()
+                self.source,
+                offset,
             )
         )
 
     def table(self) -> pa.Table:
         """The rows as a candidates table, each labelled with its alt text's language."""
-        if self._identifier is not None and self.rows:
+        rows = self.rows
+        if self._identifier is not None and rows:
             # One batch per source file, over its distinct alt texts (language.BatchIdentifier).
-            texts = list(dict.fromkeys(row.text for row in self.rows))
+            texts = list(dict.fromkeys(row[2] for row in rows))
             langs = dict(zip(texts, self._identifier.classify_many(texts), strict=True))
-            for row in self.rows:
-                row.lang = langs[row.text]
-        return candidates_table(self.rows)
+            rows = [(*row[:LANG], langs[row[2]], *row[LANG + 1 :]) for row in rows]
+        return candidates_table(rows)
 
 
 def extract_source(url: str, config: ExtractConfig) -> PartitionResult:

@@ -33,6 +33,7 @@ import codecs
 import functools
 import re
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from selectolax.lexbor import LexborHTMLParser
 
@@ -307,8 +308,9 @@ class Decoded:
         return self.utf8 if self.utf8 is not None else self.text
 
 
-@dataclass(slots=True)
-class ImgTag:
+class ImgTag(NamedTuple):
+    """One ``<img>`` as the page writes it (a tuple: a page's images are made by the tens of thousands)."""
+
     src: str | None  # as written (stripped); None when no source attribute has a value
     alt: str | None  # None when the attribute is missing; HTML's ASCII whitespace trimmed
     title: str | None = None
@@ -318,6 +320,9 @@ class ImgTag:
     # The attribute `src` came from: "src", "srcset", or a lazy-loading one ("data-src",
     # "data-srcset", ... see choose_src); None when there is no source.
     src_attr: str | None = "src"
+
+
+_new_tag = functools.partial(tuple.__new__, ImgTag)  # ImgTag from one tuple, without the keyword handling
 
 
 @dataclass(slots=True)
@@ -560,13 +565,24 @@ def choose_src(attrs: dict[str, str | None]) -> tuple[str | None, str | None]:
     return (src, "src") if src is not None else (None, None)
 
 
-def _source_keys(attrs: dict[str, str | None]) -> set[str]:
-    """Every real image URL an <img> names (src, lazy attributes, srcset candidates), scheme-less."""
-    urls = [_url(attrs.get(name)) for name in SRC_ATTRS]
+def _source_urls(attrs: dict[str, str | None]) -> list[str]:
+    """Every URL an <img> names: src, the lazy attributes, each srcset candidate."""
+    urls = [u for name in SRC_ATTRS if (u := _url(attrs.get(name))) is not None]
     for name in SRCSET_ATTRS:
         if value := attrs.get(name):
             urls.extend(url for url, _ in parse_srcset(value))
-    return {_scheme_less(u) for u in urls if u and _fetchable(u) and not is_placeholder(u)}
+    return urls
+
+
+def _source_keys(attrs: dict[str, str | None]) -> set[str]:
+    """Every real image URL an <img> names (no placeholder, nothing unfetchable), scheme-less."""
+    return {_scheme_less(u) for u in _source_urls(attrs) if _fetchable(u) and not is_placeholder(u)}
+
+
+def _raw_source_keys(attrs: dict[str, str | None]) -> set[str]:
+    """:func:`_source_keys` with placeholders and all: to match against keys that function gave
+    (a key's filter depends on the key alone), without paying for the filter twice."""
+    return {_scheme_less(u) for u in _source_urls(attrs) if u}
 
 
 def _scheme_less(url: str) -> str:
@@ -629,6 +645,36 @@ def _noscript_images(noscripts: list) -> list:
     return found
 
 
+def _noscript_copies(images: list, hidden: set[int]) -> set[int]:
+    """The node ids of the ``<noscript>`` images (``hidden``) that copy an image the page shows: one
+    naming a URL a shown image names, with no alt text or one of those images' alt texts."""
+    wanted: dict[int, set[str]] = {}  # hidden node id -> the URLs it names
+    for node in images:
+        if node.mem_id in hidden:
+            wanted[node.mem_id] = _source_keys(node.attributes)
+    names = set().union(*wanted.values())
+    if not names:
+        return set()
+    shown: dict[str, set[str]] = {}  # of those URLs, the alt texts of the shown images naming them
+    for node in images:
+        if node.mem_id not in hidden:
+            attrs = node.attributes
+            keys = names.intersection(_raw_source_keys(attrs))
+            if keys:
+                alt = strip_html_whitespace(attrs.get("alt")) or ""
+                for key in keys:
+                    shown.setdefault(key, set()).add(alt)
+    copies = set()
+    for node in images:
+        keys = wanted.get(node.mem_id)
+        if keys:
+            alts = set().union(*(shown.get(key, ()) for key in keys))
+            alt = strip_html_whitespace(node.attributes.get("alt"))
+            if alts and (not alt or alt in alts):
+                copies.add(node.mem_id)
+    return copies
+
+
 def parse_page(text: str | bytes) -> ParsedPage:
     """Every ``<img>`` of a page in document order, with the page's ``<base href>`` and canonical
     link; a ``<noscript>`` copy of an image the page shows anyway is left out. ``text`` is the
@@ -650,32 +696,38 @@ def parse_page(text: str | bytes) -> ParsedPage:
     if not images:
         return page
     captions = _captions(found["figure"])
-    # The alt texts of the shown images, by each URL they name: a <noscript> image naming one of
-    # them is a copy unless its alt says something they do not.
-    tags = [(node, node.attributes) for node in images]
-    shown: dict[str, set[str]] = {}
-    for node, attrs in tags if hidden else ():
-        if node.mem_id not in hidden:
-            alt = strip_html_whitespace(attrs.get("alt")) or ""
-            for key in _source_keys(attrs):
-                shown.setdefault(key, set()).add(alt)
-    for node, attrs in tags:
-        alt = strip_html_whitespace(attrs.get("alt"))
-        if node.mem_id in hidden and shown:
-            alts = set().union(*(shown.get(key, ()) for key in _source_keys(attrs)))
-            if alts and (not alt or alt in alts):
+    keyed = bool(hidden or captions)  # whether an image's node id is needed
+    copies = _noscript_copies(images, hidden) if hidden else set()
+    append = page.images.append
+    for node in images:
+        attrs = node.attributes
+        alt = attrs.get("alt")
+        if alt is not None:
+            alt = alt.strip(_ASCII_WS)
+        if keyed:
+            node_id = node.mem_id
+            if node_id in copies:
                 page.noscript_copies += 1
                 continue
+            caption = captions.get(node_id)
+        else:
+            caption = None
         src, src_attr = choose_src(attrs)
-        page.images.append(
-            ImgTag(
-                src=src,
-                alt=alt,
-                title=_clean(attrs.get("title")),
-                caption=captions.get(node.mem_id),
-                width=parse_dimension(attrs.get("width")),
-                height=parse_dimension(attrs.get("height")),
-                src_attr=src_attr,
+        title = attrs.get("title")
+        if title is not None:
+            title = " ".join(title.split()) or None
+        width, height = attrs.get("width"), attrs.get("height")
+        append(
+            _new_tag(
+                (
+                    src,
+                    alt,
+                    title,
+                    caption,
+                    width if width is None else parse_dimension(width),
+                    height if height is None else parse_dimension(height),
+                    src_attr,
+                )
             )
         )
     return page
