@@ -295,9 +295,9 @@ class CandidateBuilder:
         if parsed.noscript_copies:
             self.counts[IMAGES_SEEN] += parsed.noscript_copies
             self.counts[NOSCRIPT_COPY] += parsed.noscript_copies
-        resolver = Resolver(page_url, parsed.base_href)
         if not parsed.images:
             return
+        resolver = Resolver(page_url, parsed.base_href)
         kept = len(self.rows)
         for tag in parsed.images:
             self.add_image(tag, page_url, resolver, page.offset)
