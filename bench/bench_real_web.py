@@ -528,19 +528,19 @@ def _budget(secs: dict[str, float], images: int, mb: float) -> str:
     def get(prefix: str) -> float:  # seconds per 100 MB of the step whose label starts so
         return next(100 * v / mb for k, v in secs.items() if k.startswith(prefix))
 
-    reading = get("wit: WARC reading")
+    reading, decode = get("wit: WARC reading"), get("wit: `decode_html`")
+    parse, lang = get("  its parse"), get("wit: `BatchIdentifier")
     bare = get("bare: FastWARC") + get("bare: parse bytes")
-    fixed = reading + get("wit: `decode_html`") + get("  its parse") + get("wit: `BatchIdentifier")
+    fixed = reading + decode + parse + lang
     per_image = 1e6 * (get("wit: `Resolver") + get("wit: `uid_of")) * mb / 100 / max(1, images)
-    left = bare / TARGET - fixed
+    left = max(0.0, bare / TARGET - fixed)
     return (
         f"What the target leaves per image: the bare loop costs {bare:.2f} s per 100 MB, so `wit extract` may "
-        f"spend {bare / TARGET:.2f}. The steps not paid image by image (reading {reading:.2f}, "
-        f"`decode_html` {get('wit: `decode_html`'):.2f}, the parse and its queries {get('  its parse'):.2f}, language "
-        f"identification {get('wit: `BatchIdentifier'):.2f}) take {fixed:.2f}, which leaves {max(0.0, left):.2f} s per "
-        f"100 MB for {images * 100 / mb:,.0f} images: {max(0.0, 1e6 * left * mb / 100 / max(1, images)):.1f} µs an "
-        f"image, for its attribute dict, source choice, skip checks, URL, uid and row. Resolving the URL and the uid "
-        f"alone take {per_image:.1f} µs an image here."
+        f"spend {bare / TARGET:.2f}. The steps not paid image by image (reading {reading:.2f}, `decode_html` "
+        f"{decode:.2f}, the parse and its queries {parse:.2f}, language identification {lang:.2f}) take "
+        f"{fixed:.2f}, which leaves {left:.2f} s per 100 MB for {images * 100 / mb:,.0f} images: "
+        f"{1e6 * left * mb / 100 / max(1, images):.1f} µs an image, for its attribute dict, source choice, skip "
+        f"checks, URL, uid and row. Resolving the URL and the uid alone take {per_image:.1f} µs an image here."
     )
 
 

@@ -259,9 +259,9 @@ def cached_page_urls(url: str, sha256: str) -> PageURLs:
 
 
 # A candidate row is a tuple in CANDIDATES schema order (a page's images are made by the tens of
-# thousands; a dataclass costs a microsecond each). LANG is filled per file in table().
+# thousands; a dataclass costs a microsecond each). LANG is filled per file in table(), from TEXT.
 _COLUMNS = CANDIDATES.names
-LANG = _COLUMNS.index("lang")
+TEXT, LANG = _COLUMNS.index("text"), _COLUMNS.index("lang")
 
 
 def candidates_table(rows: list[tuple]) -> pa.Table:
@@ -384,9 +384,9 @@ class CandidateBuilder:
         rows = self.rows
         if self._identifier is not None and rows:
             # One batch per source file, over its distinct alt texts (language.BatchIdentifier).
-            texts = list(dict.fromkeys(row[2] for row in rows))
+            texts = list(dict.fromkeys(row[TEXT] for row in rows))
             langs = dict(zip(texts, self._identifier.classify_many(texts), strict=True))
-            rows = [(*row[:LANG], langs[row[2]], *row[LANG + 1 :]) for row in rows]
+            rows = [(*row[:LANG], langs[row[TEXT]], *row[LANG + 1 :]) for row in rows]
         return candidates_table(rows)
 
 

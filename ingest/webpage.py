@@ -645,33 +645,30 @@ def _noscript_images(noscripts: list) -> list:
     return found
 
 
-def _noscript_copies(images: list, hidden: set[int]) -> set[int]:
+def _noscript_copies(tags: list[tuple[int, dict]], hidden: set[int]) -> set[int]:
     """The node ids of the ``<noscript>`` images (``hidden``) that copy an image the page shows: one
-    naming a URL a shown image names, with no alt text or one of those images' alt texts."""
-    wanted: dict[int, set[str]] = {}  # hidden node id -> the URLs it names
-    for node in images:
-        if node.mem_id in hidden:
-            wanted[node.mem_id] = _source_keys(node.attributes)
+    naming a URL a shown image names, with no alt text or one of those images' alt texts. ``tags``:
+    each image's (node id, attributes)."""
+    wanted = {node_id: _source_keys(attrs) for node_id, attrs in tags if node_id in hidden}  # the URLs each names
     names = set().union(*wanted.values())
     if not names:
         return set()
     shown: dict[str, set[str]] = {}  # of those URLs, the alt texts of the shown images naming them
-    for node in images:
-        if node.mem_id not in hidden:
-            attrs = node.attributes
+    for node_id, attrs in tags:
+        if node_id not in hidden:
             keys = names.intersection(_raw_source_keys(attrs))
             if keys:
                 alt = strip_html_whitespace(attrs.get("alt")) or ""
                 for key in keys:
                     shown.setdefault(key, set()).add(alt)
     copies = set()
-    for node in images:
-        keys = wanted.get(node.mem_id)
+    for node_id, attrs in tags:
+        keys = wanted.get(node_id)
         if keys:
             alts = set().union(*(shown.get(key, ()) for key in keys))
-            alt = strip_html_whitespace(node.attributes.get("alt"))
+            alt = strip_html_whitespace(attrs.get("alt"))
             if alts and (not alt or alt in alts):
-                copies.add(node.mem_id)
+                copies.add(node_id)
     return copies
 
 
@@ -696,36 +693,25 @@ def parse_page(text: str | bytes) -> ParsedPage:
     if not images:
         return page
     captions = _captions(found["figure"])
-    keyed = bool(hidden or captions)  # whether an image's node id is needed
-    copies = _noscript_copies(images, hidden) if hidden else set()
+    attributes = [node.attributes for node in images]
+    # node ids only where they are looked up: a page with figure captions or <noscript> images
+    ids = [node.mem_id for node in images] if hidden or captions else [None] * len(images)
+    copies = _noscript_copies(list(zip(ids, attributes, strict=True)), hidden) if hidden else set()
     append = page.images.append
-    for node in images:
-        attrs = node.attributes
-        alt = attrs.get("alt")
-        if alt is not None:
-            alt = alt.strip(_ASCII_WS)
-        if keyed:
-            node_id = node.mem_id
-            if node_id in copies:
-                page.noscript_copies += 1
-                continue
-            caption = captions.get(node_id)
-        else:
-            caption = None
+    for node_id, attrs in zip(ids, attributes, strict=True):
+        if node_id in copies:
+            page.noscript_copies += 1
+            continue
         src, src_attr = choose_src(attrs)
-        title = attrs.get("title")
-        if title is not None:
-            title = " ".join(title.split()) or None
-        width, height = attrs.get("width"), attrs.get("height")
         append(
             _new_tag(
                 (
                     src,
-                    alt,
-                    title,
-                    caption,
-                    width if width is None else parse_dimension(width),
-                    height if height is None else parse_dimension(height),
+                    strip_html_whitespace(attrs.get("alt")),
+                    _clean(attrs.get("title")),
+                    captions.get(node_id),
+                    parse_dimension(attrs.get("width")),
+                    parse_dimension(attrs.get("height")),
                     src_attr,
                 )
             )
