@@ -399,7 +399,7 @@ _COSTS = [
     ("  SourceTap.read: sha256 of the source (+ gzip check of what warcio reads)", "read", "ingest/sources.py"),
     ("    of which the gzip integrity check (a second inflate)", "feed", "ingest/sources.py"),
     ("decode_html (charset, control-byte count, bytes.decode)", "decode_html", "ingest/webpage.py"),
-    ("parse_page (selectolax parse, css, attributes, captions)", "parse_page", "ingest/webpage.py"),
+    ("parse_page (selectolax parse, tags(), attributes, captions)", "parse_page", "ingest/webpage.py"),
     ("  _captions (figure/figcaption lookups)", "_captions", "ingest/webpage.py"),
     ("  choose_src (src, lazy attributes, srcset)", "choose_src", "ingest/webpage.py"),
     ("  _source_keys (the URLs an image names, to drop <noscript> copies)", "_source_keys", "ingest/webpage.py"),
@@ -446,7 +446,8 @@ def step_costs(paths: list[str], repeat: int) -> tuple[list[list[str]], str, str
     raw = [b for _, b in bodies]
     mb = sum(map(len, raw)) / MB
     texts = [decode_html(b).text for b in raw]
-    parsed = [parse_page(t) for t in texts]
+    markups = [decode_html(b).markup for b in raw]  # what extract parses: the bytes when UTF-8
+    parsed = [parse_page(m, canonical=False) for m in markups]
     images = [(url, page.base_href, tag) for (url, _), page in zip(bodies, parsed, strict=True) for tag in page.images]
     srcs = [
         (tag.src, url, base, tag.alt or "") for url, base, tag in images if tag.src and tag.src[:5].lower() != "data:"
@@ -479,13 +480,12 @@ def step_costs(paths: list[str], repeat: int) -> tuple[list[list[str]], str, str
             LexborHTMLParser(doc)
 
     def queries() -> None:
-        for text in texts:
-            tree = LexborHTMLParser(text)
-            tree.css_first("base[href]")
-            tree.css("link[rel]")
-            tree.css("figure")
-            tree.css("noscript img")
-            tree.css("img")
+        for markup in markups:
+            tree = LexborHTMLParser(markup)
+            tree.tags("base")
+            tree.tags("img")
+            tree.tags("noscript")
+            tree.tags("figure")
 
     nodes = [img for b in raw[:100] for img in LexborHTMLParser(b).css("img")]
 
@@ -500,8 +500,8 @@ def step_costs(paths: list[str], repeat: int) -> tuple[list[list[str]], str, str
         ("`LexborHTMLParser(bytes)` alone", lambda: lexbor_only(raw)),
         ("`LexborHTMLParser(str)` alone (selectolax encodes the text to UTF-8 again)", lambda: lexbor_only(texts)),
         ("bare: parse bytes + `css('img')` + src/alt", lambda: bare_parse(raw)),
-        ("wit: `parse_page(text)` (all of it)", lambda: [parse_page(t) for t in texts]),
-        ("  its parse + `base`, `link`, `figure`, `noscript img`, `img` queries", queries),
+        ("wit: `parse_page` (all of it, on what extract gives it)", lambda: [parse_page(m, False) for m in markups]),
+        ("  its parse + the `base`, `img`, `noscript`, `figure` lookups (`tags()`)", queries),
         ("wit: `Resolver.resolve` (absolute, normalised URL), per image", urls),
         ("wit: `uid_of_normalized`, per image", lambda: [uid_of_normalized(u, t) for u, t in pairs]),
         ("wit: `BatchIdentifier.classify_many`, each file's distinct alt texts", lambda: list(map(batch, alts))),

@@ -44,7 +44,7 @@ import functools
 import hashlib
 import io
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -285,10 +285,16 @@ class CandidateBuilder:
         self.rows: list[tuple] = []  # in CANDIDATES order
         self._identifier = batch_identifier(config.languages) if config.detect_lang else None
 
-    def add_page(self, page: RawPage) -> None:
-        parsed = page.parsed if page.parsed is not None else self._parse(page)
-        if parsed is None:
-            return
+    def add_pages(self, pages: list[RawPage]) -> None:
+        """The rows of a batch of pages: each step over the whole batch (decode and parse every
+        page, then take every page's images), which keeps a step's code and data in the CPU's
+        caches from one page to the next; per page, the steps' turns evict each other."""
+        parsed = [page.parsed if page.parsed is not None else self._parse(page) for page in pages]
+        for page, found in zip(pages, parsed, strict=True):
+            if found is not None:
+                self.add_page(page, found)
+
+    def add_page(self, page: RawPage, parsed: ParsedPage) -> None:
         page_url = self._page_url(page, parsed)
         if page_url is None:
             return
@@ -309,7 +315,7 @@ class CandidateBuilder:
         decoded = decode_html(page.body or b"", page.charset)
         if decoded.problem:
             self.counts[decoded.problem] += 1
-        return parse_page(decoded.markup) if decoded.text is not None else None
+        return parse_page(decoded.markup, canonical=page.canonical_ok) if decoded.text is not None else None
 
     def _page_url(self, page: RawPage, parsed: ParsedPage) -> str | None:
         """The URL the page was fetched from, normalised (see the module docstring)."""
@@ -390,6 +396,26 @@ class CandidateBuilder:
         return candidates_table(rows)
 
 
+# Pages are handled in batches (CandidateBuilder.add_pages) of at most this many pages and bytes
+# of HTML: 10% faster than page by page on the synthetic WARC of bench_real_web at 64 pages, and a
+# few MB held at once.
+BATCH_PAGES = 64
+BATCH_BYTES = 8 << 20
+
+
+def _batches(pages: Iterator[RawPage]) -> Iterator[list[RawPage]]:
+    batch: list[RawPage] = []
+    size = 0
+    for page in pages:
+        batch.append(page)
+        size += len(page.body or b"")
+        if len(batch) >= BATCH_PAGES or size >= BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
 def extract_source(url: str, config: ExtractConfig) -> PartitionResult:
     """All candidates of one source file, with counts by reason and the file's sha256 and size."""
     fmt = source_format(url)
@@ -404,10 +430,10 @@ def extract_source(url: str, config: ExtractConfig) -> PartitionResult:
             pages = read_html(tap, url, config.max_page_bytes, counts, page_url=config.page_url_for(url))
         else:
             pages = READERS[fmt](tap, url, config.max_page_bytes, counts)
-        for page in pages:
-            if page.canonical_ok and config.page_urls is not None:
-                counts[NO_PAGE_URL] += 1
-            builder.add_page(page)
+        for batch in _batches(pages):
+            if config.page_urls is not None:
+                counts[NO_PAGE_URL] += sum(page.canonical_ok for page in batch)
+            builder.add_pages(batch)
         tap.finish()
     if tap.bytes == 0:
         counts[EMPTY_SOURCE] += 1

@@ -4,7 +4,8 @@ py3langid walks its byte automaton in a Python loop and scores each text with it
 numpy calls: about 20 µs an alt text, most of it fixed cost, which made language identification
 the largest single cost of ``wit extract``. :class:`BatchIdentifier` runs the same automaton and
 the same naive Bayes sum over a batch of texts: the automaton steps every text of a batch at once
-(one numpy gather a byte position), and the feature sums are one gather and one segmented sum.
+(one numpy gather a byte position), and the feature sums are one sparse (text × feature) by dense
+(feature × language) product.
 
 The result is py3langid's ``classify(text)[0]`` (raw scores, no normalisation), with one
 difference: the per-text sums are added in another order, so two languages whose float32 scores
@@ -24,9 +25,6 @@ GRID_BYTES = 1 << 22
 # The longest texts of a batch are walked one by one (Python, like py3langid) once fewer than this
 # many remain: a numpy step costs the same for one text as for a thousand.
 MIN_VECTOR_ROWS = 16
-# (feature, count) pairs scored at once: their rows of the table (about 140 float32 each) stay
-# in the CPU cache instead of making a pass over memory per numpy call.
-SCORE_PAIRS = 2048
 # Texts labelled in one go: the walk's (text, feature) hits take about 2 kB a text.
 TEXTS_AT_ONCE = 50_000
 
@@ -35,7 +33,10 @@ class BatchIdentifier:
     """py3langid's identifier over many texts; ``languages`` restricts it as ``--languages`` does."""
 
     def __init__(self, languages: Sequence[str] = ()) -> None:
+        import scipy.sparse
         from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+        self._sparse = scipy.sparse
 
         model = LanguageIdentifier.from_model_file(MODEL_FILE)
         if languages:
@@ -130,22 +131,19 @@ class BatchIdentifier:
         n_features = self._table.shape[0]
         keys, counts = np.unique(rows * n_features + features, return_counts=True)
         rows, features = np.divmod(keys, n_features)
-        weights = np.log1p(counts.astype(np.float32))
-        starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
-        bounds = np.append(starts, len(rows))
-        # chunks of whole texts, about SCORE_PAIRS pairs each
-        cuts = np.unique(np.searchsorted(bounds, np.arange(0, len(rows), SCORE_PAIRS)))
-        cuts = np.append(cuts[cuts < len(starts)], len(starts))
-        for a, b in zip(cuts[:-1].tolist(), cuts[1:].tolist(), strict=True):
-            lo, hi = int(bounds[a]), int(bounds[b])
-            weighted = self._table[features[lo:hi]]
-            weighted *= weights[lo:hi, None]
-            scores = np.add.reduceat(weighted, starts[a:b] - lo, axis=0)
-            scores += self._prior
-            for i, j in self._aliases:
-                np.maximum(scores[:, i], scores[:, j], out=scores[:, i])
-                scores[:, j] = -np.inf
-            best[rows[starts[a:b]]] = scores.argmax(axis=1)
+        # text × feature weights (log1p of the counts, as py3langid weighs them) times the feature ×
+        # language table: one sparse product, which adds each text's rows without copying them out
+        indptr = np.searchsorted(rows, np.arange(n + 1))
+        weights = self._sparse.csr_matrix(
+            (np.log1p(counts.astype(np.float32)), features, indptr), shape=(n, n_features)
+        )
+        scores = weights @ self._table
+        scores += self._prior
+        for i, j in self._aliases:
+            np.maximum(scores[:, i], scores[:, j], out=scores[:, i])
+            scores[:, j] = -np.inf
+        found = np.diff(indptr) > 0
+        best[found] = scores[found].argmax(axis=1)
         return best
 
 

@@ -604,12 +604,20 @@ def _captions(figures: list) -> dict[int, str]:
     """Caption text by img node id, for images inside a <figure> that has a <figcaption>."""
     captions: dict[int, str] = {}
     for figure in figures:
-        node = figure.css_first("figcaption")
-        text = _clean(node.text(deep=True, separator="")) if node is not None else None
+        # One walk of the figure's (small) subtree finds its first <figcaption> and its images:
+        # a css() call per figure would compile its selector each time, which costs more.
+        caption, images = None, []
+        for node in figure.traverse():
+            tag = node.tag
+            if tag == "img":
+                images.append(node.mem_id)
+            elif tag == "figcaption" and caption is None:
+                caption = node
+        text = _clean(caption.text(deep=True, separator="")) if caption is not None else None
         if text:
             # Figures come in document order, so a nested figure's caption overwrites its parent's.
-            for img in figure.css("img"):
-                captions[img.mem_id] = text
+            for node_id in images:
+                captions[node_id] = text
     return captions
 
 
@@ -619,11 +627,6 @@ def _canonical(links: list) -> str | None:
         if "canonical" in (attrs.get("rel") or "").lower().split() and attrs.get("href"):
             return attrs["href"].strip() or None
     return None
-
-
-# What parse_page looks at, found in one walk of the tree (one css() call per selector would walk
-# it once each: five walks cost as much as parsing the page); lexbor returns them in document order.
-_PAGE_NODES = "base[href], link[rel], img, figure, noscript"
 
 
 def _noscript_is_markup() -> bool:
@@ -672,27 +675,29 @@ def _noscript_copies(tags: list[tuple[int, dict]], hidden: set[int]) -> set[int]
     return copies
 
 
-def parse_page(text: str | bytes) -> ParsedPage:
+def parse_page(text: str | bytes, canonical: bool = True) -> ParsedPage:
     """Every ``<img>`` of a page in document order, with the page's ``<base href>`` and canonical
-    link; a ``<noscript>`` copy of an image the page shows anyway is left out. ``text`` is the
-    decoded page, or its UTF-8 bytes (:attr:`Decoded.markup`)."""
-    found: dict[str, list] = {"base": [], "link": [], "img": [], "figure": [], "noscript": []}
-    for node in LexborHTMLParser(text).css(_PAGE_NODES):
-        found.setdefault(node.tag.lower(), []).append(node)  # (a foreign element may keep its case)
-    base = found["base"][0] if found["base"] else None
-    href = (base.attributes.get("href") or "").strip() if base is not None else ""
+    link (``canonical``: look for it); a ``<noscript>`` copy of an image the page shows anyway is
+    left out. ``text`` is the decoded page, or its UTF-8 bytes (:attr:`Decoded.markup`)."""
+    doc = LexborHTMLParser(text)
+    # Elements by tag name (lexbor walks the tree in C, in document order): a css() call compiles
+    # its selector first, which costs as much as the walk on a page and more on a figure.
+    base = next((attrs for node in doc.tags("base") if "href" in (attrs := node.attributes)), None)
+    href = (base["href"] or "").strip() if base is not None else ""
     page = ParsedPage(base_href=href or None)
-    page.canonical = _canonical(found["link"])
-    images = found["img"]
+    if canonical:
+        page.canonical = _canonical(doc.tags("link"))
+    images = doc.tags("img")
+    noscripts = doc.tags("noscript")
     if NOSCRIPT_IS_MARKUP:
-        hidden = {img.mem_id for node in found["noscript"] for img in node.css("img")} if images else set()
+        hidden = {n.mem_id for node in noscripts for n in node.traverse() if n.tag == "img"} if images else set()
     else:
-        extra = _noscript_images(found["noscript"])
+        extra = _noscript_images(noscripts)
         hidden = {node.mem_id for node in extra}
         images = [*images, *extra]
     if not images:
         return page
-    captions = _captions(found["figure"])
+    captions = _captions(doc.tags("figure"))
     attributes = [node.attributes for node in images]
     # node ids only where they are looked up: a page with figure captions or <noscript> images
     ids = [node.mem_id for node in images] if hidden or captions else [None] * len(images)

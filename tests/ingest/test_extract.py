@@ -184,6 +184,23 @@ def test_workers_and_slices_give_the_same_digest(web, warc_run, tmp_path):
     assert second.done and second.ref.digest == one
 
 
+@pytest.mark.parametrize("pages, size", [(1, 1 << 30), (3, 1 << 30), (1000, 1)])
+def test_batches_give_the_rows_of_page_by_page(web, monkeypatch, pages, size):
+    # extract_source takes pages a batch at a time (decode and parse all, then the images): the rows,
+    # their order and the counts are those of one page at a time, whatever bounds a batch.
+    from wit.ingest import extract as extract_module
+
+    path = str(web.warc_paths[0])
+    monkeypatch.setattr(extract_module, "BATCH_PAGES", 1)
+    one = extract_source(path, ExtractConfig())
+    monkeypatch.setattr(extract_module, "BATCH_PAGES", pages)
+    monkeypatch.setattr(extract_module, "BATCH_BYTES", size)
+    batched = extract_source(path, ExtractConfig())
+    assert one.table.num_rows > 20
+    assert batched.table.to_pylist() == one.table.to_pylist()
+    assert batched.counts == one.counts
+
+
 @pytest.mark.s3
 def test_s3_sources_and_output(web, warc_run, s3_bucket):
     for p in web.warc_paths:

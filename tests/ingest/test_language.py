@@ -47,9 +47,8 @@ def _reference(languages):
 
 @pytest.mark.parametrize("languages", [(), ("de", "en", "fr", "ja", "ru", "sr", "zh")])
 def test_labels_are_py3langids(languages, monkeypatch):
-    # Small grids and score chunks, so the test crosses batch, tail and chunk boundaries.
+    # Small grids, so the test crosses batch and tail boundaries.
     monkeypatch.setattr(language, "GRID_BYTES", 2048)
-    monkeypatch.setattr(language, "SCORE_PAIRS", 64)
     reference = _reference(languages)
     texts = _texts(0, 400)
     got = BatchIdentifier(languages).classify_many(texts)
