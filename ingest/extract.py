@@ -264,8 +264,11 @@ _COLUMNS = CANDIDATES.names
 TEXT, LANG = _COLUMNS.index("text"), _COLUMNS.index("lang")
 
 
-def candidates_table(rows: list[tuple]) -> pa.Table:
+def candidates_table(rows: list[tuple], langs: list[str | None] | None = None) -> pa.Table:
+    """The rows as a table; ``langs``: the LANG column, when the rows leave it None."""
     columns = list(zip(*rows, strict=True)) if rows else [[] for _ in _COLUMNS]
+    if langs is not None:
+        columns[LANG] = langs
     return pa.Table.from_arrays(
         [pa.array(c, type=f.type) for c, f in zip(columns, CANDIDATES, strict=True)], schema=CANDIDATES
     )
@@ -392,7 +395,7 @@ class CandidateBuilder:
             # One batch per source file, over its distinct alt texts (language.BatchIdentifier).
             texts = list(dict.fromkeys(row[TEXT] for row in rows))
             langs = dict(zip(texts, self._identifier.classify_many(texts), strict=True))
-            rows = [(*row[:LANG], langs[row[TEXT]], *row[LANG + 1 :]) for row in rows]
+            return candidates_table(rows, [langs[row[TEXT]] for row in rows])
         return candidates_table(rows)
 
 

@@ -122,15 +122,19 @@ class Resolver:
     as normalize_url does.
     """
 
-    __slots__ = ("_base", "_origin", "_scheme", "_dir")
+    __slots__ = ("_base", "_origin", "_scheme", "_dir", "_not_http")
 
     def __init__(self, page_url: str, base_href: str | None = None) -> None:
         self._origin = self._scheme = self._dir = None
+        self._not_http = False
         try:
             self._base = absolutize("", page_url, base_href)
         except BadURL:
             self._base = None  # every image of the page is then a BadURL
             return
+        # A base that is not http(s) (a saved file's file:// URL): an image URL with no scheme of its
+        # own resolves to that scheme (or stays relative), so it is not an http URL either.
+        self._not_http = self._base.split(":", 1)[0].lower() not in DEFAULT_PORTS
         plain = _plain_absolute(self._base)
         if plain is not None and plain == self._base:
             scheme, rest = plain.split("://", 1)
@@ -143,6 +147,8 @@ class Resolver:
                 self._dir = path[: path.rfind("/") + 1]
 
     def resolve(self, src: str) -> str | None:
+        if self._not_http and ":" not in src and "[" not in src and "]" not in src:
+            return None  # no scheme (urlsplit finds none without a colon); no IPv6 bracket to refuse
         if self._origin is not None and src:
             first = src[0]
             if first == "/":

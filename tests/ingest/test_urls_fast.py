@@ -83,6 +83,18 @@ def test_the_fast_path_is_taken_for_plain_urls(monkeypatch):
         assert resolver.resolve(src).startswith("https://")
 
 
+def test_images_of_a_saved_file_are_refused_without_urllib(monkeypatch):
+    # a file:// page: what names no scheme of its own is a file: URL, not an image to fetch
+    resolver = Resolver("file:///saved/page.html")
+    monkeypatch.setattr(Resolver, "_general", None)
+    for src in ("x.jpg", "/y.jpg", "//cdn.example/z.png", "../a b.png", ""):
+        assert resolver.resolve(src) is None
+    monkeypatch.undo()
+    assert resolver.resolve("https://cdn.example/a.jpg") == "https://cdn.example/a.jpg"
+    with pytest.raises(BadURL):
+        resolver.resolve("//[::1/x.jpg")
+
+
 def test_an_unparsable_image_url_is_counted_not_a_crash(tmp_path):
     from wit.ingest.extract import ExtractConfig, extract_source
 
