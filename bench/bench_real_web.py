@@ -445,8 +445,9 @@ def step_costs(paths: list[str], repeat: int) -> tuple[list[list[str]], str, str
         alts.append(list(dict.fromkeys(a for a in file_alts if a)))
     raw = [b for _, b in bodies]
     mb = sum(map(len, raw)) / MB
-    texts = [decode_html(b).text for b in raw]
-    markups = [decode_html(b).markup for b in raw]  # what extract parses: the bytes when UTF-8
+    decoded = [decode_html(b) for b in raw]
+    texts = [d.text for d in decoded]
+    markups = [d.markup for d in decoded]  # what extract parses: the bytes when UTF-8
     parsed = [parse_page(m, canonical=False) for m in markups]
     images = [(url, page.base_href, tag) for (url, _), page in zip(bodies, parsed, strict=True) for tag in page.images]
     srcs = [

@@ -33,10 +33,7 @@ class BatchIdentifier:
     """py3langid's identifier over many texts; ``languages`` restricts it as ``--languages`` does."""
 
     def __init__(self, languages: Sequence[str] = ()) -> None:
-        import scipy.sparse
         from py3langid.langid import MODEL_FILE, LanguageIdentifier
-
-        self._sparse = scipy.sparse
 
         model = LanguageIdentifier.from_model_file(MODEL_FILE)
         if languages:
@@ -125,6 +122,8 @@ class BatchIdentifier:
 
     def _best_columns(self, rows: np.ndarray, features: np.ndarray, n: int) -> np.ndarray:
         """Best language column of each of ``n`` texts from the (text, feature) hits of the walk."""
+        import scipy.sparse  # here, not at the top: `wit --help` and the other stages need not load it
+
         best = np.zeros(n, dtype=np.int64)  # a text with no feature gets column 0, as in py3langid
         if rows.size == 0:
             return best
@@ -134,7 +133,7 @@ class BatchIdentifier:
         # text × feature weights (log1p of the counts, as py3langid weighs them) times the feature ×
         # language table: one sparse product, which adds each text's rows without copying them out
         indptr = np.searchsorted(rows, np.arange(n + 1))
-        weights = self._sparse.csr_matrix(
+        weights = scipy.sparse.csr_matrix(
             (np.log1p(counts.astype(np.float32)), features, indptr), shape=(n, n_features)
         )
         scores = weights @ self._table
