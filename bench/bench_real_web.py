@@ -403,7 +403,7 @@ _COSTS = [
     ("  _captions (figure/figcaption lookups)", "_captions", "ingest/webpage.py"),
     ("  choose_src (src, lazy attributes, srcset)", "choose_src", "ingest/webpage.py"),
     ("  _source_keys (the URLs an image names, to drop <noscript> copies)", "_source_keys", "ingest/webpage.py"),
-    ("add_image (skip reasons, URLs, uid, row)", "add_image", "ingest/extract.py"),
+    ("_add_images (skip reasons, URLs, uid, rows)", "_add_images", "ingest/extract.py"),
     ("  language: BatchIdentifier over each file's distinct alt texts", "classify_many", "ingest/language.py"),
     ("  Resolver.resolve (absolute, normalised URL)", "resolve", "ingest/urls.py"),
     ("    of which urljoin + normalize_url (off the plain-URL fast path)", "_general", "ingest/urls.py"),

@@ -5,7 +5,7 @@ One partition per source file. Data flow inside a partition::
     source file ─▶ sources.READERS[fmt] ─▶ RawPage ─▶ webpage.decode_html + parse_page ─▶ ImgTag ...
                    (WARC response records,            (WAT pages arrive already parsed)
                     WAT metadata, HTML file)
-      ImgTag ─▶ CandidateBuilder.add_image: absolute + normalised URL, skip reasons ─▶ Candidate rows
+      ImgTag ─▶ CandidateBuilder.add_page: absolute + normalised URL, skip reasons ─▶ Candidate rows
                                             language of the alt text (cached per text)
 
 Every image that does not become a row is counted under one reason, checked in this order:
@@ -306,13 +306,7 @@ class CandidateBuilder:
             self.counts[NOSCRIPT_COPY] += parsed.noscript_copies
         if not parsed.images:
             return
-        resolver = Resolver(page_url, parsed.base_href)
-        kept = len(self.rows)
-        for tag in parsed.images:
-            self.add_image(tag, page_url, resolver, page.offset)
-        self.counts[IMAGES_SEEN] += len(parsed.images)
-        if len(self.rows) > kept:
-            self.counts[KEPT] += len(self.rows) - kept
+        self._add_images(parsed.images, page_url, Resolver(page_url, parsed.base_href), page.offset)
 
     def _parse(self, page: RawPage) -> ParsedPage | None:
         decoded = decode_html(page.body or b"", page.charset)
@@ -338,55 +332,47 @@ class CandidateBuilder:
             self.counts[BAD_PAGE_URL] += 1
             return None
 
-    def _skip(self, tag: ImgTag, resolver: Resolver) -> tuple[str | None, str]:
-        """(reason, normalised URL): the reason is None for an image that becomes a row."""
-        src = tag.src
-        if src is None:
-            return NO_SRC, ""
-        if src[:5].lower() == "data:":
-            return DATA_URI, ""
-        try:
-            url = resolver.resolve(src)
-        except BadURL:
-            return BAD_URL, ""
-        if url is None:
-            return BAD_SCHEME, ""
-        path = url.split("?", 1)[0].lower()
-        if path.endswith(SKIPPED_EXTENSIONS):
-            return SVG_OR_ICO, url
-        if (tag.width is not None and tag.width <= 1) or (tag.height is not None and tag.height <= 1):
-            return TRACKING_PIXEL, url
-        if not tag.alt:
-            return EMPTY_ALT, url
-        return None, url
-
-    def add_image(self, tag: ImgTag, page_url: str, resolver: Resolver, offset: int | None) -> None:
-        """A row for ``tag``, or its skip reason counted (``images_seen`` and ``kept`` are counted
-        per page, by add_page)."""
-        reason, url = self._skip(tag, resolver)
-        if reason is not None:
-            self.counts[reason] += 1
-            return
-        text = tag.alt or ""
-        # Rows whose URL a lazy-loading attribute (data-src, data-srcset, ...) or srcset gave
-        # instead of src (webpage.choose_src); informational, not skip reasons.
-        if tag.src_attr != "src" and tag.src_attr is not None:
-            self.counts["src_from_srcset" if tag.src_attr == "srcset" else "src_from_lazy"] += 1
-        self.rows.append(
-            (
-                uid_of_normalized(url, text),
-                url,
-                text,
-                page_url,
-                tag.title,
-                tag.caption,
-                tag.width,
-                tag.height,
-                None,  # lang: labelled per file in table()
-                self.source,
-                offset,
-            )
-        )
+    def _add_images(self, tags: list[ImgTag], page_url: str, resolver: Resolver, offset: int | None) -> None:
+        """A row for each of a page's images, or its skip reason counted. One loop with everything
+        in locals: a page's images come by the tens, a source file's by the tens of thousands."""
+        counts, append, resolve, source = self.counts, self.rows.append, resolver.resolve, self.source
+        kept = 0
+        for src, alt, title, caption, width, height, src_attr in tags:
+            # The skip reasons, in this order: no source, data: URI, URL that does not parse, not
+            # http(s), SVG or icon, a 1-pixel tracking image, no alt text.
+            if src is None:
+                counts[NO_SRC] += 1
+                continue
+            if src[:5].lower() == "data:":
+                counts[DATA_URI] += 1
+                continue
+            try:
+                url = resolve(src)
+            except BadURL:
+                counts[BAD_URL] += 1
+                continue
+            if url is None:
+                counts[BAD_SCHEME] += 1
+                continue
+            if url.split("?", 1)[0].lower().endswith(SKIPPED_EXTENSIONS):
+                counts[SVG_OR_ICO] += 1
+                continue
+            if (width is not None and width <= 1) or (height is not None and height <= 1):
+                counts[TRACKING_PIXEL] += 1
+                continue
+            if not alt:
+                counts[EMPTY_ALT] += 1
+                continue
+            # Rows whose URL a lazy-loading attribute (data-src, data-srcset, ...) or srcset gave
+            # instead of src (webpage.choose_src); informational, not skip reasons.
+            if src_attr != "src":
+                counts["src_from_srcset" if src_attr == "srcset" else "src_from_lazy"] += 1
+            # lang (None) is labelled per file in table()
+            append((uid_of_normalized(url, alt), url, alt, page_url, title, caption, width, height, None, source, offset))
+            kept += 1
+        counts[IMAGES_SEEN] += len(tags)
+        if kept:
+            counts[KEPT] += kept
 
     def table(self) -> pa.Table:
         """The rows as a candidates table, each labelled with its alt text's language."""
