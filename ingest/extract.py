@@ -367,8 +367,9 @@ class CandidateBuilder:
             # instead of src (webpage.choose_src); informational, not skip reasons.
             if src_attr != "src":
                 counts["src_from_srcset" if src_attr == "srcset" else "src_from_lazy"] += 1
+            uid = uid_of_normalized(url, alt)
             # lang (None) is labelled per file in table()
-            append((uid_of_normalized(url, alt), url, alt, page_url, title, caption, width, height, None, source, offset))
+            append((uid, url, alt, page_url, title, caption, width, height, None, source, offset))
             kept += 1
         counts[IMAGES_SEEN] += len(tags)
         if kept:
