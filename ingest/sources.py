@@ -62,7 +62,7 @@ from warcio.recordloader import ArcWarcRecordLoader
 from warcio.statusandheaders import StatusAndHeadersParser, StatusAndHeadersParserException
 
 from wit.ingest.wat import read_envelope
-from wit.ingest.webpage import NOT_CONTROL, ParsedPage
+from wit.ingest.webpage import ParsedPage, too_many_controls
 from wit.manifests import storage
 from wit.manifests.storage import StorageError
 
@@ -431,7 +431,7 @@ def _codings(value: str | None) -> list[str]:
 
 def _is_text(data: bytes) -> bool:
     # decode_html's test: compressed data is about 11% control bytes, text in any charset almost none
-    return len(data.translate(None, NOT_CONTROL)) * 100 <= len(data)
+    return not too_many_controls(data)
 
 
 def _inflate(data: bytes, wbits: int, limit: int) -> tuple[bytes, bool]:

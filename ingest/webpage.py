@@ -35,6 +35,7 @@ import re
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+import numpy as np
 from selectolax.lexbor import LexborHTMLParser
 
 # How far into the page a <meta charset> is looked for (the HTML standard's prescan reads 1024
@@ -181,8 +182,6 @@ _NOT_PAGE_CODECS = {
 _ASCII_PROBE = '<meta charset="x"><img src="/a-b_c.jpg?x=1&y=2#z" alt=\'A;B\'>'
 # A <meta> that claims UTF-16 was found by an ASCII scan, so the bytes are not UTF-16.
 _UTF16 = {"utf-16", "utf-16-le", "utf-16-be"}
-# Bytes deleted to count control bytes (C0 controls but tab, newline, form feed, carriage return; DEL).
-NOT_CONTROL = bytes(b for b in range(256) if not (b < 32 and b not in (9, 10, 12, 13) or b == 127))
 _BOMS = ((codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
 
 
@@ -381,6 +380,28 @@ def _declared(body: bytes, http_charset: str | None) -> tuple[list[str], bool]:
     return names, bogus
 
 
+_NINE = np.uint8(9)
+
+
+def too_many_controls(data: bytes, escapes_are_text: bool = False) -> bool:
+    """Whether more than 1% of ``data`` is control bytes: C0 controls other than tab, newline, form
+    feed and carriage return, and DEL. Text in any charset has almost none; compressed or binary
+    data about 11%. ``escapes_are_text``: ESC is not counted (ISO-2022-JP switches charsets with it).
+
+    Counted with numpy's vectorised compares (about twice as fast as bytes.translate), first all
+    C0 bytes and DEL, an upper bound that settles most pages; whitespace is taken out only when it
+    does not."""
+    a = np.frombuffer(data, dtype=np.uint8)
+    count = int(np.count_nonzero(a < 32)) + int(np.count_nonzero(a == 127))
+    if count * 100 <= len(data):
+        return False
+    # less tab, newline, VT, form feed, carriage return (9-13); VT (11) is a control after all
+    count += int(np.count_nonzero(a == 11)) - int(np.count_nonzero((a - _NINE) < 5))
+    if escapes_are_text:
+        count -= int(np.count_nonzero(a == 27))
+    return count * 100 > len(data)
+
+
 def decode_html(body: bytes, http_charset: str | None = None) -> Decoded:
     """Decode a page as a browser would; see the module docstring."""
     names, bogus = _declared(body, http_charset)
@@ -390,10 +411,7 @@ def decode_html(body: bytes, http_charset: str | None = None) -> Decoded:
     # Text in a wrong encoding is still mostly markup with readable URLs; binary (an image or an
     # archive served as text/html) is full of control bytes that no text encoding uses.
     wide = bool(names) and names[0] in _UTF16  # a BOM or the HTTP header says so; its NULs are text
-    controls = body.translate(None, NOT_CONTROL) if not wide else b""
-    if names and names[0].startswith("iso2022"):
-        controls = controls.replace(b"\x1b", b"")  # ISO-2022-JP switches character sets with ESC
-    if len(controls) * 100 > len(body):
+    if not wide and too_many_controls(body, escapes_are_text=bool(names) and names[0].startswith("iso2022")):
         return Decoded(None, "utf-8", UNDECODABLE)
     for name in [*names, "utf-8"]:
         try:

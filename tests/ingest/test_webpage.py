@@ -283,6 +283,24 @@ def test_bytes_python_rejects_but_the_standard_maps():
     assert (result.text, result.problem) == ("<p>①② 纊", None)
 
 
+def test_control_bytes_are_counted_as_defined_at_the_threshold():
+    # C0 controls but tab, LF, FF, CR, and DEL; more than 1% of the bytes is binary. Each control
+    # byte, and each whitespace byte that is not one, at exactly 1% and one byte past it.
+    controls = [b for b in range(256) if b < 32 and b not in (9, 10, 12, 13) or b == 127]
+    assert len(controls) == 29
+    for byte in range(256):
+        for n in (10, 11):
+            body = b"a" * (1000 - n) + bytes([byte]) * n
+            binary = byte in controls and n * 100 > len(body)
+            assert webpage.too_many_controls(body) is binary, (byte, n)
+            assert (decode_html(body, "utf-8").problem == "undecodable") is binary
+    # Whitespace that crosses 1% does not make controls under 1% binary, nor hide controls over it.
+    page = b"<p>x\n" * 300 + b"\x01" * 10
+    assert not webpage.too_many_controls(page) and webpage.too_many_controls(page + b"\x0b" * 30)
+    assert not webpage.too_many_controls(b"")
+    assert webpage.too_many_controls(b"\x1b" * 5 + b"a" * 95) and not webpage.too_many_controls(b"\x1b" * 5, True)
+
+
 def test_iso2022jp_escapes_are_not_binary():
     body = "".join(f"<p>日本{i}<b>語</b>" for i in range(50)).encode("iso2022_jp")
     assert body.count(b"\x1b") * 100 > len(body)  # more than 1% ESC bytes
