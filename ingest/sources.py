@@ -50,6 +50,7 @@ import zlib
 from collections import Counter, deque
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
+from itertools import chain
 from typing import IO, Any
 
 from fastwarc.stream_io import GzipReader
@@ -648,7 +649,7 @@ def _fast_record(record, limit: int) -> tuple[_Record, int] | None:
     data = record.reader.read(min(length, limit + _HEADROOM))
     view = _Record(kind, url, _text(fields.get(b"content-type")), _Block(data, length), record.stream_pos)
     # "Name: value" lines, the blank line, the block, and the two CRLF that end a record.
-    size = len(headers.status_line_bytes) + 4 + sum(len(k) + len(v) + 4 for k, v in items) + length + 4
+    size = len(headers.status_line_bytes) + 4 + sum(map(len, chain.from_iterable(items))) + 4 * len(items) + length + 4
     return view, size
 
 
@@ -678,7 +679,8 @@ def _fast_pages(tap: SourceTap, limit: int, counts: Counter, page_of: RecordPage
             # warcio reads otherwise) if that length is the record's.
             if int.from_bytes(tap.kept(offset - 4, offset), "little") != size & 0xFFFFFFFF:
                 return start
-            counts.update(done_counts)
+            for reason, n in done_counts.items():  # Counter.update's checks cost more than this
+                counts[reason] += n
             if done.cut:
                 tap.mark(TRUNCATED_SOURCE)
             if page is not None:
