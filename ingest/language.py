@@ -108,14 +108,17 @@ class BatchIdentifier:
             j += 1
         if j < width:  # the few longest texts: on in Python from where the grid stopped
             nm, rowbase, out = self.tk_nextmove, self.tk_rowbase, self.tk_output
-            for i in range(int(first_active[j]), n):
-                s, found = int(state[i]), []
+            tail = int(first_active[j])
+            rows: list[int] = []  # one list for all of them: two numpy arrays a text cost more than its walk
+            found: list[int] = []
+            for i, at in enumerate(state[tail:].tolist(), start=tail):
                 for byte in batch[i][j:]:
-                    s = nm[rowbase[s] + byte]
-                    if out[s] >= 0:
-                        found.append(out[s])
-                hit_rows.append(np.full(len(found), i, dtype=np.int64))
-                hit_features.append(np.array(found, dtype=np.int64))
+                    at = nm[rowbase[at] + byte]
+                    if (feature := out[at]) >= 0:
+                        found.append(feature)
+                        rows.append(i)
+            hit_rows.append(np.array(rows, dtype=np.int64))
+            hit_features.append(np.array(found, dtype=np.int64))
         if not hit_rows:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
         return np.concatenate(hit_rows), np.concatenate(hit_features)
