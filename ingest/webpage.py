@@ -287,6 +287,8 @@ _PLACEHOLDER_NAMES = frozenset(
     {"blank", "empty", "pixel", "transparent", "trans", "clear", "grey", "gray", "loading", "loader", "dummy", "px"}
 )
 _NAME_WORDS = re.compile(r"[a-z0-9]+")
+# A srcset candidate's URL: past whitespace and commas, up to whitespace (commas and all).
+_SRCSET_URL = re.compile(r"[\t\n\f\r ,]*([^\t\n\f\r ]+)")
 _DESCRIPTOR = re.compile(r"(\d+(?:\.\d+)?|\.\d+)([wxh])")
 _DIMENSION = re.compile(r"\s*\+?(\d+)(?:\.\d*)?\s*(%?)")
 _INT32_MAX = 2**31 - 1
@@ -496,28 +498,26 @@ def parse_srcset(value: str) -> list[tuple[str, str]]:
     descriptors run to the next comma outside parentheses. Descriptors are lower-cased."""
     out: list[tuple[str, str]] = []
     pos, n = 0, len(value)
-    while True:
-        while pos < n and (value[pos] in _ASCII_WS or value[pos] == ","):
-            pos += 1
-        if pos >= n:
-            return out
-        start = pos
-        while pos < n and value[pos] not in _ASCII_WS:
-            pos += 1
-        url, descriptors = value[start:pos], ""
+    while (m := _SRCSET_URL.match(value, pos)) is not None:
+        url, pos = m.group(1), m.end()
+        descriptors = ""
         if url.endswith(","):
             url = url.rstrip(",")
         else:
-            start, depth = pos, 0
-            while pos < n and (value[pos] != "," or depth):
-                if value[pos] == "(":
-                    depth += 1
-                elif value[pos] == ")" and depth:
-                    depth -= 1
-                pos += 1
-            descriptors = value[start:pos].strip(_ASCII_WS).lower()
+            end = value.find(",", pos)
+            end = n if end < 0 else end
+            if "(" in value[pos:end]:  # a comma inside parentheses does not end the descriptors
+                end, depth = pos, 0
+                while end < n and (value[end] != "," or depth):
+                    if value[end] == "(":
+                        depth += 1
+                    elif value[end] == ")" and depth:
+                        depth -= 1
+                    end += 1
+            descriptors, pos = value[pos:end].strip(_ASCII_WS).lower(), end
         if url:
             out.append((url, descriptors))
+    return out
 
 
 def _descriptor(descriptors: str) -> tuple[str, float] | None:
@@ -666,6 +666,12 @@ def _noscript_images(noscripts: list) -> list:
     return found
 
 
+# _noscript_copies looks for the URLs of a page's <noscript> images in each shown image's source
+# attributes as substrings first, when there are at most this many.
+_FEW_NAMES = 32
+_SOURCE_ATTRS = SRC_ATTRS + SRCSET_ATTRS
+
+
 def _noscript_copies(tags: list[tuple[int, dict]], hidden: set[int]) -> set[int]:
     """The node ids of the ``<noscript>`` images (``hidden``) that copy an image the page shows: one
     naming a URL a shown image names, with no alt text or one of those images' alt texts. ``tags``:
@@ -675,8 +681,15 @@ def _noscript_copies(tags: list[tuple[int, dict]], hidden: set[int]) -> set[int]
     if not names:
         return set()
     shown: dict[str, set[str]] = {}  # of those URLs, the alt texts of the shown images naming them
+    few = len(names) <= _FEW_NAMES
     for node_id, attrs in tags:
         if node_id not in hidden:
+            if few:
+                # Every key an image gives is a substring of one of its source attributes: an image
+                # none of whose attributes holds a wanted URL needs no parse of its srcset.
+                values = "\n".join(v for name in _SOURCE_ATTRS if (v := attrs.get(name)))
+                if not any(name in values for name in names):
+                    continue
             keys = names.intersection(_raw_source_keys(attrs))
             if keys:
                 alt = strip_html_whitespace(attrs.get("alt")) or ""
