@@ -178,6 +178,12 @@ class Resolver:
                 url = _plain_absolute(src)
                 if url is not None:
                     return url
+        elif self._base is not None and src[:4].lower() == "http":
+            # An absolute URL is itself whatever the base: a saved file's file:// URL, or one whose
+            # path the fast path does not join relative URLs to.
+            url = _plain_absolute(src)
+            if url is not None:
+                return url
         return self._general(src)
 
     def _general(self, src: str) -> str | None:

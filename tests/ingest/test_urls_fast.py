@@ -28,6 +28,7 @@ PAGES = [
     "https://example.com/a/b?x=1",
     "https://example.com/a;p/b;q",
     "file:///saved/page.html",
+    "https://example.com/%D8%A7/page",  # a base path the fast path does not join to
 ]
 BASES = [None, "", " ", "/other/", "sub/", "https://cdn.example/base/", "//cdn.example/x/y", "../up/", "?q", "#f"]
 BASES += ["//[::1/x/"]  # an unbalanced IPv6 bracket: BadURL for every image, never a crash
@@ -83,14 +84,19 @@ def test_the_fast_path_is_taken_for_plain_urls(monkeypatch):
         assert resolver.resolve(src).startswith("https://")
 
 
-def test_images_of_a_saved_file_are_refused_without_urllib(monkeypatch):
+def test_images_of_a_saved_file_are_resolved_without_urllib(monkeypatch):
     # a file:// page: what names no scheme of its own is a file: URL, not an image to fetch
     resolver = Resolver("file:///saved/page.html")
     monkeypatch.setattr(Resolver, "_general", None)
     for src in ("x.jpg", "/y.jpg", "//cdn.example/z.png", "../a b.png", ""):
         assert resolver.resolve(src) is None
+    # and a plain absolute URL is itself, whatever the base
+    assert resolver.resolve("HTTPS://CDN.example/a.jpg") == "https://cdn.example/a.jpg"
+    assert Resolver("https://example.com/%D8%A7/page").resolve("http://cdn.example/b.jpg?w=1") == (
+        "http://cdn.example/b.jpg?w=1"
+    )
     monkeypatch.undo()
-    assert resolver.resolve("https://cdn.example/a.jpg") == "https://cdn.example/a.jpg"
+    assert resolver.resolve("https://cdn.example/a b.jpg") == "https://cdn.example/a%20b.jpg"
     with pytest.raises(BadURL):
         resolver.resolve("//[::1/x.jpg")
 
