@@ -174,13 +174,9 @@ class Resolver:
                 path = "/" + m.group(1) if m is not None else ""
                 if len(path) > 1 and "//" not in path and "/." not in path:
                     return self._origin + folder + rest
-            elif src[:4].lower() == "http":
-                url = _plain_absolute(src)
-                if url is not None:
-                    return url
-        elif self._base is not None and src[:4].lower() == "http":
-            # An absolute URL is itself whatever the base: a saved file's file:// URL, or one whose
-            # path the fast path does not join relative URLs to.
+        if self._base is not None and src[:4].lower() == "http":
+            # An absolute URL is itself whatever the base: a plain one as the page's, a saved file's
+            # file:// URL, or one whose path the fast path does not join relative URLs to.
             url = _plain_absolute(src)
             if url is not None:
                 return url
