@@ -733,35 +733,21 @@ def parse_page(text: str | bytes, canonical: bool = True) -> ParsedPage:
     # node ids only where they are looked up: a page with figure captions or <noscript> images
     ids = [node.mem_id for node in images] if hidden or captions else [None] * len(images)
     copies = _noscript_copies(list(zip(ids, attributes, strict=True)), hidden) if hidden else set()
-    append, choice = page.images.append, _CHOICE_ATTRS
-    # choose_src, strip_html_whitespace, _clean and parse_dimension written out for the common
-    # case (a page's images come by the tens, a file's by the tens of thousands); the functions
-    # take the rest.
+    append = page.images.append
     for node_id, attrs in zip(ids, attributes, strict=True):
         if node_id in copies:
             page.noscript_copies += 1
             continue
-        get = attrs.get
-        if choice.isdisjoint(attrs):
-            src = get("src")
-            src = src.strip(_URL_STRIP) or None if src is not None else None
-            src_attr = "src" if src is not None else None
-        else:
-            src, src_attr = choose_src(attrs)
-        alt, title, w, h = get("alt"), get("title"), get("width"), get("height")
-        if w is not None:
-            w = int(w) if len(w) < 10 and w.isascii() and w.isdigit() else parse_dimension(w)
-        if h is not None:
-            h = int(h) if len(h) < 10 and h.isascii() and h.isdigit() else parse_dimension(h)
+        src, src_attr = choose_src(attrs)
         append(
             _new_tag(
                 (
                     src,
-                    alt.strip(_ASCII_WS) if alt is not None else None,
-                    _clean(title) if title is not None else None,
+                    strip_html_whitespace(attrs.get("alt")),
+                    _clean(attrs.get("title")),
                     captions.get(node_id),
-                    w,
-                    h,
+                    parse_dimension(attrs.get("width")),
+                    parse_dimension(attrs.get("height")),
                     src_attr,
                 )
             )
