@@ -9,8 +9,8 @@ One partition per source file. Data flow inside a partition::
                                             language of the alt text (cached per text)
 
 Every image that does not become a row is counted under one reason, checked in this order:
-``no_src``, ``data_uri``, ``bad_scheme`` (not http(s) once resolved; ``javascript:``, ``file:``),
-``bad_url`` (a URL that cannot be normalised), ``svg_or_ico`` (by extension: not photos, and
+``no_src``, ``data_uri``, ``bad_url`` (a URL that cannot be normalised), ``bad_scheme`` (not
+http(s) once resolved; ``javascript:``, ``file:``), ``svg_or_ico`` (by extension: not photos, and
 most image pipelines cannot decode them), ``tracking_pixel`` (a declared side of 0 or 1 pixel:
 beacons and spacer lines, whatever the other side says), ``empty_alt``; and ``noscript_copy``
 for a ``<noscript>`` copy of an image the page shows anyway (``webpage.parse_page``). Record-, page- and
