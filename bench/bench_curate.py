@@ -31,7 +31,7 @@ from pathlib import Path
 import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import table, write_section  # noqa: E402
+from _report import commit, table, write_section  # noqa: E402
 
 from wit.evaluate import world  # noqa: E402
 from wit.ingest.curate import BALANCE, COUNT, CURATE_PHASES, MATCH, CurateConfig, match_table  # noqa: E402
@@ -235,9 +235,10 @@ def main() -> None:
     ]
     speedup = (n / table_s) / (len(sample) / loop_s)
     body = (
-        f"{len(queries):,} queries (the synthetic world's {len(default_query_lines())} plus pseudo-words and "
-        f"pairs), captions from `wit.evaluate.world.caption` ({hit_share:.0%} match at least one query, "
-        f"{per_caption:.1f} queries per caption on average); one process, {pinned}, Arrow on one thread; "
+        f"Commit `{commit()}`. {len(queries):,} queries (the synthetic world's {len(default_query_lines())} "
+        "plus pseudo-words and pairs), captions from `wit.evaluate.world.caption` "
+        f"({hit_share:.0%} match at least one query, {per_caption:.1f} queries per caption on average); "
+        f"one process, {pinned}, Arrow on one thread; "
         f"{load}.\n\n"
         + table(["what", "captions/s (one core)", "captions", "note"], rows_md)
         + f"\n\nThe MATCH partition function is {speedup:,.0f}× the plain loop; "
