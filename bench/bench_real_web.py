@@ -945,6 +945,8 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true", help="print the tables, leave BENCHMARKS.md alone")
     ap.add_argument("--speed-worker", help=argparse.SUPPRESS)  # one process's turns (best_of_processes)
     args = ap.parse_args()
+    if args.processes < 1 or args.repeat < 1:
+        ap.error("--processes and --repeat take 1 or more")
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one core, whatever the machine has
     if args.speed_worker:
