@@ -4,7 +4,8 @@ py3langid's accuracy on the corpus's alt texts by length.
 The real-web corpus (``../shared/real-web`` beside the repository, or ``--corpus``) is read where it
 lies, never copied. Two sections of BENCHMARKS.md:
 
-``extract_real`` (speed). In one process pinned to one core, best of ``--repeat``:
+``extract_real`` (speed). In each of ``--processes`` fresh processes pinned to one core, best of
+``--repeat`` turns in rotation (a contender's figure: its best turn in any process):
 
 - the corpus (``warc/``, ``wrapped/``, ``html/``; the two WAT files of ``warc/`` hold no HTML and
   count no bytes) and a synthetic WARC generated in a temporary folder with realistic page sizes
