@@ -42,6 +42,14 @@ def cpu() -> str:
     return f"{name}, {features or 'none of ' + ' '.join(label for _, label in CPU_FEATURES)}"
 
 
+def pin_one_core() -> str:
+    """Pin this process to one core (the lowest it may use), for figures per core; says whether it could."""
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+        return "pinned to one core"
+    return "not pinned (no sched_setaffinity)"
+
+
 def machine() -> str:
     return f"{platform.machine()}, {cpu()}, {os.cpu_count()} cores, Python {platform.python_version()}"
 

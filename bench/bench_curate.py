@@ -31,7 +31,7 @@ from pathlib import Path
 import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import commit, table, write_section  # noqa: E402
+from _report import commit, pin_one_core, table, write_section  # noqa: E402
 
 from wit.evaluate import world  # noqa: E402
 from wit.ingest.curate import BALANCE, COUNT, CURATE_PHASES, MATCH, CurateConfig, match_table  # noqa: E402
@@ -127,14 +127,11 @@ def rate(n: int, seconds: float) -> str:
     return f"{n / seconds:,.0f}"
 
 
-def pin_one_core() -> str:
+def one_core() -> str:
     # One core, as the target says: no Arrow thread pool, and the process pinned where possible.
     pa.set_cpu_count(1)
     pa.set_io_thread_count(1)
-    if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
-        return "pinned to one core"
-    return "not pinned (no sched_setaffinity)"
+    return pin_one_core()
 
 
 def main() -> None:
@@ -144,7 +141,7 @@ def main() -> None:
     ap.add_argument("--loop-sample", type=int, default=200)
     ap.add_argument("--no-write", action="store_true", help="print the table, leave BENCHMARKS.md alone")
     args = ap.parse_args()
-    pinned = pin_one_core()
+    pinned = one_core()
     # The machine may be shared: say how busy it was, since that moves every number below.
     load = f"load average {os.getloadavg()[0]:.1f} at start" if hasattr(os, "getloadavg") else ""
 

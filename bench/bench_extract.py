@@ -19,7 +19,6 @@ Each is run `--repeat` times; the best time counts. Writes the `extract` section
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -31,7 +30,7 @@ from selectolax.lexbor import LexborHTMLParser
 from warcio.archiveiterator import ArchiveIterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import commit, table, write_section  # noqa: E402
+from _report import commit, pin_one_core, table, write_section  # noqa: E402
 
 from wit.ingest.extract import ExtractConfig, extract_source  # noqa: E402
 from wit.ingest.synthetic import generate_web  # noqa: E402
@@ -120,8 +119,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--no-write", action="store_true", help="print the table, leave BENCHMARKS.md alone")
     args = ap.parse_args()
-    if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one core, whatever the machine has
+    pin_one_core()
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()

@@ -8,7 +8,6 @@ and the whole ``wit filter`` (all its phases, one process) on a downloaded folde
 from __future__ import annotations
 
 import io
-import os
 import shutil
 import sys
 import tempfile
@@ -20,7 +19,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _ingest_data import images, write_downloaded  # noqa: E402
-from _report import commit, table, write_section  # noqa: E402
+from _report import commit, pin_one_core, table, write_section  # noqa: E402
 
 from wit.ingest.filter import FILTER_PHASES, FilterConfig  # noqa: E402
 from wit.ingest.imaging import check_image, phash  # noqa: E402
@@ -44,8 +43,7 @@ def rates(contenders: list[tuple[object, list]]) -> list[float]:
 
 
 def main() -> None:
-    if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # images/s per core: one core
+    pinned = pin_one_core()  # images/s per core
     blobs = images(N, seed=1)
     decoded = []
     for b in blobs:
@@ -75,7 +73,7 @@ def main() -> None:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     body = (
-        f"Commit `{commit()}`. {N:,} JPEG images, 256×256; one process pinned to one core, images per CPU "
+        f"Commit `{commit()}`. {N:,} JPEG images, 256×256; one process, {pinned}, images per CPU "
         f"second of it, best of {REPEAT} turns (the three image rows take theirs in rotation; `wit filter` "
         "runs its phases in-process, `--workers 1`).\n\n" + table(["", "images/s/core"], rows)
     )

@@ -64,7 +64,7 @@ from warcio.statusandheaders import StatusAndHeaders  # noqa: E402
 from warcio.warcwriter import WARCWriter  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import commit, table, write_section  # noqa: E402
+from _report import commit, pin_one_core, table, write_section  # noqa: E402
 
 from wit.ingest import sources  # noqa: E402
 from wit.ingest.extract import ExtractConfig, extract_source  # noqa: E402
@@ -652,7 +652,6 @@ def spread(values: list[float]) -> str:
 
 
 def run_speed(args, corpus: Path | None) -> str:
-    reader_name = READER_NAME
     sets: list[tuple[str, list[str], str]] = []
     if corpus is not None:
         for name, paths in corpus_files(corpus).items():
@@ -688,7 +687,7 @@ def run_speed(args, corpus: Path | None) -> str:
             ]
         )
         notes.append(
-            f"- {set_name}: bare loop on warcio {rate['bare_warcio']:.0f} MB/s; {reader_name} reading alone "
+            f"- {set_name}: bare loop on warcio {rate['bare_warcio']:.0f} MB/s; {READER_NAME} reading alone "
             f"{rate['read_only']:.0f} MB/s; `wit extract` kept {res['wit'][1][2]:,} candidates of {images:,} `<img>`; "
             f"wit / bare in each process {spread(ratios[set_name]['wit'])} (--no-lang "
             f"{spread(ratios[set_name]['wit_nolang'])})."
@@ -948,8 +947,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.processes < 1 or args.repeat < 1:
         ap.error("--processes and --repeat take 1 or more")
-    if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one core, whatever the machine has
+    pin_one_core()
     if args.speed_worker:
         speed_worker(args.speed_worker, args.repeat)
         return
