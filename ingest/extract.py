@@ -6,7 +6,7 @@ One partition per source file. Data flow inside a partition::
                    (WARC response records,            (WAT pages arrive already parsed)
                     WAT metadata, HTML file)
       ImgTag ─▶ CandidateBuilder.add_page: absolute + normalised URL, skip reasons ─▶ Candidate rows
-                                            language of the alt text (cached per text)
+                         CandidateBuilder.table: language of each distinct alt text, one batch a file
 
 Every image that does not become a row is counted under one reason, checked in this order:
 ``no_src``, ``data_uri``, ``bad_url`` (a URL that cannot be normalised), ``bad_scheme`` (not
